@@ -1,0 +1,200 @@
+"""The ``sign-in-tokens`` command and its subcommands.
+
+Every setting is an environment variable and, with the same name in
+kebab case, an option of each subcommand (``AMQP_URL`` / ``--amqp-url``);
+an option wins over the environment. Errors are one line on stderr:
+exit 2 for bad configuration, 1 for anything else, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn, TypeVar
+
+import click
+import msgspec
+import structlog
+
+from service.broker import BrokerUnavailableError
+from service.config import FIELDS, Settings, env_name, load_settings
+from service.errors import ConfigError, ServiceError
+from service.lanes import Lane
+from service.logs import SCRUBBER, configure_logging
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_CONFIG = 2
+
+
+def settings_options(command: F) -> F:
+    """Add an option for every setting (and the key file) to ``command``."""
+    for field in reversed((*FIELDS, "clerk_secret_key_file")):
+        option = "--" + field.replace("_", "-")
+        command = click.option(option, field, default=None, metavar="VALUE", help=f"Overrides ${env_name(field)}.")(
+            command,
+        )
+    return command
+
+
+def build_settings(options: dict[str, Any]) -> Settings:
+    """Settings from the environment, with the command line's options on top."""
+    environ = dict(os.environ)
+    for field in (*FIELDS, "clerk_secret_key_file"):
+        value = options.pop(field, None)
+        if value is not None:
+            environ[env_name(field)] = str(value)
+    settings = load_settings(environ)
+    configure_logging(settings.log_format, settings.log_level)
+    if settings.clerk_secret_key is not None:
+        SCRUBBER.add_secret(settings.clerk_secret_key.reveal())
+    return settings
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr, then exit."""
+    click.echo(f"sign-in-tokens: {SCRUBBER.scrub_text(message)}", err=True)
+    sys.exit(code)
+
+
+T = TypeVar("T")
+
+
+def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
+    """Run ``main(stop)`` with SIGTERM and SIGINT setting ``stop``; map errors to exits."""
+
+    async def with_signals() -> T:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await main(stop)
+
+    try:
+        return asyncio.run(with_signals())
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", EXIT_CONFIG)
+    except (BrokerUnavailableError, ServiceError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback to a user
+        structlog.get_logger(__name__).error("unexpected_error", error=exc)
+        fail(f"unexpected error: {type(exc).__name__}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """Clerk sign-in tokens behind a RabbitMQ queue."""
+
+
+@main.command()
+@settings_options
+def worker(**options: Any) -> None:  # noqa: ANN401 - click passes the options as keywords
+    """Consume requests, call Clerk, publish replies (the service)."""
+    settings = _settings_or_exit(options, require_key=True)
+    from service.worker import run_worker  # noqa: PLC0415 - keeps the other commands light
+
+    run(lambda stop: run_worker(settings, stop))
+
+
+@main.command("fake-clerk")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8090, show_default=True)
+@click.option("--secret-key", envvar="CLERK_SECRET_KEY", default="sk_test_fake", show_default=True)
+@click.option("--latency-ms", type=float, default=0.0, show_default=True, help="Added to every answer.")
+@click.option("--error-rate", type=float, default=0.0, show_default=True, help="Fraction answered 503.")
+@click.option("--rate-limit", type=int, default=None, help="Requests per window per key, then 429.")
+@click.option("--rate-window", type=float, default=10.0, show_default=True, help="Seconds.")
+def fake_clerk(
+    host: str,
+    port: int,
+    secret_key: str,
+    latency_ms: float,
+    error_rate: float,
+    rate_limit: int | None,
+    rate_window: float,
+) -> None:
+    """A local stand-in for Clerk's API (tests, demo, benchmarks)."""
+    from service.fake_clerk import FakeClerk, serve_forever  # noqa: PLC0415
+
+    configure_logging()
+    clerk = FakeClerk(
+        secret_key,
+        latency_seconds=latency_ms / 1000,
+        error_rate=error_rate,
+        rate_limit=rate_limit,
+        rate_window_seconds=rate_window,
+    )
+    click.echo(f"fake Clerk on http://{host}:{port}/v1 (CLERK_API_URL); Ctrl-C to stop", err=True)
+    run(lambda stop: serve_forever(clerk, host, port, stop))
+
+
+@main.command()
+@click.argument("user_id")
+@click.option("--expires-in", type=click.IntRange(min=1), default=None, help="Seconds the token stays valid.")
+@click.option("--org-id", default=None, help="Organization to activate at sign-in.")
+@click.option("--bulk", is_flag=True, help="Use the bulk lane.")
+@click.option("--msgpack", is_flag=True, help="Send MessagePack instead of JSON.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for the reply.")
+@settings_options
+def request(
+    user_id: str,
+    expires_in: int | None,
+    org_id: str | None,
+    bulk: bool,
+    msgpack: bool,
+    timeout: float,
+    **options: Any,  # noqa: ANN401
+) -> None:
+    """Publish one request, wait for its reply, print it (exit 1 when it failed)."""
+    settings = _settings_or_exit(options)
+    from service.client import TokenClient  # noqa: PLC0415
+    from service.messages import Created  # noqa: PLC0415
+
+    async def ask(_: asyncio.Event) -> bool:
+        async with TokenClient(
+            settings.amqp_url,
+            request_queue=settings.request_queue,
+            bulk_queue=settings.bulk_queue,
+        ) as client:
+            try:
+                reply = await client.request(
+                    user_id,
+                    expires_in_seconds=expires_in,
+                    org_id=org_id,
+                    lane=Lane.BULK if bulk else Lane.INTERACTIVE,
+                    msgpack=msgpack,
+                    timeout=timeout,
+                )
+            except TimeoutError:
+                fail(f"no reply within {timeout:g} s (is a worker running?)")
+        click.echo(msgspec.json.format(msgspec.json.encode(reply)).decode())
+        return isinstance(reply, Created)
+
+    if not run(ask):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--count", type=click.IntRange(min=1), default=1000, show_default=True, help="Requests to send.")
+@click.option("--user-id", default=None, help="With a real CLERK_SECRET_KEY: the user to create tokens for.")
+@settings_options
+def demo(count: int, user_id: str | None, **options: Any) -> None:  # noqa: ANN401
+    """Run the whole service locally and send requests through it."""
+    from service.demo import run_demo  # noqa: PLC0415
+
+    explicit = {k: v for k, v in options.items() if v is not None}
+    run(lambda stop: run_demo(explicit, count=count, user_id=user_id, stop=stop))
+
+
+def _settings_or_exit(options: dict[str, Any], *, require_key: bool = False) -> Settings:
+    try:
+        settings = build_settings(options)
+        if require_key:
+            settings.secret_key()
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", EXIT_CONFIG)
+    return settings

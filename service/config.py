@@ -1,0 +1,161 @@
+"""Settings from the environment: the one place every default lives.
+
+Each field is read from the environment variable of the same name in upper
+case (``amqp_url`` from ``AMQP_URL``), and each is also a command-line option
+(``--amqp-url``). ``msgspec.convert(..., strict=False)`` turns the strings
+into typed values; what fails is reported as one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+from yarl import URL
+
+from service.errors import ConfigError
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+QueueName = Annotated[str, Meta(min_length=1, max_length=255)]
+
+
+class Secret:
+    """A value that must never be printed: its repr and str are masked."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        """Hold ``value``."""
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the value itself, for the one place that must send it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        """Masked."""
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything the service reads from its environment.
+
+    ``frozen`` because settings are read once and shared; ``forbid_unknown_fields``
+    so a field renamed in code cannot silently keep reading a stale name.
+    """
+
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    clerk_api_url: str = "https://api.clerk.com/v1"
+    clerk_secret_key: Secret | None = None
+    clerk_api_version: str = "2025-11-10"
+    request_queue: QueueName = "sign_in_tokens.create"
+    bulk_queue: QueueName = "sign_in_tokens.create.bulk"
+    results_queue: QueueName = "sign_in_tokens.results"
+    dead_letter_queue: QueueName = "sign_in_tokens.dead"
+    http_host: str = "0.0.0.0"  # noqa: S104 - probes reach the pod on its own address
+    http_port: Annotated[int, Meta(ge=0, le=65535)] = 8080
+    startup_timeout_seconds: Annotated[float, Meta(ge=0)] = 60.0
+    shutdown_grace_seconds: PositiveFloat = 25.0
+    max_attempts: Annotated[int, Meta(ge=1, le=50)] = 5
+    max_expires_in_seconds: PositiveInt = 2_592_000
+    idempotency_window_seconds: Annotated[float, Meta(ge=0)] = 600.0
+    idempotency_max_entries: PositiveInt = 100_000
+    prefetch: Annotated[int, Meta(ge=1, le=65535)] = 100
+    upstream_concurrency: PositiveInt = 32
+    connect_timeout_seconds: PositiveFloat = 3.0
+    request_timeout_seconds: PositiveFloat = 10.0
+    retry_base_seconds: PositiveFloat = 0.5
+    retry_max_delay_seconds: PositiveFloat = 30.0
+    delivery_limit: Annotated[int, Meta(ge=1)] = 10
+    key_probe_max_interval_seconds: PositiveFloat = 30.0
+    key_probe_hold_seconds: PositiveFloat = 900.0
+    max_body_bytes: PositiveInt = 65_536
+    allowed_publishers: str = ""
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def publishers(self) -> frozenset[str]:
+        """The publishers (validated AMQP ``user_id``) allowed to ask; empty: anyone."""
+        return frozenset(p.strip() for p in self.allowed_publishers.split(",") if p.strip())
+
+    def secret_key(self) -> str:
+        """Return the Clerk key, or raise ConfigError when none was given."""
+        if self.clerk_secret_key is None:
+            msg = "CLERK_SECRET_KEY or CLERK_SECRET_KEY_FILE is required"
+            raise ConfigError(msg)
+        return self.clerk_secret_key.reveal()
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets ``field``."""
+    return field.upper()
+
+
+FIELDS: tuple[str, ...] = Settings.__struct_fields__
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:  # noqa: ANN401 - msgspec's hook signature
+    if type_ is Secret and isinstance(obj, str):
+        return Secret(obj)
+    raise NotImplementedError
+
+
+def _read_key_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        msg = f"CLERK_SECRET_KEY_FILE: cannot read {path}: {exc.strerror}"
+        raise ConfigError(msg) from None
+
+
+def _raw_values(environ: Mapping[str, str]) -> dict[str, str]:
+    raw = {f: environ[env_name(f)] for f in FIELDS if environ.get(env_name(f), "") != ""}
+    key_file = environ.get("CLERK_SECRET_KEY_FILE", "")
+    if "clerk_secret_key" not in raw and key_file:
+        raw["clerk_secret_key"] = _read_key_file(key_file)
+    return raw
+
+
+_PATH = re.compile(r" - at `\$\.(\w+)`")
+
+
+def _config_error(exc: msgspec.ValidationError) -> ConfigError:
+    text = str(exc)
+    match = _PATH.search(text)
+    if match is None:
+        return ConfigError(text)
+    return ConfigError(f"{env_name(match.group(1))}: {text[: match.start()]}")
+
+
+def _check_url(name: str, value: str, schemes: tuple[str, ...]) -> None:
+    try:
+        url = URL(value)
+    except ValueError:
+        url = URL()
+    if url.scheme not in schemes or not url.host:
+        allowed = " or ".join(f"{s}://" for s in schemes)
+        msg = f"{name}: not a valid URL (expected {allowed}host...)"
+        raise ConfigError(msg)
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Build Settings from ``environ``; raise ConfigError with one clear line."""
+    try:
+        settings = msgspec.convert(_raw_values(environ), Settings, strict=False, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise _config_error(exc) from None
+    _check_url("AMQP_URL", settings.amqp_url, ("amqp", "amqps"))
+    _check_url("CLERK_API_URL", settings.clerk_api_url, ("http", "https"))
+    key = settings.clerk_secret_key
+    if key is not None and (not key.reveal() or any(c.isspace() for c in key.reveal())):
+        msg = "CLERK_SECRET_KEY: must be a non-empty key without spaces"
+        raise ConfigError(msg)
+    return settings

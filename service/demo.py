@@ -1,0 +1,152 @@
+"""The README's first command: the whole service on this machine, with traffic.
+
+With no ``AMQP_URL`` it starts a private RabbitMQ node; with no
+``CLERK_SECRET_KEY`` it serves the built-in fake Clerk and says so. It runs
+the worker, sends requests through it with a progress bar, prints a summary
+and one example reply with the token masked, and cleans up on exit and on
+Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import statistics
+import time
+from collections import Counter
+from contextlib import AsyncExitStack
+from typing import Any
+
+import click
+import msgspec
+from tqdm import tqdm
+
+from service.client import ReceivedReply, TokenClient
+from service.config import Settings, load_settings
+from service.fake_clerk import FakeClerk
+from service.local_broker import LocalBroker
+from service.logs import SCRUBBER, configure_logging
+from service.messages import Created, Reply
+from service.worker import Worker
+
+# Every UNKNOWN_EVERY-th demo request names a user the fake Clerk does not know.
+UNKNOWN_EVERY = 50
+
+
+def say(text: str) -> None:
+    """A line of the demo's narration."""
+    click.echo(f"demo: {text}", err=True)
+
+
+def mask(value: str) -> str:
+    """The start of a secret and a mark that the rest is hidden."""
+    return value[:12] + "…[masked]"
+
+
+def masked_reply(reply: Reply) -> str:
+    """A reply as JSON, with its token (and the URL that embeds it) masked."""
+    data = msgspec.to_builtins(reply)
+    token = data.get("sign_in_token")
+    if isinstance(token, dict):
+        token["token"] = mask(token["token"])
+        if token.get("url"):
+            token["url"] = mask(token["url"])
+    return msgspec.json.format(msgspec.json.encode(data)).decode()
+
+
+async def _environment(stack: AsyncExitStack, options: dict[str, str]) -> tuple[dict[str, str], bool]:
+    """The demo's environment, starting what is missing; and whether Clerk is the fake."""
+    environ = dict(os.environ)
+    environ.update({k.upper(): v for k, v in options.items()})
+    environ.setdefault("HTTP_PORT", "0")
+    environ.setdefault("LOG_LEVEL", "warning")
+    if not environ.get("AMQP_URL"):
+        say("no AMQP_URL: starting a private RabbitMQ node (about 5 s)…")
+        broker = LocalBroker()
+        stack.push_async_callback(asyncio.to_thread, broker.cleanup)
+        await broker.start()
+        environ["AMQP_URL"] = broker.url
+        say(f"RabbitMQ node up at 127.0.0.1:{broker.amqp_port}")
+    if not environ.get("CLERK_SECRET_KEY") and not environ.get("CLERK_SECRET_KEY_FILE"):
+        key = "sk_test_" + secrets.token_hex(16)
+        fake = FakeClerk(key)
+        await fake.start()
+        stack.push_async_callback(fake.stop)
+        environ.update(CLERK_SECRET_KEY=key, CLERK_API_URL=fake.url)
+        say(f"no CLERK_SECRET_KEY: using the built-in fake Clerk at {fake.url}")
+        return environ, True
+    return environ, False
+
+
+def _user_ids(count: int, real_user: str | None) -> list[str]:
+    if real_user is not None:
+        return [real_user] * count
+    return [
+        f"unknown_{i:05d}" if i % UNKNOWN_EVERY == UNKNOWN_EVERY - 1 else f"user_demo_{i:05d}" for i in range(count)
+    ]
+
+
+async def _send_all(client: TokenClient, user_ids: list[str], stop: asyncio.Event) -> list[tuple[float, ReceivedReply]]:
+    """Send every request, wait for every reply (or ``stop``); return (latency, reply) pairs."""
+    results: list[tuple[float, ReceivedReply]] = []
+    with tqdm(total=len(user_ids), desc="replies", unit="req") as bar:
+
+        async def one(user_id: str) -> None:
+            started = time.monotonic()
+            future = await client.send(msgspec.json.encode({"user_id": user_id}))
+            reply = await future
+            results.append((reply.received_at - started, reply))
+            bar.update()
+
+        work: asyncio.Future[Any] = asyncio.gather(*(one(u) for u in user_ids))
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            say("interrupted: cleaning up")
+        stopped.cancel()
+        await asyncio.gather(work, stopped, return_exceptions=True)
+    return results
+
+
+def _summary(results: list[tuple[float, ReceivedReply]], elapsed: float) -> str:
+    replies = [r.decode() for _, r in results]
+    created = sum(isinstance(r, Created) for r in replies)
+    failures = Counter(r.error.code for r in replies if not isinstance(r, Created))
+    failed = ", ".join(f"{code}: {n}" for code, n in failures.most_common()) or "none"
+    latencies = sorted(seconds * 1000 for seconds, _ in results)
+    p50 = statistics.median(latencies)
+    p99 = statistics.quantiles(latencies, n=100)[98] if len(latencies) > 1 else p50
+    return (
+        f"{len(replies)} replies in {elapsed:.2f} s: {created} created, {sum(failures.values())} failed ({failed}); "
+        f"{created / elapsed:.0f} tokens/s; latency p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+    )
+
+
+async def run_demo(options: dict[str, Any], *, count: int, user_id: str | None, stop: asyncio.Event) -> None:
+    """Run the demo end to end."""
+    configure_logging("console", "warning")
+    async with AsyncExitStack() as stack:
+        environ, fake = await _environment(stack, {k: str(v) for k, v in options.items()})
+        if not fake and user_id is None:
+            say("with a real CLERK_SECRET_KEY, pass --user-id USER to choose whose tokens to create")
+            return
+        settings: Settings = load_settings(environ)
+        configure_logging("console", settings.log_level)
+        SCRUBBER.add_secret(settings.secret_key())
+        worker = Worker(settings, name="demo-worker")
+        stack.push_async_callback(worker.shutdown)
+        await worker.start()
+        say(f"worker consuming {settings.request_queue!r}; /metrics on port {worker.health.port}")
+        client = TokenClient(settings.amqp_url, request_queue=settings.request_queue, name="demo-client")
+        await client.connect()
+        stack.push_async_callback(client.close)
+        say(f"sending {count} requests…")
+        started = time.monotonic()
+        results = await _send_all(client, _user_ids(count, None if fake else user_id), stop)
+        if not results:
+            return
+        say(_summary(results, time.monotonic() - started))
+        example = next((r.decode() for _, r in results if isinstance(r.decode(), Created)), results[0][1].decode())
+        say("one reply, token masked:\n" + masked_reply(example))

@@ -1,0 +1,52 @@
+"""What the service reads from a request's AMQP properties and headers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from service.dedup import IdempotencyKey, idempotency_key
+from service.errors import InvalidRequestError
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A request's addressing: where the reply goes and whose request it is."""
+
+    reply_to: str
+    has_reply_to: bool
+    correlation_id: str | None
+    content_type: str | None
+    publisher: str | None
+    message_id: str | None
+    raw_deadline: object
+
+    @classmethod
+    def of(cls, message: AbstractIncomingMessage, results_queue: str) -> Envelope:
+        """Read a message's envelope; replies without ``reply_to`` go to ``results_queue``."""
+        headers = message.headers or {}
+        return cls(
+            reply_to=message.reply_to or results_queue,
+            has_reply_to=bool(message.reply_to),
+            correlation_id=message.correlation_id or message.message_id,
+            content_type=message.content_type,
+            publisher=message.user_id,
+            message_id=message.message_id,
+            raw_deadline=headers.get("x-deadline"),
+        )
+
+    @property
+    def idempotency_key(self) -> IdempotencyKey | None:
+        """The key of this request in the idempotency store."""
+        return idempotency_key(self.publisher, self.message_id)
+
+    def deadline(self) -> float | None:
+        """``x-deadline`` as Unix seconds, or None; InvalidRequestError when not an integer."""
+        value = self.raw_deadline
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            msg = "header x-deadline must be an integer (Unix epoch milliseconds)"
+            raise InvalidRequestError(msg)
+        return value / 1000.0

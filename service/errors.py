@@ -1,0 +1,119 @@
+"""The service's errors, each knowing its contract code and whether it is retryable.
+
+The tree::
+
+    ServiceError
+    ├── ConfigError                 bad configuration: one line on stderr, exit 2
+    └── RequestError                ends one request with a failed reply
+        ├── InvalidRequestError     invalid_request (body, fields, headers)
+        ├── ForbiddenError          forbidden (policy)
+        ├── DeadlineExceededError   deadline_exceeded
+        └── UpstreamError           Clerk was called
+            ├── UserNotFoundError       user_not_found (404)
+            ├── UpstreamRejectedError   upstream_rejected (other 4xx)
+            ├── RateLimitedError        rate_limited (429; retryable)
+            └── UpstreamUnavailableError upstream_unavailable (5xx, timeout, network; retryable)
+
+    KeyRejectedError                Clerk answered 401: our key is wrong; not a
+                                    request's failure, so it is outside the tree
+                                    of replies and the worker pauses instead.
+
+Error texts never contain a sign-in token or the secret key: they are built
+from Clerk's error messages and our own words only.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ServiceError(Exception):
+    """Base of every error this service raises on purpose."""
+
+
+class ConfigError(ServiceError):
+    """The configuration or environment cannot run the service."""
+
+
+class RequestError(ServiceError):
+    """One request ends in a ``failed`` reply with this error's code."""
+
+    code: ClassVar[str] = "invalid_request"
+    retryable: ClassVar[bool] = False
+    # Only these outcomes are remembered by the idempotency store.
+    final: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream_status: int | None = None,
+        upstream_code: str | None = None,
+        clerk_trace_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        """Record the error's text, what Clerk said, and its ``Retry-After`` (seconds)."""
+        super().__init__(message)
+        self.message = message
+        self.upstream_status = upstream_status
+        self.upstream_code = upstream_code
+        self.clerk_trace_id = clerk_trace_id
+        self.retry_after = retry_after
+        # Upstream attempts made; set by the retry loop.
+        self.attempts = 0
+
+
+class InvalidRequestError(RequestError):
+    """The body, a field or a header breaks the contract."""
+
+    code = "invalid_request"
+
+
+class ForbiddenError(RequestError):
+    """The publisher may not ask for this."""
+
+    code = "forbidden"
+
+
+class DeadlineExceededError(RequestError):
+    """``x-deadline`` passed before a token could be created."""
+
+    code = "deadline_exceeded"
+
+
+class UpstreamError(RequestError):
+    """Clerk was called and did not give a token."""
+
+    code = "upstream_unavailable"
+
+
+class UserNotFoundError(UpstreamError):
+    """Clerk answered 404: no such user."""
+
+    code = "user_not_found"
+    final = True
+
+
+class UpstreamRejectedError(UpstreamError):
+    """Clerk refused this request (400, 403, 422 or another 4xx)."""
+
+    code = "upstream_rejected"
+    final = True
+
+
+class RateLimitedError(UpstreamError):
+    """Clerk answered 429."""
+
+    code = "rate_limited"
+    retryable = True
+
+
+class UpstreamUnavailableError(UpstreamError):
+    """Clerk answered 5xx, timed out, or could not be reached."""
+
+    code = "upstream_unavailable"
+    retryable = True
+
+
+class KeyRejectedError(ServiceError):
+    """Clerk answered 401: the service's secret key is not accepted."""

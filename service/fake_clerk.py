@@ -1,0 +1,276 @@
+"""A stand-in for Clerk's sign-in token API, for tests, the demo and the benchmarks.
+
+It answers as shared/clerk/ describes Clerk: ``POST /v1/sign_in_tokens``
+and ``POST /v1/sign_in_tokens/{id}/revoke`` with a SignInToken or a
+ClerkErrors body. Its fake world:
+
+- a user exists when its id starts with ``user_``; others get 404;
+- an ``org_id`` must start with ``org_``, else 403 (not a member);
+- a missing or malformed field gets 422;
+- a wrong bearer key gets 401.
+
+Knobs: latency, a random 503 rate, faults queued for the next calls, and a
+rate limit of N requests per window per key (429 with ``Retry-After``).
+It records what it created and revoked, so tests can count tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import random
+import secrets
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+PREFIX = "/v1"
+_JSON = "application/json"
+_USER_PREFIX = "user_"
+_ORG_PREFIX = "org_"
+
+
+@dataclass
+class Fault:
+    """One queued answer: an HTTP status, optionally with ``Retry-After``, or a dropped connection."""
+
+    status: int
+    retry_after: float | None = None
+    drop_connection: bool = False
+
+
+@dataclass
+class FakeClerkStats:
+    """What the fake has seen and done."""
+
+    create_calls: int = 0
+    revoke_calls: int = 0
+    created_per_user: Counter[str] = field(default_factory=Counter)
+    tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
+    revoked: set[str] = field(default_factory=set)
+
+    @property
+    def created(self) -> int:
+        """Tokens created."""
+        return len(self.tokens)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_jwt(user_id: str, token_id: str, expires_in: int) -> str:
+    """A JWT-shaped token (RS256 header, random signature): the shape, not a real signature."""
+    now = int(time.time())
+    header = {"alg": "RS256", "typ": "JWT", "kid": "ins_fake"}
+    payload = {"sub": user_id, "sid": token_id, "iat": now, "nbf": now, "exp": now + expires_in}
+    parts = (json.dumps(header).encode(), json.dumps(payload).encode(), secrets.token_bytes(256))
+    return ".".join(_b64(p) for p in parts)
+
+
+def clerk_errors(code: str, message: str, long_message: str | None = None, **meta: Any) -> dict[str, Any]:  # noqa: ANN401
+    """A ClerkErrors body."""
+    error: dict[str, Any] = {"message": message, "long_message": long_message or message, "code": code}
+    if meta:
+        error["meta"] = meta
+    return {"errors": [error], "clerk_trace_id": secrets.token_hex(16)}
+
+
+class FakeClerk:
+    """The fake API server; construct, ``start``, point CLERK_API_URL at ``url``."""
+
+    def __init__(
+        self,
+        secret_key: str,
+        *,
+        latency_seconds: float = 0.0,
+        error_rate: float = 0.0,
+        rate_limit: int | None = None,
+        rate_window_seconds: float = 10.0,
+        seed: int | None = None,
+    ) -> None:
+        """A fake accepting ``secret_key``; the knobs may be changed while it runs."""
+        self.accepted_keys = {secret_key}
+        self.latency_seconds = latency_seconds
+        self.error_rate = error_rate
+        self.rate_limit = rate_limit
+        self.rate_window_seconds = rate_window_seconds
+        self.faults: deque[Fault] = deque()
+        self.stats = FakeClerkStats()
+        self._random = random.Random(seed)  # noqa: S311 - fault injection, not crypto
+        self._windows: dict[str, tuple[float, int]] = {}
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """The base URL to use as CLERK_API_URL."""
+        return f"http://127.0.0.1:{self.port}{PREFIX}"
+
+    def fail_next(self, status: int, count: int = 1, *, retry_after: float | None = None) -> None:
+        """Answer the next ``count`` create calls with ``status``."""
+        self.faults.extend(Fault(status, retry_after) for _ in range(count))
+
+    def drop_next(self, count: int = 1) -> None:
+        """Close the connection without an answer on the next ``count`` create calls."""
+        self.faults.extend(Fault(0, drop_connection=True) for _ in range(count))
+
+    def app(self) -> web.Application:
+        """The aiohttp application."""
+        app = web.Application()
+        app.router.add_post(f"{PREFIX}/sign_in_tokens", self._create)
+        app.router.add_post(f"{PREFIX}/sign_in_tokens/{{token_id}}/revoke", self._revoke)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Serve on ``host:port`` (0: a free port, then in ``self.port``)."""
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []  # noqa: SLF001 - the OS-chosen port
+        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+
+    async def stop(self) -> None:
+        """Stop serving."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- request handling ----------------------------------------------------
+
+    def _reply(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+        return web.json_response(body, status=status, headers=headers)
+
+    def _key(self, request: web.Request) -> str | None:
+        auth = request.headers.get("Authorization", "")
+        key = auth.removeprefix("Bearer ").strip()
+        return key if auth.startswith("Bearer ") and key in self.accepted_keys else None
+
+    def _over_limit(self, key: str) -> float | None:
+        """Seconds until the window resets when ``key`` is over the limit, else None."""
+        if self.rate_limit is None:
+            return None
+        now = time.monotonic()
+        start, count = self._windows.get(key, (now, 0))
+        if now - start >= self.rate_window_seconds:
+            start, count = now, 0
+        self._windows[key] = (start, count + 1)
+        if count < self.rate_limit:
+            return None
+        return self.rate_window_seconds - (now - start)
+
+    def _fault_response(self, fault: Fault, request: web.Request) -> web.Response:
+        if fault.drop_connection:
+            if request.transport is not None:
+                request.transport.abort()
+            raise web.HTTPServiceUnavailable
+        headers = {"Retry-After": str(math.ceil(fault.retry_after))} if fault.retry_after is not None else None
+        code = {429: "too_many_requests", 401: "authentication_invalid"}.get(fault.status, "internal_clerk_error")
+        return self._reply(fault.status, clerk_errors(code, f"Injected fault {fault.status}"), headers)
+
+    async def _guard(self, request: web.Request) -> web.Response | None:
+        """The answers that come before the body is looked at: faults, auth, limits."""
+        if self.latency_seconds:
+            await asyncio.sleep(self.latency_seconds)
+        if self.faults:
+            return self._fault_response(self.faults.popleft(), request)
+        key = self._key(request)
+        if key is None:
+            return self._reply(401, clerk_errors("authentication_invalid", "Invalid authentication"))
+        resets_in = self._over_limit(key)
+        if resets_in is not None:
+            body = clerk_errors("too_many_requests", "Too many requests", ResetsIn=round(resets_in, 3))
+            return self._reply(429, body, {"Retry-After": str(max(1, math.ceil(resets_in)))})
+        if self.error_rate and self._random.random() < self.error_rate:
+            return self._reply(503, clerk_errors("service_unavailable", "Service unavailable"))
+        return None
+
+    async def _create(self, request: web.Request) -> web.Response:
+        self.stats.create_calls += 1
+        refused = await self._guard(request)
+        if refused is not None:
+            return refused
+        try:
+            params = await request.json()
+        except ValueError:
+            params = None
+        invalid = _invalid_params(params)
+        if invalid is not None:
+            return self._reply(422, invalid)
+        user_id: str = params["user_id"]
+        if not user_id.startswith(_USER_PREFIX):
+            return self._reply(404, clerk_errors("resource_not_found", "not found", f"User {user_id} not found"))
+        org_id = params.get("org_id")
+        if org_id is not None and not org_id.startswith(_ORG_PREFIX):
+            return self._reply(403, clerk_errors("authorization_invalid", "Not a member of the organization"))
+        return self._reply(200, self._issue(user_id, params.get("expires_in_seconds") or 2_592_000))
+
+    def _issue(self, user_id: str, expires_in: int) -> dict[str, Any]:
+        token_id = "sit_" + secrets.token_hex(12)
+        token = make_jwt(user_id, token_id, expires_in)
+        now_ms = int(time.time() * 1000)
+        obj = {
+            "object": "sign_in_token",
+            "id": token_id,
+            "status": "pending",
+            "user_id": user_id,
+            "token": token,
+            "url": f"https://accounts.fake-clerk.test/v1/tickets/accept?ticket={token}",
+            "created_at": now_ms,
+            "updated_at": now_ms,
+        }
+        self.stats.tokens[token_id] = obj
+        self.stats.created_per_user[user_id] += 1
+        return obj
+
+    async def _revoke(self, request: web.Request) -> web.Response:
+        self.stats.revoke_calls += 1
+        if self._key(request) is None:
+            return self._reply(401, clerk_errors("authentication_invalid", "Invalid authentication"))
+        token_id = request.match_info["token_id"]
+        obj = self.stats.tokens.get(token_id)
+        if obj is None:
+            return self._reply(404, clerk_errors("resource_not_found", "not found"))
+        if obj["status"] != "pending":
+            return self._reply(400, clerk_errors("sign_in_token_cannot_be_revoked_code", "cannot be revoked"))
+        obj["status"] = "revoked"
+        obj["updated_at"] = int(time.time() * 1000)
+        self.stats.revoked.add(token_id)
+        return self._reply(200, obj)
+
+
+def _invalid_params(params: object) -> dict[str, Any] | None:
+    """A 422 body when the create body breaks Clerk's schema, else None."""
+    if not isinstance(params, dict):
+        return clerk_errors("form_param_missing", "user_id is missing", "user_id must be included")
+    unknown = set(params) - {"user_id", "expires_in_seconds", "org_id"}
+    if unknown:
+        name = min(unknown)
+        return clerk_errors("form_param_unknown", f"{name} is not a valid parameter", param_name=name)
+    user_id = params.get("user_id")
+    if not isinstance(user_id, str) or not user_id:
+        return clerk_errors(
+            "form_param_missing", "user_id is missing", "user_id must be included", param_name="user_id"
+        )
+    expires = params.get("expires_in_seconds")
+    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, int) or expires < 1):
+        return clerk_errors("form_param_value_invalid", "is invalid", param_name="expires_in_seconds")
+    org_id = params.get("org_id")
+    if org_id is not None and not isinstance(org_id, str):
+        return clerk_errors("form_param_value_invalid", "is invalid", param_name="org_id")
+    return None
+
+
+async def serve_forever(clerk: FakeClerk, host: str, port: int, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set (the CLI's ``fake-clerk``)."""
+    await clerk.start(host, port)
+    try:
+        await stop.wait()
+    finally:
+        await clerk.stop()

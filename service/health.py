@@ -1,0 +1,98 @@
+"""The side HTTP server: /healthz, /readyz, /metrics; and the metrics themselves.
+
+Metric labels are lanes, outcomes and operations only: never a user, a
+message id, a token or a key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        """Create every metric once."""
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sign_in_tokens_requests",
+            "Requests answered or dead-lettered, by lane and outcome (created or error code).",
+            ["lane", "outcome"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "sign_in_tokens_upstream_latency_seconds",
+            "Latency of calls to Clerk, by operation.",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter("sign_in_tokens_retries", "Upstream retries after a failure.", ["lane"], registry=r)
+        self.in_flight = Gauge("sign_in_tokens_in_flight", "Requests being processed.", ["lane"], registry=r)
+        self.dedup_hits = Counter("sign_in_tokens_dedup_hits", "Answers from the idempotency store.", registry=r)
+        self.revoked = Counter("sign_in_tokens_revoked", "Tokens revoked: nobody could receive them.", registry=r)
+        self.key_rejected = Counter("sign_in_tokens_key_rejected", "Answers 401 from Clerk.", registry=r)
+        self.ready = Gauge("sign_in_tokens_ready", "1 when connected, consuming, key accepted.", registry=r)
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """aiohttp.web on HTTP_PORT; ``is_ready`` is asked at each /readyz."""
+
+    def __init__(self, metrics: Metrics, is_ready: Callable[[], dict[str, bool]], host: str, port: int) -> None:
+        """Prepare the routes; ``start`` binds the port."""
+        self._metrics = metrics
+        self._is_ready = is_ready
+        self._host = host
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self.port = port
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    def _checks(self) -> tuple[bool, dict[str, bool]]:
+        checks = self._is_ready()
+        ready = all(checks.values())
+        self._metrics.ready.set(1 if ready else 0)
+        return ready, checks
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        ready, checks = self._checks()
+        return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
+
+    async def _metrics_page(self, _: web.Request) -> web.Response:
+        self._checks()
+        return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> None:
+        """Bind and serve."""
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics_page)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        server = site._server  # noqa: SLF001 - the only way to learn a port chosen by the OS
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop serving."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

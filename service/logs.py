@@ -1,0 +1,111 @@
+"""structlog set-up, and the processor that keeps secrets out of every log line.
+
+The code never logs a token or the key on purpose; the scrubber is defence
+in depth: any value that looks like a sign-in token (a JWT), a Clerk secret
+key, or equals the configured key is replaced, in structlog events and in
+the standard-library records of the libraries we use (aio-pika, aiohttp),
+which go through the same processors.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any
+
+import structlog
+
+REDACTED = "[REDACTED]"
+_SECRET_PATTERNS = (
+    re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),  # a JWT
+    re.compile(r"\bsk_(?:live|test)_[A-Za-z0-9]+"),  # a Clerk secret key
+)
+_SECRET_KEYS = frozenset({"token", "sign_in_token", "secret", "secret_key", "authorization", "url"})
+
+
+class Scrubber:
+    """A structlog processor replacing secrets anywhere in an event."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        """Also redact these literal values (the configured key)."""
+        self._literals = tuple(s for s in secrets if s)
+
+    def add_secret(self, value: str) -> None:
+        """Redact ``value`` from now on."""
+        if value and value not in self._literals:
+            self._literals = (*self._literals, value)
+
+    def scrub_text(self, text: str) -> str:
+        """Return ``text`` with every secret replaced."""
+        for literal in self._literals:
+            text = text.replace(literal, REDACTED)
+        for pattern in _SECRET_PATTERNS:
+            text = pattern.sub(REDACTED, text)
+        return text
+
+    def _scrub(self, value: object) -> object:
+        if isinstance(value, str):
+            return self.scrub_text(value)
+        if isinstance(value, Mapping):
+            return {k: REDACTED if k in _SECRET_KEYS else self._scrub(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._scrub(v) for v in value]
+        if isinstance(value, bytes | bytearray | memoryview):
+            return REDACTED
+        if isinstance(value, BaseException):
+            return self.scrub_text(f"{type(value).__name__}: {value}")
+        return value
+
+    def __call__(
+        self,
+        _logger: object,
+        _method_name: str,
+        event_dict: MutableMapping[str, Any],
+    ) -> MutableMapping[str, Any]:
+        """Scrub every value of the event in place."""
+        for key, value in event_dict.items():
+            event_dict[key] = REDACTED if key in _SECRET_KEYS else self._scrub(value)
+        return event_dict
+
+
+SCRUBBER = Scrubber()
+
+
+def _renderer(log_format: str) -> structlog.types.Processor:
+    console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
+    if console:
+        return structlog.dev.ConsoleRenderer()
+    return structlog.processors.JSONRenderer()
+
+
+def configure_logging(log_format: str = "auto", level: str = "info") -> None:
+    """JSON lines to stderr (console on a TTY), scrubbed, for ours and the libraries' logs."""
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Exceptions become text before the scrubber, so it sees their messages.
+        structlog.processors.format_exc_info,
+        SCRUBBER,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _renderer(log_format)],
+            foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+        ),
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # The AMQP and HTTP libraries are chatty at INFO about reconnects we log ourselves.
+    for name in ("aio_pika", "aiormq", "aiohttp.access"):
+        logging.getLogger(name).setLevel(logging.WARNING)

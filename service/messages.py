@@ -1,0 +1,235 @@
+"""Message types and their codecs, declared once and reused on every message.
+
+Requests arrive as JSON (``application/json`` or no content type) or
+MessagePack (``application/msgpack``), in the Python SDK's spelling
+(``user_id``) or the TypeScript SDK's (``userId``), one spelling a message.
+Replies are a tagged union on ``outcome``. Clerk's objects are decoded
+leniently (Clerk may add fields); our own inputs strictly.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from service.errors import InvalidRequestError
+
+JSON: Final = "application/json"
+MSGPACK: Final = "application/msgpack"
+_MSGPACK_ALIASES: Final = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
+
+UserId = Annotated[str, Meta(min_length=1, max_length=256)]
+OrgId = Annotated[str, Meta(min_length=1, max_length=256)]
+ExpiresIn = Annotated[int, Meta(ge=1)]
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of the structs we accept from callers.
+
+    ``forbid_unknown_fields`` so a typo (``expires_in_second``) is an error,
+    not a silent 30-day token; ``frozen`` because a decoded request is a fact;
+    ``kw_only`` so construction always names its fields.
+    """
+
+
+class _WireRequest(Strict, frozen=True):
+    """A request as sent, in either spelling; ``decode_request`` picks one."""
+
+    user_id: UserId | UnsetType = UNSET
+    expires_in_seconds: ExpiresIn | UnsetType | None = UNSET
+    org_id: OrgId | UnsetType | None = UNSET
+    user_id_camel: UserId | UnsetType = msgspec.field(default=UNSET, name="userId")
+    expires_in_seconds_camel: ExpiresIn | UnsetType | None = msgspec.field(
+        default=UNSET,
+        name="expiresInSeconds",
+    )
+    org_id_camel: OrgId | UnsetType | None = msgspec.field(default=UNSET, name="orgId")
+
+
+class CreateSignInTokenRequestBody(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The body of Clerk's ``POST /sign_in_tokens``, as the SDKs define it.
+
+    ``omit_defaults`` so an absent ``expires_in_seconds`` is not sent and
+    Clerk applies its own default.
+    """
+
+    user_id: str
+    expires_in_seconds: int | None = None
+    org_id: str | None = None
+
+
+class SignInToken(msgspec.Struct, kw_only=True):
+    """Clerk's SignInToken object; lenient, since Clerk may add fields."""
+
+    object: str
+    id: str
+    status: str
+    user_id: str
+    token: str
+    created_at: int
+    updated_at: int
+    url: str | None = None
+
+
+class ClerkError(msgspec.Struct, kw_only=True):
+    """One entry of Clerk's ``errors`` list."""
+
+    message: str = ""
+    long_message: str = ""
+    code: str = ""
+    meta: dict[str, Any] | None = None
+
+
+class ClerkErrors(msgspec.Struct, kw_only=True):
+    """Clerk's error body."""
+
+    errors: list[ClerkError] = msgspec.field(default_factory=list)
+    meta: dict[str, Any] | None = None
+    clerk_trace_id: str | None = None
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``error`` of a failed reply; Clerk's fields are null when it was not called."""
+
+    code: str
+    message: str
+    retryable: bool
+    upstream_status: int | None
+    upstream_code: str | None
+    clerk_trace_id: str | None
+    attempts: int
+
+
+class Created(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome", tag="created"):
+    """A token was created."""
+
+    sign_in_token: SignInToken
+
+
+class Failed(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome", tag="failed"):
+    """No token: the error says why."""
+
+    error: ErrorDetail
+
+
+Reply = Created | Failed
+Outcome = Literal["created", "failed"]
+
+
+class UndecodableError(Exception):
+    """The body is not a JSON or MessagePack object at all."""
+
+
+_json_request = msgspec.json.Decoder(_WireRequest)
+_msgpack_request = msgspec.msgpack.Decoder(_WireRequest)
+_json_any = msgspec.json.Decoder()
+_msgpack_any = msgspec.msgpack.Decoder()
+_json_reply_encoder = msgspec.json.Encoder()
+_msgpack_reply_encoder = msgspec.msgpack.Encoder()
+_json_reply_decoder: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)
+_msgpack_reply_decoder: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)
+clerk_token_decoder = msgspec.json.Decoder(SignInToken)
+clerk_errors_decoder = msgspec.json.Decoder(ClerkErrors)
+clerk_body_encoder = msgspec.json.Encoder()
+
+
+def is_msgpack(content_type: str | None) -> bool:
+    """Whether ``content_type`` names MessagePack."""
+    return content_type in _MSGPACK_ALIASES
+
+
+def is_supported(content_type: str | None) -> bool:
+    """Whether requests of this content type can be read."""
+    return content_type in (None, "", JSON) or is_msgpack(content_type)
+
+
+def reply_content_type(request_content_type: str | None) -> str:
+    """The reply's content type: the request's, JSON when it had none or an unknown one."""
+    return MSGPACK if is_msgpack(request_content_type) else JSON
+
+
+def _is_object(body: bytes, content_type: str | None) -> bool:
+    decoder = _msgpack_any if is_msgpack(content_type) else _json_any
+    try:
+        return isinstance(decoder.decode(body), dict)
+    except (msgspec.DecodeError, RecursionError, ValueError):
+        return False
+
+
+def _pick(snake: Any, camel: Any) -> Any:  # noqa: ANN401 - either spelling's value
+    return camel if snake is UNSET else snake
+
+
+def _one_spelling(wire: _WireRequest) -> CreateSignInTokenRequestBody:
+    snake = (wire.user_id, wire.expires_in_seconds, wire.org_id)
+    camel = (wire.user_id_camel, wire.expires_in_seconds_camel, wire.org_id_camel)
+    if any(v is not UNSET for v in snake) and any(v is not UNSET for v in camel):
+        msg = "mixes snake_case and camelCase field names; use one spelling"
+        raise InvalidRequestError(msg)
+    user_id = _pick(wire.user_id, wire.user_id_camel)
+    if user_id is UNSET:
+        msg = "Object missing required field `user_id`"
+        raise InvalidRequestError(msg)
+    expires = _pick(wire.expires_in_seconds, wire.expires_in_seconds_camel)
+    org_id = _pick(wire.org_id, wire.org_id_camel)
+    return CreateSignInTokenRequestBody(
+        user_id=user_id,
+        expires_in_seconds=None if expires is UNSET else expires,
+        org_id=None if org_id is UNSET else org_id,
+    )
+
+
+def decode_request(
+    body: bytes,
+    content_type: str | None,
+    *,
+    max_expires_in_seconds: int,
+    max_body_bytes: int,
+) -> CreateSignInTokenRequestBody:
+    """Decode and validate one request body.
+
+    Raises UndecodableError when the body is not an object in a supported
+    encoding, InvalidRequestError (naming the field) when it is an object
+    that breaks the contract.
+    """
+    if not is_supported(content_type):
+        msg = f"unsupported content_type {content_type!r}; use {JSON} or {MSGPACK}"
+        raise UndecodableError(msg)
+    if len(body) > max_body_bytes:
+        msg = f"body of {len(body)} bytes exceeds the limit of {max_body_bytes}"
+        raise UndecodableError(msg)
+    decoder = _msgpack_request if is_msgpack(content_type) else _json_request
+    try:
+        wire = decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError, ValueError) as exc:
+        if not _is_object(body, content_type):
+            msg = "body is not a JSON or MessagePack object"
+            raise UndecodableError(msg) from None
+        raise InvalidRequestError(str(exc)) from None
+    request = _one_spelling(wire)
+    expires = request.expires_in_seconds
+    if expires is not None and expires > max_expires_in_seconds:
+        msg = f"Expected `int` <= {max_expires_in_seconds} - at `$.expires_in_seconds`"
+        raise InvalidRequestError(msg)
+    return request
+
+
+def encode_reply(reply: Reply, content_type: str) -> bytes:
+    """Encode a reply in the given content type."""
+    if content_type == MSGPACK:
+        return _msgpack_reply_encoder.encode(reply)
+    return _json_reply_encoder.encode(reply)
+
+
+def decode_reply(body: bytes, content_type: str | None) -> Reply:
+    """Decode a reply (clients and tests)."""
+    if is_msgpack(content_type):
+        return _msgpack_reply_decoder.decode(body)
+    return _json_reply_decoder.decode(body)
+
+
+def encode_clerk_body(request: CreateSignInTokenRequestBody) -> bytes:
+    """The JSON body sent to Clerk."""
+    return clerk_body_encoder.encode(request)

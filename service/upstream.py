@@ -1,0 +1,150 @@
+"""ClerkClient: one aiohttp session to Clerk's Backend API, answers mapped to errors.
+
+Made once at start-up and closed at shutdown. Every call has a connect and a
+total timeout; the total may be shortened by the request's deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+import aiohttp
+import msgspec
+
+from service import __version__
+from service.config import Settings
+from service.errors import (
+    KeyRejectedError,
+    RateLimitedError,
+    RequestError,
+    UpstreamRejectedError,
+    UpstreamUnavailableError,
+    UserNotFoundError,
+)
+from service.messages import (
+    ClerkErrors,
+    CreateSignInTokenRequestBody,
+    SignInToken,
+    clerk_errors_decoder,
+    clerk_token_decoder,
+    encode_clerk_body,
+)
+
+_JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds form), or None."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def _clerk_errors(body: bytes) -> ClerkErrors:
+    try:
+        return clerk_errors_decoder.decode(body)
+    except msgspec.DecodeError:
+        return ClerkErrors()
+
+
+def _error_class(status: int) -> type[RequestError]:
+    if status == 404:
+        return UserNotFoundError
+    if status == 429:
+        return RateLimitedError
+    if 400 <= status < 500:
+        return UpstreamRejectedError
+    return UpstreamUnavailableError
+
+
+def error_for(status: int, body: bytes, retry_after_header: str | None) -> RequestError | KeyRejectedError:
+    """Map a non-200 answer from Clerk to the error it means."""
+    if status == 401:
+        return KeyRejectedError("Clerk rejected the secret key (401)")
+    errors = _clerk_errors(body)
+    first = errors.errors[0] if errors.errors else None
+    return _error_class(status)(
+        (first.message if first else "") or f"Clerk answered HTTP {status}",
+        upstream_status=status,
+        upstream_code=first.code if first and first.code else None,
+        clerk_trace_id=errors.clerk_trace_id,
+        retry_after=parse_retry_after(retry_after_header),
+    )
+
+
+class ClerkClient:
+    """Creates and revokes sign-in tokens at Clerk."""
+
+    def __init__(self, settings: Settings) -> None:
+        """Remember where and how to call; the session is opened by ``start``."""
+        self._base = settings.clerk_api_url.rstrip("/")
+        self._headers = {
+            **_JSON_HEADERS,
+            "Authorization": f"Bearer {settings.secret_key()}",
+            "Clerk-API-Version": settings.clerk_api_version,
+            "User-Agent": f"sign-in-token-service/{__version__}",
+        }
+        self._connect_timeout = settings.connect_timeout_seconds
+        self._total_timeout = settings.request_timeout_seconds
+        self._limit = settings.upstream_concurrency
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the one HTTP session."""
+        connector = aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers,
+            timeout=aiohttp.ClientTimeout(total=self._total_timeout, connect=self._connect_timeout),
+            raise_for_status=False,
+        )
+
+    async def close(self) -> None:
+        """Close the session and its connections."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _timeout(self, deadline: float | None) -> aiohttp.ClientTimeout:
+        total = self._total_timeout
+        if deadline is not None:
+            total = max(0.001, min(total, deadline - time.time()))
+        return aiohttp.ClientTimeout(total=total, connect=min(self._connect_timeout, total))
+
+    async def _post(self, path: str, body: bytes, deadline: float | None) -> tuple[int, bytes, str | None]:
+        if self._session is None:
+            msg = "ClerkClient.start() was not called"
+            raise RuntimeError(msg)
+        try:
+            async with self._session.post(
+                self._base + path,
+                data=body,
+                timeout=self._timeout(deadline),
+            ) as response:
+                return response.status, await response.read(), response.headers.get("Retry-After")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The exception's text may name our URL; its type is enough and safe.
+            msg = f"Clerk could not be reached: {type(exc).__name__}"
+            raise UpstreamUnavailableError(msg) from None
+
+    async def create(self, request: CreateSignInTokenRequestBody, deadline: float | None = None) -> SignInToken:
+        """Create a sign-in token; raise the error Clerk's answer means."""
+        status, body, retry_after = await self._post("/sign_in_tokens", encode_clerk_body(request), deadline)
+        if status != 200:
+            raise error_for(status, body, retry_after)
+        try:
+            return clerk_token_decoder.decode(body)
+        except msgspec.DecodeError:
+            msg = "Clerk answered 200 with a body that is not a SignInToken"
+            raise UpstreamUnavailableError(msg, upstream_status=status) from None
+
+    async def revoke(self, token_id: str) -> None:
+        """Revoke a pending token; raise the error Clerk's answer means."""
+        status, body, retry_after = await self._post(f"/sign_in_tokens/{token_id}/revoke", b"", None)
+        if status != 200:
+            raise error_for(status, body, retry_after)
