@@ -53,6 +53,7 @@ class FakeClerkStats:
     created_per_user: Counter[str] = field(default_factory=Counter)
     tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
     revoked: set[str] = field(default_factory=set)
+    last_params: dict[str, Any] | None = None
 
     @property
     def created(self) -> int:
@@ -200,6 +201,7 @@ class FakeClerk:
             params = await request.json()
         except ValueError:
             params = None
+        self.stats.last_params = params if isinstance(params, dict) else None
         invalid = _invalid_params(params)
         if invalid is not None:
             return self._reply(422, invalid)

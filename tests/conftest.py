@@ -1,0 +1,182 @@
+"""Fixtures: a real RabbitMQ node, a real (fake) Clerk server, workers and clients.
+
+The session starts one private RabbitMQ node with the same code the demo
+uses, unless AMQP_URL names a broker. Every test gets its own queue names,
+so tests never see each other's messages, and what a test declares is
+deleted after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from service.client import TokenClient
+from service.config import Settings, load_settings
+from service.fake_clerk import FakeClerk
+from service.local_broker import LocalBroker
+from service.worker import Worker
+
+SECRET_KEY = "sk_test_" + "k" * 32
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:  # noqa: ASYNC109
+    """Poll ``condition`` until it holds, failing the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+async def amqp_url() -> AsyncIterator[str]:
+    """The broker every test uses: AMQP_URL, or a private node for the session."""
+    if os.environ.get("AMQP_URL"):
+        yield os.environ["AMQP_URL"]
+        return
+    async with LocalBroker() as node:
+        yield node.url
+
+
+@pytest.fixture
+async def amqp(amqp_url: str, request: pytest.FixtureRequest) -> AsyncIterator[AbstractRobustConnection]:
+    """A connection for the test itself, named after the test."""
+    connection = await aio_pika.connect_robust(amqp_url, client_properties={"connection_name": request.node.name})
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def channel(amqp: AbstractRobustConnection) -> AbstractChannel:
+    """A channel with publisher confirms on the test's connection."""
+    return await amqp.channel()
+
+
+@pytest.fixture
+async def fake_clerk() -> AsyncIterator[FakeClerk]:
+    """A fake Clerk accepting SECRET_KEY, on a free loopback port."""
+    clerk = FakeClerk(SECRET_KEY, seed=1)
+    await clerk.start()
+    yield clerk
+    await clerk.stop()
+
+
+@pytest.fixture
+def queue_names() -> dict[str, str]:
+    """Queue names private to this test."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    return {
+        "REQUEST_QUEUE": f"{prefix}.create",
+        "BULK_QUEUE": f"{prefix}.create.bulk",
+        "RESULTS_QUEUE": f"{prefix}.results",
+        "DEAD_LETTER_QUEUE": f"{prefix}.dead",
+    }
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(amqp_url: str, fake_clerk: FakeClerk, queue_names: dict[str, str]) -> SettingsFactory:
+    """Settings for a worker of this test; keyword overrides by variable name."""
+
+    def make(**overrides: Any) -> Settings:
+        env = {
+            "AMQP_URL": amqp_url,
+            "CLERK_API_URL": fake_clerk.url,
+            "CLERK_SECRET_KEY": SECRET_KEY,
+            "HTTP_PORT": "0",
+            "HTTP_HOST": "127.0.0.1",
+            "RETRY_BASE_SECONDS": "0.01",
+            "RETRY_MAX_DELAY_SECONDS": "2",
+            "KEY_PROBE_MAX_INTERVAL_SECONDS": "0.2",
+            "SHUTDOWN_GRACE_SECONDS": "8",
+            "STARTUP_TIMEOUT_SECONDS": "10",
+            **queue_names,
+        }
+        env.update({k.upper(): str(v) for k, v in overrides.items()})
+        return load_settings(env)
+
+    return make
+
+
+WorkerFactory = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def start_worker(
+    make_settings: SettingsFactory,
+    amqp: AbstractRobustConnection,
+    queue_names: dict[str, str],
+) -> AsyncIterator[WorkerFactory]:
+    """Start in-process workers (settings overrides as keywords); stopped and cleaned after."""
+    workers: list[Worker] = []
+
+    async def start(**overrides: Any) -> Worker:
+        worker = Worker(make_settings(**overrides), name=f"test-worker-{len(workers)}")
+        workers.append(worker)
+        await worker.start()
+        return worker
+
+    yield start
+    for worker in workers:
+        await worker.shutdown()
+    cleanup = await amqp.channel()
+    for name in queue_names.values():
+        with contextlib.suppress(Exception):
+            await cleanup.queue_delete(name)
+    with contextlib.suppress(Exception):
+        await cleanup.close()
+
+
+@pytest.fixture
+async def worker(start_worker: WorkerFactory) -> Worker:
+    """One worker with the test defaults."""
+    return await start_worker()
+
+
+@pytest.fixture
+async def client(
+    amqp_url: str, queue_names: dict[str, str], request: pytest.FixtureRequest
+) -> AsyncIterator[TokenClient]:
+    """A client of this test's queues."""
+    async with TokenClient(
+        amqp_url,
+        request_queue=queue_names["REQUEST_QUEUE"],
+        bulk_queue=queue_names["BULK_QUEUE"],
+        name=f"client-{request.node.name}",
+    ) as token_client:
+        yield token_client
+
+
+async def get_message(
+    channel: AbstractChannel,
+    queue: str,
+    timeout: float = 10.0,  # noqa: ASYNC109
+) -> aio_pika.abc.AbstractIncomingMessage:
+    """Wait for one message on ``queue`` (declared passively) and return it, acknowledged."""
+    declared = await channel.declare_queue(queue, passive=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        message = await declared.get(no_ack=True, fail=False)
+        if message is not None:
+            return message
+        if time.monotonic() > deadline:
+            pytest.fail(f"no message on {queue} within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+async def queue_depth(channel: AbstractChannel, queue: str) -> int:
+    """Messages ready in ``queue``."""
+    declared = await channel.declare_queue(queue, passive=True)
+    return int(declared.declaration_result.message_count or 0)

@@ -1,0 +1,62 @@
+"""What cannot be answered: undecodable requests and refused replies."""
+
+from __future__ import annotations
+
+import aio_pika
+from aio_pika.abc import AbstractChannel
+
+from service.client import TokenClient
+from service.fake_clerk import FakeClerk
+from service.messages import Failed
+from service.worker import Worker
+from tests.conftest import get_message, wait_until
+
+
+async def test_undecodable_request_without_reply_to_is_dead_lettered(
+    worker: Worker,
+    channel: AbstractChannel,
+    queue_names: dict[str, str],
+) -> None:
+    """A body that is not an object and has no `reply_to` lands in DEAD_LETTER_QUEUE, with the reason."""
+    await channel.default_exchange.publish(
+        aio_pika.Message(b"\xff\x00garbage", message_id="bad-1"),
+        queue_names["REQUEST_QUEUE"],
+    )
+    message = await get_message(channel, queue_names["DEAD_LETTER_QUEUE"])
+    assert (message.body, message.message_id) == (b"\xff\x00garbage", "bad-1")
+    assert message.headers["x-dead-letter-reason"] == "undecodable"
+    assert message.headers["x-original-routing-key"] == queue_names["REQUEST_QUEUE"]
+
+
+async def test_undecodable_request_with_reply_to_is_answered(worker: Worker, client: TokenClient) -> None:
+    """A body that is not an object but has `reply_to` gets `invalid_request`."""
+    reply = (await (await client.send(b"[1, 2, 3]"))).decode()
+    assert isinstance(reply, Failed)
+    assert reply.error.code == "invalid_request"
+
+
+async def test_unsupported_content_type_is_answered_invalid_request(worker: Worker, client: TokenClient) -> None:
+    """A content type other than JSON or MessagePack is `invalid_request`, answered in JSON."""
+    received = await (await client.send(b"<user_id>u</user_id>", content_type="application/xml"))
+    reply = received.decode()
+    assert isinstance(reply, Failed)
+    assert "content_type" in reply.error.message
+
+
+async def test_token_for_a_missing_reply_queue_is_revoked_and_request_dead_lettered(
+    worker: Worker,
+    channel: AbstractChannel,
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+) -> None:
+    """A reply the broker returns as unroutable: its token is revoked, the request dead-lettered."""
+    await channel.default_exchange.publish(
+        aio_pika.Message(b'{"user_id": "user_gone"}', reply_to="no-such-queue", message_id="gone-1"),
+        queue_names["REQUEST_QUEUE"],
+    )
+    message = await get_message(channel, queue_names["DEAD_LETTER_QUEUE"])
+    assert message.headers["x-dead-letter-reason"] == "reply_refused"
+    assert message.body == b'{"user_id": "user_gone"}'
+    assert fake_clerk.stats.created == 1
+    await wait_until(lambda: fake_clerk.stats.revoked == set(fake_clerk.stats.tokens), what="revocation")
+    assert b"eyJ" not in message.body
