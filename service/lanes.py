@@ -46,7 +46,7 @@ class LaneGate:
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 self._release()  # the turn was handed over as we were cancelled: pass it on
-            else:
+            elif future in self._waiting[lane]:  # _release may already have skipped it
                 self._waiting[lane].remove(future)
             raise
 

@@ -109,3 +109,5 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     # The AMQP and HTTP libraries are chatty at INFO about reconnects we log ourselves.
     for name in ("aio_pika", "aiormq", "aiohttp.access"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # It logs every failed connect at ERROR, then raises to us; we log the outcome once.
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)

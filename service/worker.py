@@ -109,6 +109,8 @@ class Worker:
         await self.health.start()
         await self.clerk.start()
         self._connection = await broker.connect(self.settings, self.name)
+        self._connection.close_callbacks.add(self._on_connection_lost)
+        self._connection.reconnect_callbacks.add(self._on_reconnected)
         await broker.declare_topology(self._connection, self.settings)
         self._publisher = broker.ReplyPublisher(self._connection, self.settings.dead_letter_queue)
         await self._publisher.open()
@@ -116,6 +118,13 @@ class Worker:
         await self._consumers.open()
         await self._consumers.resume()
         log.info("worker_started", http_port=self.health.port, prefetch=self.settings.prefetch)
+
+    def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
+        if not self.stopping.is_set():
+            log.warning("broker_connection_lost", reason=type(exc).__name__ if exc else None)
+
+    def _on_reconnected(self, _: object) -> None:
+        log.info("broker_reconnected")
 
     def readiness(self) -> dict[str, bool]:
         """The checks behind /readyz."""
