@@ -1,0 +1,56 @@
+"""Settings from the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.config import load_settings
+from service.errors import ConfigError
+
+
+def test_defaults_are_the_contracts() -> None:
+    """With nothing set, the contract's defaults apply."""
+    settings = load_settings({})
+    assert (settings.amqp_url, settings.clerk_api_url) == (
+        "amqp://guest:guest@localhost:5672/",
+        "https://api.clerk.com/v1",
+    )
+    assert (settings.request_queue, settings.bulk_queue) == ("sign_in_tokens.create", "sign_in_tokens.create.bulk")
+    assert (settings.results_queue, settings.dead_letter_queue) == ("sign_in_tokens.results", "sign_in_tokens.dead")
+    assert (settings.http_port, settings.max_attempts, settings.shutdown_grace_seconds) == (8080, 5, 25.0)
+    assert (settings.startup_timeout_seconds, settings.idempotency_window_seconds) == (60.0, 600.0)
+    assert settings.max_expires_in_seconds == 2_592_000
+
+
+def test_key_file_is_read_and_never_printed(tmp_path: Path) -> None:
+    """CLERK_SECRET_KEY_FILE supplies the key; the settings' repr masks it."""
+    key_file = tmp_path / "key"
+    key_file.write_text("sk_test_fromfile\n")
+    settings = load_settings({"CLERK_SECRET_KEY_FILE": str(key_file)})
+    assert settings.secret_key() == "sk_test_fromfile"
+    assert "sk_test_fromfile" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"HTTP_PORT": "x"}, "HTTP_PORT: Expected `int`"),
+        ({"HTTP_PORT": "70000"}, "HTTP_PORT"),
+        ({"AMQP_URL": "localhost:5672"}, "AMQP_URL: not a valid URL"),
+        ({"CLERK_API_URL": "ftp://x"}, "CLERK_API_URL"),
+        ({"CLERK_SECRET_KEY": "sk test"}, "CLERK_SECRET_KEY"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ],
+)
+def test_bad_values_name_their_variable(env: dict[str, str], message: str) -> None:
+    """Each bad value is a ConfigError naming the variable."""
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env)
+
+
+def test_missing_key_is_reported_when_required() -> None:
+    """The worker's key check names both ways to give it."""
+    with pytest.raises(ConfigError, match="CLERK_SECRET_KEY or CLERK_SECRET_KEY_FILE"):
+        load_settings({}).secret_key()

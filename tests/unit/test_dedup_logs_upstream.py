@@ -1,0 +1,101 @@
+"""The idempotency store, the log scrubber, and Clerk's answers mapped to errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import structlog
+
+from service.dedup import IdempotencyStore, idempotency_key
+from service.errors import (
+    KeyRejectedError,
+    RateLimitedError,
+    UpstreamRejectedError,
+    UpstreamUnavailableError,
+    UserNotFoundError,
+)
+from service.fake_clerk import clerk_errors, make_jwt
+from service.logs import REDACTED, Scrubber
+from service.messages import Created, SignInToken
+from service.upstream import error_for
+
+TOKEN = SignInToken(
+    object="sign_in_token", id="sit_1", status="pending", user_id="u", token="t", created_at=1, updated_at=1
+)
+
+
+async def test_store_remembers_within_the_window_and_scopes_by_publisher() -> None:
+    """A remembered reply comes back for its key only; another publisher's key is different."""
+    store = IdempotencyStore(60, 10)
+    key = idempotency_key("alice", "m1")
+    store.remember(key, Created(sign_in_token=TOKEN))
+    async with store.claim(key) as remembered:
+        assert remembered == Created(sign_in_token=TOKEN)
+    async with store.claim(idempotency_key("bob", "m1")) as other:
+        assert other is None
+    assert idempotency_key("alice", None) is None
+
+
+async def test_store_serialises_claims_of_one_key() -> None:
+    """A second claim of a key waits until the first is released, then sees its reply."""
+    store = IdempotencyStore(60, 10)
+    key = idempotency_key(None, "m")
+    seen: list[object] = []
+
+    async def second() -> None:
+        async with store.claim(key) as remembered:
+            seen.append(remembered)
+
+    async with store.claim(key):
+        task = asyncio.create_task(second())
+        await asyncio.sleep(0)
+        assert not task.done()
+        store.remember(key, Created(sign_in_token=TOKEN))
+    await task
+    assert seen == [Created(sign_in_token=TOKEN)]
+    assert store._locks == {}
+
+
+def test_scrubber_redacts_tokens_keys_and_secret_fields() -> None:
+    """JWTs, sk_ keys, the configured key and token-named fields never survive a log event."""
+    jwt = make_jwt("user_1", "sit_1", 60)
+    scrub = Scrubber(["my-literal-key"])
+    event = scrub(
+        None,
+        "info",
+        {"event": f"got {jwt}", "error": "sk_live_abc123 rejected", "token": "x", "n": {"a": "my-literal-key"}},
+    )
+    assert event == {
+        "event": f"got {REDACTED}",
+        "error": f"{REDACTED} rejected",
+        "token": REDACTED,
+        "n": {"a": REDACTED},
+    }
+
+
+def test_scrubber_runs_on_configured_structlog_output(capsys: object) -> None:
+    """Through the configured processors, a token passed by mistake is printed redacted."""
+    from service.logs import configure_logging  # noqa: PLC0415
+
+    configure_logging("json", "info")
+    jwt = make_jwt("user_1", "sit_1", 60)
+    structlog.get_logger("t").info("oops", detail=jwt)
+    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    assert jwt not in err
+    assert REDACTED in err
+
+
+def test_clerk_answers_map_to_the_contracts_errors() -> None:
+    """404, 403/422, 429 (with Retry-After), 5xx and 401 each map to their error."""
+    body = msgspec.json.encode(clerk_errors("resource_not_found", "not found"))
+    not_found = error_for(404, body, None)
+    assert isinstance(not_found, UserNotFoundError)
+    assert (not_found.upstream_code, not_found.message) == ("resource_not_found", "not found")
+    assert not_found.clerk_trace_id
+    assert isinstance(error_for(422, body, None), UpstreamRejectedError)
+    limited = error_for(429, b"not json", "3")
+    assert isinstance(limited, RateLimitedError)
+    assert (limited.retry_after, limited.message) == (3.0, "Clerk answered HTTP 429")
+    assert isinstance(error_for(502, b"", None), UpstreamUnavailableError)
+    assert isinstance(error_for(401, b"", None), KeyRejectedError)
