@@ -18,6 +18,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 import msgspec
 import structlog
+import uvloop
 
 from service.broker import BrokerUnavailableError
 from service.config import FIELDS, Settings, env_name, load_settings
@@ -73,7 +74,8 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
         return await main(stop)
 
     try:
-        return asyncio.run(with_signals())
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(with_signals())
     except ConfigError as exc:
         fail(f"configuration error: {exc}", EXIT_CONFIG)
     except (BrokerUnavailableError, ServiceError) as exc:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
+import msgspec
 import structlog
 
 REDACTED = "[REDACTED]"
@@ -40,9 +41,12 @@ class Scrubber:
     def scrub_text(self, text: str) -> str:
         """Return ``text`` with every secret replaced."""
         for literal in self._literals:
-            text = text.replace(literal, REDACTED)
-        for pattern in _SECRET_PATTERNS:
-            text = pattern.sub(REDACTED, text)
+            if literal in text:
+                text = text.replace(literal, REDACTED)
+        # Substring checks first: the regexes run only on text that could match.
+        if "eyJ" in text or "sk_" in text:
+            for pattern in _SECRET_PATTERNS:
+                text = pattern.sub(REDACTED, text)
         return text
 
     def _scrub(self, value: object) -> object:
@@ -73,11 +77,18 @@ class Scrubber:
 SCRUBBER = Scrubber()
 
 
+def _json(obj: object, **_: object) -> str:
+    return _encoder.encode(obj).decode()
+
+
+_encoder = msgspec.json.Encoder(enc_hook=str)
+
+
 def _renderer(log_format: str) -> structlog.types.Processor:
     console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
     if console:
         return structlog.dev.ConsoleRenderer()
-    return structlog.processors.JSONRenderer()
+    return structlog.processors.JSONRenderer(serializer=_json)
 
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
@@ -90,16 +101,19 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         structlog.processors.format_exc_info,
         SCRUBBER,
     ]
+    renderer = _renderer(log_format)
+    # Our own events are rendered and written directly (no stdlib round trip: it
+    # is the hot path); the libraries' stdlib records get the same processors.
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        processors=[*shared, renderer],
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, _renderer(log_format)],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
             foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
         ),
     )

@@ -34,8 +34,8 @@ class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     """
 
 
-class _WireRequest(Strict, frozen=True):
-    """A request as sent, in either spelling; ``decode_request`` picks one."""
+class SignInTokenRequest(Strict, frozen=True):
+    """A request as it travels, in either spelling; ``decode_request`` checks one is used."""
 
     user_id: UserId | UnsetType = UNSET
     expires_in_seconds: ExpiresIn | UnsetType | None = UNSET
@@ -122,8 +122,8 @@ class UndecodableError(Exception):
     """The body is not a JSON or MessagePack object at all."""
 
 
-_json_request = msgspec.json.Decoder(_WireRequest)
-_msgpack_request = msgspec.msgpack.Decoder(_WireRequest)
+_json_request = msgspec.json.Decoder(SignInTokenRequest)
+_msgpack_request = msgspec.msgpack.Decoder(SignInTokenRequest)
 _json_any = msgspec.json.Decoder()
 _msgpack_any = msgspec.msgpack.Decoder()
 _json_reply_encoder = msgspec.json.Encoder()
@@ -162,7 +162,7 @@ def _pick(snake: Any, camel: Any) -> Any:  # noqa: ANN401 - either spelling's va
     return camel if snake is UNSET else snake
 
 
-def _one_spelling(wire: _WireRequest) -> CreateSignInTokenRequestBody:
+def _one_spelling(wire: SignInTokenRequest) -> CreateSignInTokenRequestBody:
     snake = (wire.user_id, wire.expires_in_seconds, wire.org_id)
     camel = (wire.user_id_camel, wire.expires_in_seconds_camel, wire.org_id_camel)
     if any(v is not UNSET for v in snake) and any(v is not UNSET for v in camel):

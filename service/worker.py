@@ -217,7 +217,7 @@ class Worker:
             try:
                 token = await self._create(request, deadline, lane)
             except RequestError as exc:
-                log.info("request_failed", code=exc.code, upstream_status=exc.upstream_status, attempts=exc.attempts)
+                structlog.contextvars.bind_contextvars(upstream_status=exc.upstream_status, attempts=exc.attempts)
                 reply: Reply = failed(exc)
                 if exc.final:
                     self.dedup.remember(key, reply)
@@ -251,7 +251,7 @@ class Worker:
             await self._sleep_unless_stopping(seconds)
 
         token, attempts = await self.retry.run(attempt, deadline=deadline, sleep=backoff)
-        log.info("token_created", sign_in_token_id=token.id, attempts=attempts)
+        structlog.contextvars.bind_contextvars(sign_in_token_id=token.id, attempts=attempts)
         return token
 
     async def _deliver(self, message: AbstractIncomingMessage, envelope: Envelope, reply: Reply, lane: Lane) -> None:

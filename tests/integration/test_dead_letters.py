@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import aio_pika
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from service.broker import declare_topology
 
 from service.client import TokenClient
 from service.fake_clerk import FakeClerk
 from service.messages import Failed
 from service.worker import Worker
-from tests.conftest import get_message, wait_until
+from tests.conftest import SettingsFactory, get_message, wait_until
 
 
 async def test_undecodable_request_without_reply_to_is_dead_lettered(
@@ -60,3 +62,27 @@ async def test_token_for_a_missing_reply_queue_is_revoked_and_request_dead_lette
     assert fake_clerk.stats.created == 1
     await wait_until(lambda: fake_clerk.stats.revoked == set(fake_clerk.stats.tokens), what="revocation")
     assert b"eyJ" not in message.body
+
+
+async def test_a_message_redelivered_past_the_delivery_limit_is_dead_lettered_by_the_broker(
+    make_settings: SettingsFactory,
+    amqp: AbstractRobustConnection,
+    channel: AbstractChannel,
+    queue_names: dict[str, str],
+) -> None:
+    """A message returned DELIVERY_LIMIT times (a poison loop) ends in DEAD_LETTER_QUEUE, not in a loop."""
+    settings = make_settings(delivery_limit=3)
+    await declare_topology(amqp, settings)
+    await channel.default_exchange.publish(aio_pika.Message(b'{"user_id": "user_poison"}'), settings.request_queue)
+    queue = await channel.declare_queue(settings.request_queue, passive=True)
+    deliveries = 0
+    while (message := await queue.get(no_ack=False, fail=False)) is not None or deliveries == 0:
+        if message is not None:
+            deliveries += 1
+            await message.nack(requeue=True)
+    dead = await get_message(channel, settings.dead_letter_queue)
+    assert dead.body == b'{"user_id": "user_poison"}'
+    assert deliveries == 4
+    assert dead.headers["x-death"][0]["reason"] == "delivery_limit"
+    for name in queue_names.values():
+        await channel.queue_delete(name)
