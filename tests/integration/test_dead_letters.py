@@ -6,7 +6,6 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from service.broker import declare_topology
-
 from service.client import TokenClient
 from service.fake_clerk import FakeClerk
 from service.messages import Failed
