@@ -135,13 +135,15 @@ async def run_demo(options: dict[str, Any], *, count: int, user_id: str | None, 
         settings: Settings = load_settings(environ)
         configure_logging("console", settings.log_level)
         SCRUBBER.add_secret(settings.secret_key())
+        # The client is closed after the worker has stopped (the stack unwinds in
+        # reverse), so no reply in flight finds its queue gone.
+        client = TokenClient(settings.amqp_url, request_queue=settings.request_queue, name="demo-client")
+        await client.connect()
+        stack.push_async_callback(client.close)
         worker = Worker(settings, name="demo-worker")
         stack.push_async_callback(worker.shutdown)
         await worker.start()
         say(f"worker consuming {settings.request_queue!r}; /metrics on port {worker.health.port}")
-        client = TokenClient(settings.amqp_url, request_queue=settings.request_queue, name="demo-client")
-        await client.connect()
-        stack.push_async_callback(client.close)
         say(f"sending {count} requests…")
         started = time.monotonic()
         results = await _send_all(client, _user_ids(count, None if fake else user_id), stop)
