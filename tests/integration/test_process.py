@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -150,6 +151,10 @@ async def test_worker_stopped_mid_flight_loses_no_request(
     logs = all_logs(tmp_path)
     assert ("worker_stopped" in logs) == (sig == signal.SIGTERM)
     assert "Traceback" not in logs
+    events = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    replied = [e for e in events if e["event"] == "replied"]
+    assert replied
+    assert {"correlation_id", "message_id", "user_id", "lane", "attempts", "outcome"} <= set(replied[0])
     for token in fake_clerk.stats.tokens.values():
         assert token["token"] not in logs
     assert SECRET_KEY not in logs
