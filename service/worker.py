@@ -168,10 +168,17 @@ class Worker:
             await self._hold_for_key(message, lane)
         except ShutdownRequestedError:
             await self._return(message)
+        except Exception as exc:  # noqa: BLE001 - a defect must not leave the request stuck
+            await self._return_after_defect(message, exc)
         finally:
             self.metrics.in_flight.labels(lane.value).dec()
             if task is not None:
                 self._tasks.discard(task)
+
+    async def _return_after_defect(self, message: AbstractIncomingMessage, exc: Exception) -> None:
+        """Return the request; its queue's delivery limit ends a loop in DEAD_LETTER_QUEUE."""
+        log.error("unexpected_error", error=exc, exc_info=exc)
+        await self._return(message)
 
     async def handle(self, message: AbstractIncomingMessage, lane: Lane) -> None:
         """Answer one request, or dead-letter it; raise KeyRejectedError on a 401."""
@@ -378,6 +385,11 @@ class Worker:
                         # takes the channel, return it; the next request probes.
                         await self._return(message)
                         break
+                except ShutdownRequestedError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the probe must end, and consumption resume
+                    await self._return_after_defect(message, exc)
+                    break
         except ShutdownRequestedError:
             await self._return(message)
             return

@@ -10,6 +10,7 @@ import pytest
 
 from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker
+from service.worker import Worker
 from tests.conftest import SettingsFactory, wait_until
 
 pytestmark = pytest.mark.slow
@@ -29,8 +30,6 @@ async def test_worker_recovers_from_a_broker_restart_by_itself(
     queue_names: dict[str, str],
 ) -> None:
     """Requests in flight across a restart are all answered, and the worker consumes again without a restart."""
-    from service.worker import Worker  # noqa: PLC0415
-
     fake_clerk.latency_seconds = 0.02
     worker = Worker(make_settings(amqp_url=node.url, upstream_concurrency=2), name="restart-worker")
     await worker.start()

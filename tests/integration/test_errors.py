@@ -10,6 +10,7 @@ from aio_pika.abc import AbstractChannel
 
 from service.client import TokenClient
 from service.fake_clerk import FakeClerk
+from service.local_broker import free_port
 from service.messages import ErrorDetail, Failed
 from service.worker import Worker
 from tests.conftest import WorkerFactory, get_message
@@ -183,8 +184,6 @@ async def test_dropped_connections_are_upstream_unavailable(
 
 async def test_unreachable_clerk_is_upstream_unavailable(start_worker: WorkerFactory, client: TokenClient) -> None:
     """Nothing listening at CLERK_API_URL: `upstream_unavailable` after the retries."""
-    from service.local_broker import free_port  # noqa: PLC0415
-
     await start_worker(max_attempts=2, clerk_api_url=f"http://127.0.0.1:{free_port()}/v1")
     error = await error_of(client, b'{"user_id": "user_x"}')
     assert (error.code, error.attempts) == ("upstream_unavailable", 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import aio_pika
 import msgspec
 from aio_pika.abc import AbstractChannel
 
@@ -79,8 +80,6 @@ async def test_reply_without_reply_to_goes_to_results_queue(
     queue_names: dict[str, str],
 ) -> None:
     """No `reply_to`: the reply goes to RESULTS_QUEUE, with the message_id as correlation_id."""
-    import aio_pika  # noqa: PLC0415
-
     await channel.default_exchange.publish(
         aio_pika.Message(b'{"user_id": "user_res"}', message_id="no-reply-to-1"),
         queue_names["REQUEST_QUEUE"],
