@@ -140,6 +140,7 @@ async def test_worker_stopped_mid_flight_loses_no_request(
     await wait_ready(port)
     await publish_many(channel, queue_names["REQUEST_QUEUE"], reply_queue, 200)
     await wait_until(lambda: len(seen) >= 4, what="the first replies")
+    await wait_until(lambda: '"replied"' in all_logs(tmp_path), what="the first replies in the worker's log")
     signalled = time.monotonic()
     process.send_signal(sig)
     exit_code = await asyncio.to_thread(process.wait, 15)
