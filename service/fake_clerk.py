@@ -24,6 +24,7 @@ import random
 import secrets
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +103,8 @@ class FakeClerk:
         self.rate_limit = rate_limit
         self.rate_window_seconds = rate_window_seconds
         self.faults: deque[Fault] = deque()
+        # Awaited with each create's body before it is answered: a fault hook for tests.
+        self.on_create: Callable[[dict[str, Any]], Awaitable[None]] | None = None
         self.stats = FakeClerkStats()
         self._random = random.Random(seed)  # noqa: S311 - fault injection, not crypto
         self._windows: dict[str, tuple[float, int]] = {}
@@ -205,6 +208,8 @@ class FakeClerk:
         invalid = _invalid_params(params)
         if invalid is not None:
             return self._reply(422, invalid)
+        if self.on_create is not None:
+            await self.on_create(params)
         user_id: str = params["user_id"]
         if not user_id.startswith(_USER_PREFIX):
             return self._reply(404, clerk_errors("resource_not_found", "not found", f"User {user_id} not found"))

@@ -13,8 +13,9 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import pytest
@@ -26,7 +27,15 @@ from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker
 from service.worker import Worker
 
+if TYPE_CHECKING:
+    from tests.workers import WorkerProcesses
+
 SECRET_KEY = "sk_test_" + "k" * 32
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--long``: the fault suite's bigger numbers (documented; CI runs the short mode)."""
+    parser.addoption("--long", action="store_true", default=False, help="run faults with their long figures")
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:  # noqa: ASYNC109
@@ -180,3 +189,18 @@ async def queue_depth(channel: AbstractChannel, queue: str) -> int:
     """Messages ready in ``queue``."""
     declared = await channel.declare_queue(queue, passive=True)
     return int(declared.declaration_result.message_count or 0)
+
+
+@pytest.fixture
+def worker_processes(
+    tmp_path: Path,
+    amqp_url: str,
+    fake_clerk: FakeClerk,
+    queue_names: dict[str, str],
+) -> Iterator[WorkerProcesses]:
+    """Worker processes of this test (broker, fake Clerk, queues as the in-process workers')."""
+    from tests.workers import WorkerProcesses, worker_env  # noqa: PLC0415 - tests.workers imports this module
+
+    pool = WorkerProcesses(tmp_path, worker_env(amqp_url, fake_clerk.url, queue_names))
+    yield pool
+    pool.kill_all()
