@@ -38,6 +38,8 @@ log = structlog.get_logger(__name__)
 
 PUBLISH_TIMEOUT_SECONDS: Final = 30.0
 _CONNECT_TIMEOUT_SECONDS: Final = 10.0
+# aio-pika's default is 5 s; a lost broker is retried each second so consumption resumes sooner.
+_RECONNECT_INTERVAL_SECONDS: Final = 1.0
 # Everything a failed connection or channel can raise while we publish or ack.
 CHANNEL_FAILURES: Final = (AMQPError, ChannelInvalidStateError, ConnectionError, OSError, asyncio.TimeoutError)
 
@@ -70,6 +72,7 @@ async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
                 settings.amqp_url,
                 client_properties={"connection_name": name},
                 timeout=_CONNECT_TIMEOUT_SECONDS,
+                reconnect_interval=_RECONNECT_INTERVAL_SECONDS,
             )
         except (*CHANNEL_FAILURES, RuntimeError) as exc:
             reason = type(exc).__name__

@@ -44,7 +44,7 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what:
     while not condition():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # wait-ok: the poll interval of a condition wait
 
 
 @pytest.fixture(scope="session")
@@ -182,7 +182,7 @@ async def get_message(
             return message
         if time.monotonic() > deadline:
             pytest.fail(f"no message on {queue} within {timeout} s")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # wait-ok: the poll interval of a condition wait
 
 
 async def queue_depth(channel: AbstractChannel, queue: str) -> int:

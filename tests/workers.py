@@ -121,7 +121,7 @@ async def wait_ready(port: int, timeout: float = 30.0) -> None:  # noqa: ASYNC10
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"worker on port {port} did not become ready")
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # wait-ok: the poll interval of a condition wait
 
 
 @dataclass

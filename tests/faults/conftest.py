@@ -18,7 +18,7 @@ FIGURES: list[dict[str, Any]] = []
 class Figures:
     """Where a fault test records what it measured."""
 
-    def __init__(self, long: bool) -> None:
+    def __init__(self, *, long: bool) -> None:
         self.long = long
 
     def scale(self, short: int, long: int) -> int:
@@ -38,7 +38,7 @@ class Figures:
 @pytest.fixture
 def figures(request: pytest.FixtureRequest) -> Figures:
     """The recorder, in the mode the command line chose."""
-    return Figures(bool(request.config.getoption("--long")))
+    return Figures(long=bool(request.config.getoption("--long")))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

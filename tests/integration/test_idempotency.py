@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aio_pika
 import msgspec
 from aio_pika.abc import AbstractChannel
@@ -75,4 +73,3 @@ async def test_key_is_scoped_to_the_publisher(
     tokens = {b["sign_in_token"]["id"] for b in bodies}
     assert len(tokens) == 2
     assert fake_clerk.stats.create_calls == 2
-    await asyncio.sleep(0)

@@ -49,7 +49,7 @@ async def test_store_serialises_claims_of_one_key() -> None:
 
     async with store.claim(key):
         task = asyncio.create_task(second())
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # wait-ok: yield so the other tasks reach their await
         assert not task.done()
         store.remember(key, Created(sign_in_token=TOKEN))
     await task

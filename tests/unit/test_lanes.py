@@ -20,11 +20,11 @@ async def test_interactive_waiter_is_served_before_earlier_bulk_waiters() -> Non
                 await hold.wait()
 
     first = asyncio.create_task(take(Lane.BULK, "bulk-0", release))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # wait-ok: yield so the other tasks reach their await
     waiters = [asyncio.create_task(take(Lane.BULK, f"bulk-{i}")) for i in (1, 2)]
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # wait-ok: yield so the other tasks reach their await
     waiters.append(asyncio.create_task(take(Lane.INTERACTIVE, "interactive")))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # wait-ok: yield so the other tasks reach their await
     release.set()
     await asyncio.gather(first, *waiters)
     assert order == ["bulk-0", "interactive", "bulk-1", "bulk-2"]
@@ -40,9 +40,9 @@ async def test_cancelled_waiters_do_not_lose_or_leak_slots() -> None:
             await holder_done.wait()
 
     holder = asyncio.create_task(hold())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # wait-ok: yield so the other tasks reach their await
     waiters = [asyncio.create_task(hold()) for _ in range(3)]
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # wait-ok: yield so the other tasks reach their await
     for task in waiters:
         task.cancel()
     holder_done.set()

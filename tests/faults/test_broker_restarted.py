@@ -1,0 +1,84 @@
+"""Fault 2: the broker restarted (same data directory) with requests in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+import pytest
+
+from service.fake_clerk import FakeClerk
+from service.local_broker import LocalBroker
+from tests.conftest import wait_until
+from tests.faults.conftest import Figures
+from tests.workers import WorkerProcesses, count_replies, publish_requests, worker_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[LocalBroker]:
+    """A broker of this test's own, to restart."""
+    async with LocalBroker() as broker:
+        yield broker
+
+
+async def ready(port: int) -> bool:
+    """Whether the worker's /readyz says 200."""
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as response:
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def test_broker_restart_loses_nothing_and_the_worker_resumes_by_itself(
+    node: LocalBroker,
+    fake_clerk: FakeClerk,
+    queue_names: dict[str, str],
+    tmp_path: Path,
+    figures: Figures,
+) -> None:
+    """Stop and start the node mid-drain: all answered, the same worker process consumes again."""
+    sent = figures.scale(2_000, 10_000)
+    fake_clerk.latency_seconds = 0.02
+    pool = WorkerProcesses(tmp_path, worker_env(node.url, fake_clerk.url, queue_names, UPSTREAM_CONCURRENCY="8"))
+    try:
+        connection = await aio_pika.connect_robust(node.url, client_properties={"connection_name": "fault-2"})
+        channel = await connection.channel()
+        replies, reply_queue = await count_replies(channel, "fault2.replies")
+        worker = await pool.start()
+        await publish_requests(channel, queue_names["REQUEST_QUEUE"], reply_queue.name, sent)
+        await wait_until(lambda: replies.answered >= sent // 10, what="the drain to be under way")
+        await node.stop_async()
+        answered_at_stop = replies.answered
+        restarted = time.monotonic()
+        await node.start()
+        node_up = time.monotonic()
+        resumed_after: float | None = None
+        while resumed_after is None and time.monotonic() - node_up < 60:
+            if await ready(worker.port):
+                resumed_after = time.monotonic() - node_up
+            await asyncio.sleep(0.1)  # wait-ok: the poll interval of a measured wait
+        await wait_until(lambda: replies.answered == sent, timeout=120, what="every request answered")
+        figures.record(
+            "broker restarted",
+            sent=sent,
+            in_flight_at_stop=sent - answered_at_stop,
+            answered=replies.answered,
+            lost=sent - replies.answered,
+            duplicate_replies=replies.duplicates,
+            node_boot_s=round(node_up - restarted, 1),
+            consuming_again_after_node_up_s=round(resumed_after or -1, 1),
+            worker_restarted=not worker.alive(),
+        )
+        assert worker.alive()
+        assert resumed_after is not None
+        assert answered_at_stop < sent, "the drain ended before the restart: the test proves nothing"
+        await connection.close()
+    finally:
+        pool.kill_all()
