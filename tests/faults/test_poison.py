@@ -1,0 +1,67 @@
+"""Fault 6: a request that kills every worker that takes it ends in DEAD_LETTER_QUEUE."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel
+
+from service.fake_clerk import FakeClerk
+from tests.conftest import get_message, wait_until
+from tests.faults.conftest import Figures
+from tests.workers import WorkerProcesses, count_replies, publish_requests
+
+pytestmark = pytest.mark.slow
+DELIVERY_LIMIT = 4
+
+
+async def test_poison_request_is_dead_lettered_after_the_delivery_limit(
+    worker_processes: WorkerProcesses,
+    fake_clerk: FakeClerk,
+    channel: AbstractChannel,
+    queue_names: dict[str, str],
+    figures: Figures,
+) -> None:
+    """Each delivery of the poison request crashes its worker; after DELIVERY_LIMIT the broker gives up on it."""
+    poisoned = asyncio.Event()
+    release = asyncio.Event()
+
+    async def poison_hook(params: dict[str, Any]) -> None:
+        if params.get("user_id") == "user_poison":
+            poisoned.set()
+            await release.wait()  # hold the call until the worker is killed (released at the end)
+
+    fake_clerk.on_create = poison_hook
+    replies, reply_queue = await count_replies(channel, f"{queue_names['REQUEST_QUEUE']}.replies")
+    worker = await worker_processes.start(DELIVERY_LIMIT=str(DELIVERY_LIMIT))
+    await channel.default_exchange.publish(
+        aio_pika.Message(b'{"user_id": "user_poison"}', message_id="poison", reply_to=reply_queue.name),
+        queue_names["REQUEST_QUEUE"],
+    )
+    await publish_requests(channel, queue_names["REQUEST_QUEUE"], reply_queue.name, 100)
+    for _ in range(DELIVERY_LIMIT + 1):
+        await asyncio.wait_for(poisoned.wait(), 30)
+        poisoned.clear()
+        await worker_processes.stop(worker, signal.SIGKILL)
+        worker = await worker_processes.start(DELIVERY_LIMIT=str(DELIVERY_LIMIT))
+    crashes = DELIVERY_LIMIT + 1
+    message = await get_message(channel, queue_names["DEAD_LETTER_QUEUE"])
+    await wait_until(lambda: replies.answered == 100, timeout=60, what="the other requests answered")
+    figures.record(
+        "poison loop",
+        delivery_limit=DELIVERY_LIMIT,
+        worker_crashes=crashes,
+        dead_lettered=message.message_id == "poison",
+        reason=message.headers["x-death"][0]["reason"],
+        others_answered=replies.answered,
+        poison_replies=replies.per_request["poison"],
+    )
+    release.set()
+    assert message.message_id == "poison"
+    assert message.headers["x-death"][0]["reason"] == "delivery_limit"
+    assert not poisoned.is_set(), "the poison request was delivered again after the limit"
+    assert replies.per_request["poison"] == 0
