@@ -131,6 +131,7 @@ class Replies:
     queue: str
     per_request: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
+    max_attempts: int = 0
 
     @property
     def answered(self) -> int:
@@ -148,7 +149,9 @@ class Replies:
         headers = message.headers or {}
         outcome = str(headers.get("x-outcome"))
         if outcome == "failed":
-            outcome = json.loads(message.body)["error"]["code"]
+            error = json.loads(message.body)["error"]
+            outcome = error["code"]
+            self.max_attempts = max(self.max_attempts, error["attempts"])
         self.outcomes[outcome] += 1
 
 
