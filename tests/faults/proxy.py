@@ -18,6 +18,7 @@ class FaultyProxy:
         self.latency = 0.0
         self.reset_after_bytes: int | None = None  # downstream bytes per connection before a reset
         self._stalled: set[asyncio.StreamWriter] = set()
+        self._released = asyncio.Event()
         self._connections: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._server: asyncio.Server | None = None
         self.resets = 0
@@ -38,10 +39,12 @@ class FaultyProxy:
     def stall(self) -> None:
         """Stop moving bytes on every open connection, leaving them open (half-open peers)."""
         self._stalled = {w for pair in self._connections for w in pair}
+        self._released.clear()
 
     def unstall(self) -> None:
         """Move bytes again; connections opened since were never stalled."""
         self._stalled = set()
+        self._released.set()
 
     def reset_all(self) -> None:
         """Reset (RST) every open connection."""
@@ -85,8 +88,8 @@ class FaultyProxy:
     ) -> None:
         sent = 0
         while data := await reader.read(65_536):
-            while writer in self._stalled:
-                await asyncio.sleep(0.05)  # wait-ok: a stalled link polls for its release
+            if writer in self._stalled:
+                await self._released.wait()
             if self.latency:
                 await asyncio.sleep(self.latency)  # wait-ok: the latency is the fault
             if downstream and self.reset_after_bytes is not None and sent + len(data) > self.reset_after_bytes:
