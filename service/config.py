@@ -74,8 +74,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     retry_base_seconds: PositiveFloat = 0.5
     retry_max_delay_seconds: PositiveFloat = 30.0
     delivery_limit: Annotated[int, Meta(ge=1)] = 10
-    key_probe_max_interval_seconds: PositiveFloat = 30.0
+    probe_max_interval_seconds: PositiveFloat = 30.0
     key_probe_hold_seconds: PositiveFloat = 900.0
+    outage_failure_threshold: PositiveInt = 10
+    outage_hold_seconds: PositiveFloat = 300.0
     max_body_bytes: PositiveInt = 65_536
     allowed_publishers: str = ""
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -143,6 +143,11 @@ class ClerkClient:
             msg = "Clerk answered 200 with a body that is not a SignInToken"
             raise UpstreamUnavailableError(msg, upstream_status=status) from None
 
+    async def probe(self) -> bool:
+        """Whether Clerk answers at all: a create it must refuse (422), so no token is made."""
+        status, _, _ = await self._post("/sign_in_tokens", b"{}", None)
+        return status < 500
+
     async def revoke(self, token_id: str) -> None:
         """Revoke a pending token; raise the error Clerk's answer means."""
         status, body, retry_after = await self._post(f"/sign_in_tokens/{token_id}/revoke", b"", None)

@@ -22,6 +22,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from service import broker
+from service.breaker import UpstreamBreaker
 from service.config import Settings
 from service.dedup import IdempotencyKey, IdempotencyStore
 from service.envelope import Envelope
@@ -31,6 +32,7 @@ from service.errors import (
     KeyRejectedError,
     RequestError,
     ServiceError,
+    UpstreamUnavailableError,
 )
 from service.health import HealthServer, Metrics
 from service.lanes import Lane, LaneGate
@@ -94,6 +96,15 @@ class Worker:
         self.gate = LaneGate(settings.upstream_concurrency)
         self.retry = RetryPolicy(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_delay_seconds)
         self.health = HealthServer(self.metrics, self.readiness, settings.http_host, settings.http_port)
+        self.breaker = UpstreamBreaker(
+            threshold=settings.outage_failure_threshold,
+            hold_seconds=settings.outage_hold_seconds,
+            probe_max_interval_seconds=settings.probe_max_interval_seconds,
+            probe=self.clerk.probe,
+            on_open=lambda: self._pause("upstream_unavailable"),
+            on_close=lambda: self._resume("upstream_unavailable"),
+        )
+        self._paused: set[str] = set()
         self.stopping = asyncio.Event()
         self.key_ok = True
         self._connection: AbstractRobustConnection | None = None
@@ -133,6 +144,7 @@ class Worker:
             "connected": connection is not None and connection.connected.is_set(),
             "consuming": self._consumers is not None and self._consumers.consuming,
             "key_ok": self.key_ok,
+            "upstream_available": not self.breaker.is_open,
         }
 
     async def shutdown(self) -> None:
@@ -147,6 +159,7 @@ class Worker:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        await self.breaker.close()
         if self._connection is not None:
             # Whatever is still unacknowledged returns to its queue.
             with contextlib.suppress(*broker.CHANNEL_FAILURES):
@@ -240,12 +253,12 @@ class Worker:
             raise DeadlineExceededError(msg)
 
         async def attempt() -> SignInToken:
+            await self.breaker.wait_closed(deadline)
             async with self.gate.turn(lane):
                 if deadline is not None and time.time() >= deadline:
                     msg = "x-deadline passed while the request waited for its turn"
                     raise DeadlineExceededError(msg)
-                with self.metrics.upstream_latency.labels("create").time():
-                    token = await self.clerk.create(request, deadline)
+                token = await self._call_clerk(request, deadline)
             if deadline is not None and time.time() > deadline:
                 await self._revoke(token)
                 msg = "Clerk answered after x-deadline; the token was revoked"
@@ -259,6 +272,20 @@ class Worker:
 
         token, attempts = await self.retry.run(attempt, deadline=deadline, sleep=backoff)
         structlog.contextvars.bind_contextvars(sign_in_token_id=token.id, attempts=attempts)
+        return token
+
+    async def _call_clerk(self, request: CreateSignInTokenRequestBody, deadline: float | None) -> SignInToken:
+        """One create at Clerk, its latency measured and its answer told to the breaker."""
+        try:
+            with self.metrics.upstream_latency.labels("create").time():
+                token = await self.clerk.create(request, deadline)
+        except UpstreamUnavailableError:
+            self.breaker.record_unavailable()
+            raise
+        except RequestError:
+            self.breaker.record_success()  # Clerk answered, if only to refuse
+            raise
+        self.breaker.record_success()
         return token
 
     async def _deliver(self, message: AbstractIncomingMessage, envelope: Envelope, reply: Reply, lane: Lane) -> None:
@@ -363,8 +390,7 @@ class Worker:
         # Registered before any await, so concurrent 401s see there is a probe.
         self._probe = asyncio.create_task(self._probe_key(message, lane))
         log.error("secret_key_rejected", action="pausing consumption; holding one request as a probe")
-        if self._consumers is not None:
-            await self._consumers.pause()
+        await self._pause("key_rejected")
 
     async def _probe_key(self, message: AbstractIncomingMessage, lane: Lane) -> None:
         """Retry the held request with backoff until Clerk accepts the key again."""
@@ -379,7 +405,7 @@ class Worker:
                     answered = True
                 except KeyRejectedError:
                     self.metrics.key_rejected.inc()
-                    delay = min(delay * 2, self.settings.key_probe_max_interval_seconds)
+                    delay = min(delay * 2, self.settings.probe_max_interval_seconds)
                     if time.monotonic() - held_since > self.settings.key_probe_hold_seconds:
                         # Held long enough: before the broker's consumer timeout
                         # takes the channel, return it; the next request probes.
@@ -398,7 +424,20 @@ class Worker:
         self.key_ok = answered
         if answered:
             log.info("secret_key_accepted", action="resuming consumption")
-        if self._consumers is not None and not self.stopping.is_set():
+        await self._resume("key_rejected")
+
+    # -- pauses --------------------------------------------------------------
+
+    async def _pause(self, reason: str) -> None:
+        """Stop taking requests for ``reason`` (a rejected key, Clerk unavailable)."""
+        self._paused.add(reason)
+        if self._consumers is not None:
+            await self._consumers.pause()
+
+    async def _resume(self, reason: str) -> None:
+        """Take requests again once no reason to pause remains."""
+        self._paused.discard(reason)
+        if not self._paused and self._consumers is not None and not self.stopping.is_set():
             await self._consumers.resume()
 
 

@@ -108,7 +108,7 @@ def make_settings(amqp_url: str, fake_clerk: FakeClerk, queue_names: dict[str, s
             "HTTP_HOST": "127.0.0.1",
             "RETRY_BASE_SECONDS": "0.01",
             "RETRY_MAX_DELAY_SECONDS": "2",
-            "KEY_PROBE_MAX_INTERVAL_SECONDS": "0.2",
+            "PROBE_MAX_INTERVAL_SECONDS": "0.2",
             "SHUTDOWN_GRACE_SECONDS": "8",
             "STARTUP_TIMEOUT_SECONDS": "10",
             **queue_names,
@@ -186,9 +186,14 @@ async def get_message(
 
 
 async def queue_depth(channel: AbstractChannel, queue: str) -> int:
-    """Messages ready in ``queue``."""
-    declared = await channel.declare_queue(queue, passive=True)
-    return int(declared.declaration_result.message_count or 0)
+    """Messages ready in ``queue``, asked of the broker now.
+
+    Through the underlying channel: a robust channel's ``declare_queue`` hands back the
+    queue object it declared first, with that first declaration's count.
+    """
+    underlay = await channel.get_underlay_channel()
+    declared = await underlay.queue_declare(queue, passive=True)
+    return int(declared.message_count or 0)
 
 
 @pytest.fixture

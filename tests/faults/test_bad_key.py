@@ -30,7 +30,7 @@ async def test_rejected_key_sends_no_reply_and_every_request_is_answered_after(
     """10,000 queued requests and a rejected key: no reply while it is bad, all answered once it works."""
     sent = figures.scale(10_000, 50_000)
     replies, reply_queue = await count_replies(channel, f"{queue_names['REQUEST_QUEUE']}.replies")
-    worker = await worker_processes.start(KEY_PROBE_MAX_INTERVAL_SECONDS="1")
+    worker = await worker_processes.start(PROBE_MAX_INTERVAL_SECONDS="1")
     fake_clerk.accepted_keys = {"sk_test_rotated"}
     await publish_requests(channel, queue_names["REQUEST_QUEUE"], reply_queue.name, sent)
     await wait_until(lambda: fake_clerk.stats.create_calls > 0, what="the first 401")
