@@ -108,20 +108,22 @@ def worker_env(amqp_url: str, clerk_url: str, queue_names: dict[str, str], **ext
     }
 
 
+async def readyz(port: int) -> int | None:
+    """The status of /readyz on ``port``, or None when nothing answers."""
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as response:
+            return response.status
+    except aiohttp.ClientError:
+        return None
+
+
 async def wait_ready(port: int, timeout: float = 30.0) -> None:  # noqa: ASYNC109
     """Wait until the worker on ``port`` answers /readyz with 200."""
     deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while True:
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"worker on port {port} did not become ready")
-            await asyncio.sleep(0.1)  # wait-ok: the poll interval of a condition wait
+    while await readyz(port) != 200:
+        if time.monotonic() > deadline:
+            pytest.fail(f"worker on port {port} did not become ready")
+        await asyncio.sleep(0.1)  # wait-ok: the poll interval of a condition wait
 
 
 @dataclass

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import aiohttp
 import pytest
 from aio_pika.abc import AbstractChannel
 
 from service.fake_clerk import FakeClerk
 from tests.conftest import SECRET_KEY, wait_until
 from tests.faults.conftest import Figures
-from tests.workers import WorkerProcesses, count_replies, publish_requests
+from tests.workers import WorkerProcesses, count_replies, publish_requests, readyz
 
 pytestmark = pytest.mark.slow
-
-
-async def readyz(port: int) -> int:
-    """The worker's /readyz status."""
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as response:
-        return response.status
 
 
 async def test_rejected_key_sends_no_reply_and_every_request_is_answered_after(

@@ -8,14 +8,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
-import aiohttp
 import pytest
 
 from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker
 from tests.conftest import wait_until
 from tests.faults.conftest import Figures
-from tests.workers import WorkerProcesses, count_replies, publish_requests, worker_env
+from tests.workers import WorkerProcesses, count_replies, publish_requests, readyz, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +24,6 @@ async def node() -> AsyncIterator[LocalBroker]:
     """A broker of this test's own, to restart."""
     async with LocalBroker() as broker:
         yield broker
-
-
-async def ready(port: int) -> bool:
-    """Whether the worker's /readyz says 200."""
-    try:
-        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as response:
-            return response.status == 200
-    except aiohttp.ClientError:
-        return False
 
 
 async def test_broker_restart_loses_nothing_and_the_worker_resumes_by_itself(
@@ -61,7 +51,7 @@ async def test_broker_restart_loses_nothing_and_the_worker_resumes_by_itself(
         node_up = time.monotonic()
         resumed_after: float | None = None
         while resumed_after is None and time.monotonic() - node_up < 60:
-            if await ready(worker.port):
+            if await readyz(worker.port) == 200:
                 resumed_after = time.monotonic() - node_up
             await asyncio.sleep(0.1)  # wait-ok: the poll interval of a measured wait
         await wait_until(lambda: replies.answered == sent, timeout=120, what="every request answered")

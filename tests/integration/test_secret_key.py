@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import aiohttp
-
 from service.client import TokenClient
 from service.fake_clerk import FakeClerk
 from service.messages import Created
 from service.worker import Worker
 from tests.conftest import SECRET_KEY, wait_until
-
-
-async def readyz(worker: Worker) -> int:
-    """The status of the worker's /readyz."""
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{worker.health.port}/readyz") as response:
-        return response.status
+from tests.workers import readyz
 
 
 async def test_bad_key_pauses_without_replies_and_resumes_when_it_works(
@@ -23,11 +16,11 @@ async def test_bad_key_pauses_without_replies_and_resumes_when_it_works(
     fake_clerk: FakeClerk,
 ) -> None:
     """Requests sent while the key is rejected wait, unanswered; all are answered once it works."""
-    assert await readyz(worker) == 200
+    assert await readyz(worker.health.port) == 200
     fake_clerk.accepted_keys = {"sk_test_other"}
     futures = [await client.send(b'{"user_id": "user_k%d"}' % i) for i in range(5)]
     await wait_until(lambda: not worker.key_ok, what="the worker to notice the bad key")
-    assert await readyz(worker) == 503
+    assert await readyz(worker.health.port) == 503
     await wait_until(lambda: not worker.readiness()["consuming"], what="consumption to pause")
     probes_before = fake_clerk.stats.create_calls
     await wait_until(lambda: fake_clerk.stats.create_calls > probes_before, what="a probe")
@@ -36,4 +29,4 @@ async def test_bad_key_pauses_without_replies_and_resumes_when_it_works(
     replies = [(await f).decode() for f in futures]
     assert all(isinstance(r, Created) for r in replies)
     await wait_until(lambda: all(worker.readiness().values()), what="ready")
-    assert await readyz(worker) == 200
+    assert await readyz(worker.health.port) == 200
