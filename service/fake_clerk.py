@@ -61,6 +61,11 @@ class FakeClerkStats:
         """Tokens created."""
         return len(self.tokens)
 
+    @property
+    def duplicated(self) -> int:
+        """Tokens created beyond the first for a user (each test request names its own user)."""
+        return sum(n - 1 for n in self.created_per_user.values())
+
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()

@@ -58,6 +58,13 @@ async def amqp_url() -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def node() -> AsyncIterator[LocalBroker]:
+    """A private broker of this test's own, to stop and restart."""
+    async with LocalBroker() as broker:
+        yield broker
+
+
+@pytest.fixture
 async def amqp(amqp_url: str, request: pytest.FixtureRequest) -> AsyncIterator[AbstractRobustConnection]:
     """A connection for the test itself, named after the test."""
     connection = await aio_pika.connect_robust(amqp_url, client_properties={"connection_name": request.node.name})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
@@ -17,13 +16,6 @@ from tests.faults.conftest import Figures
 from tests.workers import WorkerProcesses, count_replies, publish_requests, readyz, worker_env
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def node() -> AsyncIterator[LocalBroker]:
-    """A broker of this test's own, to restart."""
-    async with LocalBroker() as broker:
-        yield broker
 
 
 async def test_broker_restart_loses_nothing_and_the_worker_resumes_by_itself(

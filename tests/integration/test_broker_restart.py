@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
@@ -14,13 +13,6 @@ from service.worker import Worker
 from tests.conftest import SettingsFactory, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def node() -> AsyncIterator[LocalBroker]:
-    """A broker of this test's own, to restart."""
-    async with LocalBroker() as broker:
-        yield broker
 
 
 async def test_worker_recovers_from_a_broker_restart_by_itself(
