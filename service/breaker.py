@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Awaitable, Callable
 
 import structlog
 
 from service.errors import DeadlineExceededError, UpstreamUnavailableError
+from service.retry import probe_delays
 
 log = structlog.get_logger(__name__)
 
@@ -88,14 +88,12 @@ class UpstreamBreaker:
 
     async def _probe_until_up(self) -> None:
         await self._on_open()
-        delay = 1.0
-        while True:
-            await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter
+        for delay in probe_delays(self._probe_max):
+            await asyncio.sleep(delay)
             with contextlib.suppress(UpstreamUnavailableError):
                 if await self._probe():
                     break
-            delay = min(delay * 2, self._probe_max)
-        self._failures = 0
+        self.record_success()
         self._closed.set()
         log.info("upstream_available_resuming")
         await self._on_close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
@@ -20,6 +20,14 @@ from service.errors import DeadlineExceededError, RequestError
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
+
+
+def probe_delays(max_seconds: float) -> Iterator[float]:
+    """Waits between probes of a paused worker: jittered, from about 1 s doubling to ``max_seconds``."""
+    ceiling = 1.0
+    while True:
+        yield random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
+        ceiling = min(ceiling * 2, max_seconds)
 
 
 def is_retryable(exc: BaseException) -> bool:

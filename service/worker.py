@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from typing import Final
 
@@ -49,7 +48,7 @@ from service.messages import (
     reply_content_type,
 )
 from service.policy import Policy
-from service.retry import RetryPolicy
+from service.retry import RetryPolicy, probe_delays
 from service.upstream import ClerkClient
 
 log = structlog.get_logger(__name__)
@@ -395,17 +394,16 @@ class Worker:
     async def _probe_key(self, message: AbstractIncomingMessage, lane: Lane) -> None:
         """Retry the held request with backoff until Clerk accepts the key again."""
         held_since = time.monotonic()
-        delay = 1.0
         answered = False
         try:
-            while not answered:
-                await self._sleep_unless_stopping(random.uniform(delay / 2, delay))  # noqa: S311 - jitter
+            for delay in probe_delays(self.settings.probe_max_interval_seconds):
+                await self._sleep_unless_stopping(delay)
                 try:
                     await self.handle(message, lane)
                     answered = True
+                    break
                 except KeyRejectedError:
                     self.metrics.key_rejected.inc()
-                    delay = min(delay * 2, self.settings.probe_max_interval_seconds)
                     if time.monotonic() - held_since > self.settings.key_probe_hold_seconds:
                         # Held long enough: before the broker's consumer timeout
                         # takes the channel, return it; the next request probes.

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
 
 from service.errors import DeadlineExceededError, RateLimitedError, UpstreamUnavailableError, UserNotFoundError
-from service.retry import RetryPolicy
+from service.retry import RetryPolicy, probe_delays
 
 
 class Script:
@@ -72,3 +73,10 @@ async def test_a_wait_past_the_deadline_ends_in_deadline_exceeded() -> None:
     with pytest.raises(DeadlineExceededError) as caught:
         await RetryPolicy(5, 0.01, 10).run(script, deadline=time.time() + 1, sleep=no_sleep)
     assert (caught.value.upstream_status, caught.value.attempts) == (503, 1)
+
+
+def test_probe_delays_double_from_one_second_to_the_maximum_with_jitter() -> None:
+    """Probe waits lie in [c/2, c] with c = 1, 2, 4, ... capped at the maximum."""
+    delays = list(itertools.islice(probe_delays(5), 6))
+    for delay, ceiling in zip(delays, [1, 2, 4, 5, 5, 5], strict=True):
+        assert ceiling / 2 <= delay <= ceiling
