@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterator
 
 import msgspec
+import pytest
 import structlog
 
 from service.dedup import IdempotencyStore, idempotency_key
@@ -16,7 +19,7 @@ from service.errors import (
     UserNotFoundError,
 )
 from service.fake_clerk import clerk_errors, make_jwt
-from service.logs import REDACTED, Scrubber
+from service.logs import REDACTED, Scrubber, configure_logging
 from service.messages import Created, SignInToken
 from service.upstream import error_for
 
@@ -74,14 +77,24 @@ def test_scrubber_redacts_tokens_keys_and_secret_fields() -> None:
     }
 
 
-def test_scrubber_runs_on_configured_structlog_output(capsys: object) -> None:
-    """Through the configured processors, a token passed by mistake is printed redacted."""
-    from service.logs import configure_logging  # noqa: PLC0415
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Undo configure_logging after the test: it binds the (captured) stderr of the moment."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
+
+@pytest.mark.usefixtures("restore_logging")
+def test_scrubber_runs_on_configured_structlog_output(capsys: pytest.CaptureFixture[str]) -> None:
+    """Through the configured processors, a token passed by mistake is printed redacted."""
     configure_logging("json", "info")
     jwt = make_jwt("user_1", "sit_1", 60)
     structlog.get_logger("t").info("oops", detail=jwt)
-    err = capsys.readouterr().err  # type: ignore[attr-defined]
+    err = capsys.readouterr().err
     assert jwt not in err
     assert REDACTED in err
 
