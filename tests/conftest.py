@@ -28,7 +28,7 @@ from service.local_broker import LocalBroker
 from service.worker import Worker
 
 if TYPE_CHECKING:
-    from tests.workers import WorkerProcesses
+    from tests.workers import Replies, WorkerProcesses
 
 SECRET_KEY = "sk_test_" + "k" * 32
 
@@ -88,15 +88,36 @@ async def fake_clerk() -> AsyncIterator[FakeClerk]:
 
 
 @pytest.fixture
-def queue_names() -> dict[str, str]:
-    """Queue names private to this test."""
+async def queue_names(amqp: AbstractRobustConnection) -> AsyncIterator[dict[str, str]]:
+    """Queue names private to this test; those queues (and its `.replies` queue) are deleted after it."""
     prefix = f"t{uuid.uuid4().hex[:8]}"
-    return {
+    names = {
         "REQUEST_QUEUE": f"{prefix}.create",
         "BULK_QUEUE": f"{prefix}.create.bulk",
         "RESULTS_QUEUE": f"{prefix}.results",
         "DEAD_LETTER_QUEUE": f"{prefix}.dead",
     }
+    yield names
+    cleanup = await amqp.channel()
+    for name in (*names.values(), reply_queue_name(names)):
+        with contextlib.suppress(Exception):
+            await cleanup.queue_delete(name)
+    with contextlib.suppress(Exception):
+        await cleanup.close()
+
+
+def reply_queue_name(queue_names: dict[str, str]) -> str:
+    """The durable reply queue of a test's ``replies`` fixture."""
+    return f"{queue_names['REQUEST_QUEUE']}.replies"
+
+
+@pytest.fixture
+async def replies(channel: AbstractChannel, queue_names: dict[str, str]) -> Replies:
+    """Every reply to this test's reply queue, counted (`replies.queue` is its name)."""
+    from tests.workers import count_replies  # noqa: PLC0415 - tests.workers imports this module
+
+    counter, _ = await count_replies(channel, reply_queue_name(queue_names))
+    return counter
 
 
 SettingsFactory = Callable[..., Settings]
@@ -130,12 +151,8 @@ WorkerFactory = Callable[..., Awaitable[Worker]]
 
 
 @pytest.fixture
-async def start_worker(
-    make_settings: SettingsFactory,
-    amqp: AbstractRobustConnection,
-    queue_names: dict[str, str],
-) -> AsyncIterator[WorkerFactory]:
-    """Start in-process workers (settings overrides as keywords); stopped and cleaned after."""
+async def start_worker(make_settings: SettingsFactory) -> AsyncIterator[WorkerFactory]:
+    """Start in-process workers (settings overrides as keywords); stopped after the test."""
     workers: list[Worker] = []
 
     async def start(**overrides: Any) -> Worker:
@@ -147,12 +164,6 @@ async def start_worker(
     yield start
     for worker in workers:
         await worker.shutdown()
-    cleanup = await amqp.channel()
-    for name in queue_names.values():
-        with contextlib.suppress(Exception):
-            await cleanup.queue_delete(name)
-    with contextlib.suppress(Exception):
-        await cleanup.close()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from aio_pika.abc import AbstractChannel
 from service.fake_clerk import FakeClerk
 from tests.conftest import SECRET_KEY, wait_until
 from tests.faults.conftest import Figures
-from tests.workers import WorkerProcesses, count_replies, publish_requests, readyz
+from tests.workers import Replies, WorkerProcesses, publish_requests, readyz
 
 pytestmark = pytest.mark.slow
 
@@ -17,15 +17,15 @@ async def test_rejected_key_sends_no_reply_and_every_request_is_answered_after(
     worker_processes: WorkerProcesses,
     fake_clerk: FakeClerk,
     channel: AbstractChannel,
+    replies: Replies,
     queue_names: dict[str, str],
     figures: Figures,
 ) -> None:
     """10,000 queued requests and a rejected key: no reply while it is bad, all answered once it works."""
     sent = figures.scale(10_000, 50_000)
-    replies, reply_queue = await count_replies(channel, f"{queue_names['REQUEST_QUEUE']}.replies")
     worker = await worker_processes.start(PROBE_MAX_INTERVAL_SECONDS="1")
     fake_clerk.accepted_keys = {"sk_test_rotated"}
-    await publish_requests(channel, queue_names["REQUEST_QUEUE"], reply_queue.name, sent)
+    await publish_requests(channel, queue_names["REQUEST_QUEUE"], replies.queue, sent)
     await wait_until(lambda: fake_clerk.stats.create_calls > 0, what="the first 401")
     status_while_bad = await readyz(worker.port)
     calls_at_pause = fake_clerk.stats.create_calls

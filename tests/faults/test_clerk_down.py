@@ -12,7 +12,7 @@ from aio_pika.abc import AbstractChannel
 from service.fake_clerk import FakeClerk
 from tests.conftest import queue_depth, wait_until
 from tests.faults.conftest import Figures
-from tests.workers import WorkerProcesses, count_replies
+from tests.workers import Replies, WorkerProcesses
 
 pytestmark = pytest.mark.slow
 RATE_PER_SECOND = 20
@@ -23,12 +23,12 @@ async def test_clerk_outage_loses_nothing_and_retries_stay_bounded(
     worker_processes: WorkerProcesses,
     fake_clerk: FakeClerk,
     channel: AbstractChannel,
+    replies: Replies,
     queue_names: dict[str, str],
     figures: Figures,
 ) -> None:
     """Clerk down for 60 s at 20 requests/s: consumption pauses, every request is answered after, attempts bounded."""
     outage = figures.scale(60, 300)
-    replies, reply_queue = await count_replies(channel, f"{queue_names['REQUEST_QUEUE']}.replies")
     await worker_processes.start(MAX_ATTEMPTS=str(MAX_ATTEMPTS))
     sent = 0
     depth = 0
@@ -38,7 +38,7 @@ async def test_clerk_outage_loses_nothing_and_retries_stay_bounded(
         nonlocal sent
         while publishing:
             await channel.default_exchange.publish(
-                aio_pika.Message(b'{"user_id": "user_%d"}' % sent, correlation_id=str(sent), reply_to=reply_queue.name),
+                aio_pika.Message(b'{"user_id": "user_%d"}' % sent, correlation_id=str(sent), reply_to=replies.queue),
                 queue_names["REQUEST_QUEUE"],
             )
             sent += 1

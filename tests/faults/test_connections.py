@@ -15,7 +15,7 @@ from service.fake_clerk import FakeClerk
 from tests.conftest import wait_until
 from tests.faults.conftest import Figures
 from tests.faults.proxy import FaultyProxy
-from tests.workers import WorkerProcess, WorkerProcesses, count_replies, publish_requests, wait_ready
+from tests.workers import Replies, WorkerProcess, WorkerProcesses, publish_requests, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +62,7 @@ async def test_slow_stalled_and_reset_clerk_connections_lose_and_strand_nothing(
     worker_processes: WorkerProcesses,
     fake_clerk: FakeClerk,
     channel: AbstractChannel,
+    replies: Replies,
     queue_names: dict[str, str],
     proxy_factory: list[FaultyProxy],
     figures: Figures,
@@ -70,14 +71,13 @@ async def test_slow_stalled_and_reset_clerk_connections_lose_and_strand_nothing(
     sent = figures.scale(1_500, 10_000)
     proxy = await start_proxy(proxy_factory, fake_clerk.port)
     fake_clerk.latency_seconds = 0.05  # 4 calls at once at 50 ms: the drain spans every phase
-    replies, reply_queue = await count_replies(channel, f"{queue_names['REQUEST_QUEUE']}.replies")
     worker = await worker_processes.start(
         CLERK_API_URL=f"http://127.0.0.1:{proxy.port}/v1",
         REQUEST_TIMEOUT_SECONDS="1",
         CONNECT_TIMEOUT_SECONDS="1",
         UPSTREAM_CONCURRENCY="4",
     )
-    await publish_requests(channel, queue_names["REQUEST_QUEUE"], reply_queue.name, sent)
+    await publish_requests(channel, queue_names["REQUEST_QUEUE"], replies.queue, sent)
     await run_phases(proxy, figures.scale(4, 20))
     answered_when_healthy = replies.answered
     await wait_until(lambda: replies.answered == sent, timeout=120, what="every request answered")
@@ -104,6 +104,7 @@ async def test_slow_stalled_and_reset_broker_connections_lose_and_strand_nothing
     fake_clerk: FakeClerk,
     amqp_url: str,
     channel: AbstractChannel,
+    replies: Replies,
     queue_names: dict[str, str],
     proxy_factory: list[FaultyProxy],
     figures: Figures,
@@ -113,10 +114,9 @@ async def test_slow_stalled_and_reset_broker_connections_lose_and_strand_nothing
     broker = URL(amqp_url)
     proxy = await start_proxy(proxy_factory, broker.port or 5672)
     fake_clerk.latency_seconds = 0.05  # 4 calls at once at 50 ms: the drain spans every phase
-    replies, reply_queue = await count_replies(channel, f"{queue_names['REQUEST_QUEUE']}.replies")
     proxied = broker.with_host("127.0.0.1").with_port(proxy.port).with_query(heartbeat="2")
     worker = await worker_processes.start(AMQP_URL=str(proxied), UPSTREAM_CONCURRENCY="4")
-    await publish_requests(channel, queue_names["REQUEST_QUEUE"], reply_queue.name, sent)
+    await publish_requests(channel, queue_names["REQUEST_QUEUE"], replies.queue, sent)
     await run_phases(proxy, figures.scale(6, 20))
     answered_when_healthy = replies.answered
     await wait_until(lambda: replies.answered == sent, timeout=120, what="every request answered")

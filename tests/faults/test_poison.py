@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractChannel
 from service.fake_clerk import FakeClerk
 from tests.conftest import get_message, wait_until
 from tests.faults.conftest import Figures
-from tests.workers import WorkerProcesses, count_replies, publish_requests
+from tests.workers import Replies, WorkerProcesses, publish_requests
 
 pytestmark = pytest.mark.slow
 DELIVERY_LIMIT = 4
@@ -23,6 +23,7 @@ async def test_poison_request_is_dead_lettered_after_the_delivery_limit(
     worker_processes: WorkerProcesses,
     fake_clerk: FakeClerk,
     channel: AbstractChannel,
+    replies: Replies,
     queue_names: dict[str, str],
     figures: Figures,
 ) -> None:
@@ -36,13 +37,12 @@ async def test_poison_request_is_dead_lettered_after_the_delivery_limit(
             await release.wait()  # hold the call until the worker is killed (released at the end)
 
     fake_clerk.on_create = poison_hook
-    replies, reply_queue = await count_replies(channel, f"{queue_names['REQUEST_QUEUE']}.replies")
     worker = await worker_processes.start(DELIVERY_LIMIT=str(DELIVERY_LIMIT))
     await channel.default_exchange.publish(
-        aio_pika.Message(b'{"user_id": "user_poison"}', message_id="poison", reply_to=reply_queue.name),
+        aio_pika.Message(b'{"user_id": "user_poison"}', message_id="poison", reply_to=replies.queue),
         queue_names["REQUEST_QUEUE"],
     )
-    await publish_requests(channel, queue_names["REQUEST_QUEUE"], reply_queue.name, 100)
+    await publish_requests(channel, queue_names["REQUEST_QUEUE"], replies.queue, 100)
     for _ in range(DELIVERY_LIMIT + 1):
         await asyncio.wait_for(poisoned.wait(), 30)
         poisoned.clear()

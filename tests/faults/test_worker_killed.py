@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractChannel
 from service.fake_clerk import FakeClerk
 from tests.conftest import wait_until
 from tests.faults.conftest import Figures
-from tests.workers import WorkerProcesses, count_replies, publish_requests
+from tests.workers import Replies, WorkerProcesses, publish_requests
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +22,7 @@ async def test_replicas_killed_at_random_lose_no_request(
     worker_processes: WorkerProcesses,
     fake_clerk: FakeClerk,
     channel: AbstractChannel,
+    replies: Replies,
     queue_names: dict[str, str],
     figures: Figures,
 ) -> None:
@@ -32,10 +33,9 @@ async def test_replicas_killed_at_random_lose_no_request(
     """
     sent = figures.scale(5_000, 20_000)
     fake_clerk.latency_seconds = 0.05
-    replies, reply_queue = await count_replies(channel, f"{queue_names['REQUEST_QUEUE']}.replies")
     worker_processes.env |= {"UPSTREAM_CONCURRENCY": "8", "PREFETCH": "50"}
     await worker_processes.start()  # declares the queues
-    await publish_requests(channel, queue_names["REQUEST_QUEUE"], reply_queue.name, sent)
+    await publish_requests(channel, queue_names["REQUEST_QUEUE"], replies.queue, sent)
     replicas = [worker_processes.started[0], *[await worker_processes.start() for _ in range(2)]]
     chooser = random.Random(3)
     kills = 0

@@ -83,5 +83,3 @@ async def test_a_message_redelivered_past_the_delivery_limit_is_dead_lettered_by
     assert dead.body == b'{"user_id": "user_poison"}'
     assert deliveries == 4
     assert dead.headers["x-death"][0]["reason"] == "delivery_limit"
-    for name in queue_names.values():
-        await channel.queue_delete(name)

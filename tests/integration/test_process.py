@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractChannel
 from service.fake_clerk import FakeClerk
 from service.local_broker import free_port
 from tests.conftest import SECRET_KEY, WorkerFactory, wait_until
-from tests.workers import WorkerProcesses, count_replies, publish_requests
+from tests.workers import Replies, WorkerProcesses, publish_requests
 
 pytestmark = pytest.mark.slow
 
@@ -27,6 +27,7 @@ async def test_worker_stopped_mid_flight_loses_no_request(
     fake_clerk: FakeClerk,
     queue_names: dict[str, str],
     channel: AbstractChannel,
+    replies: Replies,
     start_worker: WorkerFactory,
 ) -> None:
     """SIGTERM exits 0 within the grace period; SIGKILL is a crash; either way every request is answered after.
@@ -34,10 +35,9 @@ async def test_worker_stopped_mid_flight_loses_no_request(
     200 requests at 4 x 200 ms take 10 s: more than the 5 s grace, so some are
     finished and the rest returned to the queue.
     """
-    replies, reply_queue = await count_replies(channel, f"replies-{os.urandom(4).hex()}")
     fake_clerk.latency_seconds = 0.2
     worker = await worker_processes.start(UPSTREAM_CONCURRENCY="4", SHUTDOWN_GRACE_SECONDS="5")
-    await publish_requests(channel, queue_names["REQUEST_QUEUE"], reply_queue.name, 200)
+    await publish_requests(channel, queue_names["REQUEST_QUEUE"], replies.queue, 200)
     await wait_until(lambda: replies.answered >= 4, what="the first replies")
     await wait_until(lambda: '"replied"' in worker_processes.logs(), what="the first replies in the worker's log")
     signalled = time.monotonic()
@@ -55,7 +55,6 @@ async def test_worker_stopped_mid_flight_loses_no_request(
     for token in fake_clerk.stats.tokens.values():
         assert token["token"] not in logs
     assert SECRET_KEY not in logs
-    await reply_queue.delete(if_unused=False, if_empty=False)
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
