@@ -4,7 +4,8 @@ Closed, every attempt goes to Clerk. After ``threshold`` consecutive
 answers that say Clerk is unavailable (5xx, timeouts, connection errors;
 429 is rate limiting, handled by Retry-After), it opens: the worker stops
 taking requests, and requests about to make an attempt wait, each bounded
-by its deadline and by ``hold_seconds``. While open, a probe asks Clerk with
+by its deadline and by ``hold_seconds`` over all its attempts together
+(an ``OutageHold`` per request), and ended at once by the worker's stop. While open, a probe asks Clerk with
 a body it must refuse (``POST /sign_in_tokens {}``: 422, no token created),
 backing off to ``probe_max_interval_seconds``; any answer below 500 closes it.
 """
@@ -18,13 +19,22 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from service.errors import DeadlineExceededError, UpstreamUnavailableError
+from service.errors import DeadlineExceededError, ShutdownRequestedError, UpstreamUnavailableError
 from service.retry import probe_delays
 
 log = structlog.get_logger(__name__)
 
 Probe = Callable[[], Awaitable[bool]]
 Listener = Callable[[], Awaitable[None]]
+
+
+class OutageHold:
+    """What is left of one request's time to wait out outages, over all its attempts."""
+
+    def __init__(self, seconds: float) -> None:
+        """A request may be held ``seconds`` in all."""
+        self.total = seconds
+        self.remaining = seconds
 
 
 class UpstreamBreaker:
@@ -39,6 +49,7 @@ class UpstreamBreaker:
         probe: Probe,
         on_open: Listener,
         on_close: Listener,
+        stopping: asyncio.Event,
     ) -> None:
         """A closed breaker; ``probe`` returns whether Clerk answers again."""
         self._threshold = threshold
@@ -47,6 +58,7 @@ class UpstreamBreaker:
         self._probe = probe
         self._on_open = on_open
         self._on_close = on_close
+        self._stopping = stopping
         self._failures = 0
         self._closed = asyncio.Event()
         self._closed.set()
@@ -69,22 +81,32 @@ class UpstreamBreaker:
             log.error("upstream_unavailable_pausing", consecutive_failures=self._failures)
             self._prober = asyncio.create_task(self._probe_until_up())
 
-    async def wait_closed(self, deadline: float | None) -> None:
-        """Return when Clerk is up; raise when the deadline or the hold time comes first."""
+    def hold(self) -> OutageHold:
+        """A new request's allowance for waiting out outages."""
+        return OutageHold(self._hold)
+
+    async def wait_closed(self, deadline: float | None, hold: OutageHold) -> None:
+        """Return when Clerk is up; raise when the deadline, the request's hold or a stop comes first."""
         if not self.is_open:
             return
-        limit = self._hold
-        if deadline is not None:
-            limit = min(limit, deadline - time.time())
+        limit = hold.remaining if deadline is None else min(hold.remaining, deadline - time.time())
+        started = time.monotonic()
+        waits = {asyncio.ensure_future(self._closed.wait()), asyncio.ensure_future(self._stopping.wait())}
         try:
-            async with asyncio.timeout(max(0.0, limit)):
-                await self._closed.wait()
-        except TimeoutError:
-            if deadline is not None and time.time() >= deadline:
-                msg = "x-deadline passed while Clerk was unavailable"
-                raise DeadlineExceededError(msg) from None
-            msg = f"Clerk unavailable for longer than {self._hold:g} s"
-            raise UpstreamUnavailableError(msg) from None
+            await asyncio.wait(waits, timeout=max(0.0, limit), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            hold.remaining -= time.monotonic() - started
+        if self._stopping.is_set():
+            raise ShutdownRequestedError("shutting down")
+        if not self.is_open:
+            return
+        if deadline is not None and time.time() >= deadline:
+            msg = "x-deadline passed while Clerk was unavailable"
+            raise DeadlineExceededError(msg)
+        msg = f"Clerk unavailable for longer than {hold.total:g} s"
+        raise UpstreamUnavailableError(msg)
 
     async def _probe_until_up(self) -> None:
         await self._on_open()

@@ -8,6 +8,19 @@ in one of three ways, and the worker treats each differently:
 - confirmed (``Basic.Ack``): the reply is the broker's;
 - refused (returned as unroutable, or ``Basic.Nack``): ReplyRefusedError;
 - unknown (the connection or channel failed first): ReplyFateUnknownError.
+
+A blocked connection (a broker resource alarm) is not an unknown fate: the
+broker holds the message and confirms it when the alarm clears, so the wait
+for the confirm goes on for as long as the connection stays blocked.
+
+Two kinds of destination cannot use ``mandatory``. RabbitMQ returns a
+mandatory message sent to a direct reply-to name (``amq.rabbitmq.reply-to.*``)
+even when it delivered it, and aiormq matches returns to publishes by
+``message_id``, inventing one for a message without it. So a reply to a
+direct reply-to name, and a dead-lettered copy (which keeps the request's
+properties, an absent ``message_id`` included), are sent without
+``mandatory`` after a passive declare has shown their queue exists; a
+caller that has gone away makes the reply refused.
 """
 
 from __future__ import annotations
@@ -16,9 +29,10 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractIncomingMessage,
@@ -28,15 +42,19 @@ from aio_pika.abc import (
     ConsumerTag,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError
+from aiormq.exceptions import ChannelNotFoundEntity
+from pamqp import commands as spec
 from yarl import URL
 
+from service import amqp_wire
 from service.config import Settings
 from service.errors import ServiceError
 from service.lanes import Lane
 
+amqp_wire.install()
 log = structlog.get_logger(__name__)
 
-PUBLISH_TIMEOUT_SECONDS: Final = 30.0
+DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 _CONNECT_TIMEOUT_SECONDS: Final = 10.0
 # aio-pika's default is 5 s; a lost broker is retried each second so consumption resumes sooner.
 _RECONNECT_INTERVAL_SECONDS: Final = 1.0
@@ -190,37 +208,81 @@ def reply_message(body: bytes, *, content_type: str, correlation_id: str | None,
     )
 
 
-def _copy_for_dead_letter(message: AbstractIncomingMessage, reason: str) -> aio_pika.Message:
-    headers = dict(message.headers or {})
+class _AbsentMessageId(str):
+    """An empty ``message_id`` that aiormq leaves alone and pamqp does not send.
+
+    aiormq gives every publish without a ``message_id`` a random one (it
+    matches returns by it); a dead-lettered copy must keep the request's
+    properties as they were, absence included.
+    """
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def _copy_for_dead_letter(message: AbstractIncomingMessage, reason: str) -> spec.Basic.Properties:
+    """The request's own properties, persistent, with why it was dead-lettered in headers."""
+    properties = message.properties
+    headers = dict(properties.headers or {})
     headers.pop("x-delivery-count", None)
     headers["x-dead-letter-reason"] = reason
     headers["x-original-routing-key"] = message.routing_key or ""
-    if message.user_id:
+    if properties.user_id:
         # The user_id property must match the publishing connection's user,
         # so the original publisher travels as a header instead.
-        headers["x-original-user-id"] = message.user_id
-    return aio_pika.Message(
-        body=message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
+        headers["x-original-user-id"] = properties.user_id
+        properties.user_id = None
+    if properties.expiration:
+        # As RabbitMQ's own dead-lettering does: a copy must not expire in the dead-letter queue.
+        headers["x-original-expiration"] = properties.expiration
+        properties.expiration = None
+    properties.headers = headers
+    properties.delivery_mode = aio_pika.DeliveryMode.PERSISTENT
+    if properties.message_id is None:
+        properties.message_id = _AbsentMessageId()
+    return properties
+
+
+def is_direct_reply_to(name: str) -> bool:
+    """Whether ``name`` is a direct reply-to pseudo-queue."""
+    return name.startswith(DIRECT_REPLY_TO)
+
+
+class _PassiveDeclare(spec.Queue.Declare):
+    """A passive ``queue.declare`` of any name RabbitMQ accepts.
+
+    pamqp checks queue names against a pattern narrower than RabbitMQ's
+    (direct reply-to names hold ``/``, ``+`` and ``=``).
+    """
+
+    def validate(self) -> None:
+        """Leave names to the broker."""
+
+
+def is_blocked(connection: AbstractRobustConnection) -> bool:
+    """Whether the broker has blocked the connection (a resource alarm).
+
+    aiormq tracks ``connection.blocked`` / ``unblocked`` in a private event
+    (aiormq 7.2, pinned in pyproject.toml) and exposes it only through
+    ``ready()``.
+    """
+    transport = connection.transport
+    if transport is None:
+        return False
+    unblocked = getattr(transport.connection, "_Connection__connection_unblocked", None)
+    return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
 
 
 class ReplyPublisher:
     """Publishes replies and dead letters to the default exchange, confirmed."""
 
-    def __init__(self, connection: AbstractRobustConnection, dead_letter_queue: str) -> None:
+    def __init__(self, connection: AbstractRobustConnection, dead_letter_queue: str, confirm_timeout: float) -> None:
         """The channel is opened by ``open``."""
         self._connection = connection
         self._dead_letter_queue = dead_letter_queue
+        self._confirm_timeout = confirm_timeout
         self._channel: AbstractRobustChannel | None = None
 
     async def open(self) -> None:
@@ -228,25 +290,74 @@ class ReplyPublisher:
         self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
 
     async def publish(self, message: aio_pika.Message, routing_key: str) -> None:
-        """Publish ``mandatory``; return once confirmed, or raise refused / fate unknown."""
+        """Publish (``mandatory`` where it means something); return once confirmed, or raise."""
+        direct = is_direct_reply_to(routing_key)
+        if direct:
+            await self._require_queue(routing_key)
+        await self._publish(message.body, routing_key, message.properties, mandatory=not direct)
+
+    async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Copy the request to DEAD_LETTER_QUEUE with the reason; raise as ``publish``."""
+        await self._require_queue(self._dead_letter_queue)
+        properties = _copy_for_dead_letter(message, reason)
+        await self._publish(message.body, self._dead_letter_queue, properties, mandatory=False)
+
+    async def _publish(
+        self,
+        body: bytes,
+        routing_key: str,
+        properties: spec.Basic.Properties,
+        *,
+        mandatory: bool,
+    ) -> None:
         if self._channel is None:
             msg = "ReplyPublisher.open() was not called"
             raise RuntimeError(msg)
         try:
-            await self._channel.default_exchange.publish(
-                message,
-                routing_key,
-                mandatory=True,
-                timeout=PUBLISH_TIMEOUT_SECONDS,
+            underlay = await self._channel.get_underlay_channel()
+            await self._confirmed(
+                underlay.basic_publish(body, routing_key=routing_key, properties=properties, mandatory=mandatory),
             )
         except DeliveryError:
             # Its text carries the message body: never let it reach a log.
-            msg = f"the broker refused the message for {routing_key!r}"
+            msg = f"the broker refused the message for {amqp_wire.printable(routing_key)!r}"
             raise ReplyRefusedError(msg) from None
-        except CHANNEL_FAILURES as exc:
-            msg = f"no confirm for the message to {routing_key!r} ({type(exc).__name__})"
+        except (*CHANNEL_FAILURES, RuntimeError) as exc:
+            msg = f"no confirm for the message to {amqp_wire.printable(routing_key)!r} ({type(exc).__name__})"
             raise ReplyFateUnknownError(msg) from None
 
-    async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
-        """Copy the request to DEAD_LETTER_QUEUE with the reason; raise as ``publish``."""
-        await self.publish(_copy_for_dead_letter(message, reason), self._dead_letter_queue)
+    async def _confirmed(self, publish: Awaitable[object]) -> None:
+        """Wait for the confirm: without a limit while the connection is blocked, else ``confirm_timeout``.
+
+        A nack or a return is raised by aiormq as DeliveryError.
+        """
+        task = asyncio.ensure_future(publish)
+        try:
+            while not (await asyncio.wait({task}, timeout=self._confirm_timeout))[0]:
+                if not is_blocked(self._connection):
+                    raise TimeoutError
+                log.warning("broker_blocked_waiting_for_confirm")
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        task.result()
+
+    async def _require_queue(self, name: str) -> None:
+        """Raise ReplyRefusedError unless queue ``name`` exists (a passive declare on a channel of its own)."""
+        channel = await self._connection.channel()
+        try:
+            underlay = cast("aiormq.Channel", await channel.get_underlay_channel())
+            frame = _PassiveDeclare(passive=True)
+            frame.queue = name
+            await underlay.rpc(frame, timeout=self._confirm_timeout)
+        except ChannelNotFoundEntity:
+            msg = f"no queue {amqp_wire.printable(name)!r}"
+            raise ReplyRefusedError(msg) from None
+        except CHANNEL_FAILURES as exc:
+            msg = f"cannot check queue {amqp_wire.printable(name)!r} ({type(exc).__name__})"
+            raise ReplyFateUnknownError(msg) from None
+        finally:
+            with contextlib.suppress(*CHANNEL_FAILURES, RuntimeError):
+                await channel.close()

@@ -9,6 +9,7 @@ exit 2 for bad configuration, 1 for anything else, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import sys
@@ -71,6 +72,8 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP's default is to end the process at once; it has no meaning yet.
+        loop.add_signal_handler(signal.SIGHUP, _ignore_sighup)
         return await main(stop)
 
     try:
@@ -85,6 +88,10 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback to a user
         structlog.get_logger(__name__).error("unexpected_error", error=exc)
         fail(f"unexpected error: {type(exc).__name__}")
+
+
+def _ignore_sighup() -> None:
+    structlog.get_logger(__name__).warning("sighup_ignored", reason="SIGHUP has no meaning yet")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -152,6 +159,8 @@ def request(
     **options: Any,  # noqa: ANN401
 ) -> None:
     """Publish one request, wait for its reply, print it (exit 1 when it failed)."""
+    if not math.isfinite(timeout) or timeout <= 0:
+        fail(f"--timeout: expected a positive number of seconds, got {timeout}", EXIT_CONFIG)
     settings = _settings_or_exit(options)
     from service.client import TokenClient  # noqa: PLC0415
     from service.messages import Created  # noqa: PLC0415

@@ -17,9 +17,15 @@ from typing import Any, Self
 import aio_pika
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aiormq.exceptions import ProbableAuthenticationError
 
+from service import amqp_wire
+from service.broker import CHANNEL_FAILURES, BrokerUnavailableError, broker_address
 from service.lanes import Lane
 from service.messages import JSON, MSGPACK, Reply, decode_reply
+
+amqp_wire.install()
+_CONNECT_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +64,20 @@ class TokenClient:
         self._pending: dict[str, asyncio.Future[ReceivedReply]] = {}
 
     async def connect(self) -> None:
-        """Connect and start listening on a private reply queue."""
-        self._connection = await aio_pika.connect_robust(self._url, client_properties={"connection_name": self._name})
+        """Connect and start listening on a private reply queue; BrokerUnavailableError says why not."""
+        address = broker_address(self._url)
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self._url,
+                client_properties={"connection_name": self._name},
+                timeout=_CONNECT_TIMEOUT_SECONDS,
+            )
+        except ProbableAuthenticationError:
+            msg = f"the broker at {address} refused the credentials in AMQP_URL"
+            raise BrokerUnavailableError(msg) from None
+        except (*CHANNEL_FAILURES, RuntimeError) as exc:
+            msg = f"cannot reach the broker at {address} ({type(exc).__name__})"
+            raise BrokerUnavailableError(msg) from None
         self._channel = await self._connection.channel(publisher_confirms=True)
         self._reply_queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
         await self._reply_queue.consume(self._on_reply, no_ack=True)
@@ -147,13 +165,16 @@ class TokenClient:
         msgpack: bool = False,
         timeout: float = 30.0,  # noqa: ASYNC109 - a caller's bound on the whole round trip
     ) -> Reply:
-        """Ask for one token and wait for the reply."""
+        """Ask for one token and wait for the reply; no token is created after ``timeout`` (``x-deadline``)."""
         fields: dict[str, Any] = {"user_id": user_id}
         if expires_in_seconds is not None:
             fields["expires_in_seconds"] = expires_in_seconds
         if org_id is not None:
             fields["org_id"] = org_id
         encode = msgspec.msgpack.encode if msgpack else msgspec.json.encode
-        future = await self.send(encode(fields), lane=lane, content_type=MSGPACK if msgpack else JSON)
+        deadline_ms = int((time.time() + timeout) * 1000)
+        future = await self.send(
+            encode(fields), lane=lane, content_type=MSGPACK if msgpack else JSON, deadline_ms=deadline_ms
+        )
         received = await asyncio.wait_for(future, timeout)
         return received.decode()

@@ -8,7 +8,9 @@ into typed values; what fails is reported as one line naming the variable.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,9 +21,9 @@ from yarl import URL
 
 from service.errors import ConfigError
 
-PositiveInt = Annotated[int, Meta(ge=1)]
-PositiveFloat = Annotated[float, Meta(gt=0)]
 QueueName = Annotated[str, Meta(min_length=1, max_length=255)]
+# The largest CONSUMER_TIMEOUT_SECONDS (RabbitMQ's consumer_timeout, 30 minutes by default).
+CONSUMER_TIMEOUT_MAX = 24 * 3600
 
 
 class Secret:
@@ -61,27 +63,36 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     dead_letter_queue: QueueName = "sign_in_tokens.dead"
     http_host: str = "0.0.0.0"  # noqa: S104 - probes reach the pod on its own address
     http_port: Annotated[int, Meta(ge=0, le=65535)] = 8080
-    startup_timeout_seconds: Annotated[float, Meta(ge=0)] = 60.0
-    shutdown_grace_seconds: PositiveFloat = 25.0
+    # Every number has an upper bound too: "inf" or 1e20 would defeat the bounds the docs promise.
+    startup_timeout_seconds: Annotated[float, Meta(ge=0, le=3600)] = 60.0
+    shutdown_grace_seconds: Annotated[float, Meta(gt=0, le=3600)] = 25.0
     max_attempts: Annotated[int, Meta(ge=1, le=50)] = 5
-    max_expires_in_seconds: PositiveInt = 2_592_000
-    idempotency_window_seconds: Annotated[float, Meta(ge=0)] = 600.0
-    idempotency_max_entries: PositiveInt = 100_000
+    max_expires_in_seconds: Annotated[int, Meta(ge=1, le=315_360_000)] = 2_592_000
+    idempotency_window_seconds: Annotated[float, Meta(ge=0, le=7 * 86400)] = 600.0
+    idempotency_max_bytes: Annotated[int, Meta(ge=0, le=2**40)] = 128 * 2**20
     prefetch: Annotated[int, Meta(ge=1, le=65535)] = 100
-    upstream_concurrency: PositiveInt = 32
-    connect_timeout_seconds: PositiveFloat = 3.0
-    request_timeout_seconds: PositiveFloat = 10.0
-    retry_base_seconds: PositiveFloat = 0.5
-    retry_max_delay_seconds: PositiveFloat = 30.0
-    delivery_limit: Annotated[int, Meta(ge=1)] = 10
-    probe_max_interval_seconds: PositiveFloat = 30.0
-    key_probe_hold_seconds: PositiveFloat = 900.0
-    outage_failure_threshold: PositiveInt = 10
-    outage_hold_seconds: PositiveFloat = 300.0
-    max_body_bytes: PositiveInt = 65_536
+    upstream_concurrency: Annotated[int, Meta(ge=1, le=10_000)] = 32
+    connect_timeout_seconds: Annotated[float, Meta(gt=0, le=300)] = 3.0
+    request_timeout_seconds: Annotated[float, Meta(gt=0, le=300)] = 10.0
+    confirm_timeout_seconds: Annotated[float, Meta(gt=0, le=600)] = 30.0
+    retry_base_seconds: Annotated[float, Meta(gt=0, le=60)] = 0.5
+    retry_max_delay_seconds: Annotated[float, Meta(gt=0, le=600)] = 30.0
+    delivery_limit: Annotated[int, Meta(ge=1, le=1_000_000)] = 10
+    probe_max_interval_seconds: Annotated[float, Meta(gt=0, le=600)] = 30.0
+    key_probe_hold_seconds: Annotated[float, Meta(gt=0, le=CONSUMER_TIMEOUT_MAX)] = 900.0
+    outage_failure_threshold: Annotated[int, Meta(ge=1, le=1_000_000)] = 10
+    outage_hold_seconds: Annotated[float, Meta(gt=0, le=CONSUMER_TIMEOUT_MAX)] = 300.0
+    consumer_timeout_seconds: Annotated[float, Meta(gt=0, le=CONSUMER_TIMEOUT_MAX)] = 1800.0
+    max_body_bytes: Annotated[int, Meta(ge=1, le=128 * 2**20)] = 65_536
     allowed_publishers: str = ""
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def longest_hold_seconds(self) -> float:
+        """The longest a request can stay unacknowledged in the worker: its attempts and an outage."""
+        attempt = self.request_timeout_seconds + self.retry_max_delay_seconds
+        return self.max_attempts * attempt + self.outage_hold_seconds
 
     @property
     def publishers(self) -> frozenset[str]:
@@ -148,6 +159,32 @@ def _check_url(name: str, value: str, schemes: tuple[str, ...]) -> None:
         raise ConfigError(msg)
 
 
+def _check_http_host(host: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            socket.getaddrinfo(host, None)
+        except (OSError, UnicodeError):
+            msg = f"HTTP_HOST: {host!r} is neither an IP address nor a name that resolves"
+            raise ConfigError(msg) from None
+
+
+def _check_holds(settings: Settings) -> None:
+    """Every hold must end before the broker's consumer timeout takes the channel."""
+    limit = settings.consumer_timeout_seconds
+    hold = settings.longest_hold_seconds
+    if hold >= limit:
+        msg = (
+            f"OUTAGE_HOLD_SECONDS: a request could be held {hold:,.0f} s (MAX_ATTEMPTS x (REQUEST_TIMEOUT_SECONDS "
+            f"+ RETRY_MAX_DELAY_SECONDS) + OUTAGE_HOLD_SECONDS), not under CONSUMER_TIMEOUT_SECONDS ({limit:,.0f} s)"
+        )
+        raise ConfigError(msg)
+    if settings.key_probe_hold_seconds >= limit:
+        msg = f"KEY_PROBE_HOLD_SECONDS: must be under CONSUMER_TIMEOUT_SECONDS ({limit:,.0f} s)"
+        raise ConfigError(msg)
+
+
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Build Settings from ``environ``; raise ConfigError with one clear line."""
     try:
@@ -160,4 +197,6 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     if key is not None and (not key.reveal() or any(c.isspace() for c in key.reveal())):
         msg = "CLERK_SECRET_KEY: must be a non-empty key without spaces"
         raise ConfigError(msg)
+    _check_http_host(settings.http_host)
+    _check_holds(settings)
     return settings

@@ -13,10 +13,14 @@ The tree::
             ├── UpstreamRejectedError   upstream_rejected (other 4xx)
             ├── RateLimitedError        rate_limited (429; retryable)
             └── UpstreamUnavailableError upstream_unavailable (5xx, timeout, network; retryable)
+                └── UpstreamMalformedError   upstream_unavailable: a 200 that is not a SignInToken
+                                             (not retried: Clerk may have made a token)
 
     KeyRejectedError                Clerk answered 401: our key is wrong; not a
                                     request's failure, so it is outside the tree
                                     of replies and the worker pauses instead.
+    ShutdownRequestedError          a signal, not a failure: the worker is stopping,
+                                    so the request goes back to its queue.
 
 Error texts never contain a sign-in token or the secret key: they are built
 from Clerk's error messages and our own words only.
@@ -117,3 +121,18 @@ class UpstreamUnavailableError(UpstreamError):
 
 class KeyRejectedError(ServiceError):
     """Clerk answered 401: the service's secret key is not accepted."""
+
+
+class UpstreamMalformedError(UpstreamUnavailableError):
+    """Clerk answered 200 with a body that is not a SignInToken; a token may exist all the same."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, token_id: str | None, upstream_status: int) -> None:
+        """Remember the token's id when the body names one, so it can be revoked."""
+        super().__init__(message, upstream_status=upstream_status)
+        self.token_id = token_id
+
+
+class ShutdownRequestedError(ServiceError):
+    """The worker is stopping: return the request to its queue."""

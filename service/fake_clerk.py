@@ -108,6 +108,8 @@ class FakeClerk:
         self.rate_limit = rate_limit
         self.rate_window_seconds = rate_window_seconds
         self.faults: deque[Fault] = deque()
+        # Creates still to answer 200 with a body that is not a SignInToken (the token is made all the same).
+        self.malformed_next = 0
         # Awaited with each create's body before it is answered: a fault hook for tests.
         self.on_create: Callable[[dict[str, Any]], Awaitable[None]] | None = None
         self.stats = FakeClerkStats()
@@ -221,7 +223,11 @@ class FakeClerk:
         org_id = params.get("org_id")
         if org_id is not None and not org_id.startswith(_ORG_PREFIX):
             return self._reply(403, clerk_errors("authorization_invalid", "Not a member of the organization"))
-        return self._reply(200, self._issue(user_id, params.get("expires_in_seconds") or 2_592_000))
+        token = self._issue(user_id, params.get("expires_in_seconds") or 2_592_000)
+        if self.malformed_next:
+            self.malformed_next -= 1
+            return self._reply(200, {"object": "sign_in_token", "id": token["id"], "status": "pending"})
+        return self._reply(200, token)
 
     def _issue(self, user_id: str, expires_in: int) -> dict[str, Any]:
         token_id = "sit_" + secrets.token_hex(12)

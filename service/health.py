@@ -9,8 +9,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from service.errors import ConfigError
+
+# A `_created` series holds a Unix timestamp under a counter's name (requests_created
+# reads like a token count); nothing here needs it.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -40,7 +46,19 @@ class Metrics:
         self.dedup_hits = Counter("sign_in_tokens_dedup_hits", "Answers from the idempotency store.", registry=r)
         self.revoked = Counter("sign_in_tokens_revoked", "Tokens revoked: nobody could receive them.", registry=r)
         self.key_rejected = Counter("sign_in_tokens_key_rejected", "Answers 401 from Clerk.", registry=r)
-        self.ready = Gauge("sign_in_tokens_ready", "1 when connected, consuming, key accepted.", registry=r)
+        self.ready = Gauge(
+            "sign_in_tokens_ready",
+            "1 when connected, not blocked by a broker alarm, consuming, the key accepted and Clerk available.",
+            registry=r,
+        )
+        self.idempotency_bytes = Gauge(
+            "sign_in_tokens_idempotency_store_bytes",
+            "Memory counted for the idempotency store (bounded by IDEMPOTENCY_MAX_BYTES).",
+            registry=r,
+        )
+        self.idempotency_entries = Gauge(
+            "sign_in_tokens_idempotency_store_entries", "Answers held in the idempotency store.", registry=r
+        )
 
     def render(self) -> bytes:
         """The registry in Prometheus' text format."""
@@ -85,7 +103,12 @@ class HealthServer:
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            msg = f"HTTP_PORT: cannot listen on {self._host}:{self._port} ({exc.strerror or exc})"
+            raise ConfigError(msg) from None
         server = site._server  # noqa: SLF001 - the only way to learn a port chosen by the OS
         sockets = getattr(server, "sockets", None) or []
         if sockets:

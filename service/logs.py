@@ -18,6 +18,8 @@ from typing import Any
 import msgspec
 import structlog
 
+from service.amqp_wire import printable
+
 REDACTED = "[REDACTED]"
 _SECRET_PATTERNS = (
     re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),  # a JWT
@@ -39,7 +41,8 @@ class Scrubber:
             self._literals = (*self._literals, value)
 
     def scrub_text(self, text: str) -> str:
-        """Return ``text`` with every secret replaced."""
+        """Return ``text`` with every secret replaced (and octets that are not UTF-8 escaped)."""
+        text = printable(text)
         for literal in self._literals:
             if literal in text:
                 text = text.replace(literal, REDACTED)

@@ -20,6 +20,8 @@ from service.errors import DeadlineExceededError, RequestError
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
+# Told of each retry before its wait: the attempt that failed, its error, the wait in seconds.
+OnRetry = Callable[[int, BaseException | None, float], None]
 
 
 def probe_delays(max_seconds: float) -> Iterator[float]:
@@ -77,6 +79,7 @@ class RetryPolicy:
         *,
         deadline: float | None,
         sleep: Sleep,
+        on_retry: OnRetry | None = None,
     ) -> tuple[T, int]:
         """Run ``attempt`` until it succeeds or may not be retried.
 
@@ -85,11 +88,18 @@ class RetryPolicy:
         DeadlineExceededError carrying the last upstream answer.
         """
         stop = _Stop(self.max_attempts, self.max_delay, deadline)
+
+        def before_sleep(state: RetryCallState) -> None:
+            if on_retry is not None:
+                error = state.outcome.exception() if state.outcome else None
+                on_retry(state.attempt_number, error, state.upcoming_sleep)
+
         retrying = AsyncRetrying(
             stop=stop,
             wait=self.wait_seconds,
             retry=retry_if_exception(is_retryable),
             sleep=sleep,
+            before_sleep=before_sleep,
             reraise=True,
         )
         try:

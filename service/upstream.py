@@ -1,12 +1,17 @@
 """ClerkClient: one aiohttp session to Clerk's Backend API, answers mapped to errors.
 
 Made once at start-up and closed at shutdown. Every call has a connect and a
-total timeout; the total may be shortened by the request's deadline.
+total timeout. A request's deadline does not shorten them: once a create is
+sent, Clerk may make the token however soon we stop listening, so the worker
+waits for the answer and revokes a token that comes too late.
+
+The client also keeps Clerk's last word on the secret key: a 401 refutes
+it; any other answer below 500 but 429 proves it (Clerk authenticates a call
+before it looks at the body).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Final
 
 import aiohttp
@@ -18,20 +23,35 @@ from service.errors import (
     KeyRejectedError,
     RateLimitedError,
     RequestError,
+    UpstreamMalformedError,
     UpstreamRejectedError,
     UpstreamUnavailableError,
     UserNotFoundError,
 )
 from service.messages import (
     ClerkErrors,
-    CreateSignInTokenRequestBody,
     SignInToken,
     clerk_errors_decoder,
     clerk_token_decoder,
-    encode_clerk_body,
 )
 
 _JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+class _TokenId(msgspec.Struct):
+    """Enough of a malformed 200 to find the token it may describe."""
+
+    id: str
+
+
+_token_id_decoder = msgspec.json.Decoder(_TokenId)
+
+
+def _token_id(body: bytes) -> str | None:
+    try:
+        return _token_id_decoder.decode(body).id
+    except (msgspec.DecodeError, RecursionError):
+        return None
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -93,6 +113,9 @@ class ClerkClient:
         self._total_timeout = settings.request_timeout_seconds
         self._limit = settings.upstream_concurrency
         self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(total=self._total_timeout, connect=self._connect_timeout)
+        # Clerk's last word on the key: None until it has said anything.
+        self.key_accepted: bool | None = None
 
     async def start(self) -> None:
         """Open the one HTTP session."""
@@ -100,7 +123,7 @@ class ClerkClient:
         self._session = aiohttp.ClientSession(
             connector=connector,
             headers=self._headers,
-            timeout=aiohttp.ClientTimeout(total=self._total_timeout, connect=self._connect_timeout),
+            timeout=self._timeout,
             raise_for_status=False,
         )
 
@@ -110,46 +133,44 @@ class ClerkClient:
             await self._session.close()
             self._session = None
 
-    def _timeout(self, deadline: float | None) -> aiohttp.ClientTimeout:
-        total = self._total_timeout
-        if deadline is not None:
-            total = max(0.001, min(total, deadline - time.time()))
-        return aiohttp.ClientTimeout(total=total, connect=min(self._connect_timeout, total))
-
-    async def _post(self, path: str, body: bytes, deadline: float | None) -> tuple[int, bytes, str | None]:
+    async def _post(self, path: str, body: bytes) -> tuple[int, bytes, str | None]:
         if self._session is None:
             msg = "ClerkClient.start() was not called"
             raise RuntimeError(msg)
         try:
-            async with self._session.post(
-                self._base + path,
-                data=body,
-                timeout=self._timeout(deadline),
-            ) as response:
-                return response.status, await response.read(), response.headers.get("Retry-After")
+            async with self._session.post(self._base + path, data=body) as response:
+                answer = response.status, await response.read(), response.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The exception's text may name our URL; its type is enough and safe.
             msg = f"Clerk could not be reached: {type(exc).__name__}"
             raise UpstreamUnavailableError(msg) from None
+        self._learn_key(answer[0])
+        return answer
 
-    async def create(self, request: CreateSignInTokenRequestBody, deadline: float | None = None) -> SignInToken:
-        """Create a sign-in token; raise the error Clerk's answer means."""
-        status, body, retry_after = await self._post("/sign_in_tokens", encode_clerk_body(request), deadline)
+    def _learn_key(self, status: int) -> None:
+        if status == 401:
+            self.key_accepted = False
+        elif status < 500 and status != 429:
+            self.key_accepted = True
+
+    async def create(self, body: bytes) -> SignInToken:
+        """Create a sign-in token from an encoded request body; raise the error Clerk's answer means."""
+        status, answer, retry_after = await self._post("/sign_in_tokens", body)
         if status != 200:
-            raise error_for(status, body, retry_after)
+            raise error_for(status, answer, retry_after)
         try:
-            return clerk_token_decoder.decode(body)
+            return clerk_token_decoder.decode(answer)
         except msgspec.DecodeError:
             msg = "Clerk answered 200 with a body that is not a SignInToken"
-            raise UpstreamUnavailableError(msg, upstream_status=status) from None
+            raise UpstreamMalformedError(msg, token_id=_token_id(answer), upstream_status=status) from None
 
     async def probe(self) -> bool:
         """Whether Clerk answers at all: a create it must refuse (422), so no token is made."""
-        status, _, _ = await self._post("/sign_in_tokens", b"{}", None)
+        status, _, _ = await self._post("/sign_in_tokens", b"{}")
         return status < 500
 
     async def revoke(self, token_id: str) -> None:
         """Revoke a pending token; raise the error Clerk's answer means."""
-        status, body, retry_after = await self._post(f"/sign_in_tokens/{token_id}/revoke", b"", None)
+        status, body, retry_after = await self._post(f"/sign_in_tokens/{token_id}/revoke", b"")
         if status != 200:
             raise error_for(status, body, retry_after)

@@ -21,9 +21,9 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from service import broker
-from service.breaker import UpstreamBreaker
+from service.breaker import OutageHold, UpstreamBreaker
 from service.config import Settings
-from service.dedup import IdempotencyKey, IdempotencyStore
+from service.dedup import IdempotencyStore
 from service.envelope import Envelope
 from service.errors import (
     DeadlineExceededError,
@@ -31,6 +31,8 @@ from service.errors import (
     KeyRejectedError,
     RequestError,
     ServiceError,
+    ShutdownRequestedError,
+    UpstreamMalformedError,
     UpstreamUnavailableError,
 )
 from service.health import HealthServer, Metrics
@@ -44,6 +46,7 @@ from service.messages import (
     SignInToken,
     UndecodableError,
     decode_request,
+    encode_clerk_body,
     encode_reply,
     reply_content_type,
 )
@@ -55,10 +58,6 @@ log = structlog.get_logger(__name__)
 
 # Time kept back from the shutdown grace period to close the connection.
 _SHUTDOWN_MARGIN_SECONDS: Final = 3.0
-
-
-class ShutdownRequestedError(ServiceError):
-    """The worker is stopping: return the request to its queue."""
 
 
 def failed(error: RequestError) -> Failed:
@@ -81,6 +80,21 @@ def outcome_of(reply: Reply) -> str:
     return "created" if isinstance(reply, Created) else reply.error.code
 
 
+def reply_log_fields(reply: Reply) -> dict[str, object]:
+    """What a ``replied`` line says of a reply: for a failure, everything to quote to Clerk's support."""
+    if isinstance(reply, Created):
+        return {"outcome": "created", "sign_in_token_id": reply.sign_in_token.id}
+    error = reply.error
+    return {
+        "outcome": error.code,
+        "message": error.message,
+        "upstream_status": error.upstream_status,
+        "upstream_code": error.upstream_code,
+        "clerk_trace_id": error.clerk_trace_id,
+        "attempts": error.attempts,
+    }
+
+
 class Worker:
     """Consumes both lanes, answers each request exactly once while it stays up."""
 
@@ -91,10 +105,13 @@ class Worker:
         self.metrics = Metrics()
         self.clerk = ClerkClient(settings)
         self.policy = Policy(settings.publishers)
-        self.dedup = IdempotencyStore(settings.idempotency_window_seconds, settings.idempotency_max_entries)
+        self.dedup = IdempotencyStore(settings.idempotency_window_seconds, settings.idempotency_max_bytes)
+        self.metrics.idempotency_bytes.set_function(lambda: self.dedup.size_bytes)
+        self.metrics.idempotency_entries.set_function(lambda: len(self.dedup))
         self.gate = LaneGate(settings.upstream_concurrency)
         self.retry = RetryPolicy(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_delay_seconds)
         self.health = HealthServer(self.metrics, self.readiness, settings.http_host, settings.http_port)
+        self.stopping = asyncio.Event()
         self.breaker = UpstreamBreaker(
             threshold=settings.outage_failure_threshold,
             hold_seconds=settings.outage_hold_seconds,
@@ -102,10 +119,9 @@ class Worker:
             probe=self.clerk.probe,
             on_open=lambda: self._pause("upstream_unavailable"),
             on_close=lambda: self._resume("upstream_unavailable"),
+            stopping=self.stopping,
         )
         self._paused: set[str] = set()
-        self.stopping = asyncio.Event()
-        self.key_ok = True
         self._connection: AbstractRobustConnection | None = None
         self._consumers: broker.LaneConsumers | None = None
         self._publisher: broker.ReplyPublisher | None = None
@@ -122,7 +138,9 @@ class Worker:
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
         await broker.declare_topology(self._connection, self.settings)
-        self._publisher = broker.ReplyPublisher(self._connection, self.settings.dead_letter_queue)
+        self._publisher = broker.ReplyPublisher(
+            self._connection, self.settings.dead_letter_queue, self.settings.confirm_timeout_seconds
+        )
         await self._publisher.open()
         self._consumers = broker.LaneConsumers(self._connection, self.settings, self._on_message)
         await self._consumers.open()
@@ -136,11 +154,17 @@ class Worker:
     def _on_reconnected(self, _: object) -> None:
         log.info("broker_reconnected")
 
+    @property
+    def key_ok(self) -> bool:
+        """Whether Clerk's last word on the key accepted it (true until it has said anything)."""
+        return self.clerk.key_accepted is not False
+
     def readiness(self) -> dict[str, bool]:
         """The checks behind /readyz."""
         connection = self._connection
         return {
             "connected": connection is not None and connection.connected.is_set(),
+            "broker_unblocked": connection is None or not broker.is_blocked(connection),
             "consuming": self._consumers is not None and self._consumers.consuming,
             "key_ok": self.key_ok,
             "upstream_available": not self.breaker.is_open,
@@ -179,7 +203,7 @@ class Worker:
         except KeyRejectedError:
             await self._hold_for_key(message, lane)
         except ShutdownRequestedError:
-            await self._return(message)
+            await self._return(message, "shutting_down")
         except Exception as exc:  # noqa: BLE001 - a defect must not leave the request stuck
             await self._return_after_defect(message, exc)
         finally:
@@ -190,7 +214,7 @@ class Worker:
     async def _return_after_defect(self, message: AbstractIncomingMessage, exc: Exception) -> None:
         """Return the request; its queue's delivery limit ends a loop in DEAD_LETTER_QUEUE."""
         log.error("unexpected_error", error=exc, exc_info=exc)
-        await self._return(message)
+        await self._return(message, "unexpected_error")
 
     async def handle(self, message: AbstractIncomingMessage, lane: Lane) -> None:
         """Answer one request, or dead-letter it; raise KeyRejectedError on a 401."""
@@ -218,66 +242,86 @@ class Worker:
             reply = failed(exc)
         else:
             structlog.contextvars.bind_contextvars(user_id=request.user_id)
-            reply = await self._answer(request, envelope, lane)
-        await self._deliver(message, envelope, reply, lane)
+            reply, from_store = await self._answer(request, envelope, lane)
+            await self._deliver(message, envelope, reply, lane, from_store=from_store)
+            return
+        await self._deliver(message, envelope, reply, lane, from_store=False)
 
-    async def _answer(self, request: CreateSignInTokenRequestBody, envelope: Envelope, lane: Lane) -> Reply:
+    async def _answer(
+        self,
+        request: CreateSignInTokenRequestBody,
+        envelope: Envelope,
+        lane: Lane,
+    ) -> tuple[Reply, bool]:
+        """The reply to a decoded request, and whether it came from the idempotency store."""
         try:
             deadline = envelope.deadline()
             self.policy.check(envelope.publisher, request)
         except RequestError as exc:
-            return failed(exc)
+            return failed(exc), False
         key = envelope.idempotency_key
+        body = encode_clerk_body(request)
         async with self.dedup.claim(key) as remembered:
             if remembered is not None:
+                if remembered.request != body:
+                    msg = "message_id was already used for a different request; use a new message_id for each request"
+                    return failed(InvalidRequestError(msg)), False
                 self.metrics.dedup_hits.inc()
                 log.info("answered_from_idempotency_store")
-                return remembered
+                return remembered.reply, True
             try:
-                token = await self._create(request, deadline, lane)
+                token = await self._create(body, deadline, lane)
             except RequestError as exc:
-                structlog.contextvars.bind_contextvars(upstream_status=exc.upstream_status, attempts=exc.attempts)
                 reply: Reply = failed(exc)
                 if exc.final:
-                    self.dedup.remember(key, reply)
-                return reply
+                    self.dedup.remember(key, body, reply)
+                return reply, False
             reply = Created(sign_in_token=token)
-            self.dedup.remember(key, reply)
-            return reply
+            self.dedup.remember(key, body, reply)
+            return reply, False
 
-    async def _create(self, request: CreateSignInTokenRequestBody, deadline: float | None, lane: Lane) -> SignInToken:
+    async def _create(self, body: bytes, deadline: float | None, lane: Lane) -> SignInToken:
         """Call Clerk, retrying transient failures; raise the final RequestError."""
         if deadline is not None and time.time() >= deadline:
             msg = "x-deadline passed before the request was processed"
             raise DeadlineExceededError(msg)
+        hold = self.breaker.hold()
 
         async def attempt() -> SignInToken:
-            await self.breaker.wait_closed(deadline)
-            async with self.gate.turn(lane):
-                if deadline is not None and time.time() >= deadline:
-                    msg = "x-deadline passed while the request waited for its turn"
-                    raise DeadlineExceededError(msg)
-                token = await self._call_clerk(request, deadline)
-            if deadline is not None and time.time() > deadline:
-                await self._revoke(token)
-                msg = "Clerk answered after x-deadline; the token was revoked"
-                raise DeadlineExceededError(msg, upstream_status=200)
-            return token
+            return await self._attempt(body, deadline, lane, hold)
 
         async def backoff(seconds: float) -> None:
             self.metrics.retries.labels(lane.value).inc()
-            log.info("retrying_upstream", wait_seconds=round(seconds, 3))
             await self._sleep_unless_stopping(seconds)
 
-        token, attempts = await self.retry.run(attempt, deadline=deadline, sleep=backoff)
+        token, attempts = await self.retry.run(attempt, deadline=deadline, sleep=backoff, on_retry=_log_retry)
         structlog.contextvars.bind_contextvars(sign_in_token_id=token.id, attempts=attempts)
         return token
 
-    async def _call_clerk(self, request: CreateSignInTokenRequestBody, deadline: float | None) -> SignInToken:
+    async def _attempt(self, body: bytes, deadline: float | None, lane: Lane, hold: OutageHold) -> SignInToken:
+        """One attempt: wait out an outage, take a turn, call; a token that comes too late is revoked."""
+        await self.breaker.wait_closed(deadline, hold)
+        async with self.gate.turn(lane):
+            if deadline is not None and time.time() >= deadline:
+                msg = "x-deadline passed while the request waited for its turn"
+                raise DeadlineExceededError(msg)
+            token = await self._call_clerk(body)
+        if deadline is not None and time.time() > deadline:
+            await self._revoke(token.id)
+            msg = "Clerk answered after x-deadline; the token was revoked"
+            raise DeadlineExceededError(msg, upstream_status=200)
+        return token
+
+    async def _call_clerk(self, body: bytes) -> SignInToken:
         """One create at Clerk, its latency measured and its answer told to the breaker."""
         try:
             with self.metrics.upstream_latency.labels("create").time():
-                token = await self.clerk.create(request, deadline)
+                token = await self.clerk.create(body)
+        except UpstreamMalformedError as exc:
+            self.breaker.record_success()  # Clerk answered; it is not down
+            if exc.token_id is not None:
+                await self._revoke(exc.token_id)
+            raise
         except UpstreamUnavailableError:
             self.breaker.record_unavailable()
             raise
@@ -287,7 +331,15 @@ class Worker:
         self.breaker.record_success()
         return token
 
-    async def _deliver(self, message: AbstractIncomingMessage, envelope: Envelope, reply: Reply, lane: Lane) -> None:
+    async def _deliver(
+        self,
+        message: AbstractIncomingMessage,
+        envelope: Envelope,
+        reply: Reply,
+        lane: Lane,
+        *,
+        from_store: bool,
+    ) -> None:
         content_type = reply_content_type(envelope.content_type)
         outgoing = broker.reply_message(
             encode_reply(reply, content_type),
@@ -298,28 +350,34 @@ class Worker:
         try:
             await self._publisher_or_fail().publish(outgoing, envelope.reply_to)
         except broker.ReplyRefusedError:
-            await self._reply_refused(message, envelope.idempotency_key, reply, lane)
+            await self._reply_refused(message, envelope, reply, lane, from_store=from_store)
             return
         except broker.ReplyFateUnknownError:
             log.warning("reply_fate_unknown", reply_to=envelope.reply_to)
-            await self._return(message)
+            await self._return(message, "reply_fate_unknown")
             return
         await self._ack(message)
         self.metrics.requests.labels(lane.value, outcome_of(reply)).inc()
-        log.info("replied", outcome=outcome_of(reply), reply_to=envelope.reply_to)
+        log.info("replied", reply_to=envelope.reply_to, **reply_log_fields(reply))
 
     async def _reply_refused(
         self,
         message: AbstractIncomingMessage,
-        key: IdempotencyKey | None,
+        envelope: Envelope,
         reply: Reply,
         lane: Lane,
+        *,
+        from_store: bool,
     ) -> None:
-        """Nobody can receive the reply: revoke its token, dead-letter the request."""
-        log.warning("reply_refused", reply_to=message.reply_to)
-        if isinstance(reply, Created):
-            self.dedup.forget(key)
-            await self._revoke(reply.sign_in_token)
+        """Nobody can receive the reply: revoke its token, dead-letter the request.
+
+        A token from the idempotency store was already given to the request
+        that created it: a duplicate's refused reply leaves it alone.
+        """
+        log.warning("reply_refused", reply_to=envelope.reply_to, from_idempotency_store=from_store)
+        if isinstance(reply, Created) and not from_store:
+            self.dedup.forget(envelope.idempotency_key)
+            await self._revoke(reply.sign_in_token.id)
         await self._dead_letter(message, lane, "reply_refused")
 
     async def _dead_letter(self, message: AbstractIncomingMessage, lane: Lane, reason: str) -> None:
@@ -327,30 +385,30 @@ class Worker:
             await self._publisher_or_fail().dead_letter(message, reason)
         except (broker.ReplyRefusedError, broker.ReplyFateUnknownError):
             log.warning("dead_letter_failed", reason=reason)
-            await self._return(message)
+            await self._return(message, "dead_letter_failed")
             return
         await self._ack(message)
         self.metrics.requests.labels(lane.value, "dead_lettered").inc()
         log.warning("dead_lettered", reason=reason)
 
-    async def _revoke(self, token: SignInToken) -> None:
+    async def _revoke(self, token_id: str) -> None:
         """Revoke a token nobody will receive; failures are logged, not raised."""
 
         async def attempt() -> None:
             with self.metrics.upstream_latency.labels("revoke").time():
-                await self.clerk.revoke(token.id)
+                await self.clerk.revoke(token_id)
 
         try:
             await self.retry.run(attempt, deadline=None, sleep=self._sleep_unless_stopping)
         except (ServiceError, asyncio.CancelledError) as exc:
             log.error(  # noqa: TRY400 - a traceback could carry the token
-                "revoke_failed", sign_in_token_id=token.id, reason=type(exc).__name__
+                "revoke_failed", sign_in_token_id=token_id, reason=type(exc).__name__
             )
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
         self.metrics.revoked.inc()
-        log.warning("token_revoked", sign_in_token_id=token.id)
+        log.warning("token_revoked", sign_in_token_id=token_id)
 
     # -- acknowledgements ----------------------------------------------------
 
@@ -361,8 +419,9 @@ class Worker:
             # The channel is gone: the broker redelivers, and the store answers again.
             log.warning("ack_lost")
 
-    async def _return(self, message: AbstractIncomingMessage) -> None:
+    async def _return(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Give the request back to its queue (the broker does so anyway if the channel died)."""
+        log.info("returned_to_queue", reason=reason)
         with contextlib.suppress(*broker.CHANNEL_FAILURES):
             await message.nack(requeue=True)
 
@@ -383,46 +442,61 @@ class Worker:
     async def _hold_for_key(self, message: AbstractIncomingMessage, lane: Lane) -> None:
         self.metrics.key_rejected.inc()
         if self._probe is not None or self.stopping.is_set():
-            await self._return(message)
+            await self._return(message, "key_rejected")
             return
-        self.key_ok = False
         # Registered before any await, so concurrent 401s see there is a probe.
         self._probe = asyncio.create_task(self._probe_key(message, lane))
         log.error("secret_key_rejected", action="pausing consumption; holding one request as a probe")
         await self._pause("key_rejected")
 
     async def _probe_key(self, message: AbstractIncomingMessage, lane: Lane) -> None:
-        """Retry the held request with backoff until Clerk accepts the key again."""
+        """Probe with backoff until Clerk accepts the key again, then resume.
+
+        The held request is the probe while it is held; once it is answered
+        without Clerk's word on the key (its deadline passed, or it came from
+        the store) or its hold runs out, a call that creates no token probes.
+        """
+        held: AbstractIncomingMessage | None = message
         held_since = time.monotonic()
-        answered = False
         try:
             for delay in probe_delays(self.settings.probe_max_interval_seconds):
                 await self._sleep_unless_stopping(delay)
-                try:
-                    await self.handle(message, lane)
-                    answered = True
+                if held is None:
+                    with contextlib.suppress(UpstreamUnavailableError):
+                        await self.clerk.probe()
+                else:
+                    held = await self._probe_with(held, lane, held_since)
+                if self.clerk.key_accepted:
                     break
-                except KeyRejectedError:
-                    self.metrics.key_rejected.inc()
-                    if time.monotonic() - held_since > self.settings.key_probe_hold_seconds:
-                        # Held long enough: before the broker's consumer timeout
-                        # takes the channel, return it; the next request probes.
-                        await self._return(message)
-                        break
-                except ShutdownRequestedError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the probe must end, and consumption resume
-                    await self._return_after_defect(message, exc)
-                    break
+                self.metrics.key_rejected.inc()
         except ShutdownRequestedError:
-            await self._return(message)
+            if held is not None:
+                await self._return(held, "shutting_down")
             return
         finally:
             self._probe = None
-        self.key_ok = answered
-        if answered:
-            log.info("secret_key_accepted", action="resuming consumption")
+        log.info("secret_key_accepted", action="resuming consumption")
         await self._resume("key_rejected")
+
+    async def _probe_with(
+        self,
+        message: AbstractIncomingMessage,
+        lane: Lane,
+        held_since: float,
+    ) -> AbstractIncomingMessage | None:
+        """Try the held request again; return it while it is still held."""
+        try:
+            await self.handle(message, lane)
+        except KeyRejectedError:
+            if time.monotonic() - held_since <= self.settings.key_probe_hold_seconds:
+                return message
+            # Held long enough: return it before the broker's consumer timeout takes the channel.
+            await self._return(message, "key_probe_hold_expired")
+        except ShutdownRequestedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the probe must go on
+            await self._return_after_defect(message, exc)
+        return None
 
     # -- pauses --------------------------------------------------------------
 
@@ -439,11 +513,33 @@ class Worker:
             await self._consumers.resume()
 
 
+def _log_retry(attempt: int, error: BaseException | None, wait_seconds: float) -> None:
+    log.info(
+        "retrying_upstream",
+        attempt=attempt,
+        upstream_status=getattr(error, "upstream_status", None),
+        error=getattr(error, "code", type(error).__name__),
+        wait_seconds=round(wait_seconds, 3),
+    )
+
+
 async def run_worker(settings: Settings, stop: asyncio.Event, *, name: str = "sign-in-token-worker") -> None:
-    """Run a worker until ``stop`` is set, then shut it down within the grace period."""
+    """Run a worker until ``stop`` is set, then shut it down within the grace period.
+
+    A stop during start-up (the broker still being retried) ends the start at once.
+    """
     worker = Worker(settings, name=name)
+    starting = asyncio.ensure_future(worker.start())
+    stopped = asyncio.ensure_future(stop.wait())
     try:
-        await worker.start()
-        await stop.wait()
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()
+            await stopped
+        else:
+            log.info("stopped_during_start")
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
     finally:
+        stopped.cancel()
         await worker.shutdown()

@@ -73,3 +73,55 @@ async def test_key_is_scoped_to_the_publisher(
     tokens = {b["sign_in_token"]["id"] for b in bodies}
     assert len(tokens) == 2
     assert fake_clerk.stats.create_calls == 2
+
+
+async def test_a_reused_message_id_for_another_request_is_refused_not_answered_with_another_token(
+    worker: Worker, channel: AbstractChannel, queue_names: dict[str, str], fake_clerk: FakeClerk
+) -> None:
+    """Two callers without a user_id property both use message_id 42: the second never gets the first's token."""
+    replies = await channel.declare_queue(exclusive=True)
+    for user in ("user_alice", "user_bob"):
+        await channel.default_exchange.publish(
+            aio_pika.Message(b'{"user_id": "%s"}' % user.encode(), message_id="42", reply_to=replies.name),
+            queue_names["REQUEST_QUEUE"],
+        )
+    first, second = [msgspec.json.decode((await get_message(channel, replies.name)).body) for _ in range(2)]
+    assert first["sign_in_token"]["user_id"] == "user_alice"
+    assert second["outcome"] == "failed"
+    assert second["error"]["code"] == "invalid_request"
+    assert "message_id was already used for a different request" in second["error"]["message"]
+    assert fake_clerk.stats.create_calls == 1
+
+
+async def test_a_replayed_key_with_another_expiry_or_organization_is_refused(
+    worker: Worker, client: TokenClient, fake_clerk: FakeClerk
+) -> None:
+    """The same user with another expires_in_seconds or org_id is another request."""
+    first = (await (await client.send(b'{"user_id": "user_a"}', message_id="k"))).decode()
+    longer = (await (await client.send(b'{"user_id": "user_a", "expires_in_seconds": 60}', message_id="k"))).decode()
+    org = (await (await client.send(b'{"user_id": "user_a", "org_id": "org_1"}', message_id="k"))).decode()
+    camel = (await (await client.send(b'{"userId": "user_a"}', message_id="k"))).decode()
+    assert isinstance(first, Created)
+    assert isinstance(longer, Failed)
+    assert isinstance(org, Failed)
+    assert (longer.error.code, org.error.code) == ("invalid_request", "invalid_request")
+    assert camel == first  # the other spelling of the same request
+    assert fake_clerk.stats.create_calls == 1
+
+
+async def test_a_duplicate_with_a_missing_reply_queue_does_not_revoke_the_delivered_token(
+    worker: Worker, client: TokenClient, channel: AbstractChannel, queue_names: dict[str, str], fake_clerk: FakeClerk
+) -> None:
+    """The token came from the store: the first caller holds it, so a replay to `no-such-queue` is only dead-lettered."""
+    first = (await (await client.send(b'{"user_id": "user_a"}', message_id="42"))).decode()
+    assert isinstance(first, Created)
+    await channel.default_exchange.publish(
+        aio_pika.Message(b'{"user_id": "user_a"}', message_id="42", reply_to="no-such-queue"),
+        queue_names["REQUEST_QUEUE"],
+    )
+    dead = await get_message(channel, queue_names["DEAD_LETTER_QUEUE"])
+    assert dead.headers["x-dead-letter-reason"] == "reply_refused"
+    assert fake_clerk.stats.revoked == set()
+    assert fake_clerk.stats.tokens[first.sign_in_token.id]["status"] == "pending"
+    again = (await (await client.send(b'{"user_id": "user_a"}', message_id="42"))).decode()
+    assert again == first

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 from service.client import TokenClient
 from service.fake_clerk import FakeClerk
-from service.messages import Created
+from service.messages import Created, Failed
 from service.worker import Worker
-from tests.conftest import SECRET_KEY, wait_until
+from tests.conftest import SECRET_KEY, WorkerFactory, wait_until
 from tests.workers import readyz
 
 
@@ -30,3 +32,26 @@ async def test_bad_key_pauses_without_replies_and_resumes_when_it_works(
     assert all(isinstance(r, Created) for r in replies)
     await wait_until(lambda: all(worker.readiness().values()), what="ready")
     assert await readyz(worker.health.port) == 200
+
+
+async def test_readiness_follows_clerks_last_word_on_the_key(
+    start_worker: WorkerFactory,
+    client: TokenClient,
+    fake_clerk: FakeClerk,
+) -> None:
+    """The held probe answered without a call to Clerk (its deadline passed) does not make the bad key good."""
+    worker = await start_worker(probe_max_interval_seconds=0.3)
+    fake_clerk.accepted_keys = {"sk_test_other"}
+    future = await client.send(b'{"user_id": "user_p"}', deadline_ms=int(time.time() * 1000) + 1500)
+    reply = (await future).decode()
+    assert isinstance(reply, Failed)
+    assert reply.error.code == "deadline_exceeded"
+    calls = fake_clerk.stats.create_calls
+    await wait_until(lambda: fake_clerk.stats.create_calls > calls + 1, what="probes that create no token")
+    assert not worker.key_ok
+    assert not worker.readiness()["consuming"]
+    assert await readyz(worker.health.port) == 503
+    fake_clerk.accepted_keys = {SECRET_KEY}
+    await wait_until(lambda: all(worker.readiness().values()), what="ready once Clerk accepts the key")
+    assert isinstance(await client.request("user_after"), Created)
+    assert fake_clerk.stats.created == 1

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import tracemalloc
 from collections.abc import Iterator
 
 import msgspec
 import pytest
 import structlog
 
-from service.dedup import IdempotencyStore, idempotency_key
+from service.dedup import IdempotencyStore, Remembered, idempotency_key
 from service.errors import (
     KeyRejectedError,
     RateLimitedError,
@@ -26,15 +28,55 @@ from service.upstream import error_for
 TOKEN = SignInToken(
     object="sign_in_token", id="sit_1", status="pending", user_id="u", token="t", created_at=1, updated_at=1
 )
+REQUEST = b'{"user_id":"u"}'
+
+
+def _real_token(i: int) -> Created:
+    jwt = make_jwt(f"user_{i}", f"sit_{i:024d}", 600)
+    return Created(
+        sign_in_token=SignInToken(
+            object="sign_in_token",
+            id=f"sit_{i:024d}",
+            status="pending",
+            user_id=f"user_{i}",
+            token=jwt,
+            url=f"https://accounts.example.test/v1/tickets/accept?ticket={jwt}",
+            created_at=1,
+            updated_at=1,
+        ),
+    )
+
+
+def test_store_counts_at_least_the_memory_it_holds_and_stays_under_its_bound() -> None:
+    """Counted bytes cover what tracemalloc sees for real-size tokens, and the bound evicts the oldest."""
+    entries = 5_000
+    replies = [_real_token(i) for i in range(entries)]
+    store = IdempotencyStore(600, 2**40)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i, reply in enumerate(replies):
+            store.remember(("caller", f"m{i}"), b'{"user_id":"user_%d"}' % i, reply)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held <= store.size_bytes <= 1.5 * held
+    bounded = IdempotencyStore(600, store.size_bytes // 2)
+    for i, reply in enumerate(replies):
+        bounded.remember(("caller", f"m{i}"), REQUEST, reply)
+    assert bounded.size_bytes <= store.size_bytes // 2
+    assert 0 < len(bounded) < entries
 
 
 async def test_store_remembers_within_the_window_and_scopes_by_publisher() -> None:
     """A remembered reply comes back for its key only; another publisher's key is different."""
-    store = IdempotencyStore(60, 10)
+    store = IdempotencyStore(60, 2**20)
     key = idempotency_key("alice", "m1")
-    store.remember(key, Created(sign_in_token=TOKEN))
+    store.remember(key, REQUEST, Created(sign_in_token=TOKEN))
     async with store.claim(key) as remembered:
-        assert remembered == Created(sign_in_token=TOKEN)
+        assert remembered == Remembered(REQUEST, Created(sign_in_token=TOKEN))
     async with store.claim(idempotency_key("bob", "m1")) as other:
         assert other is None
     assert idempotency_key("alice", None) is None
@@ -42,7 +84,7 @@ async def test_store_remembers_within_the_window_and_scopes_by_publisher() -> No
 
 async def test_store_serialises_claims_of_one_key() -> None:
     """A second claim of a key waits until the first is released, then sees its reply."""
-    store = IdempotencyStore(60, 10)
+    store = IdempotencyStore(60, 2**20)
     key = idempotency_key(None, "m")
     seen: list[object] = []
 
@@ -54,9 +96,9 @@ async def test_store_serialises_claims_of_one_key() -> None:
         task = asyncio.create_task(second())
         await asyncio.sleep(0)  # wait-ok: yield so the other tasks reach their await
         assert not task.done()
-        store.remember(key, Created(sign_in_token=TOKEN))
+        store.remember(key, REQUEST, Created(sign_in_token=TOKEN))
     await task
-    assert seen == [Created(sign_in_token=TOKEN)]
+    assert seen == [Remembered(REQUEST, Created(sign_in_token=TOKEN))]
     assert store._locks == {}
 
 
