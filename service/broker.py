@@ -55,6 +55,9 @@ amqp_wire.install()
 log = structlog.get_logger(__name__)
 
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
+# How often a slow confirm looks whether the connection is blocked: a block shorter than
+# the confirm timeout must not count against it either.
+_BLOCKED_POLL_SECONDS: Final = 0.25
 _CONNECT_TIMEOUT_SECONDS: Final = 10.0
 # aio-pika's default is 5 s; a lost broker is retried each second so consumption resumes sooner.
 _RECONNECT_INTERVAL_SECONDS: Final = 1.0
@@ -327,16 +330,24 @@ class ReplyPublisher:
             raise ReplyFateUnknownError(msg) from None
 
     async def _confirmed(self, publish: Awaitable[object]) -> None:
-        """Wait for the confirm: without a limit while the connection is blocked, else ``confirm_timeout``.
+        """Wait for the confirm, counting only the time the connection is not blocked against ``confirm_timeout``.
 
         A nack or a return is raised by aiormq as DeliveryError.
         """
         task = asyncio.ensure_future(publish)
+        step = min(_BLOCKED_POLL_SECONDS, self._confirm_timeout)
+        unblocked_wait = 0.0
+        logged = False
         try:
-            while not (await asyncio.wait({task}, timeout=self._confirm_timeout))[0]:
-                if not is_blocked(self._connection):
-                    raise TimeoutError
-                log.warning("broker_blocked_waiting_for_confirm")
+            while not (await asyncio.wait({task}, timeout=step))[0]:
+                if is_blocked(self._connection):
+                    if not logged:
+                        log.warning("broker_blocked_waiting_for_confirm")
+                        logged = True
+                    continue
+                unblocked_wait += step
+                if unblocked_wait >= self._confirm_timeout:
+                    raise asyncio.TimeoutError
         finally:
             if not task.done():
                 task.cancel()

@@ -6,6 +6,7 @@ message id, a token or a key.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from aiohttp import web
@@ -48,7 +49,7 @@ class Metrics:
         self.key_rejected = Counter("sign_in_tokens_key_rejected", "Answers 401 from Clerk.", registry=r)
         self.ready = Gauge(
             "sign_in_tokens_ready",
-            "1 when connected, not blocked by a broker alarm, consuming, the key accepted and Clerk available.",
+            "1 when /readyz passes all of: connected, broker_unblocked, consuming, key_ok, upstream_available.",
             registry=r,
         )
         self.idempotency_bytes = Gauge(
@@ -107,7 +108,8 @@ class HealthServer:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
-            msg = f"HTTP_PORT: cannot listen on {self._host}:{self._port} ({exc.strerror or exc})"
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            msg = f"HTTP_PORT: cannot listen on {self._host}:{self._port} ({reason})"
             raise ConfigError(msg) from None
         server = site._server  # noqa: SLF001 - the only way to learn a port chosen by the OS
         sockets = getattr(server, "sockets", None) or []

@@ -28,6 +28,7 @@ import aio_pika
 from service.errors import ConfigError
 
 _SERVER_PATHS = ("/usr/lib/rabbitmq/bin/rabbitmq-server", "/usr/sbin/rabbitmq-server")
+_CTL_TIMEOUT_SECONDS = 60.0
 _BOOT_TIMEOUT_SECONDS = 90.0
 _STOP_TIMEOUT_SECONDS = 30.0
 
@@ -174,6 +175,24 @@ class LocalBroker:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+    async def ctl(self, *args: str) -> str:
+        """Run ``rabbitmqctl ARGS`` against this node; return its output, raise ConfigError when it fails."""
+        ctl = str(Path(find_server()).with_name("rabbitmqctl"))
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [ctl, *args],
+            env=self._environment(),
+            cwd=self.base_dir,
+            capture_output=True,
+            text=True,
+            timeout=_CTL_TIMEOUT_SECONDS,
+            check=False,
+        )
+        if result.returncode != 0:
+            msg = f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip() or result.stdout.strip()}"
+            raise ConfigError(msg)
+        return result.stdout
 
     async def stop_async(self) -> None:
         """Stop the node without blocking the event loop."""

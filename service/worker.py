@@ -189,7 +189,8 @@ class Worker:
                 await self._connection.close()
         await self.clerk.close()
         await self.health.stop()
-        log.info("worker_stopped")
+        if self._connection is not None:
+            log.info("worker_stopped")
 
     # -- one message ---------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import random
 from collections import Counter
 from typing import Any
@@ -62,8 +63,27 @@ KINDS = ["random_bytes", "deep_nesting", "huge_string", "wrong_types", "invalid_
          "msgpack_as_json", "valid"]  # fmt: skip
 
 
+class _Microseconds(dt.datetime):
+    """A timestamp written as microseconds since the epoch."""
+
+    def timestamp(self) -> float:
+        return 1_700_000_000_000_000.0
+
+
+def _odd_properties(rng: random.Random, index: int, message: aio_pika.Message) -> str:
+    """Properties RabbitMQ passes through and strict decoders refuse (not UTF-8, a timestamp in microseconds)."""
+    odd = rng.choice(["correlation_id", "header_name", "timestamp"])
+    if odd == "correlation_id":
+        message.correlation_id = f"h{index}-\udcff\udcfe"
+    elif odd == "header_name":
+        message.headers = {**(message.headers or {}), "x-\udcff": "v"}
+    else:
+        message.timestamp = _Microseconds(2026, 1, 1)
+    return f"odd_{odd}"
+
+
 def hostile(rng: random.Random, index: int, reply_to: str) -> tuple[str, aio_pika.Message]:
-    """One hostile message with a unique id: body, content type, headers and reply_to all at random."""
+    """One hostile message with a unique id: body, content type, headers, properties and reply_to at random."""
     kind = rng.choice(KINDS)
     destination = rng.choices([reply_to, None, MISSING_QUEUE], weights=[8, 1, 1])[0]
     message = aio_pika.Message(
@@ -74,6 +94,8 @@ def hostile(rng: random.Random, index: int, reply_to: str) -> tuple[str, aio_pik
         correlation_id=rng.choice([f"h{index}", None]),
         reply_to=destination,
     )
+    if rng.random() < 0.1:
+        kind = _odd_properties(rng, index, message)
     return kind, message
 
 
@@ -94,7 +116,10 @@ async def test_hostile_messages_are_all_answered_or_dead_lettered(
     queue_names: dict[str, str],
     figures: Figures,
 ) -> None:
-    """Random bytes, deep nesting, huge strings, wrong types, bad UTF-8, 10 MB bodies, bad headers: none lost."""
+    """Random bytes, deep nesting, huge strings, wrong types, bad UTF-8, 10 MB bodies, bad headers and properties.
+
+    None is lost, none answered twice, and the worker's connection never drops.
+    """
     count = figures.scale(20_000, 100_000)
     rng = random.Random(20261123)
     worker = await worker_processes.start()
@@ -125,6 +150,7 @@ async def test_hostile_messages_are_all_answered_or_dead_lettered(
         delivered_twice=sum(n - 1 for n in seen.values()),
         worker_crashes=int(not worker.alive()),
         unexpected_errors=sum(1 for e in events if e["event"] == "unexpected_error"),
+        connection_losses=sum(1 for e in events if e["event"] == "broker_connection_lost"),
         tokens_created=fake_clerk.stats.created,
         tokens_revoked=len(fake_clerk.stats.revoked),
         worker_rss_after_mib=round(rss_mib),
@@ -134,4 +160,5 @@ async def test_hostile_messages_are_all_answered_or_dead_lettered(
     assert len(seen) == sent
     assert set(seen.values()) == {1}
     assert not [e for e in events if e["event"] == "unexpected_error"]
+    assert not [e for e in events if e["event"] == "broker_connection_lost"]
     assert fake_clerk.stats.revoked == {t for t, o in fake_clerk.stats.tokens.items() if o["status"] == "revoked"}

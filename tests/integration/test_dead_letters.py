@@ -5,7 +5,7 @@ from __future__ import annotations
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from service.broker import declare_topology
+from service.broker import _AbsentMessageId, declare_topology
 from service.client import TokenClient
 from service.fake_clerk import FakeClerk
 from service.messages import Failed
@@ -83,3 +83,22 @@ async def test_a_message_redelivered_past_the_delivery_limit_is_dead_lettered_by
     assert dead.body == b'{"user_id": "user_poison"}'
     assert deliveries == 4
     assert dead.headers["x-death"][0]["reason"] == "delivery_limit"
+
+
+async def test_a_dead_lettered_copy_keeps_the_requests_properties(
+    worker: Worker,
+    channel: AbstractChannel,
+    queue_names: dict[str, str],
+) -> None:
+    """Priority, type, app_id and an absent message_id stay as they were; an expiration moves to a header."""
+    request = aio_pika.Message(b"not json", priority=7, expiration=60, type="t", app_id="caller-app")
+    properties = request.properties
+    properties.message_id = _AbsentMessageId()  # aiormq would invent one for our publish too
+    underlay = await channel.get_underlay_channel()
+    await underlay.basic_publish(request.body, routing_key=queue_names["REQUEST_QUEUE"], properties=properties)
+    message = await get_message(channel, queue_names["DEAD_LETTER_QUEUE"])
+    assert (message.priority, message.type, message.app_id) == (7, "t", "caller-app")
+    assert message.message_id is None
+    assert message.expiration is None
+    assert message.headers["x-original-expiration"] == "60000"
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT

@@ -35,3 +35,15 @@ async def test_metrics_count_requests_by_lane_and_outcome(worker: Worker, client
     assert 'sign_in_tokens_upstream_latency_seconds_count{operation="create"} 2.0' in text
     assert "sign_in_tokens_in_flight" in text
     assert "eyJ" not in text
+
+
+async def test_metrics_have_no_created_timestamps_and_show_the_store_size(worker: Worker, client: TokenClient) -> None:
+    """No `_created` series reads like a count; the idempotency store's bytes and entries are reported."""
+    await client.request("user_size")
+    _, _, text = await get(worker, "/metrics")
+    assert "_created" not in text.replace('outcome="created"', "")
+    assert "sign_in_tokens_idempotency_store_entries 1.0" in text
+    size = next(line for line in text.splitlines() if line.startswith("sign_in_tokens_idempotency_store_bytes "))
+    assert float(size.split()[1]) > 1000
+    assert "upstream_available" in text
+    assert '"broker_unblocked": true' in (await get(worker, "/readyz"))[2]

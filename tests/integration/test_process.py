@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,9 +13,11 @@ import time
 import pytest
 from aio_pika.abc import AbstractChannel
 
+from service.client import TokenClient
 from service.fake_clerk import FakeClerk
 from service.local_broker import free_port
-from tests.conftest import SECRET_KEY, WorkerFactory, wait_until
+from service.messages import Created
+from tests.conftest import SECRET_KEY, WorkerFactory, queue_depth, wait_until
 from tests.workers import Replies, WorkerProcesses, publish_requests
 
 pytestmark = pytest.mark.slow
@@ -83,6 +86,11 @@ def base_env() -> dict[str, str]:
         ({"CLERK_SECRET_KEY": "sk_test_x", "HTTP_PORT": "eighty"}, "HTTP_PORT"),
         ({"CLERK_SECRET_KEY": "sk_test_x", "MAX_ATTEMPTS": "0"}, "MAX_ATTEMPTS"),
         ({"CLERK_SECRET_KEY_FILE": "/no/such/file"}, "CLERK_SECRET_KEY_FILE"),
+        ({"CLERK_SECRET_KEY": "sk_test_x", "HTTP_HOST": "abc"}, "HTTP_HOST"),
+        ({"CLERK_SECRET_KEY": "sk_test_x", "DELIVERY_LIMIT": "99999999999999999999"}, "DELIVERY_LIMIT"),
+        ({"CLERK_SECRET_KEY": "sk_test_x", "SHUTDOWN_GRACE_SECONDS": "inf"}, "SHUTDOWN_GRACE_SECONDS"),
+        ({"CLERK_SECRET_KEY": "sk_test_x", "OUTAGE_HOLD_SECONDS": "1e20"}, "OUTAGE_HOLD_SECONDS"),
+        ({"CLERK_SECRET_KEY": "sk_test_x", "OUTAGE_HOLD_SECONDS": "1700"}, "CONSUMER_TIMEOUT_SECONDS"),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(env: dict[str, str], names: str) -> None:
@@ -126,3 +134,99 @@ async def test_request_command_prints_the_reply(
     missing = await asyncio.to_thread(run_cli, "request", "nobody", env=env)
     assert missing.returncode == 1
     assert '"code": "user_not_found"' in missing.stdout
+
+
+def test_http_port_in_use_is_one_line_and_exit_2() -> None:
+    """Another process holds HTTP_PORT: one line naming it, exit 2, before any broker is tried."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**base_env(), "CLERK_SECRET_KEY": "sk_test_x", "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(port)}
+        result = run_cli("worker", env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "HTTP_PORT" in lines[0]
+
+
+async def test_sigterm_ends_the_start_up_retries_at_once(worker_processes: WorkerProcesses) -> None:
+    """While the broker is retried (STARTUP_TIMEOUT_SECONDS=40), SIGTERM exits 0 within a second or two."""
+    worker = worker_processes.spawn(
+        AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/", STARTUP_TIMEOUT_SECONDS="40", HTTP_PORT="0"
+    )
+    await wait_until(lambda: "broker_unreachable" in worker_processes.logs(), what="the first retry")
+    signalled = time.monotonic()
+    assert await worker_processes.stop(worker, signal.SIGTERM, timeout=15) == 0
+    assert time.monotonic() - signalled < 5
+    assert "Traceback" not in worker_processes.logs()
+
+
+async def test_sigterm_during_a_clerk_outage_returns_held_requests_at_once(
+    worker_processes: WorkerProcesses, fake_clerk: FakeClerk, client: TokenClient
+) -> None:
+    """Requests held by the breaker go back to their queue on SIGTERM; the exit does not wait out the grace period."""
+    fake_clerk.fail_next(503, count=10_000)
+    worker = await worker_processes.start(
+        OUTAGE_FAILURE_THRESHOLD="1", SHUTDOWN_GRACE_SECONDS="20", PROBE_MAX_INTERVAL_SECONDS="0.5"
+    )
+    for i in range(5):
+        await client.send(b'{"user_id": "user_h%d"}' % i)
+    await wait_until(lambda: "upstream_unavailable_pausing" in worker_processes.logs(), what="the breaker to open")
+    signalled = time.monotonic()
+    assert await worker_processes.stop(worker, signal.SIGTERM, timeout=30) == 0
+    assert time.monotonic() - signalled < 5
+    returned = [e for e in worker_processes.events() if e["event"] == "returned_to_queue"]
+    assert {e["reason"] for e in returned} == {"shutting_down"}
+
+
+async def test_sighup_is_logged_and_ignored(worker_processes: WorkerProcesses, client: TokenClient) -> None:
+    """SIGHUP no longer ends the worker: it logs it and keeps answering."""
+    worker = await worker_processes.start()
+    worker.process.send_signal(signal.SIGHUP)
+    await wait_until(lambda: "sighup_ignored" in worker_processes.logs(), what="the SIGHUP log line")
+    assert worker.alive()
+    assert isinstance(await client.request("user_after_hup"), Created)
+
+
+@pytest.mark.parametrize(
+    ("args", "url", "expected"),
+    [
+        (("--timeout", "nan"), None, "--timeout"),
+        (("--timeout", "-1"), None, "--timeout"),
+        ((), "amqp://guest:guest@127.0.0.1:{free}/", "cannot reach the broker at 127.0.0.1:"),
+        ((), "amqp://guest:wrong@{broker}/", "refused the credentials"),
+    ],
+)
+async def test_request_command_failures_are_one_line_and_publish_nothing(
+    args: tuple[str, ...],
+    url: str | None,
+    expected: str,
+    amqp_url: str,
+    queue_names: dict[str, str],
+    channel: AbstractChannel,
+) -> None:
+    """A bad --timeout or an unusable broker: one clear line, non-zero exit, no request published."""
+    await channel.declare_queue(queue_names["REQUEST_QUEUE"], durable=True)
+    broker = amqp_url.split("@", 1)[1].rstrip("/")
+    target = (url or amqp_url).format(free=free_port(), broker=broker)
+    env = {**base_env(), "AMQP_URL": target, **queue_names}
+    result = await asyncio.to_thread(run_cli, "request", "user_x", *args, env=env)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+    assert "wrong" not in result.stderr
+    assert await queue_depth(channel, queue_names["REQUEST_QUEUE"]) == 0
+
+
+async def test_a_failure_is_logged_with_what_clerk_said(worker_processes: WorkerProcesses, client: TokenClient) -> None:
+    """The `replied` line of a failure carries the message, Clerk's status, code and trace id."""
+    await worker_processes.start()
+    await client.request("nobody")
+    await wait_until(lambda: '"replied"' in worker_processes.logs(), what="the replied line")
+    replied = next(e for e in worker_processes.events() if e["event"] == "replied")
+    assert (replied["outcome"], replied["upstream_status"]) == ("user_not_found", 404)
+    assert replied["upstream_code"] == "resource_not_found"
+    assert replied["clerk_trace_id"]
+    assert replied["message"]
