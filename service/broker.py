@@ -347,7 +347,7 @@ class ReplyPublisher:
                     continue
                 unblocked_wait += step
                 if unblocked_wait >= self._confirm_timeout:
-                    raise asyncio.TimeoutError
+                    raise TimeoutError
         finally:
             if not task.done():
                 task.cancel()

@@ -128,3 +128,16 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # It logs every failed connect at ERROR, then raises to us; we log the outcome once.
     logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
+    # A warning at each reconnect attempt: the worker logs the loss and the return once each.
+    logging.getLogger("aio_pika.robust_connection").setLevel(logging.ERROR)
+    tools = logging.getLogger("aio_pika.tools")
+    tools.filters[:] = [_channel_close_noise]
+
+
+def _channel_close_noise(record: logging.LogRecord) -> bool:
+    """Drop aio-pika's errors from its channels' close callbacks when the connection is lost.
+
+    A robust channel's ``_on_close`` fails on a connection that is already
+    gone; aio-pika logs it at ERROR, though it restores the channel itself.
+    """
+    return "RobustChannel._on_close" not in record.getMessage()

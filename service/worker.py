@@ -122,6 +122,7 @@ class Worker:
             stopping=self.stopping,
         )
         self._paused: set[str] = set()
+        self._lost_at: float | None = None
         self._connection: AbstractRobustConnection | None = None
         self._consumers: broker.LaneConsumers | None = None
         self._publisher: broker.ReplyPublisher | None = None
@@ -148,11 +149,15 @@ class Worker:
         log.info("worker_started", http_port=self.health.port, prefetch=self.settings.prefetch)
 
     def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
-        if not self.stopping.is_set():
+        # Called again at each failed reconnect attempt: one line for the loss, one for the return.
+        if self._lost_at is None and not self.stopping.is_set():
+            self._lost_at = time.monotonic()
             log.warning("broker_connection_lost", reason=type(exc).__name__ if exc else None)
 
     def _on_reconnected(self, _: object) -> None:
-        log.info("broker_reconnected")
+        down = None if self._lost_at is None else round(time.monotonic() - self._lost_at, 1)
+        self._lost_at = None
+        log.info("broker_reconnected", down_seconds=down)
 
     @property
     def key_ok(self) -> bool:

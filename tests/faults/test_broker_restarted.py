@@ -58,6 +58,11 @@ async def test_broker_restart_loses_nothing_and_the_worker_resumes_by_itself(
             consuming_again_after_node_up_s=round(resumed_after or -1, 1),
             worker_restarted=not worker.alive(),
         )
+        events = pool.events()
+        assert not [e for e in events if e["level"] in {"error", "critical"}]
+        # One line for the loss and one for the return, not one per reconnect attempt.
+        assert sum(1 for e in events if e["event"] == "broker_connection_lost") <= 2
+        assert sum(1 for e in events if e["level"] == "warning") <= 4
         assert worker.alive()
         assert resumed_after is not None
         assert answered_at_stop < sent, "the drain ended before the restart: the test proves nothing"
