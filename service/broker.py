@@ -35,6 +35,7 @@ import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import (
+    AbstractChannel,
     AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
@@ -42,7 +43,7 @@ from aio_pika.abc import (
     ConsumerTag,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError
-from aiormq.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import ChannelNotFoundEntity, ProbableAuthenticationError
 from pamqp import commands as spec
 from yarl import URL
 
@@ -83,27 +84,36 @@ def broker_address(url: str) -> str:
     return f"{parsed.host}:{parsed.port}"
 
 
+async def open_connection(url: str, name: str) -> AbstractRobustConnection:
+    """Open a robust connection (one attempt); BrokerUnavailableError says why not, without credentials."""
+    address = broker_address(url)
+    try:
+        return await aio_pika.connect_robust(
+            url,
+            client_properties={"connection_name": name},
+            timeout=_CONNECT_TIMEOUT_SECONDS,
+            reconnect_interval=_RECONNECT_INTERVAL_SECONDS,
+        )
+    except ProbableAuthenticationError:
+        msg = f"the broker at {address} refused the credentials in AMQP_URL"
+        raise BrokerUnavailableError(msg) from None
+    except (*CHANNEL_FAILURES, RuntimeError) as exc:
+        msg = f"cannot reach the broker at {address} ({type(exc).__name__})"
+        raise BrokerUnavailableError(msg) from None
+
+
 async def connect(settings: Settings, name: str) -> AbstractRobustConnection:
     """Open the robust connection, retrying with backoff for STARTUP_TIMEOUT_SECONDS."""
     deadline = time.monotonic() + settings.startup_timeout_seconds
     delay = 0.25
     while True:
         try:
-            return await aio_pika.connect_robust(
-                settings.amqp_url,
-                client_properties={"connection_name": name},
-                timeout=_CONNECT_TIMEOUT_SECONDS,
-                reconnect_interval=_RECONNECT_INTERVAL_SECONDS,
-            )
-        except (*CHANNEL_FAILURES, RuntimeError) as exc:
-            reason = type(exc).__name__
+            return await open_connection(settings.amqp_url, name)
+        except BrokerUnavailableError as exc:
             if time.monotonic() + delay > deadline:
-                msg = (
-                    f"cannot reach the broker at {broker_address(settings.amqp_url)} "
-                    f"within {settings.startup_timeout_seconds:g} s ({reason})"
-                )
+                msg = f"{exc}, for {settings.startup_timeout_seconds:g} s"
                 raise BrokerUnavailableError(msg) from None
-            log.warning("broker_unreachable", broker=broker_address(settings.amqp_url), reason=reason, retry_in=delay)
+            log.warning("broker_unreachable", reason=str(exc), retry_in=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -357,18 +367,21 @@ class ReplyPublisher:
 
     async def _require_queue(self, name: str) -> None:
         """Raise ReplyRefusedError unless queue ``name`` exists (a passive declare on a channel of its own)."""
-        channel = await self._connection.channel()
+        shown = amqp_wire.printable(name)
+        channel: AbstractChannel | None = None
         try:
+            channel = await self._connection.channel()
             underlay = cast("aiormq.Channel", await channel.get_underlay_channel())
             frame = _PassiveDeclare(passive=True)
             frame.queue = name
             await underlay.rpc(frame, timeout=self._confirm_timeout)
         except ChannelNotFoundEntity:
-            msg = f"no queue {amqp_wire.printable(name)!r}"
+            msg = f"no queue {shown!r}"
             raise ReplyRefusedError(msg) from None
-        except CHANNEL_FAILURES as exc:
-            msg = f"cannot check queue {amqp_wire.printable(name)!r} ({type(exc).__name__})"
+        except (*CHANNEL_FAILURES, RuntimeError) as exc:
+            msg = f"cannot check queue {shown!r} ({type(exc).__name__})"
             raise ReplyFateUnknownError(msg) from None
         finally:
-            with contextlib.suppress(*CHANNEL_FAILURES, RuntimeError):
-                await channel.close()
+            if channel is not None:
+                with contextlib.suppress(*CHANNEL_FAILURES, RuntimeError):
+                    await channel.close()

@@ -17,15 +17,13 @@ from typing import Any, Self
 import aio_pika
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
-from aiormq.exceptions import ProbableAuthenticationError
 
 from service import amqp_wire
-from service.broker import CHANNEL_FAILURES, BrokerUnavailableError, broker_address
+from service.broker import open_connection
 from service.lanes import Lane
 from service.messages import JSON, MSGPACK, Reply, decode_reply
 
 amqp_wire.install()
-_CONNECT_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,19 +63,7 @@ class TokenClient:
 
     async def connect(self) -> None:
         """Connect and start listening on a private reply queue; BrokerUnavailableError says why not."""
-        address = broker_address(self._url)
-        try:
-            self._connection = await aio_pika.connect_robust(
-                self._url,
-                client_properties={"connection_name": self._name},
-                timeout=_CONNECT_TIMEOUT_SECONDS,
-            )
-        except ProbableAuthenticationError:
-            msg = f"the broker at {address} refused the credentials in AMQP_URL"
-            raise BrokerUnavailableError(msg) from None
-        except (*CHANNEL_FAILURES, RuntimeError) as exc:
-            msg = f"cannot reach the broker at {address} ({type(exc).__name__})"
-            raise BrokerUnavailableError(msg) from None
+        self._connection = await open_connection(self._url, self._name)
         self._channel = await self._connection.channel(publisher_confirms=True)
         self._reply_queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
         await self._reply_queue.consume(self._on_reply, no_ack=True)

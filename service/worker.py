@@ -244,14 +244,13 @@ class Worker:
                 await self._dead_letter(message, lane, "undecodable")
                 return
             reply: Reply = failed(InvalidRequestError(str(exc)))
+            from_store = False
         except InvalidRequestError as exc:
-            reply = failed(exc)
+            reply, from_store = failed(exc), False
         else:
             structlog.contextvars.bind_contextvars(user_id=request.user_id)
             reply, from_store = await self._answer(request, envelope, lane)
-            await self._deliver(message, envelope, reply, lane, from_store=from_store)
-            return
-        await self._deliver(message, envelope, reply, lane, from_store=False)
+        await self._deliver(message, envelope, reply, lane, from_store=from_store)
 
     async def _answer(
         self,

@@ -52,7 +52,7 @@ async def test_held_requests_fail_after_outage_hold_seconds(
     client: TokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
-    """A request held longer than OUTAGE_HOLD_SECONDS is answered `upstream_unavailable`, retryable."""
+    """OUTAGE_HOLD_SECONDS bounds a request over all its attempts: `upstream_unavailable`, retryable, after about 1 s (not 5 x 1 s)."""
     await start_worker(outage_failure_threshold=1, outage_hold_seconds=1, probe_max_interval_seconds=0.5)
     fake_clerk.fail_next(503, count=1000)
     started = time.monotonic()
@@ -60,20 +60,5 @@ async def test_held_requests_fail_after_outage_hold_seconds(
     assert isinstance(reply, Failed)
     assert (reply.error.code, reply.error.retryable) == ("upstream_unavailable", True)
     assert "longer than 1 s" in reply.error.message
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 3
 
-
-async def test_the_outage_hold_bounds_a_request_over_all_its_attempts(
-    start_worker: WorkerFactory,
-    client: TokenClient,
-    fake_clerk: FakeClerk,
-) -> None:
-    """OUTAGE_HOLD_SECONDS=2 with five attempts: the request is answered in about 2 s, not 5 x 2 s."""
-    await start_worker(outage_failure_threshold=1, outage_hold_seconds=2, probe_max_interval_seconds=0.3)
-    fake_clerk.fail_next(503, count=10_000)
-    started = time.monotonic()
-    reply = await client.request("user_held_once")
-    held = time.monotonic() - started
-    assert isinstance(reply, Failed)
-    assert reply.error.code == "upstream_unavailable"
-    assert held < 5
