@@ -342,28 +342,32 @@ class ReplyPublisher:
     async def _confirmed(self, publish: Awaitable[object]) -> None:
         """Wait for the confirm, counting only the time the connection is not blocked against ``confirm_timeout``.
 
-        A nack or a return is raised by aiormq as DeliveryError.
+        One timer looks every ``_BLOCKED_POLL_SECONDS`` while the confirm is
+        slow; no task is made for the usual, fast confirm. A nack or a return
+        is raised by aiormq as DeliveryError.
         """
-        task = asyncio.ensure_future(publish)
+        loop = asyncio.get_running_loop()
         step = min(_BLOCKED_POLL_SECONDS, self._confirm_timeout)
         unblocked_wait = 0.0
-        logged = False
-        try:
-            while not (await asyncio.wait({task}, timeout=step))[0]:
+        timer: asyncio.TimerHandle | None = None
+        async with asyncio.timeout(None) as deadline:
+
+            def tick() -> None:
+                nonlocal unblocked_wait, timer
                 if is_blocked(self._connection):
-                    if not logged:
-                        log.warning("broker_blocked_waiting_for_confirm")
-                        logged = True
-                    continue
-                unblocked_wait += step
+                    log.debug("broker_blocked_waiting_for_confirm")
+                else:
+                    unblocked_wait += step
                 if unblocked_wait >= self._confirm_timeout:
-                    raise TimeoutError
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
-        task.result()
+                    deadline.reschedule(loop.time())
+                else:
+                    timer = loop.call_later(step, tick)
+
+            timer = loop.call_later(step, tick)
+            try:
+                await publish
+            finally:
+                timer.cancel()  # the one tick() scheduled last
 
     async def _require_queue(self, name: str) -> None:
         """Raise ReplyRefusedError unless queue ``name`` exists (a passive declare on a channel of its own)."""

@@ -12,10 +12,10 @@ remembered. The key includes the publisher, so one publisher can never
 receive another's result; callers without a ``user_id`` property share one
 namespace, and the request check is what keeps them apart.
 
-The store is in-process and bounded by time and by bytes: answers are kept
-encoded (MessagePack), and each entry is counted at its size plus the
-bookkeeping around it. A store shared by replicas can take its place behind
-the same methods.
+The store is in-process and bounded by time and by bytes: each entry is
+counted at the size of its strings plus the bookkeeping around it, on the
+safe side of what tracemalloc measures. A store shared by replicas can take
+its place behind the same methods.
 """
 
 from __future__ import annotations
@@ -28,15 +28,16 @@ from typing import Final, NamedTuple
 
 from cachetools import TTLCache
 
-from service.messages import MSGPACK, Reply, decode_reply, encode_reply
+from service.messages import Created, Reply
 
 IdempotencyKey = tuple[str, str]
 
-# An entry's memory, as tracemalloc measures it (tests/unit/test_dedup_logs_upstream.py):
-# about 600 bytes of bookkeeping (tuples, the cache's dict slot and expiry link)
-# and, with allocator slack, up to 1.5 times its strings. Counted on the safe side.
-ENTRY_OVERHEAD_BYTES: Final = 600
-PAYLOAD_FACTOR: Final = 1.5
+# An entry's memory, fitted to what tracemalloc measures for replies decoded from Clerk's JSON
+# (tests/unit/test_dedup_logs_upstream.py checks it): the entry's structs, tuples, dict slot and
+# expiry link, about 49 bytes of header per string, and its characters (with a tenth to spare).
+ENTRY_OVERHEAD_BYTES: Final = 650
+STRING_OVERHEAD_BYTES: Final = 49
+CHAR_FACTOR: Final = 1.1
 
 
 class Remembered(NamedTuple):
@@ -48,8 +49,24 @@ class Remembered(NamedTuple):
 
 class _Entry(NamedTuple):
     request: bytes
-    reply: bytes
+    reply: Reply
     size: int
+
+
+def _reply_strings(reply: Reply) -> tuple[str | None, ...]:
+    """The strings a reply holds: the token and its URL, or the error's texts."""
+    if isinstance(reply, Created):
+        token = reply.sign_in_token
+        return (token.token, token.url, token.id, token.user_id, token.object, token.status)
+    error = reply.error
+    return (error.message, error.code, error.upstream_code, error.clerk_trace_id)
+
+
+def entry_size(key: IdempotencyKey, request: bytes, reply: Reply) -> int:
+    """The bytes an entry is counted at."""
+    strings = [s for s in (*key, *_reply_strings(reply)) if s is not None]
+    chars = len(request) + sum(len(s) for s in strings)
+    return ENTRY_OVERHEAD_BYTES + STRING_OVERHEAD_BYTES * (len(strings) + 1) + int(CHAR_FACTOR * chars)
 
 
 def idempotency_key(publisher: str | None, message_id: str | None) -> IdempotencyKey | None:
@@ -88,7 +105,7 @@ class IdempotencyStore:
         try:
             async with lock:
                 entry = self._replies.get(key)
-                yield None if entry is None else Remembered(entry.request, decode_reply(entry.reply, MSGPACK))
+                yield None if entry is None else Remembered(entry.request, entry.reply)
         finally:
             lock, users = self._locks[key]
             if users == 1:
@@ -100,12 +117,10 @@ class IdempotencyStore:
         """Keep a final reply to ``request`` for the window (unless it alone exceeds the store)."""
         if key is None or not self._enabled:
             return
-        encoded = encode_reply(reply, MSGPACK)
         # cachetools sizes an entry by its value: the key's strings are counted in it too.
-        payload = len(key[0]) + len(key[1]) + len(request) + len(encoded)
-        size = ENTRY_OVERHEAD_BYTES + int(PAYLOAD_FACTOR * payload)
+        size = entry_size(key, request, reply)
         if size <= self._replies.maxsize:
-            self._replies[key] = _Entry(request, encoded, size)
+            self._replies[key] = _Entry(request, reply, size)
 
     def forget(self, key: IdempotencyKey | None) -> None:
         """Drop a remembered reply (its token was revoked)."""

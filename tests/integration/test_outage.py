@@ -61,4 +61,3 @@ async def test_held_requests_fail_after_outage_hold_seconds(
     assert (reply.error.code, reply.error.retryable) == ("upstream_unavailable", True)
     assert "longer than 1 s" in reply.error.message
     assert time.monotonic() - started < 3
-

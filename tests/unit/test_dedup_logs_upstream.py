@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import msgspec
 import pytest
@@ -22,7 +22,7 @@ from service.errors import (
 )
 from service.fake_clerk import clerk_errors, make_jwt
 from service.logs import REDACTED, Scrubber, configure_logging
-from service.messages import Created, SignInToken
+from service.messages import Created, ErrorDetail, Failed, Reply, SignInToken, clerk_token_decoder
 from service.upstream import error_for
 
 TOKEN = SignInToken(
@@ -31,41 +31,57 @@ TOKEN = SignInToken(
 REQUEST = b'{"user_id":"u"}'
 
 
-def _real_token(i: int) -> Created:
+def _created(i: int) -> Created:
+    """A reply as the worker makes it: Clerk's JSON decoded, a distinct JWT and URL per token."""
     jwt = make_jwt(f"user_{i}", f"sit_{i:024d}", 600)
-    return Created(
-        sign_in_token=SignInToken(
-            object="sign_in_token",
-            id=f"sit_{i:024d}",
-            status="pending",
-            user_id=f"user_{i}",
-            token=jwt,
-            url=f"https://accounts.example.test/v1/tickets/accept?ticket={jwt}",
-            created_at=1,
-            updated_at=1,
+    body = {
+        "object": "sign_in_token",
+        "id": f"sit_{i:024d}",
+        "status": "pending",
+        "user_id": f"user_{i}",
+        "token": jwt,
+        "url": f"https://accounts.example.test/v1/tickets/accept?ticket={jwt}",
+        "created_at": 1_700_000_000_000,
+        "updated_at": 1_700_000_000_000,
+    }
+    return Created(sign_in_token=clerk_token_decoder.decode(msgspec.json.encode(body)))
+
+
+def _failed(i: int) -> Failed:
+    return Failed(
+        error=ErrorDetail(
+            code="user_not_found",
+            message=f"User nobody{i} not found",
+            retryable=False,
+            upstream_status=404,
+            upstream_code="resource_not_found",
+            clerk_trace_id=f"{i:032x}",
+            attempts=1,
         ),
     )
 
 
-def test_store_counts_at_least_the_memory_it_holds_and_stays_under_its_bound() -> None:
-    """Counted bytes cover what tracemalloc sees for real-size tokens, and the bound evicts the oldest."""
-    entries = 5_000
-    replies = [_real_token(i) for i in range(entries)]
+@pytest.mark.parametrize("make", [_created, _failed])
+def test_store_counts_at_least_the_memory_it_holds_and_stays_under_its_bound(make: Callable[[int], Reply]) -> None:
+    """Counted bytes cover what tracemalloc sees (within 30 %), and the bound evicts the oldest."""
+    entries = 3_000
+    requests = [msgspec.json.encode({"user_id": f"user_{i}"}) for i in range(entries)]
     store = IdempotencyStore(600, 2**40)
     gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        for i, reply in enumerate(replies):
-            store.remember(("caller", f"m{i}"), b'{"user_id":"user_%d"}' % i, reply)
+        for i in range(entries):
+            # The request body is held by the store alone once the worker has sent it: copy it.
+            store.remember((f"caller{i % 3}", f"m{i:08d}"), bytes(bytearray(requests[i])), make(i))
         gc.collect()
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert held <= store.size_bytes <= 1.5 * held
+    assert held <= store.size_bytes <= 1.3 * held
     bounded = IdempotencyStore(600, store.size_bytes // 2)
-    for i, reply in enumerate(replies):
-        bounded.remember(("caller", f"m{i}"), REQUEST, reply)
+    for i in range(entries):
+        bounded.remember((f"caller{i % 3}", f"m{i:08d}"), requests[i], make(i))
     assert bounded.size_bytes <= store.size_bytes // 2
     assert 0 < len(bounded) < entries
 
