@@ -10,18 +10,19 @@ raises ``UnicodeDecodeError``, a timestamp in microseconds raises
 redelivered, breaks the connection again, and every request in flight on it
 is returned, until the queue's delivery limit dead-letters them unanswered.
 
-``install`` replaces four of pamqp's codec entries, for the pamqp version
-this module was written against (``PAMQP_VERSION``, pinned in
-pyproject.toml; a unit test fails on any other):
+``install`` replaces pamqp's codecs for short strings, tables and
+timestamps, for the pamqp version this module was written against
+(``PAMQP_VERSION``, pinned in pyproject.toml; a test fails on any other):
 
 - short strings (every string property) and field-table names decode with
   ``surrogateescape`` and encode the same way, so the original octets
   survive the round trip: a reply echoes the caller's ``correlation_id``
   byte for byte, and a dead-lettered copy keeps its headers as they were;
 - a timestamp too large for seconds or milliseconds (pamqp's own guess) is
-  read as microseconds or nanoseconds, and one no date can hold as absent;
-- a ``delivery_mode`` other than 1 or 2 reads as 1 (RabbitMQ treats every
-  value but 2 as transient; aio-pika raises ``ValueError`` on the others).
+  read as microseconds or nanoseconds, and one no date can hold as absent.
+
+(A ``delivery_mode`` other than 1 or 2, on which aio-pika would raise, never
+arrives: RabbitMQ refuses it at publish, ``PRECONDITION_FAILED``.)
 
 Strings holding escaped octets are legal Python but not UTF-8: ``printable``
 gives a form safe for logs and JSON.
@@ -34,15 +35,13 @@ import struct
 from importlib import metadata
 from typing import Final
 
-from pamqp import commands, common, decode, encode
+from pamqp import common, decode, encode
 
 PAMQP_VERSION: Final = "4.0.1"
 
 _ESCAPE: Final = "surrogateescape"
 _TIMESTAMP_DIVISORS: Final = (1, 1_000, 1_000_000, 1_000_000_000)
 _MAX_SECONDS: Final = 0xFFFFFFFF
-_TRANSIENT: Final = 1
-_PERSISTENT: Final = 2
 
 
 def printable(text: str) -> str:
@@ -124,16 +123,6 @@ def _encode_field_table(value: common.FieldTable) -> bytes:
     return common.Struct.integer.pack(len(output)) + output
 
 
-_strict_properties_unmarshal = commands.Basic.Properties.unmarshal
-
-
-def _properties_unmarshal(self: commands.Basic.Properties, flags: int, data: bytes) -> None:
-    """Decode as pamqp does, then read ``delivery_mode`` as RabbitMQ does."""
-    _strict_properties_unmarshal(self, flags, data)
-    if self.delivery_mode not in (None, _TRANSIENT, _PERSISTENT):
-        self.delivery_mode = _TRANSIENT
-
-
 def install() -> None:
     """Make pamqp read (and write back) any properties RabbitMQ accepts; idempotent."""
     decode.METHODS["shortstr"] = _short_str
@@ -144,7 +133,6 @@ def install() -> None:
     encode._string = _encode_string  # noqa: SLF001 - short and long strings both go through it
     encode.field_table = _encode_field_table
     encode.METHODS["table"] = _encode_field_table
-    commands.Basic.Properties.unmarshal = _properties_unmarshal  # type: ignore[method-assign,assignment]
 
 
 def installed_version() -> str:
