@@ -30,7 +30,12 @@ async def test_a_reply_held_by_a_memory_alarm_is_delivered_once_when_it_clears(
     connection = await aio_pika.connect_robust(node.url)
     channel = await connection.channel()
     replies, _ = await count_replies(channel, f"{queue_names['REQUEST_QUEUE']}.replies")
-    fake_clerk.latency_seconds = 1.0
+    alarm_set = asyncio.Event()
+
+    async def after_the_alarm(_: object) -> None:
+        await alarm_set.wait()  # Clerk answers, and the replies are published, only once the alarm is on
+
+    fake_clerk.on_create = after_the_alarm
     for i, message_id in enumerate(("with-id", None)):
         await channel.default_exchange.publish(
             aio_pika.Message(
@@ -40,6 +45,7 @@ async def test_a_reply_held_by_a_memory_alarm_is_delivered_once_when_it_clears(
         )
     await wait_until(lambda: fake_clerk.stats.create_calls == 2, what="the upstream calls")
     await node.ctl("eval", SET_ALARM)
+    alarm_set.set()
     try:
         await wait_until(lambda: not worker.readiness()["broker_unblocked"], timeout=15, what="the worker blocked")
         await asyncio.sleep(ALARM_SECONDS)  # wait-ok: how long the alarm lasts is the fault itself

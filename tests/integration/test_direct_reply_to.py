@@ -44,7 +44,12 @@ async def test_a_direct_reply_to_caller_that_left_gets_its_token_revoked(
     worker: Worker, amqp: AbstractRobustConnection, queue_names: dict[str, str], fake_clerk: FakeClerk
 ) -> None:
     """The caller's channel closes while Clerk works: the token is revoked and the request dead-lettered."""
-    fake_clerk.latency_seconds = 0.5
+    caller_gone = asyncio.Event()
+
+    async def after_the_caller_left(_: object) -> None:
+        await caller_gone.wait()
+
+    fake_clerk.on_create = after_the_caller_left
     caller = await amqp.channel()
     reply_to = await caller.get_queue("amq.rabbitmq.reply-to", ensure=False)
 
@@ -58,6 +63,7 @@ async def test_a_direct_reply_to_caller_that_left_gets_its_token_revoked(
     )
     await wait_until(lambda: fake_clerk.stats.create_calls == 1, what="the upstream call")
     await caller.close()
+    caller_gone.set()
     checker = await amqp.channel()
     dead = await get_message(checker, queue_names["DEAD_LETTER_QUEUE"])
     assert dead.headers["x-dead-letter-reason"] == "reply_refused"
