@@ -220,13 +220,20 @@ async def test_request_command_failures_are_one_line_and_publish_nothing(
     assert await queue_depth(channel, queue_names["REQUEST_QUEUE"]) == 0
 
 
-async def test_a_failure_is_logged_with_what_clerk_said(worker_processes: WorkerProcesses, client: TokenClient) -> None:
-    """The `replied` line of a failure carries the message, Clerk's status, code and trace id."""
-    await worker_processes.start()
+async def test_failures_and_retries_are_logged_with_what_clerk_said(
+    worker_processes: WorkerProcesses, client: TokenClient, fake_clerk: FakeClerk
+) -> None:
+    """A failure's `replied` line carries Clerk's message, status, code and trace id; a retry its attempt and status."""
+    await worker_processes.start(RETRY_BASE_SECONDS="0.01")
     await client.request("nobody")
-    await wait_until(lambda: '"replied"' in worker_processes.logs(), what="the replied line")
-    replied = next(e for e in worker_processes.events() if e["event"] == "replied")
+    fake_clerk.fail_next(503)
+    assert isinstance(await client.request("user_retried"), Created)
+    await wait_until(lambda: worker_processes.logs().count('"replied"') == 2, what="both replied lines")
+    events = worker_processes.events()
+    replied = next(e for e in events if e["event"] == "replied")
     assert (replied["outcome"], replied["upstream_status"]) == ("user_not_found", 404)
     assert replied["upstream_code"] == "resource_not_found"
     assert replied["clerk_trace_id"]
     assert replied["message"]
+    retry = next(e for e in events if e["event"] == "retrying_upstream")
+    assert (retry["attempt"], retry["upstream_status"], retry["error"]) == (1, 503, "upstream_unavailable")

@@ -55,3 +55,22 @@ async def test_readiness_follows_clerks_last_word_on_the_key(
     await wait_until(lambda: all(worker.readiness().values()), what="ready once Clerk accepts the key")
     assert isinstance(await client.request("user_after"), Created)
     assert fake_clerk.stats.created == 1
+
+
+async def test_a_probe_whose_hold_ran_out_goes_on_probing_and_the_worker_turns_ready(
+    start_worker: WorkerFactory,
+    client: TokenClient,
+    fake_clerk: FakeClerk,
+) -> None:
+    """KEY_PROBE_HOLD_SECONDS passes: the request goes back, probing goes on without it, and all resumes when the key works."""
+    worker = await start_worker(probe_max_interval_seconds=0.3, key_probe_hold_seconds=1)
+    fake_clerk.accepted_keys = {"sk_test_other"}
+    future = await client.send(b'{"user_id": "user_held"}')
+    await wait_until(lambda: not worker.key_ok, what="the bad key")
+    started = time.monotonic()
+    await wait_until(lambda: time.monotonic() - started > 1.5 and fake_clerk.stats.create_calls >= 5, what="probes")
+    assert not worker.readiness()["consuming"]
+    assert not future.done()
+    fake_clerk.accepted_keys = {SECRET_KEY}
+    assert isinstance((await future).decode(), Created)
+    await wait_until(lambda: all(worker.readiness().values()), what="ready")
