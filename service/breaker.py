@@ -4,10 +4,11 @@ Closed, every attempt goes to Clerk. After ``threshold`` consecutive
 answers that say Clerk is unavailable (5xx, timeouts, connection errors;
 429 is rate limiting, handled by Retry-After), it opens: the worker stops
 taking requests, and requests about to make an attempt wait, each bounded
-by its deadline and by ``hold_seconds`` over all its attempts together
-(an ``OutageHold`` per request), and ended at once by the worker's stop. While open, a probe asks Clerk with
-a body it must refuse (``POST /sign_in_tokens {}``: 422, no token created),
-backing off to ``probe_max_interval_seconds``; any answer below 500 closes it.
+by its deadline and by ``hold_seconds`` over all its attempts together (an
+``OutageHold`` per request), and ended at once by the worker's stop. While
+open, a probe asks Clerk with a body it must refuse (``POST /sign_in_tokens
+{}``: 422, no token created), backing off to ``probe_max_interval_seconds``;
+any answer below 500 closes it.
 """
 
 from __future__ import annotations

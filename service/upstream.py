@@ -109,11 +109,11 @@ class ClerkClient:
             "Clerk-API-Version": settings.clerk_api_version,
             "User-Agent": f"sign-in-token-service/{__version__}",
         }
-        self._connect_timeout = settings.connect_timeout_seconds
-        self._total_timeout = settings.request_timeout_seconds
         self._limit = settings.upstream_concurrency
         self._session: aiohttp.ClientSession | None = None
-        self._timeout = aiohttp.ClientTimeout(total=self._total_timeout, connect=self._connect_timeout)
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.request_timeout_seconds, connect=settings.connect_timeout_seconds
+        )
         # Clerk's last word on the key: None until it has said anything.
         self.key_accepted: bool | None = None
 
