@@ -33,9 +33,9 @@ from typing import Any, Final, cast
 
 import aio_pika
 import aiormq
+import aiormq.abc
 import structlog
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
@@ -297,6 +297,7 @@ class ReplyPublisher:
         self._dead_letter_queue = dead_letter_queue
         self._confirm_timeout = confirm_timeout
         self._channel: AbstractRobustChannel | None = None
+        self._queues = QueueChecker(connection, confirm_timeout)
 
     async def open(self) -> None:
         """Open the confirming channel; returned messages raise."""
@@ -370,22 +371,53 @@ class ReplyPublisher:
                 timer.cancel()  # the one tick() scheduled last
 
     async def _require_queue(self, name: str) -> None:
-        """Raise ReplyRefusedError unless queue ``name`` exists (a passive declare on a channel of its own)."""
-        shown = amqp_wire.printable(name)
-        channel: AbstractChannel | None = None
+        """Raise ReplyRefusedError unless queue ``name`` exists."""
         try:
-            channel = await self._connection.channel()
-            underlay = cast("aiormq.Channel", await channel.get_underlay_channel())
-            frame = _PassiveDeclare(passive=True)
-            frame.queue = name
-            await underlay.rpc(frame, timeout=self._confirm_timeout)
-        except ChannelNotFoundEntity:
-            msg = f"no queue {shown!r}"
-            raise ReplyRefusedError(msg) from None
+            exists = await self._queues.exists(name)
         except (*CHANNEL_FAILURES, RuntimeError) as exc:
-            msg = f"cannot check queue {shown!r} ({type(exc).__name__})"
+            msg = f"cannot check queue {amqp_wire.printable(name)!r} ({type(exc).__name__})"
             raise ReplyFateUnknownError(msg) from None
-        finally:
-            if channel is not None:
-                with contextlib.suppress(*CHANNEL_FAILURES, RuntimeError):
-                    await channel.close()
+        if not exists:
+            msg = f"no queue {amqp_wire.printable(name)!r}"
+            raise ReplyRefusedError(msg)
+
+
+class QueueChecker:
+    """Passive declares on a channel of their own, one at a time.
+
+    A declare of a missing queue closes its channel (404), so checks are
+    serialised: one refusal never fails another check, and the next check
+    opens a new channel. One round trip a check.
+    """
+
+    def __init__(self, connection: AbstractRobustConnection, timeout: float) -> None:
+        """Check queues over ``connection``; each declare waits ``timeout`` at most."""
+        self._connection = connection
+        self._timeout = timeout
+        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._lock = asyncio.Lock()
+
+    async def exists(self, name: str) -> bool:
+        """Whether queue (or direct reply-to name) ``name`` exists now."""
+        frame = _PassiveDeclare(passive=True)
+        frame.queue = name
+        async with self._lock:
+            channel = await self._open()
+            try:
+                await cast("aiormq.Channel", channel).rpc(frame, timeout=self._timeout)
+            except ChannelNotFoundEntity:
+                self._channel = None  # the broker closed it
+                return False
+            except BaseException:
+                self._channel = None
+                raise
+        return True
+
+    async def _open(self) -> aiormq.abc.AbstractChannel:
+        if self._channel is None or self._channel.is_closed:
+            transport = self._connection.transport
+            if transport is None:
+                msg = "the broker connection is down"
+                raise RuntimeError(msg)
+            self._channel = await transport.connection.channel()
+        return self._channel
