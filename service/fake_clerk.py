@@ -10,8 +10,12 @@ ClerkErrors body. Its fake world:
 - a wrong bearer key gets 401.
 
 Knobs: latency, a random 503 rate, faults queued for the next calls, and a
-rate limit of N requests per window per key (429 with ``Retry-After``).
-It records what it created and revoked, so tests can count tokens.
+rate limit of N calls (creates and revokes) per key in every sliding window
+of ``rate_window_seconds`` (not fixed buckets, which a limiter could pass by
+luck of alignment), answered 429 with ``Retry-After`` in whole seconds as
+Clerk sends it; only the calls it accepts count. It records what it created
+and revoked, the times of the calls it accepted and the 429s it sent, so
+tests and benchmarks can count tokens and check the limit.
 """
 
 from __future__ import annotations
@@ -55,6 +59,19 @@ class FakeClerkStats:
     tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
     revoked: set[str] = field(default_factory=set)
     last_params: dict[str, Any] | None = None
+    rate_limited: int = 0
+    # Monotonic times of the calls accepted under the rate limit, per key.
+    accepted_at: dict[str, list[float]] = field(default_factory=dict)
+
+    def busiest_window(self, key: str, window_seconds: float) -> int:
+        """The most calls accepted for ``key`` in any sliding window of ``window_seconds``."""
+        times = self.accepted_at.get(key, [])
+        most, start = 0, 0
+        for end, at in enumerate(times):
+            while at - times[start] >= window_seconds:
+                start += 1
+            most = max(most, end - start + 1)
+        return most
 
     @property
     def created(self) -> int:
@@ -114,7 +131,7 @@ class FakeClerk:
         self.on_create: Callable[[dict[str, Any]], Awaitable[None]] | None = None
         self.stats = FakeClerkStats()
         self._random = random.Random(seed)  # noqa: S311 - fault injection, not crypto
-        self._windows: dict[str, tuple[float, int]] = {}
+        self._windows: dict[str, deque[float]] = {}
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -164,17 +181,27 @@ class FakeClerk:
         return key if auth.startswith("Bearer ") and key in self.accepted_keys else None
 
     def _over_limit(self, key: str) -> float | None:
-        """Seconds until the window resets when ``key`` is over the limit, else None."""
+        """Seconds until a call is accepted again when ``key`` is at the limit, else None (and the call counts)."""
         if self.rate_limit is None:
             return None
         now = time.monotonic()
-        start, count = self._windows.get(key, (now, 0))
-        if now - start >= self.rate_window_seconds:
-            start, count = now, 0
-        self._windows[key] = (start, count + 1)
-        if count < self.rate_limit:
+        window = self._windows.setdefault(key, deque())
+        while window and now - window[0] >= self.rate_window_seconds:
+            window.popleft()
+        if len(window) >= self.rate_limit:
+            self.stats.rate_limited += 1
+            return window[0] + self.rate_window_seconds - now
+        window.append(now)
+        self.stats.accepted_at.setdefault(key, []).append(now)
+        return None
+
+    def _limited(self, key: str) -> web.Response | None:
+        """A 429 when ``key`` is at its limit (the call then does not count)."""
+        resets_in = self._over_limit(key)
+        if resets_in is None:
             return None
-        return self.rate_window_seconds - (now - start)
+        body = clerk_errors("too_many_requests", "Too many requests", ResetsIn=round(resets_in, 3))
+        return self._reply(429, body, {"Retry-After": str(max(1, math.ceil(resets_in)))})
 
     def _fault_response(self, fault: Fault, request: web.Request) -> web.Response:
         if fault.drop_connection:
@@ -194,10 +221,9 @@ class FakeClerk:
         key = self._key(request)
         if key is None:
             return self._reply(401, clerk_errors("authentication_invalid", "Invalid authentication"))
-        resets_in = self._over_limit(key)
-        if resets_in is not None:
-            body = clerk_errors("too_many_requests", "Too many requests", ResetsIn=round(resets_in, 3))
-            return self._reply(429, body, {"Retry-After": str(max(1, math.ceil(resets_in)))})
+        limited = self._limited(key)
+        if limited is not None:
+            return limited
         if self.error_rate and self._random.random() < self.error_rate:
             return self._reply(503, clerk_errors("service_unavailable", "Service unavailable"))
         return None
@@ -249,8 +275,12 @@ class FakeClerk:
 
     async def _revoke(self, request: web.Request) -> web.Response:
         self.stats.revoke_calls += 1
-        if self._key(request) is None:
+        key = self._key(request)
+        if key is None:
             return self._reply(401, clerk_errors("authentication_invalid", "Invalid authentication"))
+        limited = self._limited(key)
+        if limited is not None:
+            return limited
         token_id = request.match_info["token_id"]
         obj = self.stats.tokens.get(token_id)
         if obj is None:

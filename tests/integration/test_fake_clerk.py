@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,25 @@ async def test_official_sdk_creates_and_revokes_against_the_fake(fake_clerk: Fak
         revoked = await sdk.sign_in_tokens.revoke_async(sign_in_token_id=created.id)
         assert revoked.id == created.id
     assert fake_clerk.stats.revoked == {created.id}
+
+
+async def test_the_rate_limit_is_a_sliding_window_and_counts_429s(fake_clerk: FakeClerk) -> None:
+    """Two calls allowed per 0.6 s: a third just after a would-be bucket boundary is still refused."""
+    fake_clerk.rate_limit = 2
+    fake_clerk.rate_window_seconds = 0.6
+    headers = {"Authorization": f"Bearer {SECRET_KEY}"}
+
+    async def create() -> int:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(fake_clerk.url + "/sign_in_tokens", json={"user_id": "user_1"}, headers=headers) as r,
+        ):
+            return r.status
+
+    assert await create() == 200
+    await asyncio.sleep(0.4)  # wait-ok: the call's place in the window is the point
+    assert await create() == 200
+    await asyncio.sleep(0.3)  # wait-ok: past 0.6 s from the first call, within 0.6 s of the second
+    assert [await create(), await create()] == [200, 429]
+    assert fake_clerk.stats.rate_limited == 1
+    assert fake_clerk.stats.busiest_window(SECRET_KEY, 0.6) == 2
