@@ -22,6 +22,9 @@ from yarl import URL
 from service.errors import ConfigError
 
 QueueName = Annotated[str, Meta(min_length=1, max_length=255)]
+# Clerk's documented limits per 10 s: production and development instances.
+LIVE_KEY_RATE_LIMIT = 1000
+TEST_KEY_RATE_LIMIT = 100
 # The largest CONSUMER_TIMEOUT_SECONDS (RabbitMQ's consumer_timeout, 30 minutes by default).
 CONSUMER_TIMEOUT_MAX = 24 * 3600
 
@@ -57,6 +60,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     clerk_api_url: str = "https://api.clerk.com/v1"
     clerk_secret_key: Secret | None = None
     clerk_api_version: str = "2025-11-10"
+    # None: from the key (Clerk's documented limits), see ``rate_limit``.
+    clerk_rate_limit: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
+    clerk_rate_window_seconds: Annotated[float, Meta(gt=0, le=3600)] = 10.0
     request_queue: QueueName = "sign_in_tokens.create"
     bulk_queue: QueueName = "sign_in_tokens.create.bulk"
     results_queue: QueueName = "sign_in_tokens.results"
@@ -87,6 +93,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     allowed_publishers: str = ""
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def rate_limit(self) -> int:
+        """Calls to Clerk per window: CLERK_RATE_LIMIT, else Clerk's limit for the key's kind."""
+        if self.clerk_rate_limit is not None:
+            return self.clerk_rate_limit
+        key = self.clerk_secret_key.reveal() if self.clerk_secret_key is not None else ""
+        return LIVE_KEY_RATE_LIMIT if key.startswith("sk_live_") else TEST_KEY_RATE_LIMIT
 
     @property
     def longest_hold_seconds(self) -> float:

@@ -32,6 +32,9 @@ from service.worker import Worker
 
 # Every UNKNOWN_EVERY-th demo request names a user the fake Clerk does not know.
 UNKNOWN_EVERY = 50
+# The built-in fake Clerk enforces a production key's limit: 1,000 calls in any 10 s.
+FAKE_RATE_LIMIT = 1000
+FAKE_RATE_WINDOW_SECONDS = 10.0
 
 
 def say(text: str) -> None:
@@ -55,8 +58,8 @@ def masked_reply(reply: Reply) -> str:
     return msgspec.json.format(msgspec.json.encode(data)).decode()
 
 
-async def _environment(stack: AsyncExitStack, options: dict[str, str]) -> tuple[dict[str, str], bool]:
-    """The demo's environment, starting what is missing; and whether Clerk is the fake."""
+async def _environment(stack: AsyncExitStack, options: dict[str, str]) -> tuple[dict[str, str], FakeClerk | None]:
+    """The demo's environment, starting what is missing; and the fake Clerk, when it is one."""
     environ = dict(os.environ)
     environ.update({k.upper(): v for k, v in options.items()})
     environ.setdefault("HTTP_PORT", "0")
@@ -70,13 +73,15 @@ async def _environment(stack: AsyncExitStack, options: dict[str, str]) -> tuple[
         say(f"RabbitMQ node up at 127.0.0.1:{broker.amqp_port}")
     if not environ.get("CLERK_SECRET_KEY") and not environ.get("CLERK_SECRET_KEY_FILE"):
         key = "sk_test_" + secrets.token_hex(16)
-        fake = FakeClerk(key)
+        # A production key's limit, enforced as Clerk does, and the worker told it.
+        fake = FakeClerk(key, rate_limit=FAKE_RATE_LIMIT, rate_window_seconds=FAKE_RATE_WINDOW_SECONDS)
         await fake.start()
         stack.push_async_callback(fake.stop)
         environ.update(CLERK_SECRET_KEY=key, CLERK_API_URL=fake.url)
+        environ.setdefault("CLERK_RATE_LIMIT", str(FAKE_RATE_LIMIT))
         say(f"no CLERK_SECRET_KEY: using the built-in fake Clerk at {fake.url}")
-        return environ, True
-    return environ, False
+        return environ, fake
+    return environ, None
 
 
 def _user_ids(count: int, real_user: str | None) -> list[str]:
@@ -129,7 +134,7 @@ async def run_demo(options: dict[str, Any], *, count: int, user_id: str | None, 
     configure_logging("console", "warning")
     async with AsyncExitStack() as stack:
         environ, fake = await _environment(stack, {k: str(v) for k, v in options.items()})
-        if not fake and user_id is None:
+        if fake is None and user_id is None:
             say("with a real CLERK_SECRET_KEY, pass --user-id USER to choose whose tokens to create")
             return
         settings: Settings = load_settings(environ)
@@ -146,9 +151,15 @@ async def run_demo(options: dict[str, Any], *, count: int, user_id: str | None, 
         say(f"worker consuming {settings.request_queue!r}; /metrics on port {worker.health.port}")
         say(f"sending {count} requests…")
         started = time.monotonic()
-        results = await _send_all(client, _user_ids(count, None if fake else user_id), stop)
+        results = await _send_all(client, _user_ids(count, None if fake is not None else user_id), stop)
         if not results:
             return
         say(_summary(results, time.monotonic() - started))
+        if fake is not None:
+            busiest = fake.stats.busiest_window(settings.secret_key(), FAKE_RATE_WINDOW_SECONDS)
+            say(
+                f"fake Clerk: {fake.stats.rate_limited} calls answered 429; busiest {FAKE_RATE_WINDOW_SECONDS:g} s "
+                f"window {busiest} calls (limit {FAKE_RATE_LIMIT})"
+            )
         example = next((r.decode() for _, r in results if isinstance(r.decode(), Created)), results[0][1].decode())
         say("one reply, token masked:\n" + masked_reply(example))

@@ -12,6 +12,8 @@ before it looks at the body).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Final
 
 import aiohttp
@@ -28,13 +30,16 @@ from service.errors import (
     UpstreamUnavailableError,
     UserNotFoundError,
 )
+from service.lanes import Lane
 from service.messages import (
     ClerkErrors,
     SignInToken,
     clerk_errors_decoder,
     clerk_token_decoder,
 )
+from service.ratelimit import ClerkRateLimiter
 
+Observe = Callable[[str, float], None]
 _JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
@@ -100,8 +105,13 @@ def error_for(status: int, body: bytes, retry_after_header: str | None) -> Reque
 class ClerkClient:
     """Creates and revokes sign-in tokens at Clerk."""
 
-    def __init__(self, settings: Settings) -> None:
-        """Remember where and how to call; the session is opened by ``start``."""
+    def __init__(self, settings: Settings, observe: Observe | None = None) -> None:
+        """Remember where and how to call; the session is opened by ``start``.
+
+        ``observe(operation, seconds)`` is told the latency of each call Clerk answered
+        (``create``, ``revoke``, ``probe``), the wait for a rate slot not included.
+        """
+        self._observe = observe
         self._base = settings.clerk_api_url.rstrip("/")
         self._headers = {
             **_JSON_HEADERS,
@@ -116,6 +126,7 @@ class ClerkClient:
         )
         # Clerk's last word on the key: None until it has said anything.
         self.key_accepted: bool | None = None
+        self.limiter = ClerkRateLimiter(settings.rate_limit, settings.clerk_rate_window_seconds)
 
     async def start(self) -> None:
         """Open the one HTTP session."""
@@ -129,14 +140,25 @@ class ClerkClient:
 
     async def close(self) -> None:
         """Close the session and its connections."""
+        await self.limiter.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    async def _post(self, path: str, body: bytes) -> tuple[int, bytes, str | None]:
+    async def _post(
+        self,
+        operation: str,
+        path: str,
+        body: bytes,
+        lane: Lane = Lane.INTERACTIVE,
+        deadline: float | None = None,
+    ) -> tuple[int, bytes, str | None]:
+        """One call, once the rate limiter gives it a slot (revokes and probes go first, as interactive)."""
         if self._session is None:
             msg = "ClerkClient.start() was not called"
             raise RuntimeError(msg)
+        await self.limiter.acquire(lane, deadline)
+        started = time.perf_counter()
         try:
             async with self._session.post(self._base + path, data=body) as response:
                 answer = response.status, await response.read(), response.headers.get("Retry-After")
@@ -144,6 +166,8 @@ class ClerkClient:
             # The exception's text may name our URL; its type is enough and safe.
             msg = f"Clerk could not be reached: {type(exc).__name__}"
             raise UpstreamUnavailableError(msg) from None
+        if self._observe is not None:
+            self._observe(operation, time.perf_counter() - started)
         self._learn_key(answer[0])
         return answer
 
@@ -153,9 +177,14 @@ class ClerkClient:
         elif status < 500 and status != 429:
             self.key_accepted = True
 
-    async def create(self, body: bytes) -> SignInToken:
-        """Create a sign-in token from an encoded request body; raise the error Clerk's answer means."""
-        status, answer, retry_after = await self._post("/sign_in_tokens", body)
+    async def create(self, body: bytes, lane: Lane, deadline: float | None) -> SignInToken:
+        """Create a sign-in token from an encoded request body; raise the error Clerk's answer means.
+
+        The deadline bounds only the wait for a rate slot: a call once sent is not cut short.
+        """
+        status, answer, retry_after = await self._post("create", "/sign_in_tokens", body, lane, deadline)
+        if status == 429:
+            self.limiter.hold_until(time.time() + (parse_retry_after(retry_after) or 1.0))
         if status != 200:
             raise error_for(status, answer, retry_after)
         try:
@@ -166,11 +195,11 @@ class ClerkClient:
 
     async def probe(self) -> bool:
         """Whether Clerk answers at all: a create it must refuse (422), so no token is made."""
-        status, _, _ = await self._post("/sign_in_tokens", b"{}")
+        status, _, _ = await self._post("probe", "/sign_in_tokens", b"{}")
         return status < 500
 
     async def revoke(self, token_id: str) -> None:
         """Revoke a pending token; raise the error Clerk's answer means."""
-        status, body, retry_after = await self._post(f"/sign_in_tokens/{token_id}/revoke", b"")
+        status, body, retry_after = await self._post("revoke", f"/sign_in_tokens/{token_id}/revoke", b"")
         if status != 200:
             raise error_for(status, body, retry_after)

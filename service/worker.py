@@ -103,7 +103,7 @@ class Worker:
         self.settings = settings
         self.name = name
         self.metrics = Metrics()
-        self.clerk = ClerkClient(settings)
+        self.clerk = ClerkClient(settings, self._observe_upstream)
         self.policy = Policy(settings.publishers)
         self.dedup = IdempotencyStore(settings.idempotency_window_seconds, settings.idempotency_max_bytes)
         self.metrics.idempotency_bytes.set_function(lambda: self.dedup.size_bytes)
@@ -146,7 +146,17 @@ class Worker:
         self._consumers = broker.LaneConsumers(self._connection, self.settings, self._on_message)
         await self._consumers.open()
         await self._consumers.resume()
+        limiter = self.clerk.limiter
         log.info("worker_started", http_port=self.health.port, prefetch=self.settings.prefetch)
+        log.warning(
+            "rate_limit_in_process",
+            calls=limiter.limit,
+            window_seconds=limiter.window_seconds,
+            assumes="this worker is the only one calling Clerk with this key",
+        )
+
+    def _observe_upstream(self, operation: str, seconds: float) -> None:
+        self.metrics.upstream_latency.labels(operation).observe(seconds)
 
     def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
         # Called again at each failed reconnect attempt: one line for the loss, one for the return.
@@ -310,18 +320,17 @@ class Worker:
             if deadline is not None and time.time() >= deadline:
                 msg = "x-deadline passed while the request waited for its turn"
                 raise DeadlineExceededError(msg)
-            token = await self._call_clerk(body)
+            token = await self._call_clerk(body, lane, deadline)
         if deadline is not None and time.time() > deadline:
             await self._revoke(token.id)
             msg = "Clerk answered after x-deadline; the token was revoked"
             raise DeadlineExceededError(msg, upstream_status=200)
         return token
 
-    async def _call_clerk(self, body: bytes) -> SignInToken:
+    async def _call_clerk(self, body: bytes, lane: Lane, deadline: float | None) -> SignInToken:
         """One create at Clerk, its latency measured and its answer told to the breaker."""
         try:
-            with self.metrics.upstream_latency.labels("create").time():
-                token = await self.clerk.create(body)
+            token = await self.clerk.create(body, lane, deadline)
         except UpstreamMalformedError as exc:
             self.breaker.record_success()  # Clerk answered; it is not down
             if exc.token_id is not None:
@@ -400,8 +409,7 @@ class Worker:
         """Revoke a token nobody will receive; failures are logged, not raised."""
 
         async def attempt() -> None:
-            with self.metrics.upstream_latency.labels("revoke").time():
-                await self.clerk.revoke(token_id)
+            await self.clerk.revoke(token_id)
 
         try:
             await self.retry.run(attempt, deadline=None, sleep=self._sleep_unless_stopping)

@@ -139,6 +139,8 @@ def make_settings(amqp_url: str, fake_clerk: FakeClerk, queue_names: dict[str, s
             "PROBE_MAX_INTERVAL_SECONDS": "0.2",
             "SHUTDOWN_GRACE_SECONDS": "8",
             "STARTUP_TIMEOUT_SECONDS": "10",
+            # Far above any test's load: tests of the limit set their own.
+            "CLERK_RATE_LIMIT": "1000000",
             **queue_names,
         }
         env.update({k.upper(): str(v) for k, v in overrides.items()})

@@ -103,6 +103,7 @@ def worker_env(amqp_url: str, clerk_url: str, queue_names: dict[str, str], **ext
         "LOG_FORMAT": "json",
         "HTTP_HOST": "127.0.0.1",
         "SHUTDOWN_GRACE_SECONDS": "10",
+        "CLERK_RATE_LIMIT": "1000000",
         **queue_names,
         **extra,
     }
