@@ -63,6 +63,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # None: from the key (Clerk's documented limits), see ``rate_limit``.
     clerk_rate_limit: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
     clerk_rate_window_seconds: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+    # Unset: the rate limit is this process's alone.
+    redis_url: str | None = None
     request_queue: QueueName = "sign_in_tokens.create"
     bulk_queue: QueueName = "sign_in_tokens.create.bulk"
     results_queue: QueueName = "sign_in_tokens.results"
@@ -207,6 +209,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         raise _config_error(exc) from None
     _check_url("AMQP_URL", settings.amqp_url, ("amqp", "amqps"))
     _check_url("CLERK_API_URL", settings.clerk_api_url, ("http", "https"))
+    if settings.redis_url is not None:
+        _check_url("REDIS_URL", settings.redis_url, ("redis", "rediss"))
     key = settings.clerk_secret_key
     if key is not None and (not key.reveal() or any(c.isspace() for c in key.reveal())):
         msg = "CLERK_SECRET_KEY: must be a non-empty key without spaces"

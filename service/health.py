@@ -49,7 +49,8 @@ class Metrics:
         self.key_rejected = Counter("sign_in_tokens_key_rejected", "Answers 401 from Clerk.", registry=r)
         self.ready = Gauge(
             "sign_in_tokens_ready",
-            "1 when /readyz passes all of: connected, broker_unblocked, consuming, key_ok, upstream_available.",
+            "1 when /readyz passes all of: connected, broker_unblocked, consuming, key_ok, upstream_available, "
+            "rate_limit_available.",
             registry=r,
         )
         self.idempotency_bytes = Gauge(

@@ -5,11 +5,21 @@ production keys, 100 for development ones), across every program that uses
 the key. Every call to Clerk (create, revoke, probe) first takes a slot
 here, so the service stays under the limit instead of collecting 429s.
 
-The window is the ``limits`` library's moving window (every sliding window
-of the length holds at most the limit, not fixed buckets), kept in process:
-one replica, which says so at start. The window is kept a little longer
-than Clerk's (``WINDOW_MARGIN``), since Clerk counts a call when it arrives
-and we when we send it.
+Every sliding window of the length holds at most the limit (not fixed
+buckets, which a limiter at the limit passes by luck of alignment). The
+window is kept a little longer than Clerk's (``WINDOW_MARGIN``), since Clerk
+counts a call when it arrives and we when we send it. It lives in one of two
+places:
+
+- in process (``MemoryWindow``, the ``limits`` library's moving window) when
+  REDIS_URL is unset: one replica, which says so at start;
+- in Redis (``RedisWindow``) when it is set, shared by every replica. One
+  Lua script takes a slot atomically on Redis's own clock, so replicas'
+  clocks do not matter. ``limits`` has a Redis moving window too, but it
+  reads the time on each client and sets the key's expiry in whole seconds
+  (``EXPIRE``), which refuses the fractional window the margin needs.
+  While Redis cannot be reached, no slot is given (requests wait, bounded by
+  their deadlines) and readiness says so: the limit is never exceeded.
 
 A request waiting for its slot holds no upstream connection and spends no
 attempt. Waiters are served by one dispatcher, interactive lane first, then
@@ -23,10 +33,14 @@ or Clerk counting otherwise), ``hold_until`` stops every slot until Clerk's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
-from typing import Final
+from typing import Final, Protocol
 
+import redis
+import redis.asyncio
+import structlog
 from limits import RateLimitItemPerSecond
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -34,10 +48,18 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from service.errors import DeadlineExceededError
 from service.lanes import Lane
 
-# Our window is longer than Clerk's by this fraction of it (at least MIN_MARGIN_SECONDS).
-WINDOW_MARGIN: Final = 0.01
-MIN_MARGIN_SECONDS: Final = 0.05
+# Our window is longer than Clerk's by this fraction of it (at least MIN_MARGIN_SECONDS):
+# a call reaches Clerk a little after it takes its slot, more so on a busy machine.
+WINDOW_MARGIN: Final = 0.02
+MIN_MARGIN_SECONDS: Final = 0.1
 _KEY: Final = "clerk"
+# Keys in Redis start with this, then a digest of the Clerk key: the limit is the key's.
+REDIS_KEY_PREFIX: Final = "sign_in_tokens:clerk_rate"
+REDIS_TIMEOUT_SECONDS: Final = 2.0
+# While Redis is unreachable, how often a waiting slot asks again.
+REDIS_RETRY_SECONDS: Final = 0.5
+
+log = structlog.get_logger(__name__)
 
 
 class _SlidingWindow(RateLimitItemPerSecond):
@@ -53,31 +75,152 @@ class _SlidingWindow(RateLimitItemPerSecond):
         return self._seconds
 
 
+class Window(Protocol):
+    """Where the slots are counted."""
+
+    async def take(self) -> float:
+        """Take a slot: 0.0, or the seconds until one may be free."""
+        ...
+
+    async def hold(self, seconds: float) -> None:
+        """Give no slot for ``seconds``."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the window holds."""
+        ...
+
+
+class MemoryWindow:
+    """The moving window in this process (``limits``' memory storage)."""
+
+    def __init__(self, limit: int, seconds: float) -> None:
+        """``limit`` slots in every ``seconds``."""
+        self._item = _SlidingWindow(limit, seconds)
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._held_until = 0.0
+
+    async def take(self) -> float:
+        """Take a slot, or say how long until one may be free."""
+        now = time.time()
+        if now < self._held_until:
+            return self._held_until - now
+        if await self._limiter.hit(self._item, _KEY):
+            return 0.0
+        stats = await self._limiter.get_window_stats(self._item, _KEY)
+        return max(0.001, stats.reset_time - time.time())
+
+    async def hold(self, seconds: float) -> None:
+        """Give no slot for ``seconds``."""
+        self._held_until = max(self._held_until, time.time() + seconds)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+# KEYS: the window (a list of grant times in µs, newest first), the hold.
+# ARGV: limit, window in µs. Returns 0, or the µs until a slot may be free.
+_TAKE = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
+local held = redis.call('PTTL', KEYS[2])
+if held > 0 then
+    return held * 1000
+end
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local last = redis.call('LINDEX', KEYS[1], limit - 1)
+if last and tonumber(last) > now - window then
+    return tonumber(last) + window - now
+end
+redis.call('LPUSH', KEYS[1], now)
+redis.call('LTRIM', KEYS[1], 0, limit - 1)
+redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
+return 0
+"""
+
+# KEYS: the hold. ARGV: its length in ms. A longer hold already set stays.
+_HOLD = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+    redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
+end
+return 0
+"""
+
+
+class RedisWindow:
+    """The moving window in Redis, shared by every replica that uses the same key prefix."""
+
+    def __init__(self, client: redis.asyncio.Redis, limit: int, seconds: float, prefix: str) -> None:
+        """``limit`` slots in every ``seconds``, under keys starting with ``prefix``."""
+        self._client = client
+        self._limit = limit
+        self._window_us = int(seconds * 1_000_000)
+        self._keys = [f"{prefix}:window", f"{prefix}:hold"]
+        self._take = client.register_script(_TAKE)
+        self._hold = client.register_script(_HOLD)
+        self.available = True
+
+    async def take(self) -> float:
+        """Take a slot, or say how long until one may be free (also while Redis is unreachable)."""
+        try:
+            wait_us = int(await self._take(keys=self._keys, args=[self._limit, self._window_us]))
+        except (redis.RedisError, OSError):
+            if self.available:
+                log.error(  # noqa: TRY400 - an outage, not a defect: no traceback
+                    "redis_unavailable", action="no calls to Clerk until it answers"
+                )
+            self.available = False
+            return REDIS_RETRY_SECONDS
+        if not self.available:
+            log.info("redis_available")
+        self.available = True
+        return wait_us / 1_000_000
+
+    async def hold(self, seconds: float) -> None:
+        """Give no slot, on any replica, for ``seconds``."""
+        with contextlib.suppress(redis.RedisError, OSError):
+            await self._hold(keys=self._keys[1:], args=[max(1, int(seconds * 1000))])
+
+    async def close(self) -> None:
+        """Close the client."""
+        await self._client.aclose()
+
+
 class ClerkRateLimiter:
     """Slots for calls to Clerk: ``limit`` in every ``window_seconds``, interactive lane first."""
 
-    def __init__(self, limit: int, window_seconds: float) -> None:
-        """An in-process limiter."""
+    def __init__(self, limit: int, window_seconds: float, redis_url: str | None = None, key_id: str = "") -> None:
+        """A limiter in this process, or shared through Redis at ``redis_url`` by every user of ``key_id``."""
         self.limit = limit
         self.window_seconds = window_seconds
-        margin = max(MIN_MARGIN_SECONDS, WINDOW_MARGIN * window_seconds)
-        self._window = _SlidingWindow(limit, window_seconds + margin)
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        seconds = window_seconds + max(MIN_MARGIN_SECONDS, WINDOW_MARGIN * window_seconds)
+        self.shared = redis_url is not None
+        self._window: Window
+        if redis_url is None:
+            self._window = MemoryWindow(limit, seconds)
+        else:
+            client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_SECONDS)
+            self._window = RedisWindow(client, limit, seconds, f"{REDIS_KEY_PREFIX}:{key_id}")
         self._waiting: dict[Lane, deque[asyncio.Future[None]]] = {lane: deque() for lane in Lane}
         self._dispatcher: asyncio.Task[None] | None = None
-        self._held_until = 0.0
+
+    @property
+    def available(self) -> bool:
+        """Whether slots can be counted (Redis answers, when the window is there)."""
+        return getattr(self._window, "available", True) is not False
 
     def waiting(self, lane: Lane) -> int:
         """How many requests of ``lane`` wait for a slot."""
         return sum(1 for f in self._waiting[lane] if not f.done())
 
-    def hold_until(self, until: float) -> None:
-        """Give no slot before ``until`` (Unix seconds): Clerk said 429."""
-        self._held_until = max(self._held_until, until)
+    async def hold(self, seconds: float) -> None:
+        """Give no slot for ``seconds``: Clerk said 429 with this ``Retry-After``."""
+        await self._window.hold(seconds)
 
     async def acquire(self, lane: Lane, deadline: float | None = None) -> None:
         """Wait for a slot; DeadlineExceededError when ``deadline`` (Unix seconds) comes first."""
-        if not self._has_waiters() and time.time() >= self._held_until and await self._take():
+        if not self._has_waiters() and await self._window.take() == 0.0:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[lane].append(future)
@@ -92,9 +235,6 @@ class ClerkRateLimiter:
     def _has_waiters(self) -> bool:
         return any(not f.done() for queue in self._waiting.values() for f in queue)
 
-    async def _take(self) -> bool:
-        return await self._limiter.hit(self._window, _KEY)
-
     def _next_waiter(self) -> asyncio.Future[None] | None:
         for lane in Lane:
             queue = self._waiting[lane]
@@ -107,19 +247,17 @@ class ClerkRateLimiter:
     async def _dispatch(self) -> None:
         """Hand out slots as the window frees them, interactive lane first."""
         while self._has_waiters():
-            now = time.time()
-            if now < self._held_until:
-                await asyncio.sleep(self._held_until - now)
-            elif await self._take():
+            wait = await self._window.take()
+            if wait == 0.0:
                 waiter = self._next_waiter()
                 if waiter is not None:
                     waiter.set_result(None)
             else:
-                stats = await self._limiter.get_window_stats(self._window, _KEY)
-                await asyncio.sleep(max(0.001, stats.reset_time - time.time()))
+                await asyncio.sleep(max(0.001, wait))
 
     async def close(self) -> None:
-        """Stop the dispatcher (shutdown)."""
+        """Stop the dispatcher and release the window (shutdown)."""
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
+        await self._window.close()

@@ -12,6 +12,7 @@ before it looks at the body).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Final
@@ -126,7 +127,11 @@ class ClerkClient:
         )
         # Clerk's last word on the key: None until it has said anything.
         self.key_accepted: bool | None = None
-        self.limiter = ClerkRateLimiter(settings.rate_limit, settings.clerk_rate_window_seconds)
+        # Replicas with the same key share one limit in Redis; the key itself is not stored there.
+        key_id = hashlib.sha256(settings.secret_key().encode()).hexdigest()[:16]
+        self.limiter = ClerkRateLimiter(
+            settings.rate_limit, settings.clerk_rate_window_seconds, settings.redis_url, key_id
+        )
 
     async def start(self) -> None:
         """Open the one HTTP session."""
@@ -184,7 +189,7 @@ class ClerkClient:
         """
         status, answer, retry_after = await self._post("create", "/sign_in_tokens", body, lane, deadline)
         if status == 429:
-            self.limiter.hold_until(time.time() + (parse_retry_after(retry_after) or 1.0))
+            await self.limiter.hold(parse_retry_after(retry_after) or 1.0)
         if status != 200:
             raise error_for(status, answer, retry_after)
         try:

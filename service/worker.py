@@ -148,12 +148,15 @@ class Worker:
         await self._consumers.resume()
         limiter = self.clerk.limiter
         log.info("worker_started", http_port=self.health.port, prefetch=self.settings.prefetch)
-        log.warning(
-            "rate_limit_in_process",
-            calls=limiter.limit,
-            window_seconds=limiter.window_seconds,
-            assumes="this worker is the only one calling Clerk with this key",
-        )
+        if limiter.shared:
+            log.info("rate_limit_shared", calls=limiter.limit, window_seconds=limiter.window_seconds)
+        else:
+            log.warning(
+                "rate_limit_in_process",
+                calls=limiter.limit,
+                window_seconds=limiter.window_seconds,
+                assumes="this worker is the only one calling Clerk with this key; set REDIS_URL to share it",
+            )
 
     def _observe_upstream(self, operation: str, seconds: float) -> None:
         self.metrics.upstream_latency.labels(operation).observe(seconds)
@@ -183,6 +186,7 @@ class Worker:
             "consuming": self._consumers is not None and self._consumers.consuming,
             "key_ok": self.key_ok,
             "upstream_available": not self.breaker.is_open,
+            "rate_limit_available": self.clerk.limiter.available,
         }
 
     async def shutdown(self) -> None:

@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import pytest
+import redis.asyncio
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from service.client import TokenClient
 from service.config import Settings, load_settings
 from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker
+from service.local_redis import LocalRedis
 from service.worker import Worker
 
 if TYPE_CHECKING:
@@ -55,6 +57,25 @@ async def amqp_url() -> AsyncIterator[str]:
         return
     async with LocalBroker() as node:
         yield node.url
+
+
+@pytest.fixture(scope="session")
+async def redis_server() -> AsyncIterator[str]:
+    """The Redis every test that asks for one uses: REDIS_URL, or a private server for the session."""
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    async with LocalRedis() as server:
+        yield server.url
+
+
+@pytest.fixture
+async def redis_url(redis_server: str) -> str:
+    """REDIS_URL for this test, its database emptied first."""
+    client = redis.asyncio.Redis.from_url(redis_server)
+    await client.flushdb()
+    await client.aclose()
+    return redis_server
 
 
 @pytest.fixture

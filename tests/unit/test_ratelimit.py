@@ -62,7 +62,7 @@ async def test_a_429_holds_every_slot_until_retry_after() -> None:
     """After hold_until, no slot is given before that time, though the window has room."""
     limiter = ClerkRateLimiter(100, 10.0)
     until = time.time() + 0.3
-    limiter.hold_until(until)
+    await limiter.hold(0.3)
     await limiter.acquire(Lane.INTERACTIVE)
     assert time.time() >= until
     await limiter.close()
