@@ -1,0 +1,173 @@
+"""Rate-limit benchmark: a bulk backlog through 1 and 3 replicas against a Clerk that enforces its limit.
+
+The fake Clerk (in this process, so its counts can be read) allows 1,000
+calls in any 10 s, as a production key does; the workers are told the same
+(CLERK_RATE_LIMIT) and, with more than one replica, share it through a
+private Redis. For each replica count it reports the goodput as a fraction
+of the limit (the backlog past the first window's burst, over the time it
+took), the calls Clerk answered 429, and the busiest 10 s window; it writes
+a JSON result and a plot of the calls in the trailing window over time.
+
+    uv run python benchmarks/rate_limit.py                  # 20,000 requests, 1 then 3 replicas
+    uv run python benchmarks/rate_limit.py -n 5000 --replicas 3
+
+With AMQP_URL set it uses that broker; otherwise it starts a private node.
+Every run is bounded: it gives up after --timeout seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aio_pika
+from drain import ROOT, preload, spawn
+
+from service.fake_clerk import FakeClerk
+from service.local_broker import LocalBroker, free_port
+from service.local_redis import LocalRedis
+
+KEY = "sk_live_" + "b" * 32
+LIMIT = 1000
+WINDOW_SECONDS = 10.0
+RESULTS = ROOT / "benchmarks" / "results"
+PLOT = ROOT / "docs" / "images" / "rate_limit.png"
+
+
+async def count_replies(amqp_url: str, reply_queue: str, times: list[float]) -> aio_pika.abc.AbstractConnection:
+    """Consume the reply queue, noting when each reply came."""
+    connection = await aio_pika.connect(amqp_url)
+    channel = await connection.channel()
+    queue = await channel.declare_queue(reply_queue, durable=True)
+
+    async def on_reply(_: aio_pika.abc.AbstractIncomingMessage) -> None:
+        times.append(time.monotonic())
+
+    await queue.consume(on_reply, no_ack=True)
+    return connection
+
+
+async def run_once(amqp_url: str, redis_url: str, replicas: int, count: int, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+    """Preload ``count`` bulk requests, start ``replicas`` workers, wait for every reply."""
+    tag = f"rl{os.getpid()}x{replicas}"
+    queues = {
+        "REQUEST_QUEUE": f"{tag}.create",
+        "BULK_QUEUE": f"{tag}.bulk",
+        "RESULTS_QUEUE": f"{tag}.results",
+        "DEAD_LETTER_QUEUE": f"{tag}.dead",
+    }
+    clerk = FakeClerk(KEY, rate_limit=LIMIT, rate_window_seconds=WINDOW_SECONDS)
+    await clerk.start()
+    replies: list[float] = []
+    workers = []
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(clerk.stop)
+        await preload(amqp_url, queues["BULK_QUEUE"], f"{tag}.replies", count)
+        connection = await count_replies(amqp_url, f"{tag}.replies", replies)
+        stack.push_async_callback(connection.close)
+        env = {
+            **os.environ,
+            **queues,
+            "AMQP_URL": amqp_url,
+            "CLERK_API_URL": clerk.url,
+            "CLERK_SECRET_KEY": KEY,
+            "CLERK_RATE_LIMIT": str(LIMIT),
+            "CLERK_RATE_WINDOW_SECONDS": str(WINDOW_SECONDS),
+            "LOG_LEVEL": "warning",
+        }
+        if replicas > 1:
+            env["REDIS_URL"] = redis_url
+        workers.extend(spawn(["worker"], {**env, "HTTP_PORT": str(free_port())}) for _ in range(replicas))
+        started = time.monotonic()
+        while len(replies) < count and time.monotonic() - started < timeout:  # noqa: ASYNC110 - polls another process's work
+            await asyncio.sleep(0.2)
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            await asyncio.to_thread(worker.wait, 30)
+    accepted = clerk.stats.accepted_at.get(KEY, [])
+    first, last = accepted[0], accepted[-1]
+    # The first window's worth goes at once; every call past it waits for the window to move,
+    # so at the limit they take (N - LIMIT) / LIMIT windows from the first call to the last.
+    steady_rate = (len(accepted) - LIMIT) / max(last - first, 1e-9)
+    return {
+        "replicas": replicas,
+        "requests": count,
+        "answered": len(replies),
+        "calls_accepted": len(accepted),
+        "calls_answered_429": clerk.stats.rate_limited,
+        "busiest_window": clerk.stats.busiest_window(KEY, WINDOW_SECONDS),
+        "limit": LIMIT,
+        "window_seconds": WINDOW_SECONDS,
+        "seconds": round(last - first, 1),
+        "goodput_fraction": round(steady_rate * WINDOW_SECONDS / LIMIT, 4),
+        "trailing_window": _trailing(accepted),
+    }
+
+
+def _trailing(accepted: list[float]) -> list[tuple[float, int]]:
+    """Calls in the trailing window, each second from the first call."""
+    points, start = [], 0
+    origin = accepted[0]
+    for second in range(int(accepted[-1] - origin) + 2):
+        at = origin + second
+        while start < len(accepted) and accepted[start] <= at - WINDOW_SECONDS:
+            start += 1
+        end = start
+        while end < len(accepted) and accepted[end] <= at:
+            end += 1
+        points.append((second, end - start))
+    return points
+
+
+def plot(results: list[dict[str, Any]]) -> None:
+    """The trailing-window count over time for each run, against the limit."""
+    import matplotlib as mpl  # noqa: PLC0415 - only the plot needs it
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for result in results:
+        xs, ys = zip(*result["trailing_window"], strict=True)
+        ax.plot(xs, ys, label=f"{result['replicas']} replica(s): {result['calls_answered_429']} answered 429")
+    ax.axhline(LIMIT, color="red", linestyle="--", label=f"Clerk's limit ({LIMIT} per {WINDOW_SECONDS:g} s)")
+    ax.set_xlabel("seconds since the first call")
+    ax.set_ylabel(f"calls in the trailing {WINDOW_SECONDS:g} s")
+    ax.set_ylim(0, LIMIT * 1.15)
+    ax.legend(loc="lower right")
+    ax.set_title("A bulk backlog at Clerk's rate limit")
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=100)
+
+
+async def main() -> None:
+    """Run each replica count in turn; print, save and plot."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", "--requests", type=int, default=20_000)
+    parser.add_argument("--replicas", type=int, action="append")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args()
+    results = []
+    async with AsyncExitStack() as stack:
+        amqp_url = os.environ.get("AMQP_URL") or (await stack.enter_async_context(LocalBroker())).url
+        redis_url = os.environ.get("REDIS_URL") or (await stack.enter_async_context(LocalRedis())).url
+        for replicas in args.replicas or [1, 3]:
+            result = await run_once(amqp_url, redis_url, replicas, args.requests, args.timeout)
+            results.append(result)
+            summary = {k: v for k, v in result.items() if k != "trailing_window"}
+            print(json.dumps(summary))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "rate_limit.json").write_text(json.dumps(results, indent=1))
+    plot(results)
+    print(f"plot: {PLOT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
