@@ -11,13 +11,18 @@ window is kept a little longer than Clerk's (``WINDOW_MARGIN``), since Clerk
 counts a call when it arrives and we when we send it. It lives in one of two
 places:
 
-- in process (``MemoryWindow``, the ``limits`` library's moving window) when
-  REDIS_URL is unset: one replica, which says so at start;
+- in process (``MemoryWindow``, a deque of grant times) when REDIS_URL is
+  unset: one replica, which says so at start;
 - in Redis (``RedisWindow``) when it is set, shared by every replica. One
   Lua script takes a slot atomically on Redis's own clock, so replicas'
-  clocks do not matter. ``limits`` has a Redis moving window too, but it
-  reads the time on each client and sets the key's expiry in whole seconds
-  (``EXPIRE``), which refuses the fractional window the margin needs.
+  clocks do not matter.
+
+Both are our own: the ``limits`` library's moving window was measured first
+and cost about 280 µs of CPU a call in process (each hit schedules an expiry
+task that hops to a thread; the drain lost a quarter of its throughput),
+and its Redis window sets the key's expiry in whole seconds (``EXPIRE``),
+which refuses the fractional window the margin needs, and reads each
+client's clock (docs/performance.md).
   While Redis cannot be reached, no slot is given (requests wait, bounded by
   their deadlines) and readiness says so: the limit is never exceeded.
 
@@ -33,17 +38,9 @@ or Clerk counting otherwise), ``hold_until`` stops every slot until Clerk's
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from typing import Final, Protocol
-
-import redis
-import redis.asyncio
-import structlog
-from limits import RateLimitItemPerSecond
-from limits.aio.storage import MemoryStorage
-from limits.aio.strategies import MovingWindowRateLimiter
 
 from service.errors import DeadlineExceededError
 from service.lanes import Lane
@@ -52,27 +49,8 @@ from service.lanes import Lane
 # a call reaches Clerk a little after it takes its slot, more so on a busy machine.
 WINDOW_MARGIN: Final = 0.02
 MIN_MARGIN_SECONDS: Final = 0.1
-_KEY: Final = "clerk"
 # Keys in Redis start with this, then a digest of the Clerk key: the limit is the key's.
 REDIS_KEY_PREFIX: Final = "sign_in_tokens:clerk_rate"
-REDIS_TIMEOUT_SECONDS: Final = 2.0
-# While Redis is unreachable, how often a waiting slot asks again.
-REDIS_RETRY_SECONDS: Final = 0.5
-
-log = structlog.get_logger(__name__)
-
-
-class _SlidingWindow(RateLimitItemPerSecond):
-    """``amount`` per window of any length in seconds (``limits`` counts whole seconds)."""
-
-    __slots__ = ("_seconds",)
-
-    def __init__(self, amount: int, seconds: float) -> None:
-        super().__init__(amount, 1)
-        self._seconds = seconds
-
-    def get_expiry(self) -> float:  # type: ignore[override]  # the moving window takes any number
-        return self._seconds
 
 
 class Window(Protocol):
@@ -92,99 +70,34 @@ class Window(Protocol):
 
 
 class MemoryWindow:
-    """The moving window in this process (``limits``' memory storage)."""
+    """The moving window in this process: the grant times of the last window, oldest first."""
 
     def __init__(self, limit: int, seconds: float) -> None:
         """``limit`` slots in every ``seconds``."""
-        self._item = _SlidingWindow(limit, seconds)
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._limit = limit
+        self._seconds = seconds
+        self._grants: deque[float] = deque()
         self._held_until = 0.0
 
     async def take(self) -> float:
         """Take a slot, or say how long until one may be free."""
-        now = time.time()
+        now = time.monotonic()
         if now < self._held_until:
             return self._held_until - now
-        if await self._limiter.hit(self._item, _KEY):
+        grants = self._grants
+        while grants and grants[0] <= now - self._seconds:
+            grants.popleft()
+        if len(grants) < self._limit:
+            grants.append(now)
             return 0.0
-        stats = await self._limiter.get_window_stats(self._item, _KEY)
-        return max(0.001, stats.reset_time - time.time())
+        return max(0.001, grants[0] + self._seconds - now)
 
     async def hold(self, seconds: float) -> None:
         """Give no slot for ``seconds``."""
-        self._held_until = max(self._held_until, time.time() + seconds)
+        self._held_until = max(self._held_until, time.monotonic() + seconds)
 
     async def close(self) -> None:
         """Nothing to release."""
-
-
-# KEYS: the window (a list of grant times in µs, newest first), the hold.
-# ARGV: limit, window in µs. Returns 0, or the µs until a slot may be free.
-_TAKE = """
-local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
-local held = redis.call('PTTL', KEYS[2])
-if held > 0 then
-    return held * 1000
-end
-local limit = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local last = redis.call('LINDEX', KEYS[1], limit - 1)
-if last and tonumber(last) > now - window then
-    return tonumber(last) + window - now
-end
-redis.call('LPUSH', KEYS[1], now)
-redis.call('LTRIM', KEYS[1], 0, limit - 1)
-redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
-return 0
-"""
-
-# KEYS: the hold. ARGV: its length in ms. A longer hold already set stays.
-_HOLD = """
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
-    redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
-end
-return 0
-"""
-
-
-class RedisWindow:
-    """The moving window in Redis, shared by every replica that uses the same key prefix."""
-
-    def __init__(self, client: redis.asyncio.Redis, limit: int, seconds: float, prefix: str) -> None:
-        """``limit`` slots in every ``seconds``, under keys starting with ``prefix``."""
-        self._client = client
-        self._limit = limit
-        self._window_us = int(seconds * 1_000_000)
-        self._keys = [f"{prefix}:window", f"{prefix}:hold"]
-        self._take = client.register_script(_TAKE)
-        self._hold = client.register_script(_HOLD)
-        self.available = True
-
-    async def take(self) -> float:
-        """Take a slot, or say how long until one may be free (also while Redis is unreachable)."""
-        try:
-            wait_us = int(await self._take(keys=self._keys, args=[self._limit, self._window_us]))
-        except (redis.RedisError, OSError):
-            if self.available:
-                log.error(  # noqa: TRY400 - an outage, not a defect: no traceback
-                    "redis_unavailable", action="no calls to Clerk until it answers"
-                )
-            self.available = False
-            return REDIS_RETRY_SECONDS
-        if not self.available:
-            log.info("redis_available")
-        self.available = True
-        return wait_us / 1_000_000
-
-    async def hold(self, seconds: float) -> None:
-        """Give no slot, on any replica, for ``seconds``."""
-        with contextlib.suppress(redis.RedisError, OSError):
-            await self._hold(keys=self._keys[1:], args=[max(1, int(seconds * 1000))])
-
-    async def close(self) -> None:
-        """Close the client."""
-        await self._client.aclose()
 
 
 class ClerkRateLimiter:
@@ -200,8 +113,10 @@ class ClerkRateLimiter:
         if redis_url is None:
             self._window = MemoryWindow(limit, seconds)
         else:
-            client = redis.asyncio.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_SECONDS)
-            self._window = RedisWindow(client, limit, seconds, f"{REDIS_KEY_PREFIX}:{key_id}")
+            # Imported only when used: the Redis client adds a quarter of a second to start-up.
+            from service.ratelimit._redis import RedisWindow  # noqa: PLC0415
+
+            self._window = RedisWindow(redis_url, limit, seconds, f"{REDIS_KEY_PREFIX}:{key_id}")
         self._waiting: dict[Lane, deque[asyncio.Future[None]]] = {lane: deque() for lane in Lane}
         self._dispatcher: asyncio.Task[None] | None = None
 
