@@ -56,6 +56,9 @@ REDIS_KEY_PREFIX: Final = "sign_in_tokens:clerk_rate"
 class Window(Protocol):
     """Where the slots are counted."""
 
+    # Whether the window can count slots now (Redis answers).
+    available: bool
+
     async def take(self) -> float:
         """Take a slot: 0.0, or the seconds until one may be free."""
         ...
@@ -78,6 +81,7 @@ class MemoryWindow:
         self._seconds = seconds
         self._grants: deque[float] = deque()
         self._held_until = 0.0
+        self.available = True
 
     async def take(self) -> float:
         """Take a slot, or say how long until one may be free."""
@@ -123,7 +127,7 @@ class ClerkRateLimiter:
     @property
     def available(self) -> bool:
         """Whether slots can be counted (Redis answers, when the window is there)."""
-        return getattr(self._window, "available", True) is not False
+        return self._window.available
 
     def waiting(self, lane: Lane) -> int:
         """How many requests of ``lane`` wait for a slot."""
