@@ -56,7 +56,33 @@ def find_server() -> str:
     return found
 
 
-class LocalBroker:
+class LocalServer:
+    """A private server that starts on entering ``async with`` and is cleaned up on leaving it."""
+
+    async def start(self) -> None:
+        """Start the server and wait until it serves."""
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        """Stop the server and remove its files."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        """Start the server."""
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the server and remove its files."""
+        await asyncio.to_thread(self.cleanup)
+
+
+class LocalBroker(LocalServer):
     """One private RabbitMQ node: start, stop, restart on the same data."""
 
     def __init__(self, base_dir: Path | None = None) -> None:
@@ -203,17 +229,3 @@ class LocalBroker:
         self.stop()
         if self._owns_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    async def __aenter__(self) -> Self:
-        """Start the node."""
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop the node and remove its files."""
-        await asyncio.to_thread(self.cleanup)

@@ -16,13 +16,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import redis.asyncio
 
 from service.errors import ConfigError
-from service.local_broker import free_port
+from service.local_broker import LocalServer, free_port
 
 _BOOT_TIMEOUT_SECONDS = 30.0
 _STOP_TIMEOUT_SECONDS = 10.0
@@ -39,7 +37,7 @@ def find_redis_server() -> str:
     return found
 
 
-class LocalRedis:
+class LocalRedis(LocalServer):
     """One private Redis server: start, stop, restart on the same port."""
 
     def __init__(self) -> None:
@@ -111,17 +109,3 @@ class LocalRedis:
         """Stop the server and delete its directory."""
         self.stop()
         shutil.rmtree(self.base_dir, ignore_errors=True)
-
-    async def __aenter__(self) -> Self:
-        """Start the server."""
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop the server and remove its files."""
-        await asyncio.to_thread(self.cleanup)
