@@ -24,6 +24,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from operator import attrgetter
 from typing import Final, NamedTuple
 
 from cachetools import TTLCache
@@ -76,10 +77,6 @@ def idempotency_key(publisher: str | None, message_id: str | None) -> Idempotenc
     return (publisher or "", message_id)
 
 
-def _entry_size(entry: _Entry) -> int:
-    return entry.size
-
-
 class IdempotencyStore:
     """Final replies by key, for a window of time, in at most ``max_bytes``."""
 
@@ -90,7 +87,7 @@ class IdempotencyStore:
             maxsize=max_bytes,
             ttl=max(window_seconds, 1e-9),
             timer=time.monotonic,
-            getsizeof=_entry_size,
+            getsizeof=attrgetter("size"),
         )
         self._locks: dict[IdempotencyKey, tuple[asyncio.Lock, int]] = {}
 
