@@ -8,6 +8,7 @@ into typed values; what fails is reported as one line naming the variable.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 import socket
@@ -121,6 +122,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             msg = "CLERK_SECRET_KEY or CLERK_SECRET_KEY_FILE is required"
             raise ConfigError(msg)
         return self.clerk_secret_key.reveal()
+
+    def key_id(self) -> str:
+        """A digest naming the Clerk key in Redis, where replicas with the same key meet (never the key)."""
+        return hashlib.sha256(self.secret_key().encode()).hexdigest()[:16]
 
 
 def env_name(field: str) -> str:

@@ -12,7 +12,6 @@ before it looks at the body).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from typing import Final
@@ -128,9 +127,8 @@ class ClerkClient:
         # Clerk's last word on the key: None until it has said anything.
         self.key_accepted: bool | None = None
         # Replicas with the same key share one limit in Redis; the key itself is not stored there.
-        key_id = hashlib.sha256(settings.secret_key().encode()).hexdigest()[:16]
         self.limiter = ClerkRateLimiter(
-            settings.rate_limit, settings.clerk_rate_window_seconds, settings.redis_url, key_id
+            settings.rate_limit, settings.clerk_rate_window_seconds, settings.redis_url, settings.key_id()
         )
 
     async def start(self) -> None:

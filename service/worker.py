@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from service import broker
 from service.breaker import OutageHold, UpstreamBreaker
 from service.config import Settings
-from service.dedup import IdempotencyStore
+from service.dedup import IdempotencyKey, MemoryIdempotencyStore, Remembered, open_store
 from service.envelope import Envelope
 from service.errors import (
     DeadlineExceededError,
@@ -105,9 +105,11 @@ class Worker:
         self.metrics = Metrics()
         self.clerk = ClerkClient(settings, self._observe_upstream)
         self.policy = Policy(settings.publishers)
-        self.dedup = IdempotencyStore(settings.idempotency_window_seconds, settings.idempotency_max_bytes)
-        self.metrics.idempotency_bytes.set_function(lambda: self.dedup.size_bytes)
-        self.metrics.idempotency_entries.set_function(lambda: len(self.dedup))
+        self.dedup = open_store(settings)
+        store = self.dedup
+        if isinstance(store, MemoryIdempotencyStore):  # Redis's memory is Redis's to report
+            self.metrics.idempotency_bytes.set_function(lambda: store.size_bytes)
+            self.metrics.idempotency_entries.set_function(lambda: len(store))
         self.gate = LaneGate(settings.upstream_concurrency)
         self.retry = RetryPolicy(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_delay_seconds)
         self.health = HealthServer(self.metrics, self.readiness, settings.http_host, settings.http_port)
@@ -187,6 +189,7 @@ class Worker:
             "key_ok": self.key_ok,
             "upstream_available": not self.breaker.is_open,
             "rate_limit_available": self.clerk.limiter.available,
+            "idempotency_store_available": self.dedup.available,
         }
 
     async def shutdown(self) -> None:
@@ -207,6 +210,7 @@ class Worker:
             with contextlib.suppress(*broker.CHANNEL_FAILURES):
                 await self._connection.close()
         await self.clerk.close()
+        await self.dedup.close()
         await self.health.stop()
         if self._connection is not None:
             log.info("worker_stopped")
@@ -280,24 +284,38 @@ class Worker:
             return failed(exc), False
         key = envelope.idempotency_key
         body = encode_clerk_body(request)
-        async with self.dedup.claim(key) as remembered:
-            if remembered is not None:
-                if remembered.request != body:
-                    msg = "message_id was already used for a different request; use a new message_id for each request"
-                    return failed(InvalidRequestError(msg)), False
-                self.metrics.dedup_hits.inc()
-                log.info("answered_from_idempotency_store")
-                return remembered.reply, True
-            try:
-                token = await self._create(body, deadline, lane)
-            except RequestError as exc:
-                reply: Reply = failed(exc)
-                if exc.final:
-                    self.dedup.remember(key, body, reply)
-                return reply, False
-            reply = Created(sign_in_token=token)
-            self.dedup.remember(key, body, reply)
+        try:
+            async with self.dedup.claim(key, deadline) as remembered:
+                return await self._answer_claimed(key, body, remembered, deadline, lane)
+        except DeadlineExceededError as exc:  # waiting for the key held elsewhere
+            return failed(exc), False
+
+    async def _answer_claimed(
+        self,
+        key: IdempotencyKey | None,
+        body: bytes,
+        remembered: Remembered | None,
+        deadline: float | None,
+        lane: Lane,
+    ) -> tuple[Reply, bool]:
+        """The reply while this request holds its key: the remembered answer, or Clerk's, then remembered."""
+        if remembered is not None:
+            if remembered.request != body:
+                msg = "message_id was already used for a different request; use a new message_id for each request"
+                return failed(InvalidRequestError(msg)), False
+            self.metrics.dedup_hits.inc()
+            log.info("answered_from_idempotency_store")
+            return remembered.reply, True
+        try:
+            token = await self._create(body, deadline, lane)
+        except RequestError as exc:
+            reply: Reply = failed(exc)
+            if exc.final:
+                await self.dedup.remember(key, body, reply)
             return reply, False
+        reply = Created(sign_in_token=token)
+        await self.dedup.remember(key, body, reply)
+        return reply, False
 
     async def _create(self, body: bytes, deadline: float | None, lane: Lane) -> SignInToken:
         """Call Clerk, retrying transient failures; raise the final RequestError."""
@@ -394,7 +412,7 @@ class Worker:
         """
         log.warning("reply_refused", reply_to=envelope.reply_to, from_idempotency_store=from_store)
         if isinstance(reply, Created) and not from_store:
-            self.dedup.forget(envelope.idempotency_key)
+            await self.dedup.forget(envelope.idempotency_key)
             await self._revoke(reply.sign_in_token.id)
         await self._dead_letter(message, lane, "reply_refused")
 

@@ -134,6 +134,7 @@ class Replies:
     queue: str
     per_request: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
+    tokens: dict[str, set[str]] = field(default_factory=dict)
     max_attempts: int = 0
 
     @property
@@ -146,12 +147,20 @@ class Replies:
         """Replies beyond the first, over all requests."""
         return sum(n - 1 for n in self.per_request.values())
 
+    def tokens_per_request(self) -> set[int]:
+        """How many different token ids the created replies of each request carried."""
+        return {len(ids) for ids in self.tokens.values()}
+
     def on_reply(self, message: AbstractIncomingMessage) -> None:
         """Count one reply."""
-        self.per_request[message.correlation_id or ""] += 1
+        correlation_id = message.correlation_id or ""
+        self.per_request[correlation_id] += 1
         headers = message.headers or {}
         outcome = str(headers.get("x-outcome"))
-        if outcome == "failed":
+        if outcome == "created":
+            token_id = json.loads(message.body)["sign_in_token"]["id"]
+            self.tokens.setdefault(correlation_id, set()).add(token_id)
+        elif outcome == "failed":
             error = json.loads(message.body)["error"]
             outcome = error["code"]
             self.max_attempts = max(self.max_attempts, error["attempts"])

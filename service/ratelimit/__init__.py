@@ -56,8 +56,10 @@ REDIS_KEY_PREFIX: Final = "sign_in_tokens:clerk_rate"
 class Window(Protocol):
     """Where the slots are counted."""
 
-    # Whether the window can count slots now (Redis answers).
-    available: bool
+    @property
+    def available(self) -> bool:
+        """Whether the window can count slots now (Redis answers)."""
+        ...
 
     async def take(self) -> float:
         """Take a slot: 0.0, or the seconds until one may be free."""

@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Final
 
-import redis
-import redis.asyncio
-import structlog
-
-REDIS_TIMEOUT_SECONDS: Final = 2.0
-# While Redis is unreachable, how often a waiting slot asks again.
-REDIS_RETRY_SECONDS: Final = 0.5
-
-log = structlog.get_logger(__name__)
+from service.redis_link import REDIS_FAILURES, REDIS_RETRY_SECONDS, RedisLink
 
 # KEYS: the window (a list of grant times in µs, newest first), the hold.
 # ARGV: limit, window in µs. Returns 0, or the µs until a slot may be free.
@@ -50,36 +41,34 @@ class RedisWindow:
 
     def __init__(self, url: str, limit: int, seconds: float, prefix: str) -> None:
         """``limit`` slots in every ``seconds``, under keys starting with ``prefix``, in the Redis at ``url``."""
-        client = redis.asyncio.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_SECONDS)
-        self._client = client
+        self._link = RedisLink(url, "rate_limit")
+        client = self._link.client
         self._limit = limit
         self._window_us = int(seconds * 1_000_000)
         self._keys = [f"{prefix}:window", f"{prefix}:hold"]
         self._take = client.register_script(_TAKE)
         self._hold = client.register_script(_HOLD)
-        self.available = True
+
+    @property
+    def available(self) -> bool:
+        """Whether Redis answered the last command."""
+        return self._link.available
 
     async def take(self) -> float:
         """Take a slot, or say how long until one may be free (also while Redis is unreachable)."""
         try:
             wait_us = int(await self._take(keys=self._keys, args=[self._limit, self._window_us]))
-        except (redis.RedisError, OSError):
-            if self.available:
-                log.error(  # noqa: TRY400 - an outage, not a defect: no traceback
-                    "redis_unavailable", action="no calls to Clerk until it answers"
-                )
-            self.available = False
+        except REDIS_FAILURES as exc:
+            self._link.failed(exc)
             return REDIS_RETRY_SECONDS
-        if not self.available:
-            log.info("redis_available")
-        self.available = True
+        self._link.answered()
         return wait_us / 1_000_000
 
     async def hold(self, seconds: float) -> None:
         """Give no slot, on any replica, for ``seconds``."""
-        with contextlib.suppress(redis.RedisError, OSError):
+        with contextlib.suppress(*REDIS_FAILURES):
             await self._hold(keys=self._keys[1:], args=[max(1, int(seconds * 1000))])
 
     async def close(self) -> None:
         """Close the client."""
-        await self._client.aclose()
+        await self._link.close()

@@ -1,16 +1,33 @@
-"""message_id as the idempotency key, scoped to the publisher."""
+"""message_id as the idempotency key, scoped to the publisher: each test with the in-process store and with Redis's."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import aio_pika
 import msgspec
+import pytest
 from aio_pika.abc import AbstractChannel
 
 from service.client import TokenClient
+from service.config import Settings
 from service.fake_clerk import FakeClerk
 from service.messages import Created, Failed
 from service.worker import Worker
-from tests.conftest import WorkerFactory, get_message
+from tests.conftest import SettingsFactory, WorkerFactory, get_message
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_settings(make_settings: SettingsFactory, request: pytest.FixtureRequest) -> SettingsFactory:
+    """The test's settings, with REDIS_URL for the Redis store."""
+    if request.param == "memory":
+        return make_settings
+    redis_url = request.getfixturevalue("redis_url")
+
+    def make(**overrides: Any) -> Settings:
+        return make_settings(**{"redis_url": redis_url, **overrides})
+
+    return make
 
 
 async def test_same_message_id_gets_the_same_token_from_one_call(

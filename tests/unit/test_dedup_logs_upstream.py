@@ -12,7 +12,7 @@ import msgspec
 import pytest
 import structlog
 
-from service.dedup import IdempotencyStore, Remembered, idempotency_key
+from service.dedup import MemoryIdempotencyStore, Remembered, idempotency_key
 from service.errors import (
     KeyRejectedError,
     RateLimitedError,
@@ -62,35 +62,37 @@ def _failed(i: int) -> Failed:
 
 
 @pytest.mark.parametrize("make", [_created, _failed])
-def test_store_counts_at_least_the_memory_it_holds_and_stays_under_its_bound(make: Callable[[int], Reply]) -> None:
+async def test_store_counts_at_least_the_memory_it_holds_and_stays_under_its_bound(
+    make: Callable[[int], Reply],
+) -> None:
     """Counted bytes cover what tracemalloc sees (within 30 %), and the bound evicts the oldest."""
     entries = 3_000
     requests = [msgspec.json.encode({"user_id": f"user_{i}"}) for i in range(entries)]
-    store = IdempotencyStore(600, 2**40)
+    store = MemoryIdempotencyStore(600, 2**40)
     gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
         for i in range(entries):
             # The request body is held by the store alone once the worker has sent it: copy it.
-            store.remember((f"caller{i % 3}", f"m{i:08d}"), bytes(bytearray(requests[i])), make(i))
+            await store.remember((f"caller{i % 3}", f"m{i:08d}"), bytes(bytearray(requests[i])), make(i))
         gc.collect()
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
     assert held <= store.size_bytes <= 1.3 * held
-    bounded = IdempotencyStore(600, store.size_bytes // 2)
+    bounded = MemoryIdempotencyStore(600, store.size_bytes // 2)
     for i in range(entries):
-        bounded.remember((f"caller{i % 3}", f"m{i:08d}"), requests[i], make(i))
+        await bounded.remember((f"caller{i % 3}", f"m{i:08d}"), requests[i], make(i))
     assert bounded.size_bytes <= store.size_bytes // 2
     assert 0 < len(bounded) < entries
 
 
 async def test_store_remembers_within_the_window_and_scopes_by_publisher() -> None:
     """A remembered reply comes back for its key only; another publisher's key is different."""
-    store = IdempotencyStore(60, 2**20)
+    store = MemoryIdempotencyStore(60, 2**20)
     key = idempotency_key("alice", "m1")
-    store.remember(key, REQUEST, Created(sign_in_token=TOKEN))
+    await store.remember(key, REQUEST, Created(sign_in_token=TOKEN))
     async with store.claim(key) as remembered:
         assert remembered == Remembered(REQUEST, Created(sign_in_token=TOKEN))
     async with store.claim(idempotency_key("bob", "m1")) as other:
@@ -100,7 +102,7 @@ async def test_store_remembers_within_the_window_and_scopes_by_publisher() -> No
 
 async def test_store_serialises_claims_of_one_key() -> None:
     """A second claim of a key waits until the first is released, then sees its reply."""
-    store = IdempotencyStore(60, 2**20)
+    store = MemoryIdempotencyStore(60, 2**20)
     key = idempotency_key(None, "m")
     seen: list[object] = []
 
@@ -112,10 +114,10 @@ async def test_store_serialises_claims_of_one_key() -> None:
         task = asyncio.create_task(second())
         await asyncio.sleep(0)  # wait-ok: yield so the other tasks reach their await
         assert not task.done()
-        store.remember(key, REQUEST, Created(sign_in_token=TOKEN))
+        await store.remember(key, REQUEST, Created(sign_in_token=TOKEN))
     await task
     assert seen == [Remembered(REQUEST, Created(sign_in_token=TOKEN))]
-    assert store._locks == {}
+    assert len(store.locks) == 0
 
 
 def test_scrubber_redacts_tokens_keys_and_secret_fields() -> None:
