@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
-from service.errors import DeadlineExceededError, RequestError
+from service.errors import DeadlineExceededError, RateLimitedError, RequestError
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
@@ -38,16 +38,27 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 class _Stop:
-    """Stop at the attempt limit, past a Retry-After we will not hold for, or at the deadline."""
+    """Stop at the attempt limit, past a Retry-After we will not hold for, or at the deadline.
+
+    A 429 spends no attempt: the rate limiter holds the next call until Clerk's Retry-After
+    (interactive first, every replica together). Clerk answering 429 to MAX_ATTEMPTS calls of one
+    request ends it as ``rate_limited``, so a key another program exhausts cannot hold it forever.
+    """
 
     def __init__(self, max_attempts: int, max_delay: float, deadline: float | None) -> None:
         self.max_attempts = max_attempts
         self.max_delay = max_delay
         self.deadline = deadline
         self.by_deadline = False
+        self.limited = 0
 
     def __call__(self, state: RetryCallState) -> bool:
-        if state.attempt_number >= self.max_attempts or state.upcoming_sleep > self.max_delay:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, RateLimitedError):
+            self.limited += 1
+            # The wait is the limiter's, which also ends at the deadline.
+            return self.limited >= self.max_attempts or (error.retry_after or 0.0) > self.max_delay
+        if state.attempt_number - self.limited >= self.max_attempts or state.upcoming_sleep > self.max_delay:
             return True
         self.by_deadline = self.deadline is not None and time.time() + state.upcoming_sleep >= self.deadline
         return self.by_deadline
@@ -64,9 +75,11 @@ class RetryPolicy:
         self._jitter = wait_random_exponential(multiplier=base_seconds, max=max_delay_seconds)
 
     def wait_seconds(self, state: RetryCallState) -> float:
-        """The jittered backoff, never shorter than Clerk's Retry-After."""
-        delay = self._jitter(state)
+        """The jittered backoff, never shorter than Clerk's Retry-After; none after a 429 (the limiter holds)."""
         error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, RateLimitedError):
+            return 0.0
+        delay = self._jitter(state)
         retry_after = getattr(error, "retry_after", None)
         if retry_after is not None:
             # A small spread above Retry-After keeps replicas from returning in lockstep.

@@ -187,7 +187,7 @@ class ClerkClient:
         """
         status, answer, retry_after = await self._post("create", "/sign_in_tokens", body, lane, deadline)
         if status == 429:
-            await self.limiter.hold(parse_retry_after(retry_after) or 1.0)
+            await self.limiter.on_429(parse_retry_after(retry_after) or 1.0)
         if status != 200:
             raise error_for(status, answer, retry_after)
         try:

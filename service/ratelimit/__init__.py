@@ -15,42 +15,74 @@ places:
   unset: one replica, which says so at start;
 - in Redis (``RedisWindow``) when it is set, shared by every replica. One
   Lua script takes a slot atomically on Redis's own clock, so replicas'
-  clocks do not matter.
+  clocks do not matter. While Redis cannot be reached, no slot is given
+  (requests wait, bounded by their deadlines) and readiness says so.
 
-Both are our own: the ``limits`` library's moving window was measured first
-and cost about 280 µs of CPU a call in process (each hit schedules an expiry
-task that hops to a thread; the drain lost a quarter of its throughput),
-and its Redis window sets the key's expiry in whole seconds (``EXPIRE``),
-which refuses the fractional window the margin needs, and reads each
-client's clock (docs/performance.md).
-  While Redis cannot be reached, no slot is given (requests wait, bounded by
-  their deadlines) and readiness says so: the limit is never exceeded.
+The lanes under the limit. The interactive lane is served first: in each
+process by one dispatcher, and across the fleet because a replica with an
+interactive request waiting says so in the window (Redis: a sorted set of
+replicas, each entry expiring after ``WAITER_TTL_SECONDS``), and no replica
+gives a bulk request a slot meanwhile. Bulk may never take the last
+``RESERVE`` of the window, nor more than a ``1 / BURST_SLICES`` share of it
+in any ``1 / BURST_SLICES`` of its length: bulk is spread over the window,
+so slots free up steadily and a waiting interactive request never waits for
+a whole window to age out.
 
-A request waiting for its slot holds no upstream connection and spends no
-attempt. Waiters are served by one dispatcher, interactive lane first, then
-in arrival order, so a bulk backlog at the limit never takes the next slot
-from a waiting interactive request. A request whose ``x-deadline`` passes
-while it waits is not sent. After a 429 (another program on the same key,
-or Clerk counting otherwise), ``hold_until`` stops every slot until Clerk's
-``Retry-After``.
+After a 429 (another program on the same key, or Clerk counting otherwise),
+``on_429`` holds every slot until Clerk's ``Retry-After`` and lowers the
+rate to ``CUT`` of what it was (once per hold, not per 429); the rate then
+climbs back by ``CLIMB`` of the limit per window. A request waiting for its
+slot holds no upstream connection and spends no attempt; one whose
+``x-deadline`` passes while it waits is not sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from typing import Final, Protocol
+
+import structlog
 
 from service.errors import DeadlineExceededError
 from service.lanes import Lane
 
 # Our window is longer than Clerk's by this fraction of it (at least MIN_MARGIN_SECONDS):
 # a call reaches Clerk a little after it takes its slot, more so on a busy machine.
-WINDOW_MARGIN: Final = 0.02
+WINDOW_MARGIN: Final = 0.01
 MIN_MARGIN_SECONDS: Final = 0.1
+# The share of the window bulk leaves to the interactive lane (at least one slot, when the limit is above one).
+RESERVE: Final = 0.01
+# Bulk takes at most 1/BURST_SLICES of the window in any 1/BURST_SLICES of its length.
+BURST_SLICES: Final = 10
+# After a 429 the rate is cut to CUT of what it was, then climbs by CLIMB of the limit per window.
+CUT: Final = 0.8
+CLIMB: Final = 0.02
+# How long a replica's word that an interactive request waits lasts without being renewed.
+WAITER_TTL_SECONDS: Final = 1.0
+# The longest a dispatcher sleeps before asking the window again.
+MAX_POLL_SECONDS: Final = 0.25
 # Keys in Redis start with this, then a digest of the Clerk key: the limit is the key's.
 REDIS_KEY_PREFIX: Final = "sign_in_tokens:clerk_rate"
+
+log = structlog.get_logger(__name__)
+
+
+def reserve(effective: int) -> int:
+    """The slots bulk leaves free for the interactive lane in a window of ``effective`` slots."""
+    return 0 if effective <= 1 else math.ceil(RESERVE * effective)
+
+
+def burst(effective: int) -> int:
+    """The most slots bulk takes in one slice of the window."""
+    return max(1, math.ceil(effective / BURST_SLICES))
+
+
+def climbed(limit: int, cut_to: float, seconds_since: float, window_seconds: float) -> float:
+    """The rate ``seconds_since`` a cut to ``cut_to``: back up by CLIMB of the limit per window."""
+    return min(float(limit), cut_to + CLIMB * limit * seconds_since / window_seconds)
 
 
 class Window(Protocol):
@@ -61,12 +93,15 @@ class Window(Protocol):
         """Whether the window can count slots now (Redis answers)."""
         ...
 
-    async def take(self) -> float:
-        """Take a slot: 0.0, or the seconds until one may be free."""
+    async def take(self, lane: Lane, interactive_left: int) -> float:
+        """Take a slot for ``lane``: 0.0, or the seconds until one may be free.
+
+        ``interactive_left``: this replica's interactive requests still waiting after this one.
+        """
         ...
 
-    async def hold(self, seconds: float) -> None:
-        """Give no slot for ``seconds``."""
+    async def on_429(self, seconds: float) -> float | None:
+        """Give no slot for ``seconds`` and cut the rate; return the new rate, or None if already held."""
         ...
 
     async def close(self) -> None:
@@ -83,24 +118,48 @@ class MemoryWindow:
         self._seconds = seconds
         self._grants: deque[float] = deque()
         self._held_until = 0.0
+        self._cut: tuple[float, float] | None = None  # the rate cut to, and when
         self.available = True
 
-    async def take(self) -> float:
+    def _effective(self, now: float) -> float:
+        if self._cut is None:
+            return float(self._limit)
+        rate = climbed(self._limit, self._cut[0], now - self._cut[1], self._seconds)
+        if rate >= self._limit:
+            self._cut = None
+        return rate
+
+    async def take(self, lane: Lane, interactive_left: int) -> float:
         """Take a slot, or say how long until one may be free."""
+        del interactive_left  # one process: its dispatcher already serves interactive first
         now = time.monotonic()
         if now < self._held_until:
             return self._held_until - now
         grants = self._grants
         while grants and grants[0] <= now - self._seconds:
             grants.popleft()
-        if len(grants) < self._limit:
+        effective = max(1, int(self._effective(now)))
+        cap = effective
+        if lane is Lane.BULK:
+            cap -= reserve(effective)
+            most, slice_seconds = burst(effective), self._seconds / BURST_SLICES
+            if len(grants) >= most and grants[-most] > now - slice_seconds:
+                return grants[-most] + slice_seconds - now
+        if len(grants) < cap:
             grants.append(now)
             return 0.0
-        return max(0.001, grants[0] + self._seconds - now)
+        return max(0.001, grants[len(grants) - cap] + self._seconds - now)
 
-    async def hold(self, seconds: float) -> None:
-        """Give no slot for ``seconds``."""
-        self._held_until = max(self._held_until, time.monotonic() + seconds)
+    async def on_429(self, seconds: float) -> float | None:
+        """Give no slot for ``seconds``; cut the rate unless a hold was already on."""
+        now = time.monotonic()
+        held = now < self._held_until
+        self._held_until = max(self._held_until, now + seconds)
+        if held:
+            return None
+        rate = max(1.0, CUT * self._effective(now))
+        self._cut = (rate, now)
+        return rate
 
     async def close(self) -> None:
         """Nothing to release."""
@@ -135,13 +194,21 @@ class ClerkRateLimiter:
         """How many requests of ``lane`` wait for a slot."""
         return sum(1 for f in self._waiting[lane] if not f.done())
 
-    async def hold(self, seconds: float) -> None:
-        """Give no slot for ``seconds``: Clerk said 429 with this ``Retry-After``."""
-        await self._window.hold(seconds)
+    async def on_429(self, retry_after: float) -> None:
+        """Clerk said 429: no slot on any replica for ``retry_after`` seconds, and a lower rate for a while."""
+        rate = await self._window.on_429(retry_after)
+        if rate is not None:
+            log.warning(
+                "rate_limit_lowered",
+                calls=int(rate),
+                window_seconds=self.window_seconds,
+                held_seconds=retry_after,
+                climbs_back=f"{CLIMB:.0%} of {self.limit} a window",
+            )
 
     async def acquire(self, lane: Lane, deadline: float | None = None) -> None:
         """Wait for a slot; DeadlineExceededError when ``deadline`` (Unix seconds) comes first."""
-        if not self._has_waiters() and await self._window.take() == 0.0:
+        if not self._has_waiters() and await self._window.take(lane, 0) == 0.0:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[lane].append(future)
@@ -156,25 +223,28 @@ class ClerkRateLimiter:
     def _has_waiters(self) -> bool:
         return any(not f.done() for queue in self._waiting.values() for f in queue)
 
-    def _next_waiter(self) -> asyncio.Future[None] | None:
+    def _next_lane(self) -> tuple[Lane, int] | None:
+        """The lane whose waiter is served next, and how many interactive requests would still wait."""
         for lane in Lane:
             queue = self._waiting[lane]
-            while queue:
-                future = queue.popleft()
-                if not future.done():
-                    return future
+            while queue and queue[0].done():
+                queue.popleft()
+            if queue:
+                left = self.waiting(Lane.INTERACTIVE) - 1 if lane is Lane.INTERACTIVE else 0
+                return lane, left
         return None
 
     async def _dispatch(self) -> None:
         """Hand out slots as the window frees them, interactive lane first."""
-        while self._has_waiters():
-            wait = await self._window.take()
+        while (turn := self._next_lane()) is not None:
+            lane, interactive_left = turn
+            wait = await self._window.take(lane, interactive_left)
             if wait == 0.0:
-                waiter = self._next_waiter()
-                if waiter is not None:
-                    waiter.set_result(None)
+                queue = self._waiting[lane]
+                if queue and not queue[0].done():
+                    queue.popleft().set_result(None)
             else:
-                await asyncio.sleep(max(0.001, wait))
+                await asyncio.sleep(min(MAX_POLL_SECONDS, max(0.001, wait)))
 
     async def close(self) -> None:
         """Stop the dispatcher and release the window (shutdown)."""

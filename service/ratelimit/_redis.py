@@ -1,39 +1,116 @@
-"""The rate limiter's window in Redis, shared by every replica that calls Clerk with the same key."""
+"""The rate limiter's window in Redis, shared by every replica that calls Clerk with the same key.
+
+Four keys under the prefix: ``window`` (a list of grant times in µs, newest
+first, at most the limit long), ``hold`` (set for Clerk's ``Retry-After``
+after a 429), ``cut`` (the rate cut to after a 429, and when) and
+``interactive`` (a sorted set of the replicas with an interactive request
+waiting, scored by when their word expires). The scripts mirror
+``MemoryWindow`` line for line, on Redis's clock.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import uuid
 
+from service.lanes import Lane
+from service.ratelimit import BURST_SLICES, CLIMB, CUT, RESERVE, WAITER_TTL_SECONDS
 from service.redis_link import REDIS_FAILURES, REDIS_RETRY_SECONDS, RedisLink
 
-# KEYS: the window (a list of grant times in µs, newest first), the hold.
-# ARGV: limit, window in µs. Returns 0, or the µs until a slot may be free.
-_TAKE = """
-local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
+# Shared by both scripts: Redis's clock in µs, and the rate after any cut (dropping a cut that has climbed back).
+_COMMON = """
+local function now_us()
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function effective(cut_key, limit, window, climb, now)
+    local cut = redis.call('HMGET', cut_key, 'rate', 'at')
+    if not cut[1] then
+        return limit
+    end
+    local rate = tonumber(cut[1]) + climb * limit * (now - tonumber(cut[2])) / window
+    if rate >= limit then
+        redis.call('DEL', cut_key)
+        return limit
+    end
+    return rate
+end
+"""
+
+# KEYS: window, hold, cut, interactive.
+# ARGV: limit, window µs, lane (i or b), replica id, interactive requests left after this one,
+#       climb, burst slices, reserve share, waiter ttl µs.
+# Returns 0 (a slot taken), or the µs until one may be free.
+_TAKE = (
+    _COMMON
+    + """
+local limit, window, lane = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local now = now_us()
+local waiters = KEYS[4]
+redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
+if lane == 'i' then
+    redis.call('ZADD', waiters, now + tonumber(ARGV[9]), ARGV[4])
+    redis.call('PEXPIRE', waiters, math.ceil(tonumber(ARGV[9]) / 1000))
+else
+    redis.call('ZREM', waiters, ARGV[4])
+end
 local held = redis.call('PTTL', KEYS[2])
 if held > 0 then
     return held * 1000
 end
-local limit = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local last = redis.call('LINDEX', KEYS[1], limit - 1)
-if last and tonumber(last) > now - window then
-    return tonumber(last) + window - now
+local rate = math.max(1, math.floor(effective(KEYS[3], limit, window, tonumber(ARGV[6]), now)))
+local cap = rate
+if lane == 'b' then
+    if redis.call('ZCARD', waiters) > 0 then
+        return 2000
+    end
+    if rate > 1 then
+        cap = rate - math.ceil(tonumber(ARGV[8]) * rate)
+    end
+    local slices = tonumber(ARGV[7])
+    local most = math.max(1, math.ceil(rate / slices))
+    local recent = redis.call('LINDEX', KEYS[1], most - 1)
+    if recent and tonumber(recent) > now - window / slices then
+        return math.max(1000, tonumber(recent) + window / slices - now)
+    end
+end
+local oldest = redis.call('LINDEX', KEYS[1], cap - 1)
+if oldest and tonumber(oldest) > now - window then
+    return math.max(1000, tonumber(oldest) + window - now)
 end
 redis.call('LPUSH', KEYS[1], now)
 redis.call('LTRIM', KEYS[1], 0, limit - 1)
 redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
-return 0
-"""
-
-# KEYS: the hold. ARGV: its length in ms. A longer hold already set stays.
-_HOLD = """
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
-    redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
+if lane == 'i' and tonumber(ARGV[5]) == 0 then
+    redis.call('ZREM', waiters, ARGV[4])
 end
 return 0
 """
+)
+
+# KEYS: hold, cut. ARGV: hold ms, limit, window µs, climb, cut.
+# Returns the rate cut to, or -1 when a hold was already on (one cut per hold).
+_ON_429 = (
+    _COMMON
+    + """
+local ms = tonumber(ARGV[1])
+local held = redis.call('PTTL', KEYS[1])
+if held > 0 then
+    if held < ms then
+        redis.call('SET', KEYS[1], 1, 'PX', ms)
+    end
+    return -1
+end
+redis.call('SET', KEYS[1], 1, 'PX', ms)
+local limit, window, climb = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = now_us()
+local rate = math.max(1, tonumber(ARGV[5]) * effective(KEYS[2], limit, window, climb, now))
+redis.call('HSET', KEYS[2], 'rate', tostring(rate), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[2], math.ceil(window / 1000 / climb) + ms)
+return math.floor(rate)
+"""
+)
 
 
 class RedisWindow:
@@ -45,29 +122,44 @@ class RedisWindow:
         client = self._link.client
         self._limit = limit
         self._window_us = int(seconds * 1_000_000)
-        self._keys = [f"{prefix}:window", f"{prefix}:hold"]
+        self._keys = [f"{prefix}:{name}" for name in ("window", "hold", "cut", "interactive")]
+        self._replica = uuid.uuid4().hex
         self._take = client.register_script(_TAKE)
-        self._hold = client.register_script(_HOLD)
+        self._on_429 = client.register_script(_ON_429)
 
     @property
     def available(self) -> bool:
         """Whether Redis answered the last command."""
         return self._link.available
 
-    async def take(self) -> float:
+    async def take(self, lane: Lane, interactive_left: int) -> float:
         """Take a slot, or say how long until one may be free (also while Redis is unreachable)."""
+        args = [
+            self._limit,
+            self._window_us,
+            "i" if lane is Lane.INTERACTIVE else "b",
+            self._replica,
+            interactive_left,
+            CLIMB,
+            BURST_SLICES,
+            RESERVE,
+            int(WAITER_TTL_SECONDS * 1_000_000),
+        ]
         try:
-            wait_us = int(await self._take(keys=self._keys, args=[self._limit, self._window_us]))
+            wait_us = int(await self._take(keys=self._keys, args=args))
         except REDIS_FAILURES as exc:
             self._link.failed(exc)
             return REDIS_RETRY_SECONDS
         self._link.answered()
         return wait_us / 1_000_000
 
-    async def hold(self, seconds: float) -> None:
-        """Give no slot, on any replica, for ``seconds``."""
+    async def on_429(self, seconds: float) -> float | None:
+        """Give no slot, on any replica, for ``seconds``, and cut the shared rate unless already held."""
+        args = [max(1, math.ceil(seconds * 1000)), self._limit, self._window_us, CLIMB, CUT]
+        rate = -1
         with contextlib.suppress(*REDIS_FAILURES):
-            await self._hold(keys=self._keys[1:], args=[max(1, int(seconds * 1000))])
+            rate = int(await self._on_429(keys=self._keys[1:3], args=args))
+        return None if rate < 0 else float(rate)
 
     async def close(self) -> None:
         """Close the client."""

@@ -10,7 +10,7 @@ import pytest
 from service.errors import DeadlineExceededError
 from service.fake_clerk import FakeClerkStats
 from service.lanes import Lane
-from service.ratelimit import ClerkRateLimiter
+from service.ratelimit import ClerkRateLimiter, MemoryWindow, burst, climbed, reserve
 
 
 async def test_no_sliding_window_ever_holds_more_than_the_limit() -> None:
@@ -62,7 +62,42 @@ async def test_a_429_holds_every_slot_until_retry_after() -> None:
     """After hold_until, no slot is given before that time, though the window has room."""
     limiter = ClerkRateLimiter(100, 10.0)
     until = time.time() + 0.3
-    await limiter.hold(0.3)
+    await limiter.on_429(0.3)
     await limiter.acquire(Lane.INTERACTIVE)
     assert time.time() >= until
     await limiter.close()
+
+
+async def test_bulk_leaves_the_reserve_to_the_interactive_lane() -> None:
+    """A window of 200 holding 198: bulk is refused (two are reserved), interactive gets both."""
+    window = MemoryWindow(200, 10.0)
+    assert reserve(200) == 2
+    for _ in range(198):
+        assert await window.take(Lane.INTERACTIVE, 0) == 0.0
+    assert await window.take(Lane.BULK, 0) > 0
+    assert [await window.take(Lane.INTERACTIVE, 0) for _ in range(2)] == [0.0, 0.0]
+    assert await window.take(Lane.INTERACTIVE, 0) > 0
+
+
+async def test_bulk_is_spread_over_the_window_not_taken_in_one_burst() -> None:
+    """100 bulk slots in 1 s: at most a tenth of them in any tenth of a second."""
+    limiter = ClerkRateLimiter(100, 1.0)
+    granted: list[float] = []
+
+    async def call() -> None:
+        await limiter.acquire(Lane.BULK)
+        granted.append(time.monotonic())
+
+    await asyncio.gather(*(call() for _ in range(60)))
+    assert FakeClerkStats(accepted_at={"k": granted}).busiest_window("k", 0.1) <= burst(100)
+    await limiter.close()
+
+
+async def test_a_429_cuts_the_rate_once_per_hold_then_it_climbs_back() -> None:
+    """After a 429 the window gives 80 % of the limit; a second 429 in the same hold cuts nothing more."""
+    window = MemoryWindow(100, 1.0)
+    assert await window.on_429(0.01) == 80.0
+    assert await window.on_429(0.01) is None
+    assert 79.0 < window._effective(time.monotonic()) <= 80.5
+    assert climbed(100, 80.0, 1.0, 1.0) == 82.0
+    assert climbed(100, 80.0, 11.0, 1.0) == 100.0

@@ -59,12 +59,28 @@ async def test_waits_are_full_jitter_and_at_least_retry_after() -> None:
         waits.append(seconds)
 
     script = Script(
-        UpstreamUnavailableError("a"), RateLimitedError("b", retry_after=0.7), UpstreamUnavailableError("c")
+        UpstreamUnavailableError("a"), UpstreamUnavailableError("b", retry_after=0.7), UpstreamUnavailableError("c")
     )
     await RetryPolicy(5, 0.1, 10).run(script, deadline=None, sleep=record)
     assert 0 <= waits[0] <= 0.1
     assert 0.7 <= waits[1] <= 0.8
     assert 0 <= waits[2] <= 0.4
+
+
+async def test_a_429_spends_no_attempt_and_waits_for_the_limiter_not_a_backoff() -> None:
+    """Four 429s and four 503s with five attempts allowed: the ninth call succeeds; a 429 is followed by no sleep."""
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    script = Script(
+        *(RateLimitedError("r", retry_after=0.5) for _ in range(4)),
+        *(UpstreamUnavailableError("u") for _ in range(4)),
+    )
+    result, attempts = await RetryPolicy(5, 0.01, 10).run(script, deadline=None, sleep=record)
+    assert (result, attempts, script.calls) == ("ok", 9, 9)
+    assert waits[:4] == [0.0, 0.0, 0.0, 0.0]
 
 
 async def test_a_wait_past_the_deadline_ends_in_deadline_exceeded() -> None:
