@@ -22,10 +22,12 @@ import asyncio
 import json
 import os
 import time
+from collections import Counter
 from contextlib import AsyncExitStack
 from typing import Any
 
 import aio_pika
+import aiohttp
 from drain import ROOT, preload, spawn
 
 from service.fake_clerk import FakeClerk
@@ -39,22 +41,62 @@ RESULTS = ROOT / "benchmarks" / "results"
 PLOT = ROOT / "docs" / "images" / "rate_limit.png"
 
 
-async def count_replies(amqp_url: str, reply_queue: str, times: list[float]) -> aio_pika.abc.AbstractConnection:
-    """Consume the reply queue, noting when each reply came."""
+async def count_replies(
+    amqp_url: str, reply_queue: str, times: list[float], outcomes: Counter[str] | None = None
+) -> aio_pika.abc.AbstractConnection:
+    """Consume the reply queue, noting when each reply came and its outcome (``created`` or the error code)."""
     connection = await aio_pika.connect(amqp_url)
     channel = await connection.channel()
     queue = await channel.declare_queue(reply_queue, durable=True)
 
-    async def on_reply(_: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         times.append(time.monotonic())
+        if outcomes is not None:
+            reply = json.loads(message.body)
+            outcomes[reply["error"]["code"] if reply["outcome"] == "failed" else "created"] += 1
 
     await queue.consume(on_reply, no_ack=True)
     return connection
 
 
-async def run_once(amqp_url: str, redis_url: str, replicas: int, count: int, timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
-    """Preload ``count`` bulk requests, start ``replicas`` workers, wait for every reply."""
-    tag = f"rl{os.getpid()}x{replicas}"
+class OtherProgram:
+    """Another program on the same key: ``share`` of the limit, evenly paced, its own calls counted."""
+
+    def __init__(self, url: str, share: float) -> None:
+        """Calls to the fake Clerk at ``url``, ``share`` of LIMIT per window."""
+        self.url = url
+        self.interval = WINDOW_SECONDS / (share * LIMIT)
+        self.accepted: list[float] = []
+        self.refused = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Call until ``stop``, one call every ``interval`` seconds (on a schedule, not after each answer)."""
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
+            next_at = time.monotonic()
+            while not stop.is_set():
+                async with http.post(f"{self.url}/sign_in_tokens", json={"user_id": "user_other"}) as answer:
+                    await answer.read()
+                if answer.status == 200:
+                    self.accepted.append(time.monotonic())
+                else:
+                    self.refused += 1
+                next_at += self.interval
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+
+async def run_once(
+    amqp_url: str,
+    redis_url: str,
+    replicas: int,
+    count: int,
+    timeout: float,  # noqa: ASYNC109
+    other_share: float = 0.0,
+) -> dict[str, Any]:
+    """Preload ``count`` bulk requests, start ``replicas`` workers, wait for every reply.
+
+    With ``other_share``, another program spends that share of the key's limit throughout.
+    """
+    tag = f"rl{os.getpid()}x{replicas}s{int(other_share * 100)}"
     queues = {
         "REQUEST_QUEUE": f"{tag}.create",
         "BULK_QUEUE": f"{tag}.bulk",
@@ -64,11 +106,14 @@ async def run_once(amqp_url: str, redis_url: str, replicas: int, count: int, tim
     clerk = FakeClerk(KEY, rate_limit=LIMIT, rate_window_seconds=WINDOW_SECONDS)
     await clerk.start()
     replies: list[float] = []
+    outcomes: Counter[str] = Counter()
     workers = []
+    other = OtherProgram(clerk.url, other_share) if other_share else None
+    stop_other = asyncio.Event()
     async with AsyncExitStack() as stack:
         stack.push_async_callback(clerk.stop)
         await preload(amqp_url, queues["BULK_QUEUE"], f"{tag}.replies", count)
-        connection = await count_replies(amqp_url, f"{tag}.replies", replies)
+        connection = await count_replies(amqp_url, f"{tag}.replies", replies, outcomes)
         stack.push_async_callback(connection.close)
         env = {
             **os.environ,
@@ -82,19 +127,27 @@ async def run_once(amqp_url: str, redis_url: str, replicas: int, count: int, tim
         }
         if replicas > 1:
             env["REDIS_URL"] = redis_url
+        if other is not None:
+            other_task = asyncio.create_task(other.run(stop_other))
+            await asyncio.sleep(WINDOW_SECONDS)  # the other program is already running when we start
         workers.extend(spawn(["worker"], {**env, "HTTP_PORT": str(free_port())}) for _ in range(replicas))
         started = time.monotonic()
         while len(replies) < count and time.monotonic() - started < timeout:  # noqa: ASYNC110 - polls another process's work
             await asyncio.sleep(0.2)
+        if other is not None:
+            stop_other.set()
+            await other_task
         for worker in workers:
             worker.terminate()
         for worker in workers:
             await asyncio.to_thread(worker.wait, 30)
     accepted = clerk.stats.accepted_at.get(KEY, [])
+    if other is not None:
+        return _shared_key_figures(accepted, other, clerk.stats.rate_limited, outcomes, replicas, count)
     first, last = accepted[0], accepted[-1]
-    # The first window's worth goes at once; every call past it waits for the window to move,
-    # so at the limit they take (N - LIMIT) / LIMIT windows from the first call to the last.
-    steady_rate = (len(accepted) - LIMIT) / max(last - first, 1e-9)
+    # The rate past the first window (which a limiter may fill at once, or spread over it).
+    steady = sum(1 for t in accepted if t > first + WINDOW_SECONDS)
+    steady_rate = steady / max(last - first - WINDOW_SECONDS, 1e-9)
     return {
         "replicas": replicas,
         "requests": count,
@@ -110,10 +163,44 @@ async def run_once(amqp_url: str, redis_url: str, replicas: int, count: int, tim
     }
 
 
-def _trailing(accepted: list[float]) -> list[tuple[float, int]]:
-    """Calls in the trailing window, each second from the first call."""
+def _shared_key_figures(
+    accepted: list[float],
+    other: OtherProgram,
+    answered_429: int,
+    outcomes: Counter[str],
+    replicas: int,
+    count: int,
+) -> dict[str, Any]:
+    """Our calls and 429s, and our goodput against what the other program left, past our first window."""
+    theirs = set(other.accepted)
+    ours = [t for t in accepted if t not in theirs]
+    begin, end = ours[0] + WINDOW_SECONDS, ours[-1]
+    our_steady = sum(1 for t in ours if begin < t <= end)
+    their_steady = sum(1 for t in other.accepted if begin < t <= end)
+    left = LIMIT / WINDOW_SECONDS * (end - begin) - their_steady
+    our_calls = len(ours) + answered_429 - other.refused
+    return {
+        "replicas": replicas,
+        "requests": count,
+        "outcomes": dict(outcomes),
+        "other_share": round(
+            len(other.accepted) / max(1e-9, other.accepted[-1] - other.accepted[0]) * WINDOW_SECONDS / LIMIT, 3
+        ),
+        "our_calls": our_calls,
+        "our_calls_answered_429": answered_429 - other.refused,
+        "our_429_fraction": round((answered_429 - other.refused) / max(1, our_calls), 4),
+        "other_calls_answered_429": other.refused,
+        "goodput_of_what_was_left": round(our_steady / max(1.0, left), 4),
+        "seconds": round(end - ours[0], 1),
+        "trailing_window": _trailing(ours, origin=ours[0]),
+        "other_trailing_window": _trailing(other.accepted, origin=ours[0]),
+    }
+
+
+def _trailing(accepted: list[float], origin: float | None = None) -> list[tuple[float, int]]:
+    """Calls in the trailing window, each second from ``origin`` (the first call)."""
     points, start = [], 0
-    origin = accepted[0]
+    origin = accepted[0] if origin is None else origin
     for second in range(int(accepted[-1] - origin) + 2):
         at = origin + second
         while start < len(accepted) and accepted[start] <= at - WINDOW_SECONDS:

@@ -192,13 +192,20 @@ def request(
 @main.command()
 @click.option("--count", type=click.IntRange(min=1), default=1000, show_default=True, help="Requests to send.")
 @click.option("--user-id", default=None, help="With a real CLERK_SECRET_KEY: the user to create tokens for.")
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1, max=16),
+    default=1,
+    show_default=True,
+    help="Workers to run; more than one share a Redis (REDIS_URL, or a private one).",
+)
 @settings_options
-def demo(count: int, user_id: str | None, **options: Any) -> None:  # noqa: ANN401
+def demo(count: int, user_id: str | None, replicas: int, **options: Any) -> None:  # noqa: ANN401
     """Run the whole service locally and send requests through it."""
     from service.demo import run_demo  # noqa: PLC0415
 
     explicit = {k: v for k, v in options.items() if v is not None}
-    run(lambda stop: run_demo(explicit, count=count, user_id=user_id, stop=stop))
+    run(lambda stop: run_demo(explicit, count=count, user_id=user_id, stop=stop, replicas=replicas))
 
 
 def _settings_or_exit(options: dict[str, Any], *, require_key: bool = False) -> Settings:

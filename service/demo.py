@@ -26,6 +26,7 @@ from service.client import ReceivedReply, TokenClient
 from service.config import Settings, load_settings
 from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker
+from service.local_redis import LocalRedis
 from service.logs import SCRUBBER, configure_logging
 from service.messages import Created, Reply
 from service.worker import Worker
@@ -58,12 +59,21 @@ def masked_reply(reply: Reply) -> str:
     return msgspec.json.format(msgspec.json.encode(data)).decode()
 
 
-async def _environment(stack: AsyncExitStack, options: dict[str, str]) -> tuple[dict[str, str], FakeClerk | None]:
+async def _environment(
+    stack: AsyncExitStack, options: dict[str, str], *, replicas: int
+) -> tuple[dict[str, str], FakeClerk | None]:
     """The demo's environment, starting what is missing; and the fake Clerk, when it is one."""
     environ = dict(os.environ)
     environ.update({k.upper(): v for k, v in options.items()})
     environ.setdefault("HTTP_PORT", "0")
     environ.setdefault("LOG_LEVEL", "warning")
+    if replicas > 1 and not environ.get("REDIS_URL"):
+        say(f"{replicas} replicas and no REDIS_URL: starting a private Redis for the rate limit and the store…")
+        redis_server = LocalRedis()
+        stack.push_async_callback(asyncio.to_thread, redis_server.cleanup)
+        await redis_server.start()
+        environ["REDIS_URL"] = redis_server.url
+        say(f"Redis up at 127.0.0.1:{redis_server.port}")
     if not environ.get("AMQP_URL"):
         say("no AMQP_URL: starting a private RabbitMQ node (about 5 s)…")
         broker = LocalBroker()
@@ -115,6 +125,16 @@ async def _send_all(client: TokenClient, user_ids: list[str], stop: asyncio.Even
     return results
 
 
+def _answered(worker: Worker) -> float:
+    """How many requests a worker answered."""
+    return sum(
+        sample.value
+        for metric in worker.metrics.requests.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+
+
 def _summary(results: list[tuple[float, ReceivedReply]], elapsed: float) -> str:
     replies = [r.decode() for _, r in results]
     created = sum(isinstance(r, Created) for r in replies)
@@ -129,11 +149,13 @@ def _summary(results: list[tuple[float, ReceivedReply]], elapsed: float) -> str:
     )
 
 
-async def run_demo(options: dict[str, Any], *, count: int, user_id: str | None, stop: asyncio.Event) -> None:
-    """Run the demo end to end."""
+async def run_demo(
+    options: dict[str, Any], *, count: int, user_id: str | None, stop: asyncio.Event, replicas: int = 1
+) -> None:
+    """Run the demo end to end, with ``replicas`` workers (sharing a Redis when more than one)."""
     configure_logging("console", "warning")
     async with AsyncExitStack() as stack:
-        environ, fake = await _environment(stack, {k: str(v) for k, v in options.items()})
+        environ, fake = await _environment(stack, {k: str(v) for k, v in options.items()}, replicas=replicas)
         if fake is None and user_id is None:
             say("with a real CLERK_SECRET_KEY, pass --user-id USER to choose whose tokens to create")
             return
@@ -145,16 +167,21 @@ async def run_demo(options: dict[str, Any], *, count: int, user_id: str | None, 
         client = TokenClient(settings.amqp_url, request_queue=settings.request_queue, name="demo-client")
         await client.connect()
         stack.push_async_callback(client.close)
-        worker = Worker(settings, name="demo-worker")
-        stack.push_async_callback(worker.shutdown)
-        await worker.start()
-        say(f"worker consuming {settings.request_queue!r}; /metrics on port {worker.health.port}")
+        workers = [Worker(settings, name=f"demo-worker-{i}") for i in range(replicas)]
+        for worker in workers:
+            stack.push_async_callback(worker.shutdown)
+            await worker.start()
+        ports = ", ".join(str(w.health.port) for w in workers)
+        say(f"{replicas} worker(s) consuming {settings.request_queue!r}; /metrics on port(s) {ports}")
         say(f"sending {count} requests…")
         started = time.monotonic()
         results = await _send_all(client, _user_ids(count, None if fake is not None else user_id), stop)
         if not results:
             return
         say(_summary(results, time.monotonic() - started))
+        if replicas > 1:
+            shares = " / ".join(str(int(_answered(w))) for w in workers)
+            say(f"replies per replica: {shares}; rate limit and idempotency store shared through {settings.redis_url}")
         if fake is not None:
             busiest = fake.stats.busiest_window(settings.secret_key(), FAKE_RATE_WINDOW_SECONDS)
             say(

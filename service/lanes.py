@@ -1,10 +1,10 @@
 """The two lanes and the gate that serves the interactive lane first.
 
-Every call to Clerk takes a turn at the gate. The gate has a fixed number
-of slots (upstream concurrency); when a slot frees, a waiting interactive
-request gets it before any bulk request. A request waiting out a retry
-backoff holds no slot. This is also the seam where a shared rate limiter
-takes its place: a turn is where a request may spend upstream capacity.
+Every call to Clerk takes a turn at the gate, after its slot under the rate
+limit (service.ratelimit). The gate has a fixed number of slots (upstream
+concurrency); when a slot frees, a waiting interactive request gets it
+before any bulk request. A request waiting out a retry backoff or a rate
+slot holds no turn.
 """
 
 from __future__ import annotations

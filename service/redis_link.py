@@ -3,7 +3,8 @@
 The rate limiter's window and the idempotency store each hold one link.
 While Redis cannot be reached, their callers wait rather than guess (no
 slot is given, no claim is made), the link says so once in the log, and
-readiness reports it; it says so again when Redis answers.
+the worker pauses consumption and reports not-ready until every link
+answers again (it asks with ``check``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ class RedisLink:
         if not self.available:
             log.info("redis_available", used_for=self.purpose)
         self.available = True
+
+    async def check(self) -> bool:
+        """Ask Redis (PING) whether it answers; returns and records the answer."""
+        try:
+            await self.client.ping()
+        except REDIS_FAILURES as exc:
+            self.failed(exc)
+        else:
+            self.answered()
+        return self.available
 
     async def close(self) -> None:
         """Close the client's connections."""

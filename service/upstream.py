@@ -22,6 +22,7 @@ import msgspec
 from service import __version__
 from service.config import Settings
 from service.errors import (
+    DeadlineExceededError,
     KeyRejectedError,
     RateLimitedError,
     RequestError,
@@ -30,7 +31,7 @@ from service.errors import (
     UpstreamUnavailableError,
     UserNotFoundError,
 )
-from service.lanes import Lane
+from service.lanes import Lane, LaneGate
 from service.messages import (
     ClerkErrors,
     SignInToken,
@@ -120,6 +121,8 @@ class ClerkClient:
             "User-Agent": f"sign-in-token-service/{__version__}",
         }
         self._limit = settings.upstream_concurrency
+        # Turns for calls in flight, interactive first: at most UPSTREAM_CONCURRENCY at once.
+        self.gate = LaneGate(settings.upstream_concurrency)
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=settings.request_timeout_seconds, connect=settings.connect_timeout_seconds
@@ -156,19 +159,27 @@ class ClerkClient:
         lane: Lane = Lane.INTERACTIVE,
         deadline: float | None = None,
     ) -> tuple[int, bytes, str | None]:
-        """One call, once the rate limiter gives it a slot (revokes and probes go first, as interactive)."""
+        """One call, once the rate limiter gives it a slot and the gate a turn (revokes and probes as interactive).
+
+        The slot comes first: a request waiting under the rate limit holds no turn, so the turns
+        (UPSTREAM_CONCURRENCY, the connections) are only ever held by calls about to be sent.
+        """
         if self._session is None:
             msg = "ClerkClient.start() was not called"
             raise RuntimeError(msg)
         await self.limiter.acquire(lane, deadline)
-        started = time.perf_counter()
-        try:
-            async with self._session.post(self._base + path, data=body) as response:
-                answer = response.status, await response.read(), response.headers.get("Retry-After")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # The exception's text may name our URL; its type is enough and safe.
-            msg = f"Clerk could not be reached: {type(exc).__name__}"
-            raise UpstreamUnavailableError(msg) from None
+        async with self.gate.turn(lane):
+            if deadline is not None and time.time() >= deadline:
+                msg = "x-deadline passed while the request waited for its turn"
+                raise DeadlineExceededError(msg)
+            started = time.perf_counter()
+            try:
+                async with self._session.post(self._base + path, data=body) as response:
+                    answer = response.status, await response.read(), response.headers.get("Retry-After")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The exception's text may name our URL; its type is enough and safe.
+                msg = f"Clerk could not be reached: {type(exc).__name__}"
+                raise UpstreamUnavailableError(msg) from None
         if self._observe is not None:
             self._observe(operation, time.perf_counter() - started)
         self._learn_key(answer[0])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -36,7 +36,7 @@ from service.errors import (
     UpstreamUnavailableError,
 )
 from service.health import HealthServer, Metrics
-from service.lanes import Lane, LaneGate
+from service.lanes import Lane
 from service.messages import (
     Created,
     CreateSignInTokenRequestBody,
@@ -54,10 +54,15 @@ from service.policy import Policy
 from service.retry import RetryPolicy, probe_delays
 from service.upstream import ClerkClient
 
+if TYPE_CHECKING:
+    from service.redis_link import RedisLink
+
 log = structlog.get_logger(__name__)
 
 # Time kept back from the shutdown grace period to close the connection.
 _SHUTDOWN_MARGIN_SECONDS: Final = 3.0
+# While Redis is away, how often the worker asks it again.
+_REDIS_WATCH_SECONDS: Final = 0.5
 
 
 def failed(error: RequestError) -> Failed:
@@ -110,7 +115,6 @@ class Worker:
         if isinstance(store, MemoryIdempotencyStore):  # Redis's memory is Redis's to report
             self.metrics.idempotency_bytes.set_function(lambda: store.size_bytes)
             self.metrics.idempotency_entries.set_function(lambda: len(store))
-        self.gate = LaneGate(settings.upstream_concurrency)
         self.retry = RetryPolicy(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_delay_seconds)
         self.health = HealthServer(self.metrics, self.readiness, settings.http_host, settings.http_port)
         self.stopping = asyncio.Event()
@@ -130,6 +134,7 @@ class Worker:
         self._publisher: broker.ReplyPublisher | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._probe: asyncio.Task[None] | None = None
+        self._redis_watch: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -147,7 +152,13 @@ class Worker:
         await self._publisher.open()
         self._consumers = broker.LaneConsumers(self._connection, self.settings, self._on_message)
         await self._consumers.open()
-        await self._consumers.resume()
+        links = [link for link in (self.clerk.limiter.redis, self.dedup.redis) if link is not None]
+        if links:
+            self._redis_watch = asyncio.create_task(self._watch_redis(links))
+            if not all([await link.check() for link in links]):
+                await self._pause("redis_unavailable")
+        if not self._paused:
+            await self._consumers.resume()
         limiter = self.clerk.limiter
         log.info("worker_started", http_port=self.health.port, prefetch=self.settings.prefetch)
         if limiter.shared:
@@ -205,6 +216,9 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         await self.breaker.close()
+        if self._redis_watch is not None:
+            self._redis_watch.cancel()
+            await asyncio.gather(self._redis_watch, return_exceptions=True)
         if self._connection is not None:
             # Whatever is still unacknowledged returns to its queue.
             with contextlib.suppress(*broker.CHANNEL_FAILURES):
@@ -338,11 +352,7 @@ class Worker:
     async def _attempt(self, body: bytes, deadline: float | None, lane: Lane, hold: OutageHold) -> SignInToken:
         """One attempt: wait out an outage, take a turn, call; a token that comes too late is revoked."""
         await self.breaker.wait_closed(deadline, hold)
-        async with self.gate.turn(lane):
-            if deadline is not None and time.time() >= deadline:
-                msg = "x-deadline passed while the request waited for its turn"
-                raise DeadlineExceededError(msg)
-            token = await self._call_clerk(body, lane, deadline)
+        token = await self._call_clerk(body, lane, deadline)
         if deadline is not None and time.time() > deadline:
             await self._revoke(token.id)
             msg = "Clerk answered after x-deadline; the token was revoked"
@@ -534,6 +544,19 @@ class Worker:
         return None
 
     # -- pauses --------------------------------------------------------------
+
+    async def _watch_redis(self, links: list[RedisLink]) -> None:
+        """Pause consumption while any link to Redis fails; ask the failed ones until they answer."""
+        while not self.stopping.is_set():
+            await asyncio.sleep(_REDIS_WATCH_SECONDS)
+            for link in links:
+                if not link.available:
+                    await link.check()
+            if all(link.available for link in links):
+                if "redis_unavailable" in self._paused:
+                    await self._resume("redis_unavailable")
+            elif "redis_unavailable" not in self._paused:
+                await self._pause("redis_unavailable")
 
     async def _pause(self, reason: str) -> None:
         """Stop taking requests for ``reason`` (a rejected key, Clerk unavailable)."""

@@ -39,6 +39,7 @@ from service.messages import Created, Reply
 
 if TYPE_CHECKING:
     from service.config import Settings
+    from service.redis_link import RedisLink
 
 IdempotencyKey = tuple[str, str]
 
@@ -92,6 +93,11 @@ class IdempotencyStore(Protocol):
     @property
     def available(self) -> bool:
         """Whether the store can be reached now."""
+        ...
+
+    @property
+    def redis(self) -> RedisLink | None:
+        """The link to Redis, for a store kept there."""
         ...
 
     def claim(
@@ -157,6 +163,7 @@ class MemoryIdempotencyStore:
         )
         self.locks = KeyLocks()
         self.available = True
+        self.redis: RedisLink | None = None
 
     @asynccontextmanager
     async def claim(

@@ -100,6 +100,7 @@ class RedisIdempotencyStore:
     def __init__(self, url: str, window_seconds: float, key_id: str, lease_seconds: float = LEASE_SECONDS) -> None:
         """A store in the Redis at ``url``; a window of 0 remembers nothing."""
         self._link = RedisLink(url, "idempotency_store")
+        self.redis: RedisLink | None = self._link
         client = self._link.client
         self._enabled = window_seconds > 0
         self._window_ms = max(1, int(window_seconds * 1000))

@@ -42,12 +42,15 @@ import asyncio
 import math
 import time
 from collections import deque
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import structlog
 
 from service.errors import DeadlineExceededError
 from service.lanes import Lane
+
+if TYPE_CHECKING:
+    from service.redis_link import RedisLink
 
 # Our window is longer than Clerk's by this fraction of it (at least MIN_MARGIN_SECONDS):
 # a call reaches Clerk a little after it takes its slot, more so on a busy machine.
@@ -93,6 +96,11 @@ class Window(Protocol):
         """Whether the window can count slots now (Redis answers)."""
         ...
 
+    @property
+    def redis(self) -> RedisLink | None:
+        """The link to Redis, for a window kept there."""
+        ...
+
     async def take(self, lane: Lane, interactive_left: int) -> float:
         """Take a slot for ``lane``: 0.0, or the seconds until one may be free.
 
@@ -120,6 +128,7 @@ class MemoryWindow:
         self._held_until = 0.0
         self._cut: tuple[float, float] | None = None  # the rate cut to, and when
         self.available = True
+        self.redis: RedisLink | None = None
 
     def _effective(self, now: float) -> float:
         if self._cut is None:
@@ -189,6 +198,11 @@ class ClerkRateLimiter:
     def available(self) -> bool:
         """Whether slots can be counted (Redis answers, when the window is there)."""
         return self._window.available
+
+    @property
+    def redis(self) -> RedisLink | None:
+        """The link to Redis, when the window is kept there."""
+        return self._window.redis
 
     def waiting(self, lane: Lane) -> int:
         """How many requests of ``lane`` wait for a slot."""

@@ -119,6 +119,7 @@ class RedisWindow:
     def __init__(self, url: str, limit: int, seconds: float, prefix: str) -> None:
         """``limit`` slots in every ``seconds``, under keys starting with ``prefix``, in the Redis at ``url``."""
         self._link = RedisLink(url, "rate_limit")
+        self.redis: RedisLink | None = self._link
         client = self._link.client
         self._limit = limit
         self._window_us = int(seconds * 1_000_000)

@@ -11,7 +11,7 @@ from service.fake_clerk import FakeClerk
 from service.local_redis import LocalRedis
 from tests.conftest import SECRET_KEY, wait_until
 from tests.faults.conftest import Figures
-from tests.workers import Replies, WorkerProcesses, publish_requests
+from tests.workers import Replies, WorkerProcesses, publish_requests, readyz, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -59,3 +59,40 @@ async def test_redis_lost_under_load_stops_calls_instead_of_exceeding_the_limit(
     assert answered_at_stop < sent, "the drain ended before Redis stopped: the test proves nothing"
     assert replies.outcomes == {"created": sent}
     assert fake_clerk.stats.rate_limited <= sent // 100  # see test_rate_limit: at most 1 %
+
+
+async def test_redis_unreachable_at_start_pauses_the_worker_until_it_answers(
+    worker_processes: WorkerProcesses,
+    fake_clerk: FakeClerk,
+    channel: AbstractChannel,
+    replies: Replies,
+    queue_names: dict[str, str],
+    figures: Figures,
+) -> None:
+    """A worker whose Redis is down at start consumes nothing and is not ready; it resumes when Redis answers."""
+    server = LocalRedis()  # not started yet
+    try:
+        worker = worker_processes.spawn(REDIS_URL=server.url)
+        await wait_until(
+            lambda: "redis_unavailable" in worker.log_path.read_text(), timeout=30, what="the worker to find no Redis"
+        )
+        await publish_requests(channel, queue_names["REQUEST_QUEUE"], replies.queue, 50)
+        await asyncio.sleep(3)  # wait-ok: how long Redis stays away is the fault itself
+        ready_while_away = await readyz(worker.port)
+        answered_while_away = replies.answered
+        await server.start()
+        await wait_until(lambda: replies.answered == 50, timeout=30, what="every request answered")
+        await wait_ready(worker.port)
+    finally:
+        await asyncio.to_thread(server.cleanup)
+    figures.record(
+        "redis unreachable at start",
+        sent=50,
+        answered_while_away=answered_while_away,
+        readyz_while_away=ready_while_away,
+        answered=replies.answered,
+        clerk_calls=fake_clerk.stats.create_calls,
+    )
+    assert (ready_while_away, answered_while_away) == (503, 0)
+    assert replies.outcomes == {"created": 50}
+    assert worker.alive()
