@@ -24,7 +24,7 @@ from typing import Any
 
 import aio_pika
 import psutil
-from drain import ROOT, preload, spawn
+from drain import ROOT, plotted, preload, queue_names, spawn
 from rate_limit import KEY, LIMIT, RESULTS, WINDOW_SECONDS
 
 from service.fake_clerk import FakeClerk
@@ -37,12 +37,7 @@ TARGET_MIB = 150
 async def run(amqp_url: str, backlog: int, seconds: float) -> dict[str, Any]:
     """Queue the backlog, run the worker, sample its RSS."""
     tag = f"backlog{os.getpid()}"
-    queues = {
-        "REQUEST_QUEUE": f"{tag}.create",
-        "BULK_QUEUE": f"{tag}.bulk",
-        "RESULTS_QUEUE": f"{tag}.results",
-        "DEAD_LETTER_QUEUE": f"{tag}.dead",
-    }
+    queues = queue_names(tag)
     clerk = FakeClerk(KEY, rate_limit=LIMIT, rate_window_seconds=WINDOW_SECONDS)
     await clerk.start()
     samples: list[tuple[float, float]] = []
@@ -95,23 +90,14 @@ async def run(amqp_url: str, backlog: int, seconds: float) -> dict[str, Any]:
 
 def plot(result: dict[str, Any]) -> None:
     """RSS over time against the target."""
-    import matplotlib as mpl  # noqa: PLC0415 - only the plot needs it
-
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    xs, ys = zip(*result["samples"], strict=True)
-    ax.plot(xs, ys, label=f"worker RSS, {result['backlog']:,} requests queued")
-    ax.axhline(TARGET_MIB, color="red", linestyle="--", label=f"target: under {TARGET_MIB} MB")
-    ax.set_xlabel("seconds since the worker started")
-    ax.set_ylabel("RSS (MiB)")
-    ax.set_ylim(0, TARGET_MIB * 1.2)
-    ax.legend(loc="lower right")
-    ax.set_title("A worker's memory under a deep backlog, draining at Clerk's limit")
-    fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=100)
+    with plotted(PLOT, "A worker's memory under a deep backlog, draining at Clerk's limit") as ax:
+        xs, ys = zip(*result["samples"], strict=True)
+        ax.plot(xs, ys, label=f"worker RSS, {result['backlog']:,} requests queued")
+        ax.axhline(TARGET_MIB, color="red", linestyle="--", label=f"target: under {TARGET_MIB} MB")
+        ax.set_xlabel("seconds since the worker started")
+        ax.set_ylabel("RSS (MiB)")
+        ax.set_ylim(0, TARGET_MIB * 1.2)
+        ax.legend(loc="lower right")
 
 
 async def main() -> None:

@@ -21,14 +21,19 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aio_pika
 import aiohttp
 import psutil
 
 from service.local_broker import LocalBroker, free_port
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 KEY = "sk_test_benchmark"
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +94,32 @@ async def wait_http(url: str, timeout: float) -> None:  # noqa: ASYNC109
     raise RuntimeError(msg)
 
 
+def queue_names(tag: str) -> dict[str, str]:
+    """The worker's queue variables, named after a run's tag."""
+    return {
+        "REQUEST_QUEUE": f"{tag}.create",
+        "BULK_QUEUE": f"{tag}.bulk",
+        "RESULTS_QUEUE": f"{tag}.results",
+        "DEAD_LETTER_QUEUE": f"{tag}.dead",
+    }
+
+
+@contextlib.contextmanager
+def plotted(path: Path, title: str) -> Iterator[Axes]:
+    """Axes for one plot, saved to ``path`` (matplotlib is imported only when a plot is drawn)."""
+    import matplotlib as mpl  # noqa: PLC0415 - only the plots need it
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    yield ax
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
 async def preload(amqp_url: str, queue: str, reply_queue: str, count: int) -> None:
     """Publish ``count`` requests, confirmed in batches."""
     connection = await aio_pika.connect(amqp_url)
@@ -122,12 +153,7 @@ async def replies_in(amqp_url: str, reply_queue: str) -> int:
 async def drain_once(amqp_url: str, count: int, latency_ms: float, timeout: float, log_level: str) -> Result:  # noqa: ASYNC109
     """Preload, start a worker, time the drain, stop everything."""
     tag = f"bench{os.getpid()}x{int(latency_ms)}"
-    queues = {
-        "REQUEST_QUEUE": f"{tag}.create",
-        "BULK_QUEUE": f"{tag}.bulk",
-        "RESULTS_QUEUE": f"{tag}.results",
-        "DEAD_LETTER_QUEUE": f"{tag}.dead",
-    }
+    queues = queue_names(tag)
     reply_queue = f"{tag}.replies"
     clerk_port, http_port = free_port(), free_port()
     env = {**os.environ, "CLERK_SECRET_KEY": KEY}

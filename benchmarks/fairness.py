@@ -30,7 +30,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import aio_pika
-from drain import ROOT, preload, spawn
+from drain import ROOT, plotted, preload, queue_names, spawn
 from rate_limit import KEY, LIMIT, RESULTS, WINDOW_SECONDS
 
 from service.fake_clerk import FakeClerk
@@ -53,12 +53,7 @@ async def run_once(
 ) -> dict[str, Any]:
     """Queue the backlog, start the replicas, then time one interactive request every 200 ms."""
     tag = f"fair{os.getpid()}{'lanes' if lanes else 'fifo'}"
-    queues = {
-        "REQUEST_QUEUE": f"{tag}.create",
-        "BULK_QUEUE": f"{tag}.bulk",
-        "RESULTS_QUEUE": f"{tag}.results",
-        "DEAD_LETTER_QUEUE": f"{tag}.dead",
-    }
+    queues = queue_names(tag)
     clerk = FakeClerk(KEY, rate_limit=LIMIT, rate_window_seconds=WINDOW_SECONDS)
     clerk.latency_seconds = latency_ms / 1000
     await clerk.start()
@@ -134,34 +129,25 @@ async def run_once(
 
 def plot(results: list[dict[str, Any]]) -> None:
     """The interactive latencies with lanes, as a sorted curve, against the target."""
-    import matplotlib as mpl  # noqa: PLC0415 - only the plot needs it
-
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for result in results:
-        values = result["latencies_ms"]
-        if values:
-            ax.plot(
-                [100 * (i + 1) / len(values) for i in range(len(values))],
-                values,
-                label=f"{result['lanes']}: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms",
-            )
-        else:
-            ax.plot([], [], " ", label=f"{result['lanes']}: 0 of {result['interactive_sent']} answered in the run")
-    latency = results[0]["clerk_latency_ms"]
-    ax.axhline(
-        latency + 100, color="red", linestyle="--", label=f"target: Clerk's latency + 100 ms ({latency + 100:g} ms)"
-    )
-    ax.set_xlabel("percentile of interactive requests")
-    ax.set_ylabel("publish to reply (ms)")
-    ax.set_ylim(0, max(latency + 200, *(max(r["latencies_ms"] or [0]) * 1.1 for r in results)))
-    ax.legend(loc="upper left")
-    ax.set_title(f"Interactive requests while {REPLICAS} replicas hold a bulk backlog at Clerk's limit")
-    fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=100)
+    with plotted(PLOT, f"Interactive requests while {REPLICAS} replicas hold a bulk backlog at Clerk's limit") as ax:
+        for result in results:
+            values = result["latencies_ms"]
+            if values:
+                ax.plot(
+                    [100 * (i + 1) / len(values) for i in range(len(values))],
+                    values,
+                    label=f"{result['lanes']}: p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms",
+                )
+            else:
+                ax.plot([], [], " ", label=f"{result['lanes']}: 0 of {result['interactive_sent']} answered in the run")
+        latency = results[0]["clerk_latency_ms"]
+        ax.axhline(
+            latency + 100, color="red", linestyle="--", label=f"target: Clerk's latency + 100 ms ({latency + 100:g} ms)"
+        )
+        ax.set_xlabel("percentile of interactive requests")
+        ax.set_ylabel("publish to reply (ms)")
+        ax.set_ylim(0, max(latency + 200, *(max(r["latencies_ms"] or [0]) * 1.1 for r in results)))
+        ax.legend(loc="upper left")
 
 
 async def main() -> None:

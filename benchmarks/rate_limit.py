@@ -28,7 +28,7 @@ from typing import Any
 
 import aio_pika
 import aiohttp
-from drain import ROOT, preload, spawn
+from drain import ROOT, plotted, preload, queue_names, spawn
 
 from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker, free_port
@@ -97,12 +97,7 @@ async def run_once(
     With ``other_share``, another program spends that share of the key's limit throughout.
     """
     tag = f"rl{os.getpid()}x{replicas}s{int(other_share * 100)}"
-    queues = {
-        "REQUEST_QUEUE": f"{tag}.create",
-        "BULK_QUEUE": f"{tag}.bulk",
-        "RESULTS_QUEUE": f"{tag}.results",
-        "DEAD_LETTER_QUEUE": f"{tag}.dead",
-    }
+    queues = queue_names(tag)
     clerk = FakeClerk(KEY, rate_limit=LIMIT, rate_window_seconds=WINDOW_SECONDS)
     await clerk.start()
     replies: list[float] = []
@@ -214,24 +209,15 @@ def _trailing(accepted: list[float], origin: float | None = None) -> list[tuple[
 
 def plot(results: list[dict[str, Any]]) -> None:
     """The trailing-window count over time for each run, against the limit."""
-    import matplotlib as mpl  # noqa: PLC0415 - only the plot needs it
-
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for result in results:
-        xs, ys = zip(*result["trailing_window"], strict=True)
-        ax.plot(xs, ys, label=f"{result['replicas']} replica(s): {result['calls_answered_429']} answered 429")
-    ax.axhline(LIMIT, color="red", linestyle="--", label=f"Clerk's limit ({LIMIT} per {WINDOW_SECONDS:g} s)")
-    ax.set_xlabel("seconds since the first call")
-    ax.set_ylabel(f"calls in the trailing {WINDOW_SECONDS:g} s")
-    ax.set_ylim(0, LIMIT * 1.15)
-    ax.legend(loc="lower right")
-    ax.set_title("A bulk backlog at Clerk's rate limit")
-    fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=100)
+    with plotted(PLOT, "A bulk backlog at Clerk's rate limit") as ax:
+        for result in results:
+            xs, ys = zip(*result["trailing_window"], strict=True)
+            ax.plot(xs, ys, label=f"{result['replicas']} replica(s): {result['calls_answered_429']} answered 429")
+        ax.axhline(LIMIT, color="red", linestyle="--", label=f"Clerk's limit ({LIMIT} per {WINDOW_SECONDS:g} s)")
+        ax.set_xlabel("seconds since the first call")
+        ax.set_ylabel(f"calls in the trailing {WINDOW_SECONDS:g} s")
+        ax.set_ylim(0, LIMIT * 1.15)
+        ax.legend(loc="lower right")
 
 
 async def main() -> None:

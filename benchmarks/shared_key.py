@@ -23,7 +23,7 @@ import os
 from contextlib import AsyncExitStack
 from typing import Any
 
-from drain import ROOT
+from drain import ROOT, plotted
 from rate_limit import LIMIT, RESULTS, WINDOW_SECONDS, run_once
 
 from service.local_broker import LocalBroker
@@ -34,27 +34,20 @@ PLOT = ROOT / "docs" / "images" / "shared_key.png"
 
 def plot(results: list[dict[str, Any]], share: float) -> None:
     """Our trailing-window calls and the other program's, against the limit and what was left."""
-    import matplotlib as mpl  # noqa: PLC0415 - only the plot needs it
-
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for result in results:
-        xs, ys = zip(*result["trailing_window"], strict=True)
-        ax.plot(xs, ys, label=f"ours, {result['replicas']} replica(s): {result['our_calls_answered_429']} answered 429")
-    xs, ys = zip(*results[0]["other_trailing_window"], strict=True)
-    ax.plot(xs, ys, color="grey", label="the other program")
-    ax.axhline(LIMIT, color="red", linestyle="--", label=f"Clerk's limit ({LIMIT} per {WINDOW_SECONDS:g} s)")
-    ax.axhline(LIMIT * (1 - share), color="orange", linestyle=":", label="what the other program leaves")
-    ax.set_xlabel("seconds since our first call")
-    ax.set_ylabel(f"calls in the trailing {WINDOW_SECONDS:g} s")
-    ax.set_ylim(0, LIMIT * 1.15)
-    ax.legend(loc="lower right", fontsize="small")
-    ax.set_title(f"A bulk backlog on a key another program uses at {share:.0%}")
-    fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=100)
+    with plotted(PLOT, f"A bulk backlog on a key another program uses at {share:.0%}") as ax:
+        for result in results:
+            xs, ys = zip(*result["trailing_window"], strict=True)
+            ax.plot(
+                xs, ys, label=f"ours, {result['replicas']} replica(s): {result['our_calls_answered_429']} answered 429"
+            )
+        xs, ys = zip(*results[0]["other_trailing_window"], strict=True)
+        ax.plot(xs, ys, color="grey", label="the other program")
+        ax.axhline(LIMIT, color="red", linestyle="--", label=f"Clerk's limit ({LIMIT} per {WINDOW_SECONDS:g} s)")
+        ax.axhline(LIMIT * (1 - share), color="orange", linestyle=":", label="what the other program leaves")
+        ax.set_xlabel("seconds since our first call")
+        ax.set_ylabel(f"calls in the trailing {WINDOW_SECONDS:g} s")
+        ax.set_ylim(0, LIMIT * 1.15)
+        ax.legend(loc="lower right", fontsize="small")
 
 
 async def main() -> None:
