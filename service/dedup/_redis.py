@@ -124,7 +124,7 @@ class RedisIdempotencyStore:
     def redis_key(self, key: IdempotencyKey) -> str:
         """Where ``key`` lives in Redis: a digest, so a caller's ids cannot shape Redis keys."""
         publisher, message_id = key
-        digest = hashlib.sha256(f"{publisher}\0{message_id}".encode("utf-8", "surrogateescape")).hexdigest()
+        digest = hashlib.sha256(f"{publisher}\0{message_id}".encode("utf-8", "surrogatepass")).hexdigest()
         return self._prefix + digest
 
     @asynccontextmanager

@@ -8,6 +8,7 @@ import time
 import pytest
 import redis.asyncio
 from aio_pika.abc import AbstractChannel
+from pamqp import commands as spec
 
 from service.client import TokenClient
 from service.dedup import Remembered, idempotency_key
@@ -155,3 +156,24 @@ async def test_two_worker_processes_give_each_message_id_one_token(
     assert replies.tokens_per_request() == {1}
     answering = [w for w in worker_processes.started if '"replied"' in w.log_path.read_text()]
     assert len(answering) == 2, "one replica answered everything: the test proves little"
+
+
+async def test_a_message_id_that_is_not_utf8_is_a_key_like_any_other(
+    start_worker: WorkerFactory,
+    fake_clerk: FakeClerk,
+    redis_url: str,
+    channel: AbstractChannel,
+    replies: Replies,
+    queue_names: dict[str, str],
+) -> None:
+    """A message_id of raw bytes RabbitMQ passes through, sent twice: one call, the same token twice."""
+    await start_worker(redis_url=redis_url)
+    underlay = await channel.get_underlay_channel()
+    for copy in range(2):
+        properties = spec.Basic.Properties(
+            message_id="id-\udcff\udcfe", correlation_id=f"odd-{copy}", reply_to=replies.queue
+        )
+        await underlay.basic_publish(REQUEST, routing_key=queue_names["REQUEST_QUEUE"], properties=properties)
+    await wait_until(lambda: replies.answered == 2, what="both copies answered")
+    assert fake_clerk.stats.create_calls == 1
+    assert len(set().union(*replies.tokens.values())) == 1
