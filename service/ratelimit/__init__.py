@@ -39,6 +39,7 @@ slot holds no upstream connection and spends no attempt; one whose
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -193,6 +194,9 @@ class ClerkRateLimiter:
             self._window = RedisWindow(redis_url, limit, seconds, f"{REDIS_KEY_PREFIX}:{key_id}")
         self._waiting: dict[Lane, deque[asyncio.Future[None]]] = {lane: deque() for lane in Lane}
         self._dispatcher: asyncio.Task[None] | None = None
+        # Set when an interactive request starts waiting: the dispatcher asks again at once,
+        # rather than sleep out a wait the window gave for bulk.
+        self._wake = asyncio.Event()
 
     @property
     def available(self) -> bool:
@@ -228,6 +232,8 @@ class ClerkRateLimiter:
         self._waiting[lane].append(future)
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch())
+        elif lane is Lane.INTERACTIVE:
+            self._wake.set()
         try:
             await asyncio.wait_for(future, None if deadline is None else max(0.0, deadline - time.time()))
         except TimeoutError:
@@ -258,7 +264,9 @@ class ClerkRateLimiter:
                 if queue and not queue[0].done():
                     queue.popleft().set_result(None)
             else:
-                await asyncio.sleep(min(MAX_POLL_SECONDS, max(0.001, wait)))
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), min(MAX_POLL_SECONDS, max(0.001, wait)))
 
     async def close(self) -> None:
         """Stop the dispatcher and release the window (shutdown)."""

@@ -101,3 +101,17 @@ async def test_a_429_cuts_the_rate_once_per_hold_then_it_climbs_back() -> None:
     assert 79.0 < window._effective(time.monotonic()) <= 80.5
     assert climbed(100, 80.0, 1.0, 1.0) == 82.0
     assert climbed(100, 80.0, 11.0, 1.0) == 100.0
+
+
+async def test_an_interactive_request_does_not_wait_out_the_sleep_bulk_was_given() -> None:
+    """Bulk waits half a second for its next slice; an interactive request arriving then is served at once."""
+    limiter = ClerkRateLimiter(10, 5.0)
+    await limiter.acquire(Lane.BULK)
+    bulk = asyncio.create_task(limiter.acquire(Lane.BULK))  # its slice is full: the dispatcher sleeps
+    await asyncio.sleep(0.01)  # wait-ok: let the dispatcher reach its sleep
+    started = time.monotonic()
+    await limiter.acquire(Lane.INTERACTIVE)
+    assert time.monotonic() - started < 0.1
+    assert not bulk.done()
+    bulk.cancel()
+    await limiter.close()
