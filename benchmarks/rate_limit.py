@@ -30,7 +30,7 @@ import aio_pika
 import aiohttp
 from drain import ROOT, plotted, preload, queue_names, spawn
 
-from service.fake_clerk import FakeClerk
+from service.fake_clerk import FakeClerk, FakeClerkStats
 from service.local_broker import LocalBroker, free_port
 from service.local_redis import LocalRedis
 
@@ -39,6 +39,8 @@ LIMIT = 1000
 WINDOW_SECONDS = 10.0
 RESULTS = ROOT / "benchmarks" / "results"
 PLOT = ROOT / "docs" / "images" / "rate_limit.png"
+OUR_AGENT = "sign-in-token-service/"
+OTHER_AGENT = "another-program"
 
 
 async def count_replies(
@@ -66,20 +68,17 @@ class OtherProgram:
         """Calls to the fake Clerk at ``url``, ``share`` of LIMIT per window."""
         self.url = url
         self.interval = WINDOW_SECONDS / (share * LIMIT)
-        self.accepted: list[float] = []
         self.refused = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Call until ``stop``, one call every ``interval`` seconds (on a schedule, not after each answer)."""
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
+        headers = {"Authorization": f"Bearer {KEY}", "User-Agent": OTHER_AGENT}
+        async with aiohttp.ClientSession(headers=headers) as http:
             next_at = time.monotonic()
             while not stop.is_set():
                 async with http.post(f"{self.url}/sign_in_tokens", json={"user_id": "user_other"}) as answer:
                     await answer.read()
-                if answer.status == 200:
-                    self.accepted.append(time.monotonic())
-                else:
-                    self.refused += 1
+                self.refused += answer.status == 429
                 next_at += self.interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
@@ -138,7 +137,7 @@ async def run_once(
             await asyncio.to_thread(worker.wait, 30)
     accepted = clerk.stats.accepted_at.get(KEY, [])
     if other is not None:
-        return _shared_key_figures(accepted, other, clerk.stats.rate_limited, outcomes, replicas, count)
+        return _shared_key_figures(clerk.stats, other, outcomes, replicas, count)
     first, last = accepted[0], accepted[-1]
     # The rate past the first window (which a limiter may fill at once, or spread over it).
     steady = sum(1 for t in accepted if t > first + WINDOW_SECONDS)
@@ -159,36 +158,31 @@ async def run_once(
 
 
 def _shared_key_figures(
-    accepted: list[float],
-    other: OtherProgram,
-    answered_429: int,
-    outcomes: Counter[str],
-    replicas: int,
-    count: int,
+    stats: FakeClerkStats, other: OtherProgram, outcomes: Counter[str], replicas: int, count: int
 ) -> dict[str, Any]:
-    """Our calls and 429s, and our goodput against what the other program left, past our first window."""
-    theirs = set(other.accepted)
-    ours = [t for t in accepted if t not in theirs]
+    """Our calls and 429s, and our goodput against what the other program left, past our first window.
+
+    The fake Clerk tells the two programs apart by their User-Agent.
+    """
+    ours = next(times for agent, times in stats.accepted_by_agent.items() if agent.startswith(OUR_AGENT))
+    theirs = stats.accepted_by_agent[OTHER_AGENT]
+    our_429s = sum(n for agent, n in stats.rate_limited_by_agent.items() if agent.startswith(OUR_AGENT))
     begin, end = ours[0] + WINDOW_SECONDS, ours[-1]
     our_steady = sum(1 for t in ours if begin < t <= end)
-    their_steady = sum(1 for t in other.accepted if begin < t <= end)
-    left = LIMIT / WINDOW_SECONDS * (end - begin) - their_steady
-    our_calls = len(ours) + answered_429 - other.refused
+    left = LIMIT / WINDOW_SECONDS * (end - begin) - sum(1 for t in theirs if begin < t <= end)
     return {
         "replicas": replicas,
         "requests": count,
         "outcomes": dict(outcomes),
-        "other_share": round(
-            len(other.accepted) / max(1e-9, other.accepted[-1] - other.accepted[0]) * WINDOW_SECONDS / LIMIT, 3
-        ),
-        "our_calls": our_calls,
-        "our_calls_answered_429": answered_429 - other.refused,
-        "our_429_fraction": round((answered_429 - other.refused) / max(1, our_calls), 4),
+        "other_share": round(len(theirs) / (theirs[-1] - theirs[0]) * WINDOW_SECONDS / LIMIT, 3),
+        "our_calls": len(ours) + our_429s,
+        "our_calls_answered_429": our_429s,
+        "our_429_fraction": round(our_429s / (len(ours) + our_429s), 4),
         "other_calls_answered_429": other.refused,
         "goodput_of_what_was_left": round(our_steady / max(1.0, left), 4),
         "seconds": round(end - ours[0], 1),
         "trailing_window": _trailing(ours, origin=ours[0]),
-        "other_trailing_window": _trailing(other.accepted, origin=ours[0]),
+        "other_trailing_window": _trailing(theirs, origin=ours[0]),
     }
 
 

@@ -62,6 +62,9 @@ class FakeClerkStats:
     rate_limited: int = 0
     # Monotonic times of the calls accepted under the rate limit, per key.
     accepted_at: dict[str, list[float]] = field(default_factory=dict)
+    # The same calls and the 429s, by the caller's User-Agent (to tell programs sharing a key apart).
+    accepted_by_agent: dict[str, list[float]] = field(default_factory=dict)
+    rate_limited_by_agent: Counter[str] = field(default_factory=Counter)
 
     def busiest_window(self, key: str, window_seconds: float) -> int:
         """The most calls accepted for ``key`` in any sliding window of ``window_seconds``."""
@@ -180,7 +183,7 @@ class FakeClerk:
         key = auth.removeprefix("Bearer ").strip()
         return key if auth.startswith("Bearer ") and key in self.accepted_keys else None
 
-    def _over_limit(self, key: str) -> float | None:
+    def _over_limit(self, key: str, agent: str) -> float | None:
         """Seconds until a call is accepted again when ``key`` is at the limit, else None (and the call counts)."""
         if self.rate_limit is None:
             return None
@@ -190,14 +193,16 @@ class FakeClerk:
             window.popleft()
         if len(window) >= self.rate_limit:
             self.stats.rate_limited += 1
+            self.stats.rate_limited_by_agent[agent] += 1
             return window[0] + self.rate_window_seconds - now
         window.append(now)
         self.stats.accepted_at.setdefault(key, []).append(now)
+        self.stats.accepted_by_agent.setdefault(agent, []).append(now)
         return None
 
-    def _limited(self, key: str) -> web.Response | None:
+    def _limited(self, key: str, agent: str) -> web.Response | None:
         """A 429 when ``key`` is at its limit (the call then does not count)."""
-        resets_in = self._over_limit(key)
+        resets_in = self._over_limit(key, agent)
         if resets_in is None:
             return None
         body = clerk_errors("too_many_requests", "Too many requests", ResetsIn=round(resets_in, 3))
@@ -221,7 +226,7 @@ class FakeClerk:
         key = self._key(request)
         if key is None:
             return self._reply(401, clerk_errors("authentication_invalid", "Invalid authentication"))
-        limited = self._limited(key)
+        limited = self._limited(key, request.headers.get("User-Agent", ""))
         if limited is not None:
             return limited
         if self.error_rate and self._random.random() < self.error_rate:
@@ -278,7 +283,7 @@ class FakeClerk:
         key = self._key(request)
         if key is None:
             return self._reply(401, clerk_errors("authentication_invalid", "Invalid authentication"))
-        limited = self._limited(key)
+        limited = self._limited(key, request.headers.get("User-Agent", ""))
         if limited is not None:
             return limited
         token_id = request.match_info["token_id"]
