@@ -11,7 +11,7 @@ One Redis key per request key holds either a lease or an answer:
   lease expires within ``LEASE_SECONDS``: a redelivery on another replica
   then calls Clerk (the first replica had not answered, so no caller holds
   a token from it);
-- the answer (``A`` and the stored request and reply, MessagePack) replaces
+- the answer (``A`` and the packed request and reply) replaces
   the lease before the reply is published and expires with the window.
 
 Redis keys are a digest of the publisher and ``message_id`` under a prefix
@@ -30,10 +30,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
 
-import msgspec
 import structlog
 
-from service.dedup import IdempotencyKey, KeyLocks, Remembered
+from service.dedup import IdempotencyKey, KeyLocks, Remembered, pack, unpack
 from service.errors import DeadlineExceededError
 from service.messages import Reply
 from service.redis_link import REDIS_FAILURES, REDIS_RETRY_SECONDS, RedisLink
@@ -83,15 +82,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-class _Stored(msgspec.Struct, array_like=True):
-    request: bytes
-    reply: Reply
-
-
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(_Stored)
 
 
 class RedisIdempotencyStore:
@@ -166,8 +156,7 @@ class RedisIdempotencyStore:
                 if status == 1:
                     return None
                 if status == 0:
-                    stored = _decoder.decode(memoryview(value)[1:])
-                    return Remembered(stored.request, stored.reply)
+                    return unpack(memoryview(value)[1:])
                 wait = min(poll, max(0.001, int(value) / 1000))
                 poll = min(POLL_LAST_SECONDS, poll * 2)
             if deadline is not None and time.time() + wait >= deadline:
@@ -193,7 +182,7 @@ class RedisIdempotencyStore:
         if key is None or not self._enabled:
             return
         redis_key = self.redis_key(key)
-        value = _ANSWER + _encoder.encode(_Stored(request, reply))
+        value = _ANSWER + pack(request, reply)
         give_up = time.monotonic() + REMEMBER_PATIENCE_SECONDS
         while True:
             try:

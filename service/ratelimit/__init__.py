@@ -55,10 +55,10 @@ if TYPE_CHECKING:
 
 # Our window is longer than Clerk's by this fraction of it (at least MIN_MARGIN_SECONDS):
 # a call reaches Clerk a little after it takes its slot, more so on a busy machine.
-WINDOW_MARGIN: Final = 0.01
+WINDOW_MARGIN: Final = 0.02
 MIN_MARGIN_SECONDS: Final = 0.1
 # The share of the window bulk leaves to the interactive lane (at least one slot, when the limit is above one).
-RESERVE: Final = 0.01
+RESERVE: Final = 0.005
 # Bulk takes at most 1/BURST_SLICES of the window in any 1/BURST_SLICES of its length.
 BURST_SLICES: Final = 10
 # After a 429 the rate is cut to CUT of what it was, then climbs by CLIMB of the limit per window.

@@ -69,10 +69,10 @@ async def test_a_429_holds_every_slot_until_retry_after() -> None:
 
 
 async def test_bulk_leaves_the_reserve_to_the_interactive_lane() -> None:
-    """A window of 200 holding 198: bulk is refused (two are reserved), interactive gets both."""
-    window = MemoryWindow(200, 10.0)
-    assert reserve(200) == 2
-    for _ in range(198):
+    """A window of 400 holding all but its reserve (two slots): bulk is refused, interactive gets both."""
+    window = MemoryWindow(400, 10.0)
+    assert reserve(400) == 2
+    for _ in range(398):
         assert await window.take(Lane.INTERACTIVE, 0) == 0.0
     assert await window.take(Lane.BULK, 0) > 0
     assert [await window.take(Lane.INTERACTIVE, 0) for _ in range(2)] == [0.0, 0.0]
