@@ -23,8 +23,9 @@ process by one dispatcher, and across the fleet because a replica with an
 interactive request waiting says so in the window (Redis: a sorted set of
 replicas, each entry expiring after ``WAITER_TTL_SECONDS``), and no replica
 gives a bulk request a slot meanwhile. Bulk may never take the last
-``RESERVE`` of the window, nor more than a ``1 / BURST_SLICES`` share of it
-in any ``1 / BURST_SLICES`` of its length: bulk is spread over the window,
+``RESERVE`` of the window, and is paced: at most ``burst`` slots (a
+``1 / BURST_SLICES`` share of the window) in the time the window's rate
+takes to free them. Bulk is spread evenly over the window,
 so slots free up steadily and a waiting interactive request never waits for
 a whole window to age out.
 
@@ -59,8 +60,8 @@ WINDOW_MARGIN: Final = 0.02
 MIN_MARGIN_SECONDS: Final = 0.1
 # The share of the window bulk leaves to the interactive lane (at least one slot, when the limit is above one).
 RESERVE: Final = 0.005
-# Bulk takes at most 1/BURST_SLICES of the window in any 1/BURST_SLICES of its length.
-BURST_SLICES: Final = 10
+# Bulk takes at most 1/BURST_SLICES of the window at once, then keeps to the window's average rate.
+BURST_SLICES: Final = 200
 # After a 429 the rate is cut to CUT of what it was, then climbs by CLIMB of the limit per window.
 CUT: Final = 0.8
 CLIMB: Final = 0.02
@@ -80,7 +81,7 @@ def reserve(effective: int) -> int:
 
 
 def burst(effective: int) -> int:
-    """The most slots bulk takes in one slice of the window."""
+    """The most slots bulk takes at once: in any ``burst * seconds / effective`` it takes at most this many."""
     return max(1, math.ceil(effective / BURST_SLICES))
 
 
@@ -152,7 +153,8 @@ class MemoryWindow:
         cap = effective
         if lane is Lane.BULK:
             cap -= reserve(effective)
-            most, slice_seconds = burst(effective), self._seconds / BURST_SLICES
+            most = burst(effective)
+            slice_seconds = self._seconds * most / effective
             if len(grants) >= most and grants[-most] > now - slice_seconds:
                 return grants[-most] + slice_seconds - now
         if len(grants) < cap:

@@ -68,11 +68,11 @@ if lane == 'b' then
     if rate > 1 then
         cap = rate - math.ceil(tonumber(ARGV[8]) * rate)
     end
-    local slices = tonumber(ARGV[7])
-    local most = math.max(1, math.ceil(rate / slices))
+    local most = math.max(1, math.ceil(rate / tonumber(ARGV[7])))
+    local pace = window * most / rate
     local recent = redis.call('LINDEX', KEYS[1], most - 1)
-    if recent and tonumber(recent) > now - window / slices then
-        return math.max(1000, tonumber(recent) + window / slices - now)
+    if recent and tonumber(recent) > now - pace then
+        return math.max(1000, tonumber(recent) + pace - now)
     end
 end
 local oldest = redis.call('LINDEX', KEYS[1], cap - 1)

@@ -80,7 +80,7 @@ async def test_bulk_leaves_the_reserve_to_the_interactive_lane() -> None:
 
 
 async def test_bulk_is_spread_over_the_window_not_taken_in_one_burst() -> None:
-    """100 bulk slots in 1 s: at most a tenth of them in any tenth of a second."""
+    """100 bulk slots in 1 s: paced at the window's rate, not taken at once."""
     limiter = ClerkRateLimiter(100, 1.0)
     granted: list[float] = []
 
@@ -89,7 +89,9 @@ async def test_bulk_is_spread_over_the_window_not_taken_in_one_burst() -> None:
         granted.append(time.monotonic())
 
     await asyncio.gather(*(call() for _ in range(60)))
-    assert FakeClerkStats(accepted_at={"k": granted}).busiest_window("k", 0.1) <= burst(100)
+    # At the window's rate (100 in 1.1 s with the margin), a tenth of a second holds ten at most.
+    assert burst(100) == 1
+    assert FakeClerkStats(accepted_at={"k": granted}).busiest_window("k", 0.1) <= 10
     await limiter.close()
 
 
