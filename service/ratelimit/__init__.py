@@ -60,8 +60,10 @@ WINDOW_MARGIN: Final = 0.02
 MIN_MARGIN_SECONDS: Final = 0.1
 # The share of the window bulk leaves to the interactive lane (at least one slot, when the limit is above one).
 RESERVE: Final = 0.005
-# Bulk takes at most 1/BURST_SLICES of the window at once, then keeps to the window's average rate.
+# Bulk takes at most 1/BURST_SLICES of the window at once, then keeps to the window's average rate
+# times PACE_HEADROOM: a little faster, so a missed beat is caught up; the window still caps it.
 BURST_SLICES: Final = 200
+PACE_HEADROOM: Final = 1.1
 # After a 429 the rate is cut to CUT of what it was, then climbs by CLIMB of the limit per window.
 CUT: Final = 0.8
 CLIMB: Final = 0.02
@@ -154,7 +156,7 @@ class MemoryWindow:
         if lane is Lane.BULK:
             cap -= reserve(effective)
             most = burst(effective)
-            slice_seconds = self._seconds * most / effective
+            slice_seconds = self._seconds * most / (effective * PACE_HEADROOM)
             if len(grants) >= most and grants[-most] > now - slice_seconds:
                 return grants[-most] + slice_seconds - now
         if len(grants) < cap:

@@ -15,7 +15,7 @@ import math
 import uuid
 
 from service.lanes import Lane
-from service.ratelimit import BURST_SLICES, CLIMB, CUT, RESERVE, WAITER_TTL_SECONDS
+from service.ratelimit import BURST_SLICES, CLIMB, CUT, PACE_HEADROOM, RESERVE, WAITER_TTL_SECONDS
 from service.redis_link import REDIS_FAILURES, REDIS_RETRY_SECONDS, RedisLink
 
 # Shared by both scripts: Redis's clock in µs, and the rate after any cut (dropping a cut that has climbed back).
@@ -40,7 +40,7 @@ end
 
 # KEYS: window, hold, cut, interactive.
 # ARGV: limit, window µs, lane (i or b), replica id, interactive requests left after this one,
-#       climb, burst slices, reserve share, waiter ttl µs.
+#       climb, burst slices, reserve share, waiter ttl µs, pace headroom.
 # Returns 0 (a slot taken), or the µs until one may be free.
 _TAKE = (
     _COMMON
@@ -69,7 +69,7 @@ if lane == 'b' then
         cap = rate - math.ceil(tonumber(ARGV[8]) * rate)
     end
     local most = math.max(1, math.ceil(rate / tonumber(ARGV[7])))
-    local pace = window * most / rate
+    local pace = window * most / (rate * tonumber(ARGV[10]))
     local recent = redis.call('LINDEX', KEYS[1], most - 1)
     if recent and tonumber(recent) > now - pace then
         return math.max(1000, tonumber(recent) + pace - now)
@@ -145,6 +145,7 @@ class RedisWindow:
             BURST_SLICES,
             RESERVE,
             int(WAITER_TTL_SECONDS * 1_000_000),
+            PACE_HEADROOM,
         ]
         try:
             wait_us = int(await self._take(keys=self._keys, args=args))
