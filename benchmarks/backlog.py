@@ -25,7 +25,7 @@ from typing import Any
 import aio_pika
 import psutil
 from drain import ROOT, plotted, preload, queue_names, spawn
-from rate_limit import KEY, LIMIT, RESULTS, WINDOW_SECONDS
+from rate_limit import KEY, LIMIT, RESULTS, WINDOW_SECONDS, worker_env
 
 from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker, free_port
@@ -46,17 +46,7 @@ async def run(amqp_url: str, backlog: int, seconds: float) -> dict[str, Any]:
         started = time.monotonic()
         await preload(amqp_url, queues["BULK_QUEUE"], f"{tag}.replies", backlog)
         preload_seconds = time.monotonic() - started
-        env = {
-            **os.environ,
-            **queues,
-            "AMQP_URL": amqp_url,
-            "CLERK_API_URL": clerk.url,
-            "CLERK_SECRET_KEY": KEY,
-            "CLERK_RATE_LIMIT": str(LIMIT),
-            "CLERK_RATE_WINDOW_SECONDS": str(WINDOW_SECONDS),
-            "LOG_LEVEL": "warning",
-            "HTTP_PORT": str(free_port()),
-        }
+        env = worker_env(amqp_url, clerk.url, queues, HTTP_PORT=str(free_port()))
         worker = spawn(["worker"], env)
         process = psutil.Process(worker.pid)
         started = time.monotonic()

@@ -31,7 +31,7 @@ from typing import Any
 
 import aio_pika
 from drain import ROOT, plotted, preload, queue_names, spawn
-from rate_limit import KEY, LIMIT, RESULTS, WINDOW_SECONDS
+from rate_limit import KEY, LIMIT, RESULTS, WINDOW_SECONDS, worker_env
 
 from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker, free_port
@@ -74,17 +74,7 @@ async def run_once(
                 latencies[key] = time.monotonic() - sent_at[key]
 
         await replies.consume(on_reply, no_ack=True)
-        env = {
-            **os.environ,
-            **queues,
-            "AMQP_URL": amqp_url,
-            "CLERK_API_URL": clerk.url,
-            "CLERK_SECRET_KEY": KEY,
-            "CLERK_RATE_LIMIT": str(LIMIT),
-            "CLERK_RATE_WINDOW_SECONDS": str(WINDOW_SECONDS),
-            "REDIS_URL": redis_url,
-            "LOG_LEVEL": "warning",
-        }
+        env = worker_env(amqp_url, clerk.url, queues, REDIS_URL=redis_url)
         workers.extend(spawn(["worker"], {**env, "HTTP_PORT": str(free_port())}) for _ in range(REPLICAS))
         await asyncio.sleep(WINDOW_SECONDS + 2)  # bulk takes the limit first
         target = queues["REQUEST_QUEUE"] if lanes else queues["BULK_QUEUE"]

@@ -61,6 +61,21 @@ async def count_replies(
     return connection
 
 
+def worker_env(amqp_url: str, clerk_url: str, queues: dict[str, str], **extra: str) -> dict[str, str]:
+    """A worker's environment: these queues, the fake Clerk at ``clerk_url``, told its limit."""
+    return {
+        **os.environ,
+        **queues,
+        "AMQP_URL": amqp_url,
+        "CLERK_API_URL": clerk_url,
+        "CLERK_SECRET_KEY": KEY,
+        "CLERK_RATE_LIMIT": str(LIMIT),
+        "CLERK_RATE_WINDOW_SECONDS": str(WINDOW_SECONDS),
+        "LOG_LEVEL": "warning",
+        **extra,
+    }
+
+
 class OtherProgram:
     """Another program on the same key: ``share`` of the limit, evenly paced, its own calls counted."""
 
@@ -109,18 +124,7 @@ async def run_once(
         await preload(amqp_url, queues["BULK_QUEUE"], f"{tag}.replies", count)
         connection = await count_replies(amqp_url, f"{tag}.replies", replies, outcomes)
         stack.push_async_callback(connection.close)
-        env = {
-            **os.environ,
-            **queues,
-            "AMQP_URL": amqp_url,
-            "CLERK_API_URL": clerk.url,
-            "CLERK_SECRET_KEY": KEY,
-            "CLERK_RATE_LIMIT": str(LIMIT),
-            "CLERK_RATE_WINDOW_SECONDS": str(WINDOW_SECONDS),
-            "LOG_LEVEL": "warning",
-        }
-        if replicas > 1:
-            env["REDIS_URL"] = redis_url
+        env = worker_env(amqp_url, clerk.url, queues, **({"REDIS_URL": redis_url} if replicas > 1 else {}))
         if other is not None:
             other_task = asyncio.create_task(other.run(stop_other))
             await asyncio.sleep(WINDOW_SECONDS)  # the other program is already running when we start
