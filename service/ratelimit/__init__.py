@@ -65,7 +65,7 @@ RESERVE: Final = 0.005
 BURST_SLICES: Final = 200
 PACE_HEADROOM: Final = 1.1
 # After a 429 the rate is cut to CUT of what it was, then climbs by CLIMB of the limit per window.
-CUT: Final = 0.8
+CUT: Final = 0.9
 CLIMB: Final = 0.02
 # How long a replica's word that an interactive request waits lasts without being renewed.
 WAITER_TTL_SECONDS: Final = 1.0

@@ -96,13 +96,13 @@ async def test_bulk_is_spread_over_the_window_not_taken_in_one_burst() -> None:
 
 
 async def test_a_429_cuts_the_rate_once_per_hold_then_it_climbs_back() -> None:
-    """After a 429 the window gives 80 % of the limit; a second 429 in the same hold cuts nothing more."""
+    """After a 429 the window gives 90 % of the limit; a second 429 in the same hold cuts nothing more."""
     window = MemoryWindow(100, 1.0)
-    assert await window.on_429(0.01) == 80.0
+    assert await window.on_429(0.01) == 90.0
     assert await window.on_429(0.01) is None
-    assert 79.0 < window._effective(time.monotonic()) <= 80.5
-    assert climbed(100, 80.0, 1.0, 1.0) == 82.0
-    assert climbed(100, 80.0, 11.0, 1.0) == 100.0
+    assert 89.0 < window._effective(time.monotonic()) <= 90.5
+    assert climbed(100, 90.0, 1.0, 1.0) == 92.0
+    assert climbed(100, 90.0, 6.0, 1.0) == 100.0
 
 
 async def test_an_interactive_request_does_not_wait_out_the_sleep_bulk_was_given() -> None:
