@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import aiohttp
@@ -120,11 +120,17 @@ def plotted(path: Path, title: str) -> Iterator[Axes]:
     fig.savefig(path, dpi=100)
 
 
-async def preload(amqp_url: str, queue: str, reply_queue: str, count: int) -> None:
-    """Publish ``count`` requests, confirmed in batches."""
+async def preload(
+    amqp_url: str,
+    queue: str,
+    reply_queue: str,
+    count: int,
+    arguments: dict[str, Any] | None = None,
+) -> None:
+    """Publish ``count`` requests, confirmed in batches, to ``queue`` (quorum unless ``arguments`` say more)."""
     connection = await aio_pika.connect(amqp_url)
     channel = await connection.channel()
-    await channel.declare_queue(queue, durable=True, arguments={"x-queue-type": "quorum"})
+    await channel.declare_queue(queue, durable=True, arguments=arguments or {"x-queue-type": "quorum"})
     await channel.declare_queue(reply_queue, durable=True)
     batch = 500
     for start in range(0, count, batch):
