@@ -210,13 +210,18 @@ class LaneConsumers:
                 del self._tags[lane]
 
 
-def reply_message(body: bytes, *, content_type: str, correlation_id: str | None, outcome: str) -> aio_pika.Message:
-    """A reply as the contract shapes it: persistent, ``x-outcome`` header."""
-    return aio_pika.Message(
-        body=body,
+_PERSISTENT: Final = int(aio_pika.DeliveryMode.PERSISTENT)
+
+
+def reply_properties(*, content_type: str, correlation_id: str | None, outcome: str) -> spec.Basic.Properties:
+    """A reply's properties as the contract shapes them: persistent, ``x-outcome`` header.
+
+    Built directly (an ``aio_pika.Message`` would check and convert each attribute again per reply).
+    """
+    return spec.Basic.Properties(
         content_type=content_type,
         correlation_id=correlation_id,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        delivery_mode=_PERSISTENT,
         headers={"x-outcome": outcome},
     )
 
@@ -303,12 +308,12 @@ class ReplyPublisher:
         """Open the confirming channel; returned messages raise."""
         self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
 
-    async def publish(self, message: aio_pika.Message, routing_key: str) -> None:
+    async def publish(self, body: bytes, properties: spec.Basic.Properties, routing_key: str) -> None:
         """Publish (``mandatory`` where it means something); return once confirmed, or raise."""
         direct = is_direct_reply_to(routing_key)
         if direct:
             await self._require_queue(routing_key)
-        await self._publish(message.body, routing_key, message.properties, mandatory=not direct)
+        await self._publish(body, routing_key, properties, mandatory=not direct)
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Copy the request to DEAD_LETTER_QUEUE with the reason; raise as ``publish``."""

@@ -41,13 +41,18 @@ def settings_options(command: F) -> F:
     return command
 
 
-def build_settings(options: dict[str, Any]) -> Settings:
-    """Settings from the environment, with the command line's options on top."""
+def options_environ(options: dict[str, Any]) -> dict[str, str]:
+    """The environment with the command line's options on top (taken out of ``options``)."""
     environ = dict(os.environ)
     for field in (*FIELDS, "clerk_secret_key_file"):
         value = options.pop(field, None)
         if value is not None:
             environ[env_name(field)] = str(value)
+    return environ
+
+
+def configured(environ: dict[str, str]) -> Settings:
+    """Settings from ``environ``; logging configured, the key known to the log scrubber."""
     settings = load_settings(environ)
     configure_logging(settings.log_format, settings.log_level)
     if settings.clerk_secret_key is not None:
@@ -100,10 +105,25 @@ def main() -> None:
 
 
 @main.command()
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1, max=64),
+    default=1,
+    show_default=True,
+    help="Worker processes, one a core; above 1 needs REDIS_URL. Process k serves HTTP_PORT+k.",
+)
 @settings_options
-def worker(**options: Any) -> None:  # noqa: ANN401 - click passes the options as keywords
+def worker(processes: int, **options: Any) -> None:  # noqa: ANN401 - click passes the options as keywords
     """Consume requests, call Clerk, publish replies (the service)."""
-    settings = _settings_or_exit(options, require_key=True)
+    environ = options_environ(options)
+    settings = _settings_or_exit(environ, require_key=True)
+    if processes > 1:
+        if settings.redis_url is None:
+            msg = "--processes above 1 needs REDIS_URL (the processes share the rate limit and idempotency store there)"
+            fail(f"configuration error: {msg}", EXIT_CONFIG)
+        from service.processes import run_processes  # noqa: PLC0415
+
+        sys.exit(run_processes(processes, environ, settings.http_port, settings.shutdown_grace_seconds))
     from service.worker import run_worker  # noqa: PLC0415 - keeps the other commands light
 
     run(lambda stop: run_worker(settings, stop))
@@ -161,7 +181,7 @@ def request(
     """Publish one request, wait for its reply, print it (exit 1 when it failed)."""
     if not math.isfinite(timeout) or timeout <= 0:
         fail(f"--timeout: expected a positive number of seconds, got {timeout}", EXIT_CONFIG)
-    settings = _settings_or_exit(options)
+    settings = _settings_or_exit(options_environ(options))
     from service.client import TokenClient  # noqa: PLC0415
     from service.messages import Created  # noqa: PLC0415
 
@@ -208,9 +228,10 @@ def demo(count: int, user_id: str | None, replicas: int, **options: Any) -> None
     run(lambda stop: run_demo(explicit, count=count, user_id=user_id, stop=stop, replicas=replicas))
 
 
-def _settings_or_exit(options: dict[str, Any], *, require_key: bool = False) -> Settings:
+def _settings_or_exit(environ: dict[str, str], *, require_key: bool = False) -> Settings:
+    """Settings from ``environ`` (see ``options_environ``), or one line on stderr and exit 2."""
     try:
-        settings = build_settings(options)
+        settings = configured(environ)
         if require_key:
             settings.secret_key()
     except ConfigError as exc:

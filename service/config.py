@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import re
 import socket
 from collections.abc import Mapping
@@ -26,6 +27,10 @@ QueueName = Annotated[str, Meta(min_length=1, max_length=255)]
 # Clerk's documented limits per 10 s: production and development instances.
 LIVE_KEY_RATE_LIMIT = 1000
 TEST_KEY_RATE_LIMIT = 100
+# The slowest Clerk answer the default concurrency plans for (its usual latency is a tenth of it),
+# and the fewest calls in flight it gives.
+LATENCY_BUDGET_SECONDS = 2.0
+MIN_CONCURRENCY = 32
 # The largest CONSUMER_TIMEOUT_SECONDS (RabbitMQ's consumer_timeout, 30 minutes by default).
 CONSUMER_TIMEOUT_MAX = 24 * 3600
 
@@ -80,7 +85,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     idempotency_window_seconds: Annotated[float, Meta(ge=0, le=7 * 86400)] = 600.0
     idempotency_max_bytes: Annotated[int, Meta(ge=0, le=2**40)] = 128 * 2**20
     prefetch: Annotated[int, Meta(ge=1, le=65535)] = 100
-    upstream_concurrency: Annotated[int, Meta(ge=1, le=10_000)] = 32
+    # None: enough that Clerk's latency never caps the rate limit, see ``concurrency``.
+    upstream_concurrency: Annotated[int, Meta(ge=1, le=10_000)] | None = None
     connect_timeout_seconds: Annotated[float, Meta(gt=0, le=300)] = 3.0
     request_timeout_seconds: Annotated[float, Meta(gt=0, le=300)] = 10.0
     confirm_timeout_seconds: Annotated[float, Meta(gt=0, le=600)] = 30.0
@@ -104,6 +110,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             return self.clerk_rate_limit
         key = self.clerk_secret_key.reveal() if self.clerk_secret_key is not None else ""
         return LIVE_KEY_RATE_LIMIT if key.startswith("sk_live_") else TEST_KEY_RATE_LIMIT
+
+    @property
+    def concurrency(self) -> int:
+        """Calls to Clerk at once: UPSTREAM_CONCURRENCY, else Little's law with a margin.
+
+        The rate limit's calls a second times the slowest answer planned for
+        (LATENCY_BUDGET_SECONDS): at that latency the limit, not the calls in flight, is the cap.
+        At least MIN_CONCURRENCY; at most the requests the worker can hold (both lanes' prefetch).
+        """
+        if self.upstream_concurrency is not None:
+            return self.upstream_concurrency
+        needed = math.ceil(self.rate_limit / self.clerk_rate_window_seconds * LATENCY_BUDGET_SECONDS)
+        return min(max(needed, MIN_CONCURRENCY), 2 * self.prefetch)
 
     @property
     def longest_hold_seconds(self) -> float:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 from service.errors import ConfigError
 
@@ -19,6 +21,7 @@ from service.errors import ConfigError
 # reads like a token count); nothing here needs it.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
+M = TypeVar("M", bound=MetricWrapperBase)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -28,6 +31,7 @@ class Metrics:
     def __init__(self) -> None:
         """Create every metric once."""
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
         r = self.registry
         self.requests = Counter(
             "sign_in_tokens_requests",
@@ -61,6 +65,14 @@ class Metrics:
         self.idempotency_entries = Gauge(
             "sign_in_tokens_idempotency_store_entries", "Answers held in the idempotency store.", registry=r
         )
+
+    def labelled(self, metric: M, *values: str) -> M:
+        """``metric.labels(*values)``, looked up once: every message counts, and ``labels`` locks and checks."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child  # type: ignore[return-value]
 
     def render(self) -> bytes:
         """The registry in Prometheus' text format."""

@@ -13,6 +13,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable, Mapping, MutableMapping
+from contextvars import ContextVar
 from typing import Any
 
 import msgspec
@@ -79,6 +80,36 @@ class Scrubber:
 
 SCRUBBER = Scrubber()
 
+# The fields of the request being handled, for every line logged while it is: one variable set
+# once a request (structlog's contextvars set one variable a field, and merge by walking them all).
+_request_fields: ContextVar[dict[str, object] | None] = ContextVar("sign_in_tokens_request_fields", default=None)
+
+
+def bind_request(**fields: object) -> None:
+    """Start a request's log fields (in this task and those it starts), replacing any before."""
+    _request_fields.set(fields)
+
+
+def bind(**fields: object) -> None:
+    """Add fields to the request's log fields."""
+    current = _request_fields.get()
+    if current is None:
+        _request_fields.set(fields)
+    else:
+        current.update(fields)
+
+
+def _merge_request_fields(
+    _logger: object,
+    _method_name: str,
+    event_dict: MutableMapping[str, Any],
+) -> MutableMapping[str, Any]:
+    fields = _request_fields.get()
+    if fields:
+        for key, value in fields.items():
+            event_dict.setdefault(key, value)
+    return event_dict
+
 
 def _json(obj: object, **_: object) -> str:
     return _encoder.encode(obj).decode()
@@ -97,7 +128,7 @@ def _renderer(log_format: str) -> structlog.types.Processor:
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     """JSON lines to stderr (console on a TTY), scrubbed, for ours and the libraries' logs."""
     shared: list[structlog.types.Processor] = [
-        structlog.contextvars.merge_contextvars,
+        _merge_request_fields,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         # Exceptions become text before the scrubber, so it sees their messages.

@@ -1,7 +1,10 @@
 """One Redis client, and whether Redis answered its last command.
 
 The rate limiter's window and the idempotency store each hold one link.
-While Redis cannot be reached, their callers wait rather than guess (no
+Their commands go out in pipelines: every command asked for while the
+event loop runs its ready callbacks is sent at the end of that pass, in one
+pipeline, one round trip (a drain asks for many at once; one request alone
+still goes at once). While Redis cannot be reached, their callers wait rather than guess (no
 slot is given, no claim is made), the link says so once in the log, and
 the worker pauses consumption and reports not-ready until every link
 answers again (it asks with ``check``).
@@ -9,11 +12,15 @@ answers again (it asks with ``check``).
 
 from __future__ import annotations
 
-from typing import Final
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Final, NamedTuple
 
 import redis
 import redis.asyncio
 import structlog
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 REDIS_TIMEOUT_SECONDS: Final = 2.0
 # While Redis is unreachable, how often a waiting caller asks again.
@@ -22,6 +29,14 @@ REDIS_RETRY_SECONDS: Final = 0.5
 REDIS_FAILURES: Final = (redis.RedisError, OSError)
 
 log = structlog.get_logger(__name__)
+
+
+class _Queued(NamedTuple):
+    command: tuple[Any, ...]
+    script: AsyncScript | None
+    keys: Sequence[str]
+    args: Sequence[Any]
+    answer: asyncio.Future[Any]
 
 
 class RedisLink:
@@ -34,6 +49,60 @@ class RedisLink:
         )
         self.purpose = purpose
         self.available = True
+        self._batch: list[_Queued] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def script(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:  # noqa: ANN401
+        """Run a registered script with the commands of this pass (see ``command``)."""
+        return await self._queue(("EVALSHA", script.sha, len(keys), *keys, *args), script, keys, args)
+
+    async def command(self, *command: Any) -> Any:  # noqa: ANN401
+        """Run one command, in one pipeline with every other asked for in this pass of the event loop."""
+        return await self._queue(command, None, (), ())
+
+    async def _queue(
+        self, command: tuple[Any, ...], script: AsyncScript | None, keys: Sequence[str], args: Sequence[Any]
+    ) -> Any:  # noqa: ANN401
+        loop = asyncio.get_running_loop()
+        if not self._batch:
+            loop.call_soon(self._send_batch)
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._batch.append(_Queued(command, script, keys, args, answer))
+        return await answer
+
+    def _send_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        task = asyncio.ensure_future(self._pipeline(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _pipeline(self, batch: list[_Queued]) -> None:
+        """Send ``batch`` as one pipeline; each caller gets its answer, or the error that stopped it."""
+        pipe = self.client.pipeline(transaction=False)
+        for queued in batch:
+            pipe.execute_command(*queued.command)
+        try:
+            answers = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:
+            for queued in batch:
+                queued.answer.cancel()
+            raise
+        except REDIS_FAILURES as exc:
+            answers = [exc] * len(batch)
+        for queued, answer in zip(batch, answers, strict=True):
+            result = answer
+            if isinstance(answer, NoScriptError) and queued.script is not None:
+                # Redis restarted and forgot its scripts: this one reloads it and runs alone.
+                try:
+                    result = await queued.script(keys=queued.keys, args=queued.args)
+                except REDIS_FAILURES as exc:
+                    result = exc
+            if queued.answer.done():
+                continue
+            if isinstance(result, BaseException):
+                queued.answer.set_exception(result)
+            else:
+                queued.answer.set_result(result)
 
     def failed(self, exc: BaseException) -> None:
         """A command failed: Redis is away or refuses us (said once until it answers again).
@@ -68,5 +137,8 @@ class RedisLink:
         return self.available
 
     async def close(self) -> None:
-        """Close the client's connections."""
+        """Close the client's connections (a pipeline still out is cancelled: its callers get CancelledError)."""
+        for task in self._sending:
+            task.cancel()
+        await asyncio.gather(*self._sending, return_exceptions=True)
         await self.client.aclose()

@@ -100,6 +100,21 @@ class RetryPolicy:
         raised with ``attempts`` set; one cut short by the deadline becomes
         DeadlineExceededError carrying the last upstream answer.
         """
+        # The first attempt runs without tenacity: most succeed, and the loop costs more than the call.
+        try:
+            return await attempt(), 1
+        except RequestError as exc:
+            if not is_retryable(exc):
+                raise _final(exc, attempts=1, by_deadline=False) from None
+            first: RequestError | None = exc
+
+        async def again() -> T:
+            nonlocal first
+            if first is not None:  # tenacity's first attempt is the one that just failed
+                error, first = first, None
+                raise error
+            return await attempt()
+
         stop = _Stop(self.max_attempts, self.max_delay, deadline)
 
         def before_sleep(state: RetryCallState) -> None:
@@ -118,7 +133,7 @@ class RetryPolicy:
         try:
             async for attempt_state in retrying:
                 with attempt_state:
-                    result = await attempt()
+                    result = await again()
         except RequestError as exc:
             attempts = retrying.statistics.get("attempt_number", 1)
             raise _final(exc, attempts=attempts, by_deadline=stop.by_deadline) from None

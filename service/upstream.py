@@ -120,9 +120,9 @@ class ClerkClient:
             "Clerk-API-Version": settings.clerk_api_version,
             "User-Agent": f"sign-in-token-service/{__version__}",
         }
-        self._limit = settings.upstream_concurrency
+        self._limit = settings.concurrency
         # Turns for calls in flight, interactive first: at most UPSTREAM_CONCURRENCY at once.
-        self.gate = LaneGate(settings.upstream_concurrency)
+        self.gate = LaneGate(self._limit)
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=settings.request_timeout_seconds, connect=settings.connect_timeout_seconds

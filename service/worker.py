@@ -21,6 +21,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from service import broker
+from service.acks import Acks
 from service.breaker import OutageHold, UpstreamBreaker
 from service.config import Settings
 from service.dedup import IdempotencyKey, MemoryIdempotencyStore, Remembered, open_store
@@ -37,6 +38,7 @@ from service.errors import (
 )
 from service.health import HealthServer, Metrics
 from service.lanes import Lane
+from service.logs import bind, bind_request
 from service.messages import (
     Created,
     CreateSignInTokenRequestBody,
@@ -116,6 +118,7 @@ class Worker:
             self.metrics.idempotency_bytes.set_function(lambda: store.size_bytes)
             self.metrics.idempotency_entries.set_function(lambda: len(store))
         self.retry = RetryPolicy(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_delay_seconds)
+        self.acks = Acks()
         self.health = HealthServer(self.metrics, self.readiness, settings.http_host, settings.http_port)
         self.stopping = asyncio.Event()
         self.breaker = UpstreamBreaker(
@@ -160,7 +163,12 @@ class Worker:
         if not self._paused:
             await self._consumers.resume()
         limiter = self.clerk.limiter
-        log.info("worker_started", http_port=self.health.port, prefetch=self.settings.prefetch)
+        log.info(
+            "worker_started",
+            http_port=self.health.port,
+            prefetch=self.settings.prefetch,
+            upstream_concurrency=self.settings.concurrency,
+        )
         if limiter.shared:
             log.info("rate_limit_shared", calls=limiter.limit, window_seconds=limiter.window_seconds)
         else:
@@ -172,7 +180,7 @@ class Worker:
             )
 
     def _observe_upstream(self, operation: str, seconds: float) -> None:
-        self.metrics.upstream_latency.labels(operation).observe(seconds)
+        self.metrics.labelled(self.metrics.upstream_latency, operation).observe(seconds)
 
     def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
         # Called again at each failed reconnect attempt: one line for the loss, one for the return.
@@ -235,7 +243,8 @@ class Worker:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
-        self.metrics.in_flight.labels(lane.value).inc()
+        in_flight = self.metrics.labelled(self.metrics.in_flight, lane.value)
+        in_flight.inc()
         try:
             await self.handle(message, lane)
         except KeyRejectedError:
@@ -245,7 +254,7 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - a defect must not leave the request stuck
             await self._return_after_defect(message, exc)
         finally:
-            self.metrics.in_flight.labels(lane.value).dec()
+            in_flight.dec()
             if task is not None:
                 self._tasks.discard(task)
 
@@ -257,8 +266,7 @@ class Worker:
     async def handle(self, message: AbstractIncomingMessage, lane: Lane) -> None:
         """Answer one request, or dead-letter it; raise KeyRejectedError on a 401."""
         envelope = Envelope.of(message, self.settings.results_queue)
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(
+        bind_request(
             correlation_id=envelope.correlation_id,
             message_id=envelope.message_id,
             publisher=envelope.publisher,
@@ -280,7 +288,7 @@ class Worker:
         except InvalidRequestError as exc:
             reply, from_store = failed(exc), False
         else:
-            structlog.contextvars.bind_contextvars(user_id=request.user_id)
+            bind(user_id=request.user_id)
             reply, from_store = await self._answer(request, envelope, lane)
         await self._deliver(message, envelope, reply, lane, from_store=from_store)
 
@@ -342,11 +350,11 @@ class Worker:
             return await self._attempt(body, deadline, lane, hold)
 
         async def backoff(seconds: float) -> None:
-            self.metrics.retries.labels(lane.value).inc()
+            self.metrics.labelled(self.metrics.retries, lane.value).inc()
             await self._sleep_unless_stopping(seconds)
 
         token, attempts = await self.retry.run(attempt, deadline=deadline, sleep=backoff, on_retry=_log_retry)
-        structlog.contextvars.bind_contextvars(sign_in_token_id=token.id, attempts=attempts)
+        bind(sign_in_token_id=token.id, attempts=attempts)
         return token
 
     async def _attempt(self, body: bytes, deadline: float | None, lane: Lane, hold: OutageHold) -> SignInToken:
@@ -387,14 +395,13 @@ class Worker:
         from_store: bool,
     ) -> None:
         content_type = reply_content_type(envelope.content_type)
-        outgoing = broker.reply_message(
-            encode_reply(reply, content_type),
+        properties = broker.reply_properties(
             content_type=content_type,
             correlation_id=envelope.correlation_id,
             outcome="created" if isinstance(reply, Created) else "failed",
         )
         try:
-            await self._publisher_or_fail().publish(outgoing, envelope.reply_to)
+            await self._publisher_or_fail().publish(encode_reply(reply, content_type), properties, envelope.reply_to)
         except broker.ReplyRefusedError:
             await self._reply_refused(message, envelope, reply, lane, from_store=from_store)
             return
@@ -403,7 +410,7 @@ class Worker:
             await self._return(message, "reply_fate_unknown")
             return
         await self._ack(message)
-        self.metrics.requests.labels(lane.value, outcome_of(reply)).inc()
+        self.metrics.labelled(self.metrics.requests, lane.value, outcome_of(reply)).inc()
         log.info("replied", reply_to=envelope.reply_to, **reply_log_fields(reply))
 
     async def _reply_refused(
@@ -434,7 +441,7 @@ class Worker:
             await self._return(message, "dead_letter_failed")
             return
         await self._ack(message)
-        self.metrics.requests.labels(lane.value, "dead_lettered").inc()
+        self.metrics.labelled(self.metrics.requests, lane.value, "dead_lettered").inc()
         log.warning("dead_lettered", reason=reason)
 
     async def _revoke(self, token_id: str) -> None:
@@ -458,9 +465,7 @@ class Worker:
     # -- acknowledgements ----------------------------------------------------
 
     async def _ack(self, message: AbstractIncomingMessage) -> None:
-        try:
-            await message.ack()
-        except broker.CHANNEL_FAILURES:
+        if not await self.acks.ack(message):
             # The channel is gone: the broker redelivers, and the store answers again.
             log.warning("ack_lost")
 
@@ -469,6 +474,7 @@ class Worker:
         log.info("returned_to_queue", reason=reason)
         with contextlib.suppress(*broker.CHANNEL_FAILURES):
             await message.nack(requeue=True)
+            self.acks.settled(message)
 
     def _publisher_or_fail(self) -> broker.ReplyPublisher:
         if self._publisher is None:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 import msgspec
 from cachetools import TTLCache
 
-from service.messages import Reply
+from service.messages import Created, Reply
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -62,25 +62,43 @@ class Remembered(NamedTuple):
 class _Stored(msgspec.Struct, array_like=True):
     request: bytes
     reply: Reply
+    # A created token's URL with the token cut out (it holds it, as its ticket), or None.
+    url_around_token: tuple[str, str] | None = None
 
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(_Stored)
+# What a packed answer starts with; the answers of earlier versions are zlib streams (0x78).
+_PACKED: Final = b"\x01"
+_ZLIB: Final = 0x78
 
 
 def pack(request: bytes, reply: Reply) -> bytes:
-    """An answer as the stores keep it: MessagePack, deflated.
+    """An answer as the stores keep it: one bytes object, MessagePack, the token kept once.
 
-    A created token's URL repeats the token, so deflate halves it (about 0.7 KB instead of 1.4);
-    packed, an entry is one bytes object rather than a dozen Python objects.
+    A created token's URL repeats the token (its ticket): the URL is kept as what surrounds the
+    token, which makes an entry about half the size (0.7 KB instead of 1.4) for the cost of a
+    string search, where deflating did the same for ten times the time.
     """
-    return zlib.compress(_encoder.encode(_Stored(request, reply)), 1)
+    url = reply.sign_in_token.url if isinstance(reply, Created) else None
+    if url and isinstance(reply, Created) and reply.sign_in_token.token:
+        token = reply.sign_in_token
+        before, found, after = url.partition(token.token)
+        if found:
+            without_url = Created(sign_in_token=msgspec.structs.replace(token, url=None))
+            return _PACKED + _encoder.encode(_Stored(request, without_url, (before, after)))
+    return _PACKED + _encoder.encode(_Stored(request, reply))
 
 
 def unpack(packed: bytes | memoryview) -> Remembered:
-    """The answer ``pack`` made."""
-    stored = _decoder.decode(zlib.decompress(packed))
-    return Remembered(stored.request, stored.reply)
+    """The answer ``pack`` made (or an earlier version, deflated)."""
+    stored = _decoder.decode(zlib.decompress(packed) if packed[0] == _ZLIB else packed[1:])
+    reply = stored.reply
+    if stored.url_around_token is not None and isinstance(reply, Created):
+        token = reply.sign_in_token
+        before, after = stored.url_around_token
+        reply = Created(sign_in_token=msgspec.structs.replace(token, url=before + token.token + after))
+    return Remembered(stored.request, reply)
 
 
 class _Entry(NamedTuple):

@@ -140,14 +140,14 @@ class RedisIdempotencyStore:
                 if redis_key in self._held:  # not answered: let the next claim call Clerk
                     self._held.discard(redis_key)
                     with contextlib.suppress(*REDIS_FAILURES):
-                        await self._release(keys=[redis_key], args=[self._lease])
+                        await self._link.script(self._release, [redis_key], [self._lease])
 
     async def _take(self, redis_key: str, deadline: float | None) -> Remembered | None:
         """Lease ``redis_key`` and return None, or return the answer there; wait while another holds it."""
         poll = POLL_FIRST_SECONDS
         while True:
             try:
-                status, value = await self._claim(keys=[redis_key], args=[self._lease, self._lease_ms])
+                status, value = await self._link.script(self._claim, [redis_key], [self._lease, self._lease_ms])
             except REDIS_FAILURES as exc:
                 self._link.failed(exc)
                 wait = REDIS_RETRY_SECONDS
@@ -186,7 +186,7 @@ class RedisIdempotencyStore:
         give_up = time.monotonic() + REMEMBER_PATIENCE_SECONDS
         while True:
             try:
-                await self._link.client.set(redis_key, value, px=self._window_ms)
+                await self._link.command("SET", redis_key, value, "PX", self._window_ms)
             except REDIS_FAILURES as exc:
                 self._link.failed(exc)
                 if time.monotonic() >= give_up:

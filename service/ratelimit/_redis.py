@@ -148,7 +148,7 @@ class RedisWindow:
             PACE_HEADROOM,
         ]
         try:
-            wait_us = int(await self._take(keys=self._keys, args=args))
+            wait_us = int(await self._link.script(self._take, self._keys, args))
         except REDIS_FAILURES as exc:
             self._link.failed(exc)
             return REDIS_RETRY_SECONDS
@@ -160,7 +160,7 @@ class RedisWindow:
         args = [max(1, math.ceil(seconds * 1000)), self._limit, self._window_us, CLIMB, CUT]
         rate = -1
         with contextlib.suppress(*REDIS_FAILURES):
-            rate = int(await self._on_429(keys=self._keys[1:3], args=args))
+            rate = int(await self._link.script(self._on_429, self._keys[1:3], args))
         return None if rate < 0 else float(rate)
 
     async def close(self) -> None:

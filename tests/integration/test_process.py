@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import aiohttp
+import psutil
 import pytest
 from aio_pika.abc import AbstractChannel
 
@@ -18,7 +20,7 @@ from service.fake_clerk import FakeClerk
 from service.local_broker import free_port
 from service.messages import Created
 from tests.conftest import SECRET_KEY, WorkerFactory, queue_depth, wait_until
-from tests.workers import Replies, WorkerProcesses, publish_requests
+from tests.workers import Replies, WorkerProcesses, publish_requests, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -237,3 +239,61 @@ async def test_failures_and_retries_are_logged_with_what_clerk_said(
     assert replied["message"]
     retry = next(e for e in events if e["event"] == "retrying_upstream")
     assert (retry["attempt"], retry["upstream_status"], retry["error"]) == (1, 503, "upstream_unavailable")
+
+
+def metric(text: str, name: str) -> float:
+    """The sum of a metric's samples in a /metrics page."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+async def metrics_of(port: int) -> str:
+    """The /metrics page on ``port``."""
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as response:
+        return await response.text()
+
+
+async def test_processes_share_the_work_and_stop_together(
+    worker_processes: WorkerProcesses,
+    queue_names: dict[str, str],
+    channel: AbstractChannel,
+    replies: Replies,
+    redis_url: str,
+) -> None:
+    """`worker --processes 2`: two workers on HTTP_PORT and HTTP_PORT+1 both answer; SIGTERM stops both, exit 0."""
+    supervisor = worker_processes.spawn("worker", "--processes", "2", REDIS_URL=redis_url)
+    for port in (supervisor.port, supervisor.port + 1):
+        await wait_ready(port)
+    children = psutil.Process(supervisor.pid).children()
+    assert len(children) == 2
+    await publish_requests(channel, queue_names["REQUEST_QUEUE"], replies.queue, 400)
+    await wait_until(lambda: replies.answered == 400, timeout=60, what="every request answered")
+    assert replies.duplicates == 0
+    for port in (supervisor.port, supervisor.port + 1):
+        assert metric(await metrics_of(port), "sign_in_tokens_requests_total") > 0, f"the worker on {port} did nothing"
+    assert await worker_processes.stop(supervisor, signal.SIGTERM) == 0
+    assert not [child for child in children if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
+    assert "Traceback" not in worker_processes.logs()
+
+
+async def test_a_process_that_dies_stops_the_set(
+    worker_processes: WorkerProcesses,
+    redis_url: str,
+) -> None:
+    """One worker killed: the supervisor stops the other and exits 1, so the orchestrator restarts the set."""
+    supervisor = worker_processes.spawn("worker", "--processes", "2", REDIS_URL=redis_url)
+    for port in (supervisor.port, supervisor.port + 1):
+        await wait_ready(port)
+    first, second = psutil.Process(supervisor.pid).children()
+    first.kill()
+    assert await asyncio.to_thread(supervisor.process.wait, 30) == 1
+    assert not second.is_running() or second.status() == psutil.STATUS_ZOMBIE
+    assert "worker_process_ended" in worker_processes.logs()
+
+
+def test_processes_without_redis_is_one_line_and_exit_2() -> None:
+    """More than one process needs REDIS_URL: their rate limit and idempotency store are shared there."""
+    result = run_cli("worker", "--processes", "2", env={**base_env(), "CLERK_SECRET_KEY": "sk_test_x"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "REDIS_URL" in lines[0]

@@ -54,3 +54,20 @@ def test_missing_key_is_reported_when_required() -> None:
     """The worker's key check names both ways to give it."""
     with pytest.raises(ConfigError, match="CLERK_SECRET_KEY or CLERK_SECRET_KEY_FILE"):
         load_settings({}).secret_key()
+
+
+@pytest.mark.parametrize(
+    ("env", "concurrency"),
+    [
+        # A production key: 100 calls a second for 2 s of latency, which both lanes' prefetch can hold.
+        ({"CLERK_SECRET_KEY": "sk_live_x"}, 200),
+        # A development key: 10 a second would need 20; the floor is 32.
+        ({"CLERK_SECRET_KEY": "sk_test_x"}, 32),
+        # A limit far above the load: capped by what the worker can hold.
+        ({"CLERK_RATE_LIMIT": "1000000", "PREFETCH": "50"}, 100),
+        ({"CLERK_RATE_LIMIT": "1000000", "UPSTREAM_CONCURRENCY": "8"}, 8),
+    ],
+)
+def test_upstream_concurrency_follows_the_rate_limit_unless_set(env: dict[str, str], concurrency: int) -> None:
+    """Unset, UPSTREAM_CONCURRENCY is the limit's rate times Clerk's slowest planned answer, bounded."""
+    assert load_settings(env).concurrency == concurrency

@@ -6,13 +6,14 @@ import asyncio
 import gc
 import logging
 import tracemalloc
+import zlib
 from collections.abc import Callable, Iterator
 
 import msgspec
 import pytest
 import structlog
 
-from service.dedup import MemoryIdempotencyStore, Remembered, idempotency_key
+from service.dedup import MemoryIdempotencyStore, Remembered, idempotency_key, pack, unpack
 from service.errors import (
     KeyRejectedError,
     RateLimitedError,
@@ -59,6 +60,32 @@ def _failed(i: int) -> Failed:
             attempts=1,
         ),
     )
+
+
+def _created_elsewhere(i: int) -> Created:
+    """A token whose URL does not hold it, and one with no URL at all."""
+    token = _created(i).sign_in_token
+    url = None if i % 2 else "https://accounts.example.test/v1/tickets/accept?ticket=elsewhere"
+    return Created(sign_in_token=msgspec.structs.replace(token, url=url))
+
+
+@pytest.mark.parametrize("make", [_created, _failed, _created_elsewhere])
+@pytest.mark.parametrize("i", [1, 2])
+def test_a_packed_answer_unpacks_to_itself_and_keeps_the_token_once(make: Callable[[int], Reply], i: int) -> None:
+    """Packing is lossless; a created token's URL does not store the token a second time."""
+    reply = make(i)
+    packed = pack(REQUEST, reply)
+    assert unpack(packed) == Remembered(REQUEST, reply)
+    assert unpack(memoryview(b"A" + packed)[1:]) == Remembered(REQUEST, reply)  # as Redis hands it over
+    if isinstance(reply, Created):
+        assert packed.count(reply.sign_in_token.token.encode()) == 1
+
+
+def test_an_answer_packed_by_the_previous_version_still_unpacks() -> None:
+    """Replicas of the previous version wrote deflated MessagePack into a shared store."""
+    reply = _created(3)
+    legacy = zlib.compress(msgspec.msgpack.encode([REQUEST, reply]), 1)
+    assert unpack(legacy) == Remembered(REQUEST, reply)
 
 
 @pytest.mark.parametrize("make", [_created, _failed])
