@@ -22,7 +22,7 @@ import weakref
 from typing import Final
 
 import aiormq.abc
-from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 
 Channel = aiormq.abc.AbstractChannel
 # Which channels took a pass's acks.
@@ -70,7 +70,7 @@ class Acks:
         # One pass's frames at a time: a later ``multiple`` must not overtake an earlier one.
         self._sending = asyncio.Lock()
 
-    async def ack(self, message: AbstractIncomingMessage) -> bool:
+    async def ack(self, message: DeliveredMessage) -> bool:
         """Acknowledge ``message`` with the others of this pass; False when its channel failed first."""
         channel = message.channel
         tag = message.delivery_tag
@@ -83,7 +83,7 @@ class Acks:
             loop.call_soon(self._flush_soon)
         return (await asyncio.shield(self._sent)).get(channel, False)
 
-    def settled(self, message: AbstractIncomingMessage) -> None:
+    def settled(self, message: DeliveredMessage) -> None:
         """Count ``message`` as settled another way (returned with ``nack``)."""
         if message.delivery_tag is not None:
             self._run(message.channel).settle({message.delivery_tag})

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, cast
 
 import aio_pika
@@ -36,13 +37,11 @@ import aiormq
 import aiormq.abc
 import structlog
 from aio_pika.abc import (
-    AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
-    AbstractRobustQueue,
-    ConsumerTag,
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError
+from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelNotFoundEntity, ProbableAuthenticationError
 from pamqp import commands as spec
 from yarl import URL
@@ -159,21 +158,30 @@ async def declare_topology(connection: AbstractRobustConnection, settings: Setti
         await _declare(connection, name, lane_queue_arguments(settings))
 
 
-OnMessage = Callable[[AbstractIncomingMessage, Lane], Awaitable[None]]
+OnMessage = Callable[[DeliveredMessage, Lane], Awaitable[None]]
 
 
 class LaneConsumers:
-    """The consumers of both lanes on one channel; paused and resumed together."""
+    """The consumers of both lanes on one channel; paused and resumed together.
+
+    They consume through aiormq, under aio-pika's robust channel: a delivery
+    reaches the worker as aiormq's ``DeliveredMessage``, without aio-pika's
+    copy of every property into an ``IncomingMessage`` and the second task it
+    starts for each message. The robust channel still reopens itself (and
+    re-declares the queues) after a lost connection; its reopen callback then
+    consumes again each lane that was consumed on the channel that was lost.
+    """
 
     def __init__(self, connection: AbstractRobustConnection, settings: Settings, on_message: OnMessage) -> None:
         """Consume with ``prefetch`` unacknowledged messages per lane."""
         self._connection = connection
         self._settings = settings
-        self._on_message = on_message
         self._channel: AbstractRobustChannel | None = None
-        self._queues: dict[Lane, AbstractRobustQueue] = {}
-        self._tags: dict[Lane, ConsumerTag] = {}
+        self._names = lane_queue_names(settings)
+        # Each lane's consumer: the channel it was made on, and its tag there.
+        self._tags: dict[Lane, tuple[aiormq.abc.AbstractChannel, str]] = {}
         self._lock = asyncio.Lock()
+        self._callbacks = {lane: self._callback(on_message, lane) for lane in Lane}
 
     @property
     def consuming(self) -> bool:
@@ -184,30 +192,52 @@ class LaneConsumers:
         """Open the channel and bind to the (already declared) queues."""
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self._settings.prefetch)
-        for lane, name in lane_queue_names(self._settings).items():
-            self._queues[lane] = await channel.declare_queue(name, passive=True)
+        for name in self._names.values():
+            # Declared through aio-pika so that the robust channel declares them again when it reopens.
+            await channel.declare_queue(name, passive=True)
+        channel.reopen_callbacks.add(self._on_reopen)
         self._channel = channel
 
-    def _callback(self, lane: Lane) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            await self._on_message(message, lane)
+    @staticmethod
+    def _callback(on_message: OnMessage, lane: Lane) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
+        async def on_delivery(message: DeliveredMessage) -> None:
+            await on_message(message, lane)
 
-        return on_message
+        return on_delivery
+
+    async def _consume(self, lane: Lane) -> None:
+        if self._channel is None:
+            msg = "LaneConsumers.open() was not called"
+            raise RuntimeError(msg)
+        underlay = await self._channel.get_underlay_channel()
+        ok = await underlay.basic_consume(self._names[lane], self._callbacks[lane])
+        self._tags[lane] = (underlay, str(ok.consumer_tag))
 
     async def resume(self) -> None:
         """Start consuming every lane not already consumed."""
         async with self._lock:
-            for lane, queue in self._queues.items():
+            for lane in Lane:
                 if lane not in self._tags:
-                    self._tags[lane] = await queue.consume(self._callback(lane))
+                    await self._consume(lane)
 
     async def pause(self) -> None:
         """Stop taking new messages; those delivered stay with their handlers."""
         async with self._lock:
-            for lane, tag in list(self._tags.items()):
-                with contextlib.suppress(*CHANNEL_FAILURES):
-                    await self._queues[lane].cancel(tag)
+            for lane, (underlay, tag) in list(self._tags.items()):
+                with contextlib.suppress(*CHANNEL_FAILURES, RuntimeError):
+                    await underlay.basic_cancel(tag)
                 del self._tags[lane]
+
+    async def _on_reopen(self, channel: object) -> None:
+        """The channel is back: consume again each lane whose consumer went with the old one."""
+        del channel
+        if self._channel is None:
+            return
+        current = await self._channel.get_underlay_channel()
+        async with self._lock:
+            for lane, (underlay, _) in list(self._tags.items()):
+                if underlay is not current:
+                    await self._consume(lane)
 
 
 _PERSISTENT: Final = int(aio_pika.DeliveryMode.PERSISTENT)
@@ -240,9 +270,9 @@ class _AbsentMessageId(str):
         return True
 
 
-def _copy_for_dead_letter(message: AbstractIncomingMessage, reason: str) -> spec.Basic.Properties:
+def _copy_for_dead_letter(message: DeliveredMessage, reason: str) -> spec.Basic.Properties:
     """The request's own properties, persistent, with why it was dead-lettered in headers."""
-    properties = message.properties
+    properties = copy.copy(message.header.properties)
     headers = dict(properties.headers or {})
     headers.pop("x-delivery-count", None)
     headers["x-dead-letter-reason"] = reason
@@ -315,7 +345,7 @@ class ReplyPublisher:
             await self._require_queue(routing_key)
         await self._publish(body, routing_key, properties, mandatory=not direct)
 
-    async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+    async def dead_letter(self, message: DeliveredMessage, reason: str) -> None:
         """Copy the request to DEAD_LETTER_QUEUE with the reason; raise as ``publish``."""
         await self._require_queue(self._dead_letter_queue)
         properties = _copy_for_dead_letter(message, reason)

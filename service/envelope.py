@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 
 from service.dedup import IdempotencyKey, idempotency_key
 from service.errors import InvalidRequestError
@@ -23,16 +23,17 @@ class Envelope:
     raw_deadline: object
 
     @classmethod
-    def of(cls, message: AbstractIncomingMessage, results_queue: str) -> Envelope:
+    def of(cls, message: DeliveredMessage, results_queue: str) -> Envelope:
         """Read a message's envelope; replies without ``reply_to`` go to ``results_queue``."""
-        headers = message.headers or {}
+        properties = message.header.properties
+        headers = properties.headers or {}
         return cls(
-            reply_to=message.reply_to or results_queue,
-            has_reply_to=bool(message.reply_to),
-            correlation_id=message.correlation_id or message.message_id,
-            content_type=message.content_type,
-            publisher=message.user_id,
-            message_id=message.message_id,
+            reply_to=properties.reply_to or results_queue,
+            has_reply_to=bool(properties.reply_to),
+            correlation_id=properties.correlation_id or properties.message_id,
+            content_type=properties.content_type,
+            publisher=properties.user_id,
+            message_id=properties.message_id,
             raw_deadline=headers.get("x-deadline"),
         )
 

@@ -18,7 +18,8 @@ import time
 from typing import TYPE_CHECKING, Final
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
 
 from service import broker
 from service.acks import Acks
@@ -239,7 +240,7 @@ class Worker:
 
     # -- one message ---------------------------------------------------------
 
-    async def _on_message(self, message: AbstractIncomingMessage, lane: Lane) -> None:
+    async def _on_message(self, message: DeliveredMessage, lane: Lane) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -258,12 +259,12 @@ class Worker:
             if task is not None:
                 self._tasks.discard(task)
 
-    async def _return_after_defect(self, message: AbstractIncomingMessage, exc: Exception) -> None:
+    async def _return_after_defect(self, message: DeliveredMessage, exc: Exception) -> None:
         """Return the request; its queue's delivery limit ends a loop in DEAD_LETTER_QUEUE."""
         log.error("unexpected_error", error=exc, exc_info=exc)
         await self._return(message, "unexpected_error")
 
-    async def handle(self, message: AbstractIncomingMessage, lane: Lane) -> None:
+    async def handle(self, message: DeliveredMessage, lane: Lane) -> None:
         """Answer one request, or dead-letter it; raise KeyRejectedError on a 401."""
         envelope = Envelope.of(message, self.settings.results_queue)
         bind_request(
@@ -387,7 +388,7 @@ class Worker:
 
     async def _deliver(
         self,
-        message: AbstractIncomingMessage,
+        message: DeliveredMessage,
         envelope: Envelope,
         reply: Reply,
         lane: Lane,
@@ -415,7 +416,7 @@ class Worker:
 
     async def _reply_refused(
         self,
-        message: AbstractIncomingMessage,
+        message: DeliveredMessage,
         envelope: Envelope,
         reply: Reply,
         lane: Lane,
@@ -433,7 +434,7 @@ class Worker:
             await self._revoke(reply.sign_in_token.id)
         await self._dead_letter(message, lane, "reply_refused")
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, lane: Lane, reason: str) -> None:
+    async def _dead_letter(self, message: DeliveredMessage, lane: Lane, reason: str) -> None:
         try:
             await self._publisher_or_fail().dead_letter(message, reason)
         except (broker.ReplyRefusedError, broker.ReplyFateUnknownError):
@@ -464,16 +465,16 @@ class Worker:
 
     # -- acknowledgements ----------------------------------------------------
 
-    async def _ack(self, message: AbstractIncomingMessage) -> None:
+    async def _ack(self, message: DeliveredMessage) -> None:
         if not await self.acks.ack(message):
             # The channel is gone: the broker redelivers, and the store answers again.
             log.warning("ack_lost")
 
-    async def _return(self, message: AbstractIncomingMessage, reason: str) -> None:
+    async def _return(self, message: DeliveredMessage, reason: str) -> None:
         """Give the request back to its queue (the broker does so anyway if the channel died)."""
         log.info("returned_to_queue", reason=reason)
         with contextlib.suppress(*broker.CHANNEL_FAILURES):
-            await message.nack(requeue=True)
+            await message.channel.basic_nack(message.delivery_tag or 0, requeue=True)
             self.acks.settled(message)
 
     def _publisher_or_fail(self) -> broker.ReplyPublisher:
@@ -490,7 +491,7 @@ class Worker:
 
     # -- the key -------------------------------------------------------------
 
-    async def _hold_for_key(self, message: AbstractIncomingMessage, lane: Lane) -> None:
+    async def _hold_for_key(self, message: DeliveredMessage, lane: Lane) -> None:
         self.metrics.key_rejected.inc()
         if self._probe is not None or self.stopping.is_set():
             await self._return(message, "key_rejected")
@@ -500,14 +501,14 @@ class Worker:
         log.error("secret_key_rejected", action="pausing consumption; holding one request as a probe")
         await self._pause("key_rejected")
 
-    async def _probe_key(self, message: AbstractIncomingMessage, lane: Lane) -> None:
+    async def _probe_key(self, message: DeliveredMessage, lane: Lane) -> None:
         """Probe with backoff until Clerk accepts the key again, then resume.
 
         The held request is the probe while it is held; once it is answered
         without Clerk's word on the key (its deadline passed, or it came from
         the store) or its hold runs out, a call that creates no token probes.
         """
-        held: AbstractIncomingMessage | None = message
+        held: DeliveredMessage | None = message
         held_since = time.monotonic()
         try:
             for delay in probe_delays(self.settings.probe_max_interval_seconds):
@@ -531,10 +532,10 @@ class Worker:
 
     async def _probe_with(
         self,
-        message: AbstractIncomingMessage,
+        message: DeliveredMessage,
         lane: Lane,
         held_since: float,
-    ) -> AbstractIncomingMessage | None:
+    ) -> DeliveredMessage | None:
         """Try the held request again; return it while it is still held."""
         try:
             await self.handle(message, lane)
