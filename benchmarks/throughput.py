@@ -383,7 +383,7 @@ async def main() -> None:
     """Run every round, print the table, write the JSON and the plot."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--requests", type=int, default=20_000)
-    parser.add_argument("--solo", type=int, default=200, help="requests one at a time after each drain")
+    parser.add_argument("--solo", type=int, default=100, help="requests one at a time after each drain")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, action="append", help="fake Clerk latency; repeatable")
     parser.add_argument("--only", action="append", choices=sorted(CONTENDERS), help="contenders; repeatable")

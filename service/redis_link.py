@@ -1,10 +1,12 @@
 """One Redis client, and whether Redis answered its last command.
 
 The rate limiter's window and the idempotency store each hold one link.
-Their commands go out in pipelines: every command asked for while the
-event loop runs its ready callbacks is sent at the end of that pass, in one
-pipeline, one round trip (a drain asks for many at once; one request alone
-still goes at once). While Redis cannot be reached, their callers wait rather than guess (no
+Their commands go out in pipelines, one at a time a link: a command asked
+for while no pipeline is out goes at the end of the event loop's pass, with
+whatever else that pass asked for; commands asked for while one is out wait
+for it and go together as the next. One request alone is never delayed; a
+drain's many requests share round trips (as Nagle's algorithm does for
+TCP segments). While Redis cannot be reached, their callers wait rather than guess (no
 slot is given, no claim is made), the link says so once in the log, and
 the worker pauses consumption and reports not-ready until every link
 answers again (it asks with ``check``).
@@ -51,20 +53,21 @@ class RedisLink:
         self.available = True
         self._batch: list[_Queued] = []
         self._sending: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     async def script(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:  # noqa: ANN401
-        """Run a registered script with the commands of this pass (see ``command``)."""
+        """Run a registered script, in the next pipeline (see ``command``)."""
         return await self._queue(("EVALSHA", script.sha, len(keys), *keys, *args), script, keys, args)
 
     async def command(self, *command: Any) -> Any:  # noqa: ANN401
-        """Run one command, in one pipeline with every other asked for in this pass of the event loop."""
+        """Run one command, in the next pipeline (with every other command asked for until it goes)."""
         return await self._queue(command, None, (), ())
 
     async def _queue(
         self, command: tuple[Any, ...], script: AsyncScript | None, keys: Sequence[str], args: Sequence[Any]
     ) -> Any:  # noqa: ANN401
         loop = asyncio.get_running_loop()
-        if not self._batch:
+        if not self._batch and not self._sending:
             loop.call_soon(self._send_batch)
         answer: asyncio.Future[Any] = loop.create_future()
         self._batch.append(_Queued(command, script, keys, args, answer))
@@ -74,7 +77,17 @@ class RedisLink:
         batch, self._batch = self._batch, []
         task = asyncio.ensure_future(self._pipeline(batch))
         self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        """A pipeline came back: what was asked for meanwhile goes now."""
+        self._sending.discard(task)
+        if self._closed:
+            for queued in self._batch:
+                queued.answer.cancel()
+            self._batch.clear()
+        elif self._batch and not self._sending:
+            self._send_batch()
 
     async def _pipeline(self, batch: list[_Queued]) -> None:
         """Send ``batch`` as one pipeline; each caller gets its answer, or the error that stopped it."""
@@ -138,6 +151,7 @@ class RedisLink:
 
     async def close(self) -> None:
         """Close the client's connections (a pipeline still out is cancelled: its callers get CancelledError)."""
+        self._closed = True
         for task in self._sending:
             task.cancel()
         await asyncio.gather(*self._sending, return_exceptions=True)
