@@ -104,14 +104,13 @@ def main() -> None:
     """Clerk sign-in tokens behind a RabbitMQ queue."""
 
 
+def how_many(flag: str, maximum: int, help_text: str) -> Callable[[F], F]:
+    """An option counting workers: 1 by default, at most ``maximum``."""
+    return click.option(flag, type=click.IntRange(min=1, max=maximum), default=1, show_default=True, help=help_text)
+
+
 @main.command()
-@click.option(
-    "--processes",
-    type=click.IntRange(min=1, max=64),
-    default=1,
-    show_default=True,
-    help="Worker processes, one a core; above 1 needs REDIS_URL. Process k serves HTTP_PORT+k.",
-)
+@how_many("--processes", 64, "Worker processes, one a core; above 1 needs REDIS_URL. Process k serves HTTP_PORT+k.")
 @settings_options
 def worker(processes: int, **options: Any) -> None:  # noqa: ANN401 - click passes the options as keywords
     """Consume requests, call Clerk, publish replies (the service)."""
@@ -212,13 +211,7 @@ def request(
 @main.command()
 @click.option("--count", type=click.IntRange(min=1), default=1000, show_default=True, help="Requests to send.")
 @click.option("--user-id", default=None, help="With a real CLERK_SECRET_KEY: the user to create tokens for.")
-@click.option(
-    "--replicas",
-    type=click.IntRange(min=1, max=16),
-    default=1,
-    show_default=True,
-    help="Workers to run; more than one share a Redis (REDIS_URL, or a private one).",
-)
+@how_many("--replicas", 16, "Workers to run; more than one share a Redis (REDIS_URL, or a private one).")
 @settings_options
 def demo(count: int, user_id: str | None, replicas: int, **options: Any) -> None:  # noqa: ANN401
     """Run the whole service locally and send requests through it."""

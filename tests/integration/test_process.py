@@ -20,7 +20,7 @@ from service.fake_clerk import FakeClerk
 from service.local_broker import free_port
 from service.messages import Created
 from tests.conftest import SECRET_KEY, WorkerFactory, queue_depth, wait_until
-from tests.workers import Replies, WorkerProcesses, publish_requests, wait_ready
+from tests.workers import Replies, WorkerProcess, WorkerProcesses, publish_requests, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -252,6 +252,14 @@ async def metrics_of(port: int) -> str:
         return await response.text()
 
 
+async def two_processes(worker_processes: WorkerProcesses, redis_url: str) -> WorkerProcess:
+    """`worker --processes 2`, both workers ready (on HTTP_PORT and HTTP_PORT+1)."""
+    supervisor = worker_processes.spawn("worker", "--processes", "2", REDIS_URL=redis_url)
+    for port in (supervisor.port, supervisor.port + 1):
+        await wait_ready(port)
+    return supervisor
+
+
 async def test_processes_share_the_work_and_stop_together(
     worker_processes: WorkerProcesses,
     queue_names: dict[str, str],
@@ -260,9 +268,7 @@ async def test_processes_share_the_work_and_stop_together(
     redis_url: str,
 ) -> None:
     """`worker --processes 2`: two workers on HTTP_PORT and HTTP_PORT+1 both answer; SIGTERM stops both, exit 0."""
-    supervisor = worker_processes.spawn("worker", "--processes", "2", REDIS_URL=redis_url)
-    for port in (supervisor.port, supervisor.port + 1):
-        await wait_ready(port)
+    supervisor = await two_processes(worker_processes, redis_url)
     children = psutil.Process(supervisor.pid).children()
     assert len(children) == 2
     await publish_requests(channel, queue_names["REQUEST_QUEUE"], replies.queue, 400)
@@ -280,9 +286,7 @@ async def test_a_process_that_dies_stops_the_set(
     redis_url: str,
 ) -> None:
     """One worker killed: the supervisor stops the other and exits 1, so the orchestrator restarts the set."""
-    supervisor = worker_processes.spawn("worker", "--processes", "2", REDIS_URL=redis_url)
-    for port in (supervisor.port, supervisor.port + 1):
-        await wait_ready(port)
+    supervisor = await two_processes(worker_processes, redis_url)
     first, second = psutil.Process(supervisor.pid).children()
     first.kill()
     assert await asyncio.to_thread(supervisor.process.wait, 30) == 1
