@@ -84,7 +84,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_expires_in_seconds: Annotated[int, Meta(ge=1, le=315_360_000)] = 2_592_000
     idempotency_window_seconds: Annotated[float, Meta(ge=0, le=7 * 86400)] = 600.0
     idempotency_max_bytes: Annotated[int, Meta(ge=0, le=2**40)] = 128 * 2**20
-    prefetch: Annotated[int, Meta(ge=1, le=65535)] = 100
+    # Deliveries in a lane's hands: enough that Clerk's latency is not the cap (docs/configuration.md, Sizing).
+    prefetch: Annotated[int, Meta(ge=1, le=65535)] = 200
     # None: enough that Clerk's latency never caps the rate limit, see ``concurrency``.
     upstream_concurrency: Annotated[int, Meta(ge=1, le=10_000)] | None = None
     connect_timeout_seconds: Annotated[float, Meta(gt=0, le=300)] = 3.0

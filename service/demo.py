@@ -135,6 +135,14 @@ def _answered(worker: Worker) -> float:
     )
 
 
+async def _counted(workers: list[Worker], total: int) -> None:
+    """Wait (5 s at most) until the workers' counters hold every reply: each counts a request once acked."""
+    for _ in range(500):
+        if sum(_answered(w) for w in workers) >= total:
+            return
+        await asyncio.sleep(0.01)
+
+
 def _summary(results: list[tuple[float, ReceivedReply]], elapsed: float) -> str:
     replies = [r.decode() for _, r in results]
     created = sum(isinstance(r, Created) for r in replies)
@@ -180,6 +188,7 @@ async def run_demo(
             return
         say(_summary(results, time.monotonic() - started))
         if replicas > 1:
+            await _counted(workers, len(results))
             shares = " / ".join(str(int(_answered(w))) for w in workers)
             say(f"replies per replica: {shares}; rate limit and idempotency store shared through {settings.redis_url}")
         if fake is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from service.config import load_settings
 from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker
 from tests.conftest import wait_until
@@ -63,11 +64,11 @@ async def test_broker_restart_loses_nothing_and_the_worker_resumes_by_itself(
         # One line for the loss and one for the return, not one per reconnect attempt.
         assert sum(1 for e in events if e["event"] == "broker_connection_lost") <= 2
         # A request in flight at the stop may say once that its reply or its ack was lost: at most
-        # what prefetch lets the worker hold (100 a lane). The other warnings: the start's and the loss's.
+        # what prefetch lets the worker hold (both lanes). The other warnings: the start's and the loss's.
         per_request = {"reply_fate_unknown", "ack_lost"}
         warnings = [e["event"] for e in events if e["level"] == "warning"]
         assert len([e for e in warnings if e not in per_request]) <= 4, warnings
-        assert len([e for e in warnings if e in per_request]) <= 2 * 100, warnings
+        assert len([e for e in warnings if e in per_request]) <= 2 * load_settings({}).prefetch, warnings
         assert worker.alive()
         assert resumed_after is not None
         assert answered_at_stop < sent, "the drain ended before the restart: the test proves nothing"
