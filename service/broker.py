@@ -236,8 +236,14 @@ class LaneConsumers:
         current = await self._channel.get_underlay_channel()
         async with self._lock:
             for lane, (underlay, _) in list(self._tags.items()):
-                if underlay is not current:
+                if underlay is current:
+                    continue
+                try:
                     await self._consume(lane)
+                except (*CHANNEL_FAILURES, RuntimeError) as exc:
+                    # Not consumed: /readyz says so (consuming: false) rather than a stale tag.
+                    del self._tags[lane]
+                    log.warning("lane_not_consumed", lane=lane.value, reason=type(exc).__name__)
 
 
 _PERSISTENT: Final = int(aio_pika.DeliveryMode.PERSISTENT)
