@@ -69,6 +69,7 @@ class Acks:
         self._sent: asyncio.Future[Taken] | None = None
         # One pass's frames at a time: a later ``multiple`` must not overtake an earlier one.
         self._sending = asyncio.Lock()
+        self._flushes: set[asyncio.Task[Taken]] = set()
 
     async def ack(self, message: DeliveredMessage) -> bool:
         """Acknowledge ``message`` with the others of this pass; False when its channel failed first."""
@@ -98,6 +99,8 @@ class Acks:
         pending, self._pending = self._pending, {}
         sent, self._sent = self._sent, None
         task = asyncio.ensure_future(self._send(pending))
+        self._flushes.add(task)  # held until done: the loop keeps only a weak reference to a task
+        task.add_done_callback(self._flushes.discard)
         if sent is not None:
             task.add_done_callback(lambda done: _resolve(sent, done))
 
