@@ -5,8 +5,10 @@ Their commands go out in pipelines, one at a time a link: a command asked
 for while no pipeline is out goes at the end of the event loop's pass, with
 whatever else that pass asked for; commands asked for while one is out wait
 for it and go together as the next. One request alone is never delayed; a
-drain's many requests share round trips (as Nagle's algorithm does for
-TCP segments). While Redis cannot be reached, their callers wait rather than guess (no
+drain's many requests share round trips (as Nagle's algorithm does for TCP
+segments).
+
+While Redis cannot be reached, their callers wait rather than guess (no
 slot is given, no claim is made), the link says so once in the log, and
 the worker pauses consumption and reports not-ready until every link
 answers again (it asks with ``check``).

@@ -77,13 +77,12 @@ def pack(request: bytes, reply: Reply) -> bytes:
     """An answer as the stores keep it: one bytes object, MessagePack, the token kept once.
 
     A created token's URL repeats the token (its ticket): the URL is kept as what surrounds the
-    token, which makes an entry about half the size (0.7 KB instead of 1.4) for the cost of a
-    string search, where deflating did the same for ten times the time.
+    token, 0.8 KB packed instead of 1.5. Deflate made 0.67 KB, but cost 35 µs a token inside the
+    worker against 1 µs for the string search.
     """
-    url = reply.sign_in_token.url if isinstance(reply, Created) else None
-    if url and isinstance(reply, Created) and reply.sign_in_token.token:
+    if isinstance(reply, Created):
         token = reply.sign_in_token
-        before, found, after = url.partition(token.token)
+        before, found, after = token.url.partition(token.token) if token.url and token.token else ("", "", "")
         if found:
             without_url = Created(sign_in_token=msgspec.structs.replace(token, url=None))
             return _PACKED + _encoder.encode(_Stored(request, without_url, (before, after)))
