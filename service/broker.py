@@ -136,26 +136,43 @@ def lane_queue_names(settings: Settings) -> dict[Lane, str]:
     return {Lane.INTERACTIVE: settings.request_queue, Lane.BULK: settings.bulk_queue}
 
 
-async def _declare(connection: AbstractRobustConnection, name: str, arguments: dict[str, Any]) -> None:
+async def _declare(
+    connection: AbstractRobustConnection,
+    kind: str,
+    name: str,
+    declare: Callable[[AbstractRobustChannel], Awaitable[object]],
+) -> None:
+    """Declare one queue or exchange on a channel of its own (a refused declare closes its channel)."""
     channel = await connection.channel()
     try:
-        await channel.declare_queue(name, durable=True, arguments=arguments)
+        await declare(channel)
     except aio_pika.exceptions.ChannelPreconditionFailed:
-        # The queue exists with other arguments (declared by an operator or an
-        # older version): use it as it is rather than refuse to start.
-        log.warning("queue_exists_with_other_arguments", queue=name)
+        # It exists with other arguments (declared by an operator or an older
+        # version): use it as it is rather than refuse to start.
+        log.warning("exists_with_other_arguments", kind=kind, name=name)
     finally:
         with contextlib.suppress(*CHANNEL_FAILURES):
             await channel.close()
 
 
+def _queue(name: str, arguments: dict[str, Any]) -> Callable[[AbstractRobustChannel], Awaitable[object]]:
+    return lambda channel: channel.declare_queue(name, durable=True, arguments=arguments)
+
+
 async def declare_topology(connection: AbstractRobustConnection, settings: Settings) -> None:
-    """Declare every queue the service uses; idempotent."""
+    """Declare every queue the service uses, and the audit exchange; idempotent."""
+    audit = settings.audit_exchange
+    await _declare(
+        connection,
+        "exchange",
+        audit,
+        lambda channel: channel.declare_exchange(audit, aio_pika.ExchangeType.TOPIC, durable=True),
+    )
     quorum = {"x-queue-type": "quorum"}
-    await _declare(connection, settings.dead_letter_queue, quorum)
-    await _declare(connection, settings.results_queue, quorum)
+    for name in (settings.dead_letter_queue, settings.results_queue):
+        await _declare(connection, "queue", name, _queue(name, quorum))
     for name in lane_queue_names(settings).values():
-        await _declare(connection, name, lane_queue_arguments(settings))
+        await _declare(connection, "queue", name, _queue(name, lane_queue_arguments(settings)))
 
 
 OnMessage = Callable[[DeliveredMessage, Lane], Awaitable[None]]
@@ -351,6 +368,12 @@ class ReplyPublisher:
             await self._require_queue(routing_key)
         await self._publish(body, routing_key, properties, mandatory=not direct)
 
+    async def publish_event(
+        self, exchange: str, routing_key: str, body: bytes, properties: spec.Basic.Properties
+    ) -> None:
+        """Publish to ``exchange`` (not ``mandatory``: an exchange nobody has bound yet is not an error)."""
+        await self._publish(body, routing_key, properties, mandatory=False, exchange=exchange)
+
     async def dead_letter(self, message: DeliveredMessage, reason: str) -> None:
         """Copy the request to DEAD_LETTER_QUEUE with the reason; raise as ``publish``."""
         await self._require_queue(self._dead_letter_queue)
@@ -364,6 +387,7 @@ class ReplyPublisher:
         properties: spec.Basic.Properties,
         *,
         mandatory: bool,
+        exchange: str = "",
     ) -> None:
         if self._channel is None:
             msg = "ReplyPublisher.open() was not called"
@@ -371,7 +395,9 @@ class ReplyPublisher:
         try:
             underlay = await self._channel.get_underlay_channel()
             await self._confirmed(
-                underlay.basic_publish(body, routing_key=routing_key, properties=properties, mandatory=mandatory),
+                underlay.basic_publish(
+                    body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory
+                ),
             )
         except DeliveryError:
             # Its text carries the message body: never let it reach a log.

@@ -69,16 +69,16 @@ def fail(message: str, code: int = 1) -> NoReturn:
 T = TypeVar("T")
 
 
-def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
-    """Run ``main(stop)`` with SIGTERM and SIGINT setting ``stop``; map errors to exits."""
+def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]], on_hangup: Callable[[], object] | None = None) -> T:
+    """Run ``main(stop)``: SIGTERM and SIGINT set ``stop``, SIGHUP calls ``on_hangup``; errors become exits."""
 
     async def with_signals() -> T:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        # SIGHUP's default is to end the process at once; it has no meaning yet.
-        loop.add_signal_handler(signal.SIGHUP, _ignore_sighup)
+        # SIGHUP's default is to end the process at once: a command that has no use for it ignores it.
+        loop.add_signal_handler(signal.SIGHUP, on_hangup or _ignore_sighup)
         return await main(stop)
 
     try:
@@ -96,7 +96,7 @@ def run(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
 
 
 def _ignore_sighup() -> None:
-    structlog.get_logger(__name__).warning("sighup_ignored", reason="SIGHUP has no meaning yet")
+    structlog.get_logger(__name__).warning("sighup_ignored", reason="SIGHUP has no meaning for this command")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -116,6 +116,12 @@ def worker(processes: int, **options: Any) -> None:  # noqa: ANN401 - click pass
     """Consume requests, call Clerk, publish replies (the service)."""
     environ = options_environ(options)
     settings = _settings_or_exit(environ, require_key=True)
+    from service.policy import policy_from_settings  # noqa: PLC0415
+
+    try:
+        policy_from_settings(settings)  # a bad policy file stops the start, before any process
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", EXIT_CONFIG)
     if processes > 1:
         if settings.redis_url is None:
             msg = "--processes above 1 needs REDIS_URL (the processes share the rate limit and idempotency store there)"
@@ -123,9 +129,15 @@ def worker(processes: int, **options: Any) -> None:  # noqa: ANN401 - click pass
         from service.processes import run_processes  # noqa: PLC0415
 
         sys.exit(run_processes(processes, environ, settings.http_port, settings.shutdown_grace_seconds))
-    from service.worker import run_worker  # noqa: PLC0415 - keeps the other commands light
+    from service.worker import Worker, run_worker  # noqa: PLC0415 - keeps the other commands light
 
-    run(lambda stop: run_worker(settings, stop))
+    running: list[Worker] = []
+
+    def reload_policy() -> None:
+        for each in running:
+            each.reload_policy()
+
+    run(lambda stop: run_worker(settings, stop, started=running.append), on_hangup=reload_policy)
 
 
 @main.command("fake-clerk")

@@ -101,6 +101,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     consumer_timeout_seconds: Annotated[float, Meta(gt=0, le=CONSUMER_TIMEOUT_MAX)] = 1800.0
     max_body_bytes: Annotated[int, Meta(ge=1, le=128 * 2**20)] = 65_536
     allowed_publishers: str = ""
+    # Who may ask for what (contract v2); unset: ALLOWED_PUBLISHERS' short form, or anyone.
+    policy_file: str | None = None
+    # A durable topic exchange: an event for every outcome, confirmed before the request is acked.
+    audit_exchange: QueueName = "sign_in_tokens.audit"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -242,4 +246,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         raise ConfigError(msg)
     _check_http_host(settings.http_host)
     _check_holds(settings)
+    if settings.policy_file and settings.publishers:
+        msg = "ALLOWED_PUBLISHERS: cannot be used with POLICY_FILE; list those callers under [callers] in the file"
+        raise ConfigError(msg)
     return settings

@@ -50,6 +50,12 @@ class Metrics:
         self.in_flight = Gauge("sign_in_tokens_in_flight", "Requests being processed.", ["lane"], registry=r)
         self.dedup_hits = Counter("sign_in_tokens_dedup_hits", "Answers from the idempotency store.", registry=r)
         self.revoked = Counter("sign_in_tokens_revoked", "Tokens revoked: nobody could receive them.", registry=r)
+        self.audit_unconfirmed = Counter(
+            "sign_in_tokens_audit_unconfirmed",
+            "Audit events the broker did not confirm (the request went back to its queue, or a revocation's "
+            "event was logged instead).",
+            registry=r,
+        )
         self.key_rejected = Counter("sign_in_tokens_key_rejected", "Answers 401 from Clerk.", registry=r)
         self.ready = Gauge(
             "sign_in_tokens_ready",

@@ -1,49 +1,47 @@
-"""Who may ask for a token.
+"""Who may ask for a token, for whom, for how long, and where it may go.
 
-The publisher is the AMQP ``user_id`` property, which RabbitMQ validates
-against the connection's user. With ``ALLOWED_PUBLISHERS`` set, only those
-publishers are served; a request from anyone else (or with no ``user_id``)
-is answered ``forbidden`` without calling Clerk. Empty means anyone who can
-publish to the queue may ask (the broker's permissions are then the policy).
+The caller is the AMQP ``user_id`` property, which RabbitMQ validates
+against the connection's user, so it cannot be forged. The rules come from
+one of three sources (``Policy.from_settings``):
+
+- ``POLICY_FILE`` (TOML, contract v2): per caller, its lanes, the longest
+  ``expires_in_seconds`` (a request without one gets that maximum, not
+  Clerk's 30 days), whether it may set ``org_id``, and the queues a reply may
+  go to; ``protected_users`` never get a token; callers not listed get
+  ``[defaults]``, or are refused when there is none;
+- ``ALLOWED_PUBLISHERS``, the short form: the callers listed may ask for
+  anything, anyone else is refused (the two cannot be set together);
+- neither: anyone who can publish to the queues is served (the broker's
+  permissions are then the policy), and the worker warns at start.
+
+A refusal is ``ForbiddenError`` whose message names the rule it broke and
+says nothing of other callers' rules.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
 
+from service.config import Settings
 from service.errors import ConfigError, ForbiddenError
-from service.messages import CreateSignInTokenRequestBody
-
-
-class Policy:
-    """The authorisation check between decoding and the upstream call."""
-
-    def __init__(self, allowed_publishers: frozenset[str]) -> None:
-        """Allow these publishers; an empty set allows every publisher."""
-        self._allowed = allowed_publishers
-
-    def check(self, publisher: str | None, request: CreateSignInTokenRequestBody) -> None:
-        """Raise ForbiddenError when ``publisher`` may not ask for ``request``."""
-        del request  # per-user and per-organization rules will look at it
-        if self._allowed and publisher not in self._allowed:
-            who = repr(publisher) if publisher else "a publisher without a user_id property"
-            msg = f"{who} may not request sign-in tokens"
-            raise ForbiddenError(msg)
-
-
-# -- the policy file (POLICY_FILE, contract v2) -------------------------------------------------
-#
-# Decoded and checked here; the worker does not apply it yet.
+from service.lanes import Lane
+from service.messages import CreateSignInTokenRequestBody as Request
 
 LaneName = Literal["interactive", "bulk"]
 Pattern = Annotated[str, Meta(min_length=1, max_length=255)]
 _PATH_IN_ERROR: Final = re.compile(r" - at `\$\.?(.*)`$")
+# What a caller writes for direct reply-to; the broker hands the worker ``amq.rabbitmq.reply-to.<suffix>``.
+_DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
+_ALL_LANES: Final[frozenset[LaneName]] = frozenset({"interactive", "bulk"})
+_UNLISTED: Final = "callers: {who} is not listed, and the policy has no [defaults]"
 
 
 class CallerRules(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -70,6 +68,113 @@ class PolicyFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
             if rules is not None:
                 return rules
         return self.defaults
+
+
+def _matcher(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    """One regular expression for a list of globs (case-sensitive, as queue and user ids are); None for none."""
+    translated = [fnmatch.translate(p) for p in patterns]
+    return re.compile("|".join(f"(?:{t})" for t in translated)) if translated else None
+
+
+class _Compiled:
+    """One caller's rules with its reply_to globs compiled once."""
+
+    __slots__ = ("name", "reply_to", "rules")
+
+    def __init__(self, rules: CallerRules, name: str) -> None:
+        self.rules = rules
+        self.name = name
+        self.reply_to = _matcher(rules.reply_to)
+
+    def reply_allowed(self, queue: str) -> bool:
+        if self.reply_to is None:
+            return False
+        if queue.startswith(_DIRECT_REPLY_TO) and self.reply_to.fullmatch(_DIRECT_REPLY_TO):
+            return True
+        return self.reply_to.fullmatch(queue) is not None
+
+
+class Policy:
+    """The rules in force, checked between decoding and the upstream call."""
+
+    def __init__(self, file: PolicyFile | None, *, unlisted: str = _UNLISTED, fill_expiry: bool = True) -> None:
+        """Apply ``file``; None serves everyone.
+
+        ``unlisted``: the refusal of a caller without rules (``{who}`` names it). ``fill_expiry``:
+        a request without ``expires_in_seconds`` gets its caller's maximum.
+        """
+        self.file = file
+        self._unlisted = unlisted
+        self._fill_expiry = fill_expiry
+        self._protected = _matcher(file.protected_users) if file else None
+        callers = file.callers if file else {}
+        self._callers = {name: _Compiled(rules, f"caller {name!r}") for name, rules in callers.items()}
+        self._defaults = _Compiled(file.defaults, "[defaults]") if file and file.defaults else None
+
+    @property
+    def open(self) -> bool:
+        """Whether everyone who can publish is served (no policy)."""
+        return self.file is None
+
+    @classmethod
+    def from_publishers(cls, publishers: frozenset[str], max_expires_in_seconds: int) -> Policy:
+        """The short form: these callers may ask for anything, anyone else is refused; empty: no policy."""
+        if not publishers:
+            return cls(None)
+        anything = CallerRules(
+            lanes=_ALL_LANES, max_expires_in_seconds=max_expires_in_seconds, allow_org_id=True, reply_to=("*",)
+        )
+        return cls(
+            PolicyFile(callers=dict.fromkeys(publishers, anything)),
+            unlisted="ALLOWED_PUBLISHERS: {who} may not request sign-in tokens",
+            fill_expiry=False,
+        )
+
+    def _rules(self, caller: str | None) -> _Compiled | None:
+        if caller:
+            rules = self._callers.get(caller)
+            if rules is not None:
+                return rules
+        return self._defaults
+
+    def reply_allowed(self, caller: str | None, queue: str) -> bool:
+        """Whether a reply to ``caller`` may go to ``queue``.
+
+        True for a caller the policy refuses outright: its ``forbidden`` reply carries nothing.
+        """
+        if self.file is None:
+            return True
+        rules = self._rules(caller)
+        return rules is None or rules.reply_allowed(queue)
+
+    def admit(self, caller: str | None, lane: Lane, request: Request) -> Request:
+        """The request as it will be sent (its expiry filled in), or ForbiddenError naming the rule."""
+        if self.file is None:
+            return request
+        rules = self._rules(caller)
+        if rules is None:
+            who = f"caller {caller!r}" if caller else "a request without a user_id property"
+            msg = self._unlisted.format(who=who)
+            raise ForbiddenError(msg)
+        if self._protected is not None and self._protected.fullmatch(request.user_id):
+            msg = f"protected_users: no caller may get a sign-in token for user {request.user_id!r}"
+            raise ForbiddenError(msg)
+        allowed = rules.rules
+        if lane.value not in allowed.lanes:
+            msg = f"lanes: {rules.name} may not use the {lane.value} lane"
+            raise ForbiddenError(msg)
+        if request.org_id is not None and not allowed.allow_org_id:
+            msg = f"allow_org_id: {rules.name} may not set org_id"
+            raise ForbiddenError(msg)
+        expires = request.expires_in_seconds
+        maximum = allowed.max_expires_in_seconds
+        if expires is None:
+            if self._fill_expiry:
+                return msgspec.structs.replace(request, expires_in_seconds=maximum)
+        elif expires > maximum:
+            msg = f"max_expires_in_seconds: {rules.name} may ask for at most {maximum} seconds, not {expires}"
+            raise ForbiddenError(msg)
+        return request
 
 
 def load_policy(path: str) -> PolicyFile:
@@ -115,3 +220,10 @@ def _convert(raw: object, type_: type[T], path: str, where: str) -> T:
         reason = message[: match.start()] if match else message
         msg = f"POLICY_FILE: {path}{f' at {place}' if place else ''}: {reason}"
         raise ConfigError(msg) from None
+
+
+def policy_from_settings(settings: Settings) -> Policy:
+    """The policy the settings give: POLICY_FILE's, ALLOWED_PUBLISHERS' short form, or none."""
+    if settings.policy_file:
+        return Policy(load_policy(settings.policy_file))
+    return Policy.from_publishers(settings.publishers, settings.max_expires_in_seconds)

@@ -1,7 +1,7 @@
-"""One message's life: decode → policy → dedup → deadline → call Clerk → reply → ack.
+"""One message's life: decode → policy → dedup → deadline → call Clerk → audit → reply → ack.
 
-A request is acknowledged only after its reply is confirmed by the broker,
-or after it has been dead-lettered. Anything that fails before then leaves
+A request is acknowledged only after its audit event and its reply are
+confirmed by the broker, or after it has been dead-lettered. Anything that fails before then leaves
 it unacknowledged (or returns it to its queue), and the broker delivers it
 again; the idempotency store answers a redelivery with the same token.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -23,11 +24,13 @@ from aiormq.abc import DeliveredMessage
 
 from service import broker
 from service.acks import Acks
+from service.audit import AuditEvent, AuditTrail, Event, Subject, outcome_event
 from service.breaker import OutageHold, UpstreamBreaker
 from service.config import Settings
 from service.dedup import IdempotencyKey, MemoryIdempotencyStore, Remembered, open_store
 from service.envelope import Envelope
 from service.errors import (
+    ConfigError,
     DeadlineExceededError,
     InvalidRequestError,
     KeyRejectedError,
@@ -53,7 +56,7 @@ from service.messages import (
     encode_reply,
     reply_content_type,
 )
-from service.policy import Policy
+from service.policy import Policy, policy_from_settings
 from service.retry import RetryPolicy, probe_delays
 from service.upstream import ClerkClient
 
@@ -112,7 +115,7 @@ class Worker:
         self.name = name
         self.metrics = Metrics()
         self.clerk = ClerkClient(settings, self._observe_upstream)
-        self.policy = Policy(settings.publishers)
+        self.policy: Policy = policy_from_settings(settings)
         self.dedup = open_store(settings)
         store = self.dedup
         if isinstance(store, MemoryIdempotencyStore):  # Redis's memory is Redis's to report
@@ -136,6 +139,7 @@ class Worker:
         self._connection: AbstractRobustConnection | None = None
         self._consumers: broker.LaneConsumers | None = None
         self._publisher: broker.ReplyPublisher | None = None
+        self._audit: AuditTrail | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._probe: asyncio.Task[None] | None = None
         self._redis_watch: asyncio.Task[None] | None = None
@@ -154,6 +158,7 @@ class Worker:
             self._connection, self.settings.dead_letter_queue, self.settings.confirm_timeout_seconds
         )
         await self._publisher.open()
+        self._audit = AuditTrail(self._publisher, self.settings.audit_exchange)
         self._consumers = broker.LaneConsumers(self._connection, self.settings, self._on_message)
         await self._consumers.open()
         links = [link for link in (self.clerk.limiter.redis, self.dedup.redis) if link is not None]
@@ -170,6 +175,7 @@ class Worker:
             prefetch=self.settings.prefetch,
             upstream_concurrency=self.settings.concurrency,
         )
+        self._log_policy("policy_in_force")
         if limiter.shared:
             log.info("rate_limit_shared", calls=limiter.limit, window_seconds=limiter.window_seconds)
         else:
@@ -179,6 +185,38 @@ class Worker:
                 window_seconds=limiter.window_seconds,
                 assumes="this worker is the only one calling Clerk with this key; set REDIS_URL to share it",
             )
+
+    def _log_policy(self, event: str) -> None:
+        file = self.policy.file
+        if self.policy.open:
+            log.warning(
+                "no_policy",
+                assumes="anyone who can publish to the request queues may ask for any user's token; set POLICY_FILE",
+            )
+        elif file is not None:
+            log.info(
+                event,
+                policy_file=self.settings.policy_file,
+                callers=len(file.callers),
+                defaults=file.defaults is not None,
+                protected_users=len(file.protected_users),
+            )
+
+    def reload_policy(self) -> bool:
+        """Read POLICY_FILE again (SIGHUP); a bad file keeps the policy in force and says why.
+
+        Requests already past the policy keep the decision they had; the next ones get the new rules.
+        """
+        if not self.settings.policy_file:
+            log.warning("policy_not_reloaded", reason="POLICY_FILE is not set")
+            return False
+        try:
+            self.policy = policy_from_settings(self.settings)
+        except ConfigError as exc:
+            log.error("policy_reload_failed", reason=str(exc), action="keeping the policy in force")  # noqa: TRY400
+            return False
+        self._log_policy("policy_reloaded")
+        return True
 
     def _observe_upstream(self, operation: str, seconds: float) -> None:
         self.metrics.labelled(self.metrics.upstream_latency, operation).observe(seconds)
@@ -273,6 +311,12 @@ class Worker:
             publisher=envelope.publisher,
             lane=lane.value,
         )
+        policy = self.policy  # this request's rules, whatever a reload does meanwhile
+        subject = Subject(envelope.publisher, lane, envelope.correlation_id, envelope.message_id)
+        if not policy.reply_allowed(envelope.publisher, envelope.reply_to):
+            # Nothing goes to a queue the caller may not use, not even a refusal.
+            await self._dead_letter(message, subject, "forbidden_reply_to", ("refused", "forbidden"))
+            return
         try:
             request = decode_request(
                 message.body,
@@ -282,7 +326,7 @@ class Worker:
             )
         except UndecodableError as exc:
             if not envelope.has_reply_to:
-                await self._dead_letter(message, lane, "undecodable")
+                await self._dead_letter(message, subject, "undecodable", ("failed", InvalidRequestError.code))
                 return
             reply: Reply = failed(InvalidRequestError(str(exc)))
             from_store = False
@@ -290,26 +334,29 @@ class Worker:
             reply, from_store = failed(exc), False
         else:
             bind(user_id=request.user_id)
-            reply, from_store = await self._answer(request, envelope, lane)
-        await self._deliver(message, envelope, reply, lane, from_store=from_store)
+            subject.asks_for(request)
+            reply, from_store = await self._answer(request, envelope, subject, policy)
+        await self._deliver(message, envelope, reply, subject, from_store=from_store)
 
     async def _answer(
         self,
         request: CreateSignInTokenRequestBody,
         envelope: Envelope,
-        lane: Lane,
+        subject: Subject,
+        policy: Policy,
     ) -> tuple[Reply, bool]:
         """The reply to a decoded request, and whether it came from the idempotency store."""
         try:
             deadline = envelope.deadline()
-            self.policy.check(envelope.publisher, request)
+            request = policy.admit(envelope.publisher, subject.lane, request)
         except RequestError as exc:
             return failed(exc), False
+        subject.asks_for(request)
         key = envelope.idempotency_key
         body = encode_clerk_body(request)
         try:
             async with self.dedup.claim(key, deadline) as remembered:
-                return await self._answer_claimed(key, body, remembered, deadline, lane)
+                return await self._answer_claimed(key, body, remembered, deadline, subject)
         except DeadlineExceededError as exc:  # waiting for the key held elsewhere
             return failed(exc), False
 
@@ -319,7 +366,7 @@ class Worker:
         body: bytes,
         remembered: Remembered | None,
         deadline: float | None,
-        lane: Lane,
+        subject: Subject,
     ) -> tuple[Reply, bool]:
         """The reply while this request holds its key: the remembered answer, or Clerk's, then remembered."""
         if remembered is not None:
@@ -330,7 +377,7 @@ class Worker:
             log.info("answered_from_idempotency_store")
             return remembered.reply, True
         try:
-            token = await self._create(body, deadline, lane)
+            token = await self._create(body, deadline, subject)
         except RequestError as exc:
             reply: Reply = failed(exc)
             if exc.final:
@@ -340,7 +387,7 @@ class Worker:
         await self.dedup.remember(key, body, reply)
         return reply, False
 
-    async def _create(self, body: bytes, deadline: float | None, lane: Lane) -> SignInToken:
+    async def _create(self, body: bytes, deadline: float | None, subject: Subject) -> SignInToken:
         """Call Clerk, retrying transient failures; raise the final RequestError."""
         if deadline is not None and time.time() >= deadline:
             msg = "x-deadline passed before the request was processed"
@@ -348,34 +395,34 @@ class Worker:
         hold = self.breaker.hold()
 
         async def attempt() -> SignInToken:
-            return await self._attempt(body, deadline, lane, hold)
+            return await self._attempt(body, deadline, subject, hold)
 
         async def backoff(seconds: float) -> None:
-            self.metrics.labelled(self.metrics.retries, lane.value).inc()
+            self.metrics.labelled(self.metrics.retries, subject.lane.value).inc()
             await self._sleep_unless_stopping(seconds)
 
         token, attempts = await self.retry.run(attempt, deadline=deadline, sleep=backoff, on_retry=_log_retry)
         bind(sign_in_token_id=token.id, attempts=attempts)
         return token
 
-    async def _attempt(self, body: bytes, deadline: float | None, lane: Lane, hold: OutageHold) -> SignInToken:
+    async def _attempt(self, body: bytes, deadline: float | None, subject: Subject, hold: OutageHold) -> SignInToken:
         """One attempt: wait out an outage, take a turn, call; a token that comes too late is revoked."""
         await self.breaker.wait_closed(deadline, hold)
-        token = await self._call_clerk(body, lane, deadline)
+        token = await self._call_clerk(body, subject, deadline)
         if deadline is not None and time.time() > deadline:
-            await self._revoke(token.id)
+            await self._revoke(token.id, subject)
             msg = "Clerk answered after x-deadline; the token was revoked"
             raise DeadlineExceededError(msg, upstream_status=200)
         return token
 
-    async def _call_clerk(self, body: bytes, lane: Lane, deadline: float | None) -> SignInToken:
+    async def _call_clerk(self, body: bytes, subject: Subject, deadline: float | None) -> SignInToken:
         """One create at Clerk, its latency measured and its answer told to the breaker."""
         try:
-            token = await self.clerk.create(body, lane, deadline)
+            token = await self.clerk.create(body, subject.lane, deadline)
         except UpstreamMalformedError as exc:
             self.breaker.record_success()  # Clerk answered; it is not down
             if exc.token_id is not None:
-                await self._revoke(exc.token_id)
+                await self._revoke(exc.token_id, subject)
             raise
         except UpstreamUnavailableError:
             self.breaker.record_unavailable()
@@ -391,10 +438,14 @@ class Worker:
         message: DeliveredMessage,
         envelope: Envelope,
         reply: Reply,
-        lane: Lane,
+        subject: Subject,
         *,
         from_store: bool,
     ) -> None:
+        """Record the outcome, publish the reply, ack: each confirmed before the next."""
+        event, code, token_id = outcome_event(reply)
+        if not await self._audited(message, subject.event(event, code=code, sign_in_token_id=token_id)):
+            return
         content_type = reply_content_type(envelope.content_type)
         properties = broker.reply_properties(
             content_type=content_type,
@@ -404,22 +455,33 @@ class Worker:
         try:
             await self._publisher_or_fail().publish(encode_reply(reply, content_type), properties, envelope.reply_to)
         except broker.ReplyRefusedError:
-            await self._reply_refused(message, envelope, reply, lane, from_store=from_store)
+            await self._reply_refused(message, envelope, reply, subject, from_store=from_store)
             return
         except broker.ReplyFateUnknownError:
             log.warning("reply_fate_unknown", reply_to=envelope.reply_to)
             await self._return(message, "reply_fate_unknown")
             return
         await self._ack(message)
-        self.metrics.labelled(self.metrics.requests, lane.value, outcome_of(reply)).inc()
+        self.metrics.labelled(self.metrics.requests, subject.lane.value, outcome_of(reply)).inc()
         log.info("replied", reply_to=envelope.reply_to, **reply_log_fields(reply))
+
+    async def _audited(self, message: DeliveredMessage, event: AuditEvent) -> bool:
+        """Publish ``event``; False, the request given back to its queue, when the broker did not confirm it."""
+        try:
+            await self._audit_or_fail().record(event)
+        except (broker.ReplyRefusedError, broker.ReplyFateUnknownError) as exc:
+            self.metrics.audit_unconfirmed.inc()
+            log.warning("audit_event_unconfirmed", audit_event=event.event, reason=str(exc))
+            await self._return(message, "audit_event_unconfirmed")
+            return False
+        return True
 
     async def _reply_refused(
         self,
         message: DeliveredMessage,
         envelope: Envelope,
         reply: Reply,
-        lane: Lane,
+        subject: Subject,
         *,
         from_store: bool,
     ) -> None:
@@ -431,10 +493,19 @@ class Worker:
         log.warning("reply_refused", reply_to=envelope.reply_to, from_idempotency_store=from_store)
         if isinstance(reply, Created) and not from_store:
             await self.dedup.forget(envelope.idempotency_key)
-            await self._revoke(reply.sign_in_token.id)
-        await self._dead_letter(message, lane, "reply_refused")
+            await self._revoke(reply.sign_in_token.id, subject)
+        await self._dead_letter(message, subject, "reply_refused")
 
-    async def _dead_letter(self, message: DeliveredMessage, lane: Lane, reason: str) -> None:
+    async def _dead_letter(
+        self,
+        message: DeliveredMessage,
+        subject: Subject,
+        reason: str,
+        outcome: tuple[Event, str] | None = None,
+    ) -> None:
+        """Copy the request to DEAD_LETTER_QUEUE, its ``outcome`` audited first when it has none yet."""
+        if outcome is not None and not await self._audited(message, subject.event(outcome[0], code=outcome[1])):
+            return
         try:
             await self._publisher_or_fail().dead_letter(message, reason)
         except (broker.ReplyRefusedError, broker.ReplyFateUnknownError):
@@ -442,11 +513,15 @@ class Worker:
             await self._return(message, "dead_letter_failed")
             return
         await self._ack(message)
-        self.metrics.labelled(self.metrics.requests, lane.value, "dead_lettered").inc()
+        self.metrics.labelled(self.metrics.requests, subject.lane.value, "dead_lettered").inc()
         log.warning("dead_lettered", reason=reason)
 
-    async def _revoke(self, token_id: str) -> None:
-        """Revoke a token nobody will receive; failures are logged, not raised."""
+    async def _revoke(self, token_id: str, subject: Subject) -> None:
+        """Revoke a token nobody will receive, and record it; failures are logged, not raised.
+
+        The revocation's event cannot hold the request back (a redelivery would not revoke
+        again): one the broker does not confirm is logged at error, in its place.
+        """
 
         async def attempt() -> None:
             await self.clerk.revoke(token_id)
@@ -462,6 +537,13 @@ class Worker:
             return
         self.metrics.revoked.inc()
         log.warning("token_revoked", sign_in_token_id=token_id)
+        try:
+            await self._audit_or_fail().record(subject.event("revoked", sign_in_token_id=token_id))
+        except (broker.ReplyRefusedError, broker.ReplyFateUnknownError) as exc:
+            self.metrics.audit_unconfirmed.inc()
+            log.error(  # noqa: TRY400 - a traceback could carry the token
+                "audit_event_unconfirmed", audit_event="revoked", sign_in_token_id=token_id, reason=str(exc)
+            )
 
     # -- acknowledgements ----------------------------------------------------
 
@@ -482,6 +564,12 @@ class Worker:
             msg = "Worker.start() was not called"
             raise RuntimeError(msg)
         return self._publisher
+
+    def _audit_or_fail(self) -> AuditTrail:
+        if self._audit is None:
+            msg = "Worker.start() was not called"
+            raise RuntimeError(msg)
+        return self._audit
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -588,12 +676,21 @@ def _log_retry(attempt: int, error: BaseException | None, wait_seconds: float) -
     )
 
 
-async def run_worker(settings: Settings, stop: asyncio.Event, *, name: str = "sign-in-token-worker") -> None:
+async def run_worker(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    name: str = "sign-in-token-worker",
+    started: Callable[[Worker], object] | None = None,
+) -> None:
     """Run a worker until ``stop`` is set, then shut it down within the grace period.
 
     A stop during start-up (the broker still being retried) ends the start at once.
+    ``started`` is told of the worker once it exists (SIGHUP reloads its policy).
     """
     worker = Worker(settings, name=name)
+    if started is not None:
+        started(worker)
     starting = asyncio.ensure_future(worker.start())
     stopped = asyncio.ensure_future(stop.wait())
     try:

@@ -182,11 +182,13 @@ async def test_sigterm_during_a_clerk_outage_returns_held_requests_at_once(
     assert {e["reason"] for e in returned} == {"shutting_down"}
 
 
-async def test_sighup_is_logged_and_ignored(worker_processes: WorkerProcesses, client: TokenClient) -> None:
-    """SIGHUP no longer ends the worker: it logs it and keeps answering."""
+async def test_sighup_without_a_policy_file_is_logged_and_ends_nothing(
+    worker_processes: WorkerProcesses, client: TokenClient
+) -> None:
+    """SIGHUP reloads POLICY_FILE; without one, the worker says there is nothing to reload and keeps answering."""
     worker = await worker_processes.start()
     worker.process.send_signal(signal.SIGHUP)
-    await wait_until(lambda: "sighup_ignored" in worker_processes.logs(), what="the SIGHUP log line")
+    await wait_until(lambda: "policy_not_reloaded" in worker_processes.logs(), what="the SIGHUP log line")
     assert worker.alive()
     assert isinstance(await client.request("user_after_hup"), Created)
 

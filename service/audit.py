@@ -1,0 +1,120 @@
+"""The audit trail: an event on AUDIT_EXCHANGE for every outcome, never the token or its URL.
+
+Each request's outcome (``created``, ``refused``, ``failed``) is published,
+with a publisher confirm, before its reply; the request is acknowledged
+only after both are confirmed, so a token never reaches a caller without a
+confirmed record of who got it. A token the service revoked (nobody could
+receive it, or Clerk answered after the deadline) is a ``revoked`` event.
+Routing key ``EVENT.LANE``; the exchange is a durable topic exchange the
+worker declares. Delivery is at least once: a request redelivered after a
+crash is recorded again, with the same ``message_id``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import aio_pika
+import msgspec
+from pamqp import commands as spec
+
+from service.amqp_wire import printable
+from service.broker import ReplyPublisher
+from service.lanes import Lane
+from service.messages import Created, CreateSignInTokenRequestBody, Reply
+
+Event = Literal["created", "refused", "failed", "revoked"]
+# The codes of requests the policy turned away: ``refused``, not ``failed``.
+_REFUSALS: Final = frozenset({"forbidden"})
+
+
+class AuditEvent(msgspec.Struct, kw_only=True, frozen=True):
+    """One event, as contract v2 lays it out (every field present, null when unknown)."""
+
+    event: Event
+    caller: str | None
+    user_id: str | None
+    org_id: str | None
+    sign_in_token_id: str | None
+    expires_in_seconds: int | None
+    lane: str
+    correlation_id: str | None
+    message_id: str | None
+    code: str | None
+    at: str
+
+
+@dataclass(slots=True)
+class Subject:
+    """Whose request, for what: filled in as the request is read, then admitted."""
+
+    caller: str | None
+    lane: Lane
+    correlation_id: str | None
+    message_id: str | None
+    user_id: str | None = None
+    org_id: str | None = None
+    expires_in_seconds: int | None = None
+
+    def asks_for(self, request: CreateSignInTokenRequestBody) -> None:
+        """Record what the request asks for (after decoding, and again once the policy filled it in)."""
+        self.user_id = request.user_id
+        self.org_id = request.org_id
+        self.expires_in_seconds = request.expires_in_seconds
+
+    def event(self, event: Event, *, code: str | None = None, sign_in_token_id: str | None = None) -> AuditEvent:
+        """The event about this request, stamped now."""
+        return AuditEvent(
+            event=event,
+            caller=_text(self.caller),
+            user_id=self.user_id,
+            org_id=self.org_id,
+            sign_in_token_id=sign_in_token_id,
+            expires_in_seconds=self.expires_in_seconds,
+            lane=self.lane.value,
+            correlation_id=_text(self.correlation_id),
+            message_id=_text(self.message_id),
+            code=code,
+            at=_now(),
+        )
+
+
+def outcome_event(reply: Reply) -> tuple[Event, str | None, str | None]:
+    """The event of a reply: ``(event, code, sign_in_token_id)``."""
+    if isinstance(reply, Created):
+        return "created", None, reply.sign_in_token.id
+    code = reply.error.code
+    return ("refused" if code in _REFUSALS else "failed"), code, None
+
+
+def _text(value: str | None) -> str | None:
+    """A property as JSON can carry it: octets that were not UTF-8 escaped (``\\xff``)."""
+    return None if value is None else printable(value)
+
+
+def _now() -> str:
+    """UTC, milliseconds, ``Z``: ``2026-11-23T16:00:00.123Z``."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_encoder = msgspec.json.Encoder()
+_PERSISTENT: Final = int(aio_pika.DeliveryMode.PERSISTENT)
+
+
+class AuditTrail:
+    """Publishes events to the audit exchange, confirmed, on the reply publisher's channel."""
+
+    def __init__(self, publisher: ReplyPublisher, exchange: str) -> None:
+        """Publish through ``publisher`` to ``exchange``."""
+        self._publisher = publisher
+        self._exchange = exchange
+
+    async def record(self, event: AuditEvent) -> None:
+        """Publish ``event``; return once confirmed, or raise as ``ReplyPublisher.publish``."""
+        # Properties of its own, each event: aiormq writes a message_id into them.
+        properties = spec.Basic.Properties(content_type="application/json", delivery_mode=_PERSISTENT)
+        await self._publisher.publish_event(
+            self._exchange, f"{event.event}.{event.lane}", _encoder.encode(event), properties
+        )

@@ -1,0 +1,93 @@
+"""The policy's decisions: which rule refuses what, the expiry filled in, where replies may go."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from service.errors import ForbiddenError
+from service.lanes import Lane
+from service.messages import CreateSignInTokenRequestBody
+from service.policy import Policy, load_policy
+from tests.unit.test_policy_file import CONTRACT_EXAMPLE, write
+
+Request = CreateSignInTokenRequestBody
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Policy:
+    return Policy(load_policy(write(tmp_path, CONTRACT_EXAMPLE)))
+
+
+def refusal(policy: Policy, caller: str | None, lane: Lane, request: Request) -> str:
+    with pytest.raises(ForbiddenError) as raised:
+        policy.admit(caller, lane, request)
+    return raised.value.message
+
+
+def test_a_request_without_an_expiry_gets_its_callers_maximum_not_clerks_30_days(policy: Policy) -> None:
+    admitted = policy.admit("support-portal", Lane.INTERACTIVE, Request(user_id="user_1"))
+    assert admitted.expires_in_seconds == 300
+    assert policy.admit("billing", Lane.BULK, Request(user_id="user_1")).expires_in_seconds == 600
+    within = Request(user_id="user_1", expires_in_seconds=120, org_id="org_1")
+    assert policy.admit("support-portal", Lane.INTERACTIVE, within) == within
+
+
+def test_each_refusal_names_its_rule_and_nothing_of_other_callers(policy: Policy) -> None:
+    over = refusal(policy, "support-portal", Lane.INTERACTIVE, Request(user_id="u", expires_in_seconds=301))
+    assert over == "max_expires_in_seconds: caller 'support-portal' may ask for at most 300 seconds, not 301"
+    lane = refusal(policy, "support-portal", Lane.BULK, Request(user_id="u"))
+    assert lane == "lanes: caller 'support-portal' may not use the bulk lane"
+    org = refusal(policy, "billing", Lane.BULK, Request(user_id="u", org_id="org_1"))
+    assert org == "allow_org_id: [defaults] may not set org_id"
+    protected = refusal(policy, "support-portal", Lane.INTERACTIVE, Request(user_id="user_admin_7"))
+    assert protected == "protected_users: no caller may get a sign-in token for user 'user_admin_7'"
+    # Nothing of the rules that did not apply: not [defaults]' 600 to the portal, not the portal's 300 to others.
+    assert "600" not in over + lane + protected
+    assert "300" not in org
+
+
+def test_without_defaults_unlisted_and_anonymous_callers_are_refused(tmp_path: Path) -> None:
+    text = """
+    [callers.support-portal]
+    lanes = ["interactive"]
+    max_expires_in_seconds = 300
+    reply_to = ["support.replies.*"]
+    """
+    policy = Policy(load_policy(write(tmp_path, textwrap.dedent(text))))
+    assert policy.file is not None
+    assert policy.file.defaults is None
+    assert refusal(policy, "billing", Lane.INTERACTIVE, Request(user_id="u")) == (
+        "callers: caller 'billing' is not listed, and the policy has no [defaults]"
+    )
+    assert "without a user_id property" in refusal(policy, None, Lane.INTERACTIVE, Request(user_id="u"))
+    # The listed caller is still served, and a refused caller may be told so anywhere.
+    assert policy.admit("support-portal", Lane.INTERACTIVE, Request(user_id="u")).expires_in_seconds == 300
+    assert policy.reply_allowed("billing", "anything.at.all")
+
+
+def test_reply_to_takes_exact_names_globs_and_direct_reply_to(policy: Policy) -> None:
+    assert policy.reply_allowed("support-portal", "support.replies.eu")
+    assert not policy.reply_allowed("support-portal", "support.replies")  # the glob wants a suffix
+    assert not policy.reply_allowed("support-portal", "billing.replies.eu")
+    # [defaults] lists direct reply-to: the broker hands the worker its per-channel name.
+    assert policy.reply_allowed(None, "amq.rabbitmq.reply-to.g1h2AA5yZXBseUAxNjc0NjI0MQAAB2sAAAAAZ2Cx9Q==")
+    assert policy.reply_allowed("billing", "amq.gen-JzTY20BRgKO-HjmUJj0wLg")
+    assert not policy.reply_allowed("billing", "sign_in_tokens.results")
+    # A listed caller does not inherit [defaults]' destinations.
+    assert not policy.reply_allowed("support-portal", "amq.rabbitmq.reply-to.g1h2AA")
+
+
+def test_the_short_form_serves_only_the_listed_publishers_as_v1_did() -> None:
+    policy = Policy.from_publishers(frozenset({"billing-service"}), 2_592_000)
+    request = Request(user_id="user_1", org_id="org_1")
+    assert policy.admit("billing-service", Lane.BULK, request) == request  # no expiry filled in
+    assert policy.reply_allowed("billing-service", "any.queue")
+    assert refusal(policy, "other", Lane.INTERACTIVE, request) == (
+        "ALLOWED_PUBLISHERS: caller 'other' may not request sign-in tokens"
+    )
+    everyone = Policy.from_publishers(frozenset(), 2_592_000)
+    assert everyone.open
+    assert everyone.admit(None, Lane.BULK, request) is request
