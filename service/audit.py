@@ -12,16 +12,18 @@ crash is recorded again, with the same ``message_id``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from dataclasses import dataclass
 from typing import Final, Literal
 
 import aio_pika
 import msgspec
+from aio_pika.abc import AbstractRobustConnection
 from pamqp import commands as spec
 
 from service.amqp_wire import printable
-from service.broker import ReplyPublisher
+from service.broker import CHANNEL_FAILURES, ReplyPublisher, declare_audit_exchange
 from service.lanes import Lane
 from service.messages import Created, CreateSignInTokenRequestBody, Reply
 
@@ -90,7 +92,7 @@ def outcome_event(reply: Reply) -> tuple[Event, str | None, str | None]:
 
 
 def _text(value: str | None) -> str | None:
-    """A property as JSON can carry it: octets that were not UTF-8 escaped (``\\xff``)."""
+    r"""A property as JSON can carry it: octets that were not UTF-8 escaped (``\xff``)."""
     return None if value is None else printable(value)
 
 
@@ -106,8 +108,9 @@ _PERSISTENT: Final = int(aio_pika.DeliveryMode.PERSISTENT)
 class AuditTrail:
     """Publishes events to the audit exchange, confirmed, on the reply publisher's channel."""
 
-    def __init__(self, publisher: ReplyPublisher, exchange: str) -> None:
-        """Publish through ``publisher`` to ``exchange``."""
+    def __init__(self, connection: AbstractRobustConnection, publisher: ReplyPublisher, exchange: str) -> None:
+        """Publish through ``publisher`` to ``exchange`` (declared again over ``connection`` when it fails)."""
+        self._connection = connection
         self._publisher = publisher
         self._exchange = exchange
 
@@ -118,3 +121,8 @@ class AuditTrail:
         await self._publisher.publish_event(
             self._exchange, f"{event.event}.{event.lane}", _encoder.encode(event), properties
         )
+
+    async def repair(self) -> None:
+        """After a failed publish: declare the exchange again (an operator may have deleted it)."""
+        with contextlib.suppress(*CHANNEL_FAILURES, RuntimeError):
+            await declare_audit_exchange(self._connection, self._exchange)

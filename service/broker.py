@@ -159,15 +159,19 @@ def _queue(name: str, arguments: dict[str, Any]) -> Callable[[AbstractRobustChan
     return lambda channel: channel.declare_queue(name, durable=True, arguments=arguments)
 
 
-async def declare_topology(connection: AbstractRobustConnection, settings: Settings) -> None:
-    """Declare every queue the service uses, and the audit exchange; idempotent."""
-    audit = settings.audit_exchange
+async def declare_audit_exchange(connection: AbstractRobustConnection, name: str) -> None:
+    """Declare the audit exchange: durable, topic; idempotent."""
     await _declare(
         connection,
         "exchange",
-        audit,
-        lambda channel: channel.declare_exchange(audit, aio_pika.ExchangeType.TOPIC, durable=True),
+        name,
+        lambda channel: channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True),
     )
+
+
+async def declare_topology(connection: AbstractRobustConnection, settings: Settings) -> None:
+    """Declare every queue the service uses, and the audit exchange; idempotent."""
+    await declare_audit_exchange(connection, settings.audit_exchange)
     quorum = {"x-queue-type": "quorum"}
     for name in (settings.dead_letter_queue, settings.results_queue):
         await _declare(connection, "queue", name, _queue(name, quorum))

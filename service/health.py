@@ -52,8 +52,8 @@ class Metrics:
         self.revoked = Counter("sign_in_tokens_revoked", "Tokens revoked: nobody could receive them.", registry=r)
         self.audit_unconfirmed = Counter(
             "sign_in_tokens_audit_unconfirmed",
-            "Audit events the broker did not confirm (the request went back to its queue, or a revocation's "
-            "event was logged instead).",
+            "Attempts to publish an audit event the broker did not confirm (each is tried again; the request "
+            "waits unacknowledged).",
             registry=r,
         )
         self.key_rejected = Counter("sign_in_tokens_key_rejected", "Answers 401 from Clerk.", registry=r)

@@ -158,7 +158,7 @@ class Worker:
             self._connection, self.settings.dead_letter_queue, self.settings.confirm_timeout_seconds
         )
         await self._publisher.open()
-        self._audit = AuditTrail(self._publisher, self.settings.audit_exchange)
+        self._audit = AuditTrail(self._connection, self._publisher, self.settings.audit_exchange)
         self._consumers = broker.LaneConsumers(self._connection, self.settings, self._on_message)
         await self._consumers.open()
         links = [link for link in (self.clerk.limiter.redis, self.dedup.redis) if link is not None]
@@ -466,15 +466,32 @@ class Worker:
         log.info("replied", reply_to=envelope.reply_to, **reply_log_fields(reply))
 
     async def _audited(self, message: DeliveredMessage, event: AuditEvent) -> bool:
-        """Publish ``event``; False, the request given back to its queue, when the broker did not confirm it."""
-        try:
-            await self._audit_or_fail().record(event)
-        except (broker.ReplyRefusedError, broker.ReplyFateUnknownError) as exc:
-            self.metrics.audit_unconfirmed.inc()
-            log.warning("audit_event_unconfirmed", audit_event=event.event, reason=str(exc))
-            await self._return(message, "audit_event_unconfirmed")
-            return False
-        return True
+        """Publish ``event``; False, the request given back to its queue, when the broker never confirmed it."""
+        if await self._record(event):
+            return True
+        await self._return(message, "audit_event_unconfirmed")
+        return False
+
+    async def _record(self, event: AuditEvent) -> bool:
+        """Publish ``event``, trying MAX_ATTEMPTS times with backoff; whether the broker confirmed it.
+
+        The request waits meanwhile, unacknowledged: a broker that refuses audit events holds
+        requests back rather than answering them unrecorded (or burning their delivery limit).
+        """
+        audit = self._audit_or_fail()
+        delays = probe_delays(self.settings.retry_max_delay_seconds)
+        for attempt in range(1, self.settings.max_attempts + 1):
+            try:
+                await audit.record(event)
+            except (broker.ReplyRefusedError, broker.ReplyFateUnknownError) as exc:
+                self.metrics.audit_unconfirmed.inc()
+                log.warning("audit_event_unconfirmed", audit_event=event.event, attempt=attempt, reason=str(exc))
+            else:
+                return True
+            if attempt < self.settings.max_attempts:
+                await self._sleep_unless_stopping(next(delays))
+                await audit.repair()
+        return False
 
     async def _reply_refused(
         self,
@@ -520,7 +537,7 @@ class Worker:
         """Revoke a token nobody will receive, and record it; failures are logged, not raised.
 
         The revocation's event cannot hold the request back (a redelivery would not revoke
-        again): one the broker does not confirm is logged at error, in its place.
+        again): one the broker never confirms is logged at error, in its place.
         """
 
         async def attempt() -> None:
@@ -537,13 +554,8 @@ class Worker:
             return
         self.metrics.revoked.inc()
         log.warning("token_revoked", sign_in_token_id=token_id)
-        try:
-            await self._audit_or_fail().record(subject.event("revoked", sign_in_token_id=token_id))
-        except (broker.ReplyRefusedError, broker.ReplyFateUnknownError) as exc:
-            self.metrics.audit_unconfirmed.inc()
-            log.error(  # noqa: TRY400 - a traceback could carry the token
-                "audit_event_unconfirmed", audit_event="revoked", sign_in_token_id=token_id, reason=str(exc)
-            )
+        if not await self._record(subject.event("revoked", sign_in_token_id=token_id)):
+            log.error("audit_event_lost", audit_event="revoked", sign_in_token_id=token_id)
 
     # -- acknowledgements ----------------------------------------------------
 

@@ -50,13 +50,38 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what:
 
 
 @pytest.fixture(scope="session")
-async def amqp_url() -> AsyncIterator[str]:
-    """The broker every test uses: AMQP_URL, or a private node for the session."""
+async def session_node() -> AsyncIterator[LocalBroker | None]:
+    """The session's private node, or None when AMQP_URL names a broker of its own."""
     if os.environ.get("AMQP_URL"):
-        yield os.environ["AMQP_URL"]
+        yield None
         return
     async with LocalBroker() as node:
-        yield node.url
+        yield node
+
+
+@pytest.fixture(scope="session")
+async def amqp_url(session_node: LocalBroker | None) -> str:
+    """The broker every test uses: AMQP_URL, or a private node for the session."""
+    return session_node.url if session_node is not None else os.environ["AMQP_URL"]
+
+
+# Broker users the policy tests publish as (RabbitMQ sets a message's user_id to its connection's user).
+CALLERS = ("support-portal", "billing", "outsider")
+
+
+@pytest.fixture(scope="session")
+async def caller_urls(session_node: LocalBroker | None) -> dict[str, str]:
+    """An AMQP URL for each of CALLERS, users made on the session's node (password = name)."""
+    if session_node is None:
+        pytest.skip("needs users made with rabbitmqctl on the tests' own broker; AMQP_URL names another")
+    names = ", ".join(f'<<"{name}">>' for name in CALLERS)
+    await session_node.ctl(
+        "eval",
+        f'[begin rabbit_auth_backend_internal:add_user(U, U, <<"tests">>), '
+        f'rabbit_auth_backend_internal:set_permissions(U, <<"/">>, <<".*">>, <<".*">>, <<".*">>, '
+        f'<<"tests">>) end || U <- [{names}]].',
+    )
+    return {name: session_node.url.replace("guest:guest", f"{name}:{name}") for name in CALLERS}
 
 
 @pytest.fixture(scope="session")
