@@ -48,7 +48,7 @@ from yarl import URL
 
 from service import amqp_wire
 from service.config import Settings
-from service.errors import ServiceError
+from service.errors import ConfigError, ServiceError, untrusted_certificate
 from service.lanes import Lane
 
 amqp_wire.install()
@@ -97,6 +97,10 @@ async def open_connection(url: str, name: str) -> AbstractRobustConnection:
         msg = f"the broker at {address} refused the credentials in AMQP_URL"
         raise BrokerUnavailableError(msg) from None
     except (*CHANNEL_FAILURES, RuntimeError) as exc:
+        reason = untrusted_certificate(exc)
+        if reason is not None:  # fail closed, at once: waiting will not make the certificate trusted
+            msg = f"AMQP_URL: the certificate of the broker at {address} did not verify ({reason}); check cafile"
+            raise ConfigError(msg) from None
         msg = f"cannot reach the broker at {address} ({type(exc).__name__})"
         raise BrokerUnavailableError(msg) from None
 

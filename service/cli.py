@@ -233,6 +233,36 @@ def demo(count: int, user_id: str | None, replicas: int, **options: Any) -> None
     run(lambda stop: run_demo(explicit, count=count, user_id=user_id, stop=stop, replicas=replicas))
 
 
+@main.command("config")
+@settings_options
+def show_config(**options: Any) -> None:  # noqa: ANN401
+    """Print the effective settings, every secret masked, and what follows from them (exit 2 if they are bad)."""
+    from service.config import effective  # noqa: PLC0415
+    from service.policy import policy_from_settings  # noqa: PLC0415
+
+    settings = _settings_or_exit(options_environ(options))
+    try:
+        policy = policy_from_settings(settings)
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", EXIT_CONFIG)
+    for name, shown, default in effective(settings):
+        click.echo(f"{name}={shown}{'  # default' if default else ''}")
+    click.echo(f"# rate limit: {settings.rate_limit} calls a {settings.clerk_rate_window_seconds:g} s window")
+    click.echo(f"# calls to Clerk at once: {settings.concurrency}")
+    click.echo(f"# rate limit and idempotency store: {'shared in Redis' if settings.redis_url else 'in this process'}")
+    file = policy.file
+    if policy.open:
+        click.echo("# policy: none (anyone who can publish to the request queues is served)")
+    elif settings.policy_file and file is not None:
+        click.echo(
+            f"# policy: {settings.policy_file}: {len(file.callers)} callers, "
+            f"[defaults] {'set' if file.defaults else 'absent (others refused)'}, "
+            f"{len(file.protected_users)} protected_users patterns"
+        )
+    else:
+        click.echo("# policy: ALLOWED_PUBLISHERS (the listed publishers may ask for anything)")
+
+
 def _settings_or_exit(environ: dict[str, str], *, require_key: bool = False) -> Settings:
     """Settings from ``environ`` (see ``options_environ``), or one line on stderr and exit 2."""
     try:

@@ -152,6 +152,41 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return hashlib.sha256(self.secret_key().encode()).hexdigest()[:16]
 
 
+MASK = "********"
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password masked (user, host, path and query as given)."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return MASK
+    return str(parsed.with_password(MASK)) if parsed.password else url
+
+
+def masked_key(key: Secret) -> str:
+    """A Clerk key's kind (``sk_live_``, ``sk_test_``) and a mask for the rest."""
+    value = key.reveal()
+    kind = value[: value.find("_", 3) + 1] if value.startswith("sk_") else ""
+    return kind + MASK
+
+
+def effective(settings: Settings) -> list[tuple[str, str, bool]]:
+    """Every setting as ``(VARIABLE, value shown, whether it is the default)``, secrets masked."""
+    defaults = {f.name: f.default for f in msgspec.structs.fields(Settings)}
+    rows = []
+    for field in FIELDS:
+        value = getattr(settings, field)
+        if isinstance(value, Secret):
+            shown = masked_key(value)
+        elif field in {"amqp_url", "redis_url"} and isinstance(value, str):
+            shown = masked_url(value)
+        else:
+            shown = "" if value is None else str(value)
+        rows.append((env_name(field), shown, value == defaults[field]))
+    return rows
+
+
 def env_name(field: str) -> str:
     """The environment variable that sets ``field``."""
     return field.upper()
@@ -204,6 +239,40 @@ def _check_url(name: str, value: str, schemes: tuple[str, ...]) -> None:
         raise ConfigError(msg)
 
 
+# The TLS parameters each URL takes in its query (aiormq's and redis-py's own names), and the value
+# of each that would turn certificate verification off.
+_TLS_FILES = {
+    "AMQP_URL": ("amqps", ("cafile", "capath", "certfile", "keyfile")),
+    "REDIS_URL": ("rediss", ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")),
+}
+_VERIFY_OFF = {"AMQP_URL": ("no_verify_ssl", ("1", "true", "yes")), "REDIS_URL": ("ssl_cert_reqs", ("none",))}
+
+
+def _check_tls(name: str, value: str) -> None:
+    """TLS files that exist and can be read, on a TLS scheme, with verification left on (fail closed)."""
+    url = URL(value)
+    scheme, files = _TLS_FILES[name]
+    for parameter in files:
+        path = url.query.get(parameter)
+        if path is None:
+            continue
+        if url.scheme != scheme:
+            msg = f"{name}: {parameter} is given but the scheme is {url.scheme}://, not {scheme}://"
+            raise ConfigError(msg)
+        try:
+            if parameter.endswith("path"):  # a directory of CA certificates
+                Path(path).stat()
+            else:
+                Path(path).read_bytes()
+        except OSError as exc:
+            msg = f"{name}: {parameter} {path}: {exc.strerror}"
+            raise ConfigError(msg) from None
+    off, values = _VERIFY_OFF[name]
+    if url.query.get(off, "").lower() in values:
+        msg = f"{name}: {off}={url.query[off]} would turn certificate verification off; give the CA instead"
+        raise ConfigError(msg)
+
+
 def _check_http_host(host: str) -> None:
     try:
         ipaddress.ip_address(host)
@@ -237,9 +306,11 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     except msgspec.ValidationError as exc:
         raise _config_error(exc) from None
     _check_url("AMQP_URL", settings.amqp_url, ("amqp", "amqps"))
+    _check_tls("AMQP_URL", settings.amqp_url)
     _check_url("CLERK_API_URL", settings.clerk_api_url, ("http", "https"))
     if settings.redis_url is not None:
         _check_url("REDIS_URL", settings.redis_url, ("redis", "rediss"))
+        _check_tls("REDIS_URL", settings.redis_url)
     key = settings.clerk_secret_key
     if key is not None and (not key.reveal() or any(c.isspace() for c in key.reveal())):
         msg = "CLERK_SECRET_KEY: must be a non-empty key without spaces"

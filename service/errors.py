@@ -28,6 +28,7 @@ from Clerk's error messages and our own words only.
 
 from __future__ import annotations
 
+import ssl
 from typing import ClassVar
 
 
@@ -136,3 +137,16 @@ class UpstreamMalformedError(UpstreamUnavailableError):
 
 class ShutdownRequestedError(ServiceError):
     """The worker is stopping: return the request to its queue."""
+
+
+def untrusted_certificate(exc: BaseException | None) -> str | None:
+    """Why a TLS peer's certificate did not verify, when that is what ``exc`` (or an error under it) says."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return str(exc.verify_message or exc.reason or exc)
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return str(exc).split("certificate verify failed: ", 1)[-1].split(" (_ssl.c", 1)[0]
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None

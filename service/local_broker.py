@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -82,13 +83,26 @@ class LocalServer:
         await asyncio.to_thread(self.cleanup)
 
 
+@dataclass(frozen=True)
+class TlsListener:
+    """A TLS listener's files (PEM): the CA that signs clients, the server's certificate and key."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    # Refuse clients without a certificate signed by ``ca_file``.
+    require_client_cert: bool = False
+
+
 class LocalBroker(LocalServer):
     """One private RabbitMQ node: start, stop, restart on the same data."""
 
-    def __init__(self, base_dir: Path | None = None) -> None:
-        """Prepare (but do not start) a node in ``base_dir`` or a new temp dir."""
+    def __init__(self, base_dir: Path | None = None, tls: TlsListener | None = None) -> None:
+        """Prepare (but do not start) a node in ``base_dir`` or a new temp dir; ``tls`` adds an amqps listener."""
         self._owns_dir = base_dir is None
         self.base_dir = base_dir or Path(tempfile.mkdtemp(prefix="sits-rabbit-"))
+        self.tls = tls
+        self.amqps_port = free_port() if tls else None
         self.amqp_port = free_port()
         self.dist_port = free_port()
         self.node_name = f"sits{uuid.uuid4().hex[:10]}@localhost"
@@ -100,18 +114,35 @@ class LocalBroker(LocalServer):
         """The AMQP URL of this node."""
         return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
 
+    def amqps_url(self, query: str = "") -> str:
+        """The amqps URL of this node's TLS listener (``localhost``, the name its certificate holds)."""
+        if self.amqps_port is None:
+            msg = "this node has no TLS listener"
+            raise ConfigError(msg)
+        return f"amqps://guest:guest@localhost:{self.amqps_port}/{'?' + query if query else ''}"
+
     @property
     def log_path(self) -> Path:
         """Where the node's console output goes."""
         return self.base_dir / "console.log"
 
     def _write_config(self) -> None:
+        tls = ""
+        if self.tls is not None:
+            tls = (
+                f"listeners.ssl.default = 127.0.0.1:{self.amqps_port}\n"
+                f"ssl_options.cacertfile = {self.tls.ca_file}\n"
+                f"ssl_options.certfile = {self.tls.cert_file}\n"
+                f"ssl_options.keyfile = {self.tls.key_file}\n"
+                "ssl_options.verify = verify_peer\n"
+                f"ssl_options.fail_if_no_peer_cert = {str(self.tls.require_client_cert).lower()}\n"
+            )
         (self.base_dir / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}\n"
             "loopback_users = none\n"
             "log.console = true\n"
             "log.console.level = warning\n"
-            "log.file = false\n",
+            f"log.file = false\n{tls}",
         )
         (self.base_dir / "advanced.config").write_text(_ADVANCED_CONFIG)
         (self.base_dir / "enabled_plugins").write_text("[].\n")

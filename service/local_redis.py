@@ -20,7 +20,7 @@ from pathlib import Path
 import redis.asyncio
 
 from service.errors import ConfigError
-from service.local_broker import LocalServer, free_port
+from service.local_broker import LocalServer, TlsListener, free_port
 
 _BOOT_TIMEOUT_SECONDS = 30.0
 _STOP_TIMEOUT_SECONDS = 10.0
@@ -40,11 +40,20 @@ def find_redis_server() -> str:
 class LocalRedis(LocalServer):
     """One private Redis server: start, stop, restart on the same port."""
 
-    def __init__(self) -> None:
-        """Prepare (but do not start) a server in a new temp dir."""
+    def __init__(self, tls: TlsListener | None = None) -> None:
+        """Prepare (but do not start) a server in a new temp dir; ``tls`` adds a TLS port."""
         self.base_dir = Path(tempfile.mkdtemp(prefix="sits-redis-"))
         self.port = free_port()
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
         self._process: subprocess.Popen[bytes] | None = None
+
+    def tls_url(self, query: str = "") -> str:
+        """The rediss URL of the TLS port (``localhost``, the name its certificate holds)."""
+        if self.tls_port is None:
+            msg = "this server has no TLS port"
+            raise ConfigError(msg)
+        return f"rediss://localhost:{self.tls_port}/0{'?' + query if query else ''}"
 
     @property
     def url(self) -> str:
@@ -65,6 +74,14 @@ class LocalRedis(LocalServer):
             "--daemonize", "no",
             "--logfile", str(self.base_dir / "redis.log"),
         ]  # fmt: skip
+        if self.tls is not None:
+            args += [
+                "--tls-port", str(self.tls_port),
+                "--tls-cert-file", str(self.tls.cert_file),
+                "--tls-key-file", str(self.tls.key_file),
+                "--tls-ca-cert-file", str(self.tls.ca_file),
+                "--tls-auth-clients", "yes" if self.tls.require_client_cert else "optional",
+            ]  # fmt: skip
         self._process = subprocess.Popen(  # noqa: S603 - a fixed program, no shell
             args,
             stdin=subprocess.DEVNULL,

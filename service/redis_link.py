@@ -26,6 +26,8 @@ import structlog
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from service.errors import ConfigError, untrusted_certificate
+
 REDIS_TIMEOUT_SECONDS: Final = 2.0
 # While Redis is unreachable, how often a waiting caller asks again.
 REDIS_RETRY_SECONDS: Final = 0.5
@@ -141,11 +143,24 @@ class RedisLink:
             log.info("redis_available", used_for=self.purpose)
         self.available = True
 
-    async def check(self) -> bool:
-        """Ask Redis (PING) whether it answers; returns and records the answer."""
+    def _raise_if_untrusted(self, exc: BaseException) -> None:
+        """ConfigError when ``exc`` is a TLS certificate that did not verify."""
+        reason = untrusted_certificate(exc)
+        if reason is not None:
+            msg = f"REDIS_URL: the certificate of Redis ({self.purpose}) did not verify ({reason}); check ssl_ca_certs"
+            raise ConfigError(msg)
+
+    async def check(self, *, at_start: bool = False) -> bool:
+        """Ask Redis (PING) whether it answers; returns and records the answer.
+
+        ``at_start``: a certificate that does not verify is ConfigError (fail closed, at once:
+        waiting will not make it trusted). Later it is one more reason Redis is unavailable.
+        """
         try:
             await self.client.ping()
         except REDIS_FAILURES as exc:
+            if at_start:
+                self._raise_if_untrusted(exc)
             self.failed(exc)
         else:
             self.answered()

@@ -150,6 +150,9 @@ class Worker:
         """Connect, declare the topology, open channels and start consuming."""
         await self.health.start()
         await self.clerk.start()
+        links = [link for link in (self.clerk.limiter.redis, self.dedup.redis) if link is not None]
+        for link in links:  # first: a certificate that does not verify stops the start (ConfigError)
+            await link.check(at_start=True)
         self._connection = await broker.connect(self.settings, self.name)
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
@@ -161,10 +164,9 @@ class Worker:
         self._audit = AuditTrail(self._connection, self._publisher, self.settings.audit_exchange)
         self._consumers = broker.LaneConsumers(self._connection, self.settings, self._on_message)
         await self._consumers.open()
-        links = [link for link in (self.clerk.limiter.redis, self.dedup.redis) if link is not None]
         if links:
             self._redis_watch = asyncio.create_task(self._watch_redis(links))
-            if not all([await link.check() for link in links]):
+            if not all(link.available for link in links):
                 await self._pause("redis_unavailable")
         if not self._paused:
             await self._consumers.resume()

@@ -73,9 +73,8 @@ async def test_redis_unreachable_at_start_pauses_the_worker_until_it_answers(
     server = LocalRedis()  # not started yet
     try:
         worker = worker_processes.spawn(REDIS_URL=server.url)
-        await wait_until(
-            lambda: "redis_unavailable" in worker.log_path.read_text(), timeout=30, what="the worker to find no Redis"
-        )
+        await wait_until(lambda: "worker_started" in worker.log_path.read_text(), timeout=30, what="the worker's start")
+        assert "redis_unavailable" in worker.log_path.read_text()
         await publish_requests(channel, queue_names["REQUEST_QUEUE"], replies.queue, 50)
         await asyncio.sleep(3)  # wait-ok: how long Redis stays away is the fault itself
         ready_while_away = await readyz(worker.port)

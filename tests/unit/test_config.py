@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import load_settings
+from service.config import effective, load_settings
 from service.errors import ConfigError
 
 
@@ -71,3 +71,47 @@ def test_missing_key_is_reported_when_required() -> None:
 def test_upstream_concurrency_follows_the_rate_limit_unless_set(env: dict[str, str], concurrency: int) -> None:
     """Unset, UPSTREAM_CONCURRENCY is the limit's rate times Clerk's slowest planned answer, bounded."""
     assert load_settings(env).concurrency == concurrency
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("amqps://u:p@h/?cafile={missing}", "AMQP_URL: cafile {missing}: No such file or directory"),
+        ("amqp://u:p@h/?cafile={ca}", "AMQP_URL: cafile is given but the scheme is amqp://, not amqps://"),
+        (
+            "amqps://u:p@h/?cafile={ca}&no_verify_ssl=1",
+            "AMQP_URL: no_verify_ssl=1 would turn certificate verification off; give the CA instead",
+        ),
+    ],
+)
+def test_tls_settings_fail_closed_with_one_line(tmp_path: Path, url: str, message: str) -> None:
+    """A CA file that is not there, a TLS file on a plain URL, verification turned off: refused at start."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    names = {"missing": str(tmp_path / "nope.pem"), "ca": str(ca)}
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"AMQP_URL": url.format(**names)})
+    assert str(raised.value) == message.format(**names)
+    redis_off = {"REDIS_URL": f"rediss://h:6380/0?ssl_ca_certs={ca}&ssl_cert_reqs=none"}
+    with pytest.raises(ConfigError, match="REDIS_URL: ssl_cert_reqs=none would turn certificate verification off"):
+        load_settings(redis_off)
+
+
+def test_config_shows_every_setting_with_secrets_masked(tmp_path: Path) -> None:
+    """`sign-in-tokens config`'s rows: passwords in URLs and the key masked, defaults marked."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    settings = load_settings(
+        {
+            "AMQP_URL": f"amqps://svc:hunter2@rabbit:5671/?cafile={ca}",
+            "REDIS_URL": "rediss://:s3cret@redis:6380/0",
+            "CLERK_SECRET_KEY": "sk_live_abcdef0123456789",
+        }
+    )
+    rows = {name: (shown, default) for name, shown, default in effective(settings)}
+    assert rows["AMQP_URL"] == (f"amqps://svc:********@rabbit:5671/?cafile={ca}", False)
+    assert rows["REDIS_URL"] == ("rediss://:********@redis:6380/0", False)
+    assert rows["CLERK_SECRET_KEY"] == ("sk_live_********", False)
+    assert rows["PREFETCH"] == ("200", True)
+    text = repr(rows)
+    assert not any(secret in text for secret in ("hunter2", "s3cret", "abcdef0123456789"))
