@@ -1,0 +1,153 @@
+"""The leak scan: a whole session with debug logging, then every place a secret could leak, searched.
+
+The session runs a worker process through success (JSON and MessagePack, both lanes), every error
+code, retries, a rejected key and its recovery, a reply nobody can receive (the token revoked), a
+token Clerk answered malformed (revoked), a refused reply_to and an undecodable request (dead
+letters). Then its log, its metrics, every audit event and every dead-lettered message are searched
+for every token, token URL and key value the session produced. None may be found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+import msgspec
+from aio_pika.abc import AbstractChannel
+
+from service.client import TokenClient
+from service.fake_clerk import FakeClerk, Fault
+from service.lanes import Lane
+from service.messages import Created, Failed
+from tests.conftest import SECRET_KEY, queue_depth, wait_until
+from tests.workers import WorkerProcesses
+
+POLICY = """
+protected_users = ["user_admin_*"]
+
+[defaults]
+lanes = ["interactive", "bulk"]
+max_expires_in_seconds = 3600
+allow_org_id = true
+reply_to = ["{prefix}.*", "amq_*", "no.such.queue"]
+"""
+
+
+async def drain(channel: AbstractChannel, queue: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Every message now in ``queue``."""
+    found = []
+    declared = await channel.declare_queue(queue, passive=True)
+    while (message := await declared.get(no_ack=True, fail=False)) is not None:
+        found.append(message)
+    return found
+
+
+def as_text(message: aio_pika.abc.AbstractIncomingMessage) -> str:
+    """A message's body, properties and headers as one text to search."""
+    info = {k: v for k, v in message.info().items() if k != "body"}
+    body = message.body.decode("utf-8", "backslashreplace")
+    return f"{body}\n{msgspec.json.encode(info, enc_hook=repr).decode()}"
+
+
+async def test_a_full_session_leaves_no_token_url_or_key_anywhere_but_the_replies(  # noqa: PLR0915 - one session, in order
+    worker_processes: WorkerProcesses,
+    fake_clerk: FakeClerk,
+    client: TokenClient,
+    channel: AbstractChannel,
+    queue_names: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    prefix = queue_names["REQUEST_QUEUE"].split(".")[0]
+    audit_exchange = f"{prefix}.audit"
+    exchange = await channel.declare_exchange(audit_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    audit = await channel.declare_queue(f"{prefix}.audit-all", exclusive=True)
+    await audit.bind(exchange, "#")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY.replace("{prefix}", prefix))
+    worker = await worker_processes.start(
+        LOG_LEVEL="debug",
+        POLICY_FILE=str(policy),
+        AUDIT_EXCHANGE=audit_exchange,
+        RETRY_BASE_SECONDS="0.01",
+        RETRY_MAX_DELAY_SECONDS="0.2",
+        PROBE_MAX_INTERVAL_SECONDS="0.2",
+        MAX_ATTEMPTS="3",
+    )
+    outcomes: list[str] = []
+
+    async def ask(body: bytes, **send: object) -> None:
+        reply = (await (await client.send(body, **send))).decode()  # type: ignore[arg-type]
+        outcomes.append("created" if isinstance(reply, Created) else reply.error.code)
+        assert isinstance(reply, Created | Failed)
+
+    # Success, both lanes, both encodings.
+    await ask(b'{"user_id": "user_a"}')
+    await ask(b'{"userId": "user_b", "expiresInSeconds": 60}', lane=Lane.BULK)
+    await ask(msgspec.msgpack.encode({"user_id": "user_c"}), content_type="application/msgpack")
+    # Every error code.
+    await ask(b'{"user_id": "user_d", "expires_in_second": 60}')  # invalid_request
+    await ask(b'{"user_id": "user_admin_1"}')  # forbidden
+    await ask(b'{"user_id": "user_e"}', deadline_ms=int(time.time() * 1000) - 1)  # deadline_exceeded
+    await ask(b'{"user_id": "nobody"}')  # user_not_found
+    await ask(b'{"user_id": "user_f", "org_id": "not_an_org"}')  # upstream_rejected
+    fake_clerk.faults.extend([Fault(429), Fault(429), Fault(429)] * 3)
+    await ask(b'{"user_id": "user_g"}')  # rate_limited (429s beyond the retries)
+    fake_clerk.faults.clear()
+    fake_clerk.faults.extend([Fault(503)] * 3)
+    await ask(b'{"user_id": "user_h"}')  # upstream_unavailable
+    # Retries that succeed.
+    fake_clerk.faults.extend([Fault(503), Fault(500, drop_connection=True)])
+    await ask(b'{"user_id": "user_i"}')
+    # A rejected key: the worker pauses, probes, and answers once the key works again.
+    fake_clerk.accepted_keys = {"sk_test_someone_elses"}
+    pending = await client.send(b'{"user_id": "user_j"}')
+    await wait_until(lambda: "secret_key_rejected" in worker_processes.logs(), what="the key rejected")
+    fake_clerk.accepted_keys = {SECRET_KEY}
+    assert (await pending).headers["x-outcome"] == "created"
+    # Clerk answers 200 with a body that is not a token: the token it made is revoked.
+    fake_clerk.malformed_next = 1
+    await ask(b'{"user_id": "user_k"}')
+    # A reply nobody can receive: created, revoked, dead-lettered.
+    await channel.default_exchange.publish(
+        aio_pika.Message(b'{"user_id": "user_l"}', reply_to="no.such.queue"), queue_names["REQUEST_QUEUE"]
+    )
+    # A reply_to outside the policy, and an undecodable request without reply_to: dead letters.
+    await channel.default_exchange.publish(
+        aio_pika.Message(b'{"user_id": "user_m"}', reply_to="amq.gen-elsewhere"), queue_names["REQUEST_QUEUE"]
+    )
+    await channel.default_exchange.publish(aio_pika.Message(b"\x00 junk"), queue_names["REQUEST_QUEUE"])
+    await wait_until(lambda: len(fake_clerk.stats.revoked) == 2, what="two tokens revoked")
+
+    deadline = time.monotonic() + 10
+    while await queue_depth(channel, queue_names["DEAD_LETTER_QUEUE"]) < 3:
+        assert time.monotonic() < deadline, "three dead letters within 10 s"
+        await asyncio.sleep(0.05)  # wait-ok: the poll interval of a condition wait
+    assert {"created", "invalid_request", "forbidden", "deadline_exceeded", "user_not_found"} <= set(outcomes)
+    assert {"upstream_rejected", "rate_limited", "upstream_unavailable"} <= set(outcomes)
+
+    # The search.
+    secrets = {SECRET_KEY}
+    for token in fake_clerk.stats.tokens.values():
+        secrets |= {token["token"], token["url"], token["token"].split(".")[2]}
+    assert len(fake_clerk.stats.tokens) == 7  # users a, b, c, i, j, k, l
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{worker.port}/metrics") as response:
+        metrics = await response.text()
+    assert await worker_processes.stop(worker, sig=signal.SIGTERM) == 0
+    places = {
+        "log": worker_processes.logs(),
+        "metrics": metrics,
+        "audit events": "\n".join(as_text(m) for m in await drain(channel, audit.name)),
+        "dead letters": "\n".join(as_text(m) for m in await drain(channel, queue_names["DEAD_LETTER_QUEUE"])),
+    }
+    assert places["audit events"].count('"event":') >= 15
+    # What was searched holds the session: a line for each reply, the revocations, the key's rejection.
+    assert places["log"].count('"event":"replied"') == 13
+    assert places["log"].count('"event":"token_revoked"') == 2
+    assert "sign_in_tokens_revoked_total 2.0" in places["metrics"]
+    found = {place: [s[:12] for s in secrets if s in text] for place, text in places.items()}
+    assert found == {place: [] for place in places}
+    await exchange.delete()
