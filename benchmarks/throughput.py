@@ -34,6 +34,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -69,6 +70,8 @@ class Contender:
     env: dict[str, str] = field(default_factory=dict)
     redis: bool = False
     service: bool = False
+    # Where it runs from: another tree of the service (``--baseline``) is imported from its own directory.
+    cwd: Path = ROOT
 
 
 CONTENDERS = {
@@ -218,7 +221,7 @@ async def drain(
         worker = subprocess.Popen(  # noqa: S603, ASYNC220 - our own scripts, started once a run
             contender.command,
             env={**env, **queues, "HTTP_PORT": str(free_port())},
-            cwd=ROOT,
+            cwd=contender.cwd,
             stdout=subprocess.DEVNULL,
             # The service logs a line a request; a peer is silent unless it fails, and then it should be seen.
             stderr=subprocess.PIPE if contender.service else None,
@@ -379,6 +382,22 @@ def plot(medians: dict[str, dict[str, Any]], latencies: list[float], names: list
     fig.savefig(PLOT, dpi=100)
 
 
+def add_baseline(revision: str, tree: Path) -> str:
+    """Export the ``service`` package at ``revision`` into ``tree``; add it as a contender, return its key.
+
+    ``python -m service`` run from ``tree`` imports that copy: the current directory comes first on ``sys.path``.
+    """
+    archive = subprocess.run(  # noqa: S603 - git, fixed arguments
+        ["git", "archive", revision, "service"],  # noqa: S607 - git from PATH, as a developer runs it
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)  # noqa: S603, S607
+    CONTENDERS["baseline"] = Contender(f"service at {revision}", [*WORKER], service=True, cwd=tree)
+    return "baseline"
+
+
 async def main() -> None:
     """Run every round, print the table, write the JSON and the plot."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -393,11 +412,19 @@ async def main() -> None:
         action="store_true",
         help="py-spy each drain into benchmarks/results/profile/ (figures then include its cost: not for the table)",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the service as of git revision REV (its package exported to a temp dir): before and after, "
+        "interleaved in one run",
+    )
     args = parser.parse_args()
     latencies = args.latency_ms or [0.0, 50.0]
     chosen = args.only or list(CONTENDERS)
     runs: list[Run] = []
     async with AsyncExitStack() as stack:
+        if args.baseline:
+            chosen.append(add_baseline(args.baseline, Path(stack.enter_context(tempfile.TemporaryDirectory()))))
         amqp_url = os.environ.get("AMQP_URL")
         local = None
         if not amqp_url:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Final, Literal, TypeVar
 
@@ -63,11 +63,15 @@ class PolicyFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_onl
 
     def rules_for(self, caller: str | None) -> CallerRules | None:
         """The rules for ``caller`` (a validated ``user_id``), ``[defaults]`` for others, None: refused."""
-        if caller:
-            rules = self.callers.get(caller)
-            if rules is not None:
-                return rules
-        return self.defaults
+        return _for_caller(self.callers, self.defaults, caller)
+
+
+R = TypeVar("R")
+
+
+def _for_caller(callers: Mapping[str, R], defaults: R | None, caller: str | None) -> R | None:
+    """A listed caller's own rules; anyone else's (a caller without a name too) are ``defaults``."""
+    return callers.get(caller, defaults) if caller else defaults
 
 
 def _matcher(patterns: Iterable[str]) -> re.Pattern[str] | None:
@@ -131,11 +135,7 @@ class Policy:
         )
 
     def _rules(self, caller: str | None) -> _Compiled | None:
-        if caller:
-            rules = self._callers.get(caller)
-            if rules is not None:
-                return rules
-        return self._defaults
+        return _for_caller(self._callers, self._defaults, caller)
 
     def reply_allowed(self, caller: str | None, queue: str) -> bool:
         """Whether a reply to ``caller`` may go to ``queue``.
