@@ -179,6 +179,7 @@ def fake_clerk(
 @click.option("--bulk", is_flag=True, help="Use the bulk lane.")
 @click.option("--msgpack", is_flag=True, help="Send MessagePack instead of JSON.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for the reply.")
+@click.option("--message-id", default=None, help="The request's idempotency key (a rerun with it gets the same token).")
 @settings_options
 def request(
     user_id: str,
@@ -187,17 +188,18 @@ def request(
     bulk: bool,
     msgpack: bool,
     timeout: float,
+    message_id: str | None,
     **options: Any,  # noqa: ANN401
 ) -> None:
     """Publish one request, wait for its reply, print it (exit 1 when it failed)."""
     if not math.isfinite(timeout) or timeout <= 0:
         fail(f"--timeout: expected a positive number of seconds, got {timeout}", EXIT_CONFIG)
     settings = _settings_or_exit(options_environ(options))
-    from service.client import TokenClient  # noqa: PLC0415
+    from service.client import ConnectionLostError, SignInTokenClient  # noqa: PLC0415
     from service.messages import Created  # noqa: PLC0415
 
     async def ask(_: asyncio.Event) -> bool:
-        async with TokenClient(
+        async with SignInTokenClient(
             settings.amqp_url,
             request_queue=settings.request_queue,
             bulk_queue=settings.bulk_queue,
@@ -210,9 +212,12 @@ def request(
                     lane=Lane.BULK if bulk else Lane.INTERACTIVE,
                     msgpack=msgpack,
                     timeout=timeout,
+                    message_id=message_id,
                 )
             except TimeoutError:
                 fail(f"no reply within {timeout:g} s (is a worker running?)")
+            except ConnectionLostError as exc:
+                fail(f"{exc}{f' ({message_id})' if message_id else ''}")
         click.echo(msgspec.json.format(msgspec.json.encode(reply)).decode())
         return isinstance(reply, Created)
 

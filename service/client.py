@@ -1,9 +1,37 @@
-"""A client of the service: publish requests, receive their replies.
+"""The client library: ask the service for sign-in tokens from any asyncio program.
 
-It publishes to the default exchange with the lane's queue as routing key,
-with a private exclusive reply queue as ``reply_to``, and matches replies to
-requests by ``correlation_id``. The ``request`` command, the demo and the
-benchmarks use it; so can any Python caller.
+    async with SignInTokenClient("amqp://user:pass@rabbit/") as client:
+        try:
+            token = await client.create("user_123", expires_in_seconds=300, timeout=5.0)
+        except UserNotFoundError as error:
+            ...  # error.code, error.message, error.upstream_status, error.clerk_trace_id, ...
+
+One connection, one channel with publisher confirms, any number of calls
+at once: each request is published to the default exchange (the lane's
+queue as routing key) and its reply matched by ``correlation_id``.
+
+- **Replies** come by direct reply-to (``amq.rabbitmq.reply-to``) by
+  default: no queue to declare or clean up, the lowest latency, and nothing
+  left behind when the program exits. ``replies="queue"`` uses an exclusive
+  queue of the client's own instead (a name the caller's policy may list as
+  ``amq.gen-*``). Either way a reply exists only while this connection does.
+- **Deadlines**: ``timeout`` becomes the request's ``x-deadline``, so a call
+  that gave up gets no token created behind its back (one Clerk returns late
+  is revoked by the service).
+- **Idempotency**: each call has a fresh ``message_id``; pass your own to
+  retry a call safely (within the service's idempotency window the retry
+  gets the same token, not a second one).
+- **Errors**: a failed reply raises the ``SignInTokenError`` subclass of its
+  code, carrying the reply's ``error`` fields. No reply within ``timeout``
+  raises ``NoReplyError``. If the connection to the broker is lost while a
+  call waits, the reply cannot reach this client any more: the call raises
+  ``ConnectionLostError`` at once (never silently hangs); so does a call made
+  while the connection is down. Retrying with the same ``message_id`` is
+  safe. The connection reconnects by itself (about a second after the broker
+  is back).
+
+The lower-level ``send`` and ``request`` return the raw and the typed reply
+without raising on a failed one (the demo and the tests use them).
 """
 
 from __future__ import annotations
@@ -12,18 +40,124 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, ClassVar, Literal, Self
 
 import aio_pika
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.exceptions import DeliveryError
 
 from service import amqp_wire
-from service.broker import open_connection
+from service.broker import CHANNEL_FAILURES, DIRECT_REPLY_TO, open_connection
 from service.lanes import Lane
-from service.messages import JSON, MSGPACK, Reply, decode_reply
+from service.messages import JSON, MSGPACK, Created, ErrorDetail, Reply, SignInToken, decode_reply
 
 amqp_wire.install()
+
+__all__ = [
+    "ConnectionLostError",
+    "DeadlineExceededError",
+    "ForbiddenError",
+    "InvalidRequestError",
+    "NoReplyError",
+    "RateLimitedError",
+    "ReceivedReply",
+    "SignInToken",
+    "SignInTokenClient",
+    "SignInTokenError",
+    "UpstreamRejectedError",
+    "UpstreamUnavailableError",
+    "UserNotFoundError",
+]
+
+
+class SignInTokenError(Exception):
+    """The service answered ``failed``: the reply's ``error`` fields, and a subclass per code."""
+
+    code: ClassVar[str] = ""
+
+    def __init__(self, error: ErrorDetail) -> None:
+        """Carry the reply's error."""
+        super().__init__(f"{error.code}: {error.message}")
+        self.error = error
+        self.message = error.message
+        self.retryable = error.retryable
+        self.upstream_status = error.upstream_status
+        self.upstream_code = error.upstream_code
+        self.clerk_trace_id = error.clerk_trace_id
+        self.attempts = error.attempts
+
+    @staticmethod
+    def of(error: ErrorDetail) -> SignInTokenError:
+        """The exception for a reply's error: its code's class, or this one for a code this client does not know."""
+        return _BY_CODE.get(error.code, SignInTokenError)(error)
+
+
+class InvalidRequestError(SignInTokenError):
+    """The request broke the contract (a field, a header); the message names it."""
+
+    code = "invalid_request"
+
+
+class ForbiddenError(SignInTokenError):
+    """The service's policy refused this caller this request; the message names the rule."""
+
+    code = "forbidden"
+
+
+class DeadlineExceededError(SignInTokenError):
+    """No token could be created before the call's deadline (none was left live)."""
+
+    code = "deadline_exceeded"
+
+
+class UserNotFoundError(SignInTokenError):
+    """Clerk has no such user (404)."""
+
+    code = "user_not_found"
+
+
+class UpstreamRejectedError(SignInTokenError):
+    """Clerk refused the request (400, 403, 422): ``message`` and ``upstream_code`` say why."""
+
+    code = "upstream_rejected"
+
+
+class RateLimitedError(SignInTokenError):
+    """Clerk still answered 429 after the service's retries."""
+
+    code = "rate_limited"
+
+
+class UpstreamUnavailableError(SignInTokenError):
+    """Clerk could not be reached or failed (5xx, timeouts) after the service's retries."""
+
+    code = "upstream_unavailable"
+
+
+_BY_CODE: dict[str, type[SignInTokenError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequestError,
+        ForbiddenError,
+        DeadlineExceededError,
+        UserNotFoundError,
+        UpstreamRejectedError,
+        RateLimitedError,
+        UpstreamUnavailableError,
+    )
+}
+
+
+class NoReplyError(TimeoutError):
+    """No reply within the call's timeout (its ``x-deadline`` has passed: no token will be created for it)."""
+
+
+class ConnectionLostError(ConnectionError):
+    """The connection to the broker was lost while the call waited; its reply can no longer arrive.
+
+    A retry with the same ``message_id`` is safe: the service answers it from its idempotency store.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +175,8 @@ class ReceivedReply:
         return decode_reply(self.body, self.content_type)
 
 
-class TokenClient:
-    """Sends sign-in token requests and waits for their replies."""
+class SignInTokenClient:
+    """Asks the service for sign-in tokens over one broker connection; use it with ``async with``."""
 
     def __init__(
         self,
@@ -50,11 +184,13 @@ class TokenClient:
         *,
         request_queue: str = "sign_in_tokens.create",
         bulk_queue: str = "sign_in_tokens.create.bulk",
+        replies: Literal["direct", "queue"] = "direct",
         name: str = "sign-in-tokens-client",
     ) -> None:
-        """A client for the service's queues; ``connect`` before use."""
+        """A client of the service's queues (the defaults are the service's); ``connect`` or ``async with``."""
         self._url = amqp_url
         self._queues = {Lane.INTERACTIVE: request_queue, Lane.BULK: bulk_queue}
+        self._replies = replies
         self._name = name
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -62,16 +198,29 @@ class TokenClient:
         self._pending: dict[str, asyncio.Future[ReceivedReply]] = {}
 
     async def connect(self) -> None:
-        """Connect and start listening on a private reply queue; BrokerUnavailableError says why not."""
+        """Connect and listen for replies; BrokerUnavailableError (a ServiceError) says why not."""
         self._connection = await open_connection(self._url, self._name)
-        self._channel = await self._connection.channel(publisher_confirms=True)
-        self._reply_queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
+        self._connection.close_callbacks.add(self._on_connection_lost)
+        channel = await self._connection.channel(publisher_confirms=True)
+        self._channel = channel
+        if self._replies == "direct":
+            await self._consume_direct_replies()
+            # The robust channel reopens after a reconnect but knows nothing of this pseudo-queue.
+            channel.reopen_callbacks.add(lambda _: self._consume_direct_replies())
+        else:
+            self._reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await self._reply_queue.consume(self._on_reply, no_ack=True)
+
+    async def _consume_direct_replies(self) -> None:
+        """Consume ``amq.rabbitmq.reply-to`` on the channel (again, once it is reopened)."""
+        if self._channel is None:
+            return
+        self._reply_queue = await self._channel.get_queue(DIRECT_REPLY_TO, ensure=False)
         await self._reply_queue.consume(self._on_reply, no_ack=True)
 
     async def close(self) -> None:
-        """Close the connection; pending requests fail."""
-        for future in self._pending.values():
-            future.cancel()
+        """Close the connection; calls still waiting raise ConnectionLostError."""
+        self._fail_pending("the client was closed")
         if self._connection is not None:
             await self._connection.close()
 
@@ -86,11 +235,20 @@ class TokenClient:
 
     @property
     def reply_queue(self) -> str:
-        """The name of this client's reply queue."""
+        """Where replies come: ``amq.rabbitmq.reply-to``, or the name of the client's own queue."""
         if self._reply_queue is None:
-            msg = "TokenClient.connect() was not called"
+            msg = "SignInTokenClient.connect() was not called"
             raise RuntimeError(msg)
         return self._reply_queue.name
+
+    def _on_connection_lost(self, *_: object) -> None:
+        self._fail_pending("the connection to the broker was lost; retry with the same message_id")
+
+    def _fail_pending(self, reason: str) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(ConnectionLostError(reason))
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._pending.pop(message.correlation_id or "", None)
@@ -105,6 +263,64 @@ class TokenClient:
                 ),
             )
 
+    async def create(
+        self,
+        user_id: str,
+        *,
+        expires_in_seconds: int | None = None,
+        org_id: str | None = None,
+        lane: Lane = Lane.INTERACTIVE,
+        timeout: float = 5.0,  # noqa: ASYNC109 - the call's deadline, sent to the service as x-deadline
+        message_id: str | None = None,
+        msgpack: bool = False,
+    ) -> SignInToken:
+        """A token for ``user_id``; raises the SignInTokenError of a failed reply, NoReplyError, ConnectionLostError."""
+        reply = await self.request(
+            user_id,
+            expires_in_seconds=expires_in_seconds,
+            org_id=org_id,
+            lane=lane,
+            timeout=timeout,
+            message_id=message_id,
+            msgpack=msgpack,
+        )
+        if isinstance(reply, Created):
+            return reply.sign_in_token
+        raise SignInTokenError.of(reply.error)
+
+    async def request(
+        self,
+        user_id: str,
+        *,
+        expires_in_seconds: int | None = None,
+        org_id: str | None = None,
+        lane: Lane = Lane.INTERACTIVE,
+        timeout: float = 30.0,  # noqa: ASYNC109 - the call's deadline, sent to the service as x-deadline
+        message_id: str | None = None,
+        msgpack: bool = False,
+    ) -> Reply:
+        """Ask for one token and return the typed reply, failed or not (``create`` raises instead)."""
+        fields: dict[str, Any] = {"user_id": user_id}
+        if expires_in_seconds is not None:
+            fields["expires_in_seconds"] = expires_in_seconds
+        if org_id is not None:
+            fields["org_id"] = org_id
+        encode = msgspec.msgpack.encode if msgpack else msgspec.json.encode
+        deadline_ms = int((time.time() + timeout) * 1000)
+        future = await self.send(
+            encode(fields),
+            lane=lane,
+            content_type=MSGPACK if msgpack else JSON,
+            message_id=message_id,
+            deadline_ms=deadline_ms,
+        )
+        try:
+            received = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            msg = f"no reply within {timeout:g} s; the service creates no token for this request after its deadline"
+            raise NoReplyError(msg) from None
+        return received.decode()
+
     async def send(
         self,
         body: bytes,
@@ -115,9 +331,9 @@ class TokenClient:
         deadline_ms: int | None = None,
         headers: dict[str, Any] | None = None,
     ) -> asyncio.Future[ReceivedReply]:
-        """Publish one request body (confirmed); return a future of its reply."""
+        """Publish one request body (confirmed by the broker); return a future of its reply."""
         if self._channel is None:
-            msg = "TokenClient.connect() was not called"
+            msg = "SignInTokenClient.connect() was not called"
             raise RuntimeError(msg)
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[ReceivedReply] = asyncio.get_running_loop().create_future()
@@ -136,31 +352,14 @@ class TokenClient:
         )
         try:
             await self._channel.default_exchange.publish(message, self._queues[lane])
+        except DeliveryError:
+            self._pending.pop(correlation_id, None)
+            raise
+        except CHANNEL_FAILURES as exc:
+            self._pending.pop(correlation_id, None)
+            msg = f"the request was not sent: the connection to the broker is down ({type(exc).__name__}); retry"
+            raise ConnectionLostError(msg) from None
         except BaseException:
             self._pending.pop(correlation_id, None)
             raise
         return future
-
-    async def request(
-        self,
-        user_id: str,
-        *,
-        expires_in_seconds: int | None = None,
-        org_id: str | None = None,
-        lane: Lane = Lane.INTERACTIVE,
-        msgpack: bool = False,
-        timeout: float = 30.0,  # noqa: ASYNC109 - a caller's bound on the whole round trip
-    ) -> Reply:
-        """Ask for one token and wait for the reply; no token is created after ``timeout`` (``x-deadline``)."""
-        fields: dict[str, Any] = {"user_id": user_id}
-        if expires_in_seconds is not None:
-            fields["expires_in_seconds"] = expires_in_seconds
-        if org_id is not None:
-            fields["org_id"] = org_id
-        encode = msgspec.msgpack.encode if msgpack else msgspec.json.encode
-        deadline_ms = int((time.time() + timeout) * 1000)
-        future = await self.send(
-            encode(fields), lane=lane, content_type=MSGPACK if msgpack else JSON, deadline_ms=deadline_ms
-        )
-        received = await asyncio.wait_for(future, timeout)
-        return received.decode()

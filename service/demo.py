@@ -22,7 +22,7 @@ import click
 import msgspec
 from tqdm import tqdm
 
-from service.client import ReceivedReply, TokenClient
+from service.client import ReceivedReply, SignInTokenClient
 from service.config import Settings, load_settings
 from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker
@@ -102,7 +102,9 @@ def _user_ids(count: int, real_user: str | None) -> list[str]:
     ]
 
 
-async def _send_all(client: TokenClient, user_ids: list[str], stop: asyncio.Event) -> list[tuple[float, ReceivedReply]]:
+async def _send_all(
+    client: SignInTokenClient, user_ids: list[str], stop: asyncio.Event
+) -> list[tuple[float, ReceivedReply]]:
     """Send every request, wait for every reply (or ``stop``); return (latency, reply) pairs."""
     results: list[tuple[float, ReceivedReply]] = []
     with tqdm(total=len(user_ids), desc="replies", unit="req") as bar:
@@ -172,7 +174,7 @@ async def run_demo(
         SCRUBBER.add_secret(settings.secret_key())
         # The client is closed after the worker has stopped (the stack unwinds in
         # reverse), so no reply in flight finds its queue gone.
-        client = TokenClient(settings.amqp_url, request_queue=settings.request_queue, name="demo-client")
+        client = SignInTokenClient(settings.amqp_url, request_queue=settings.request_queue, name="demo-client")
         await client.connect()
         stack.push_async_callback(client.close)
         workers = [Worker(settings, name=f"demo-worker-{i}") for i in range(replicas)]

@@ -9,6 +9,7 @@ leniently (Clerk may add fields); our own inputs strictly.
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -135,19 +136,50 @@ clerk_errors_decoder = msgspec.json.Decoder(ClerkErrors)
 clerk_body_encoder = msgspec.json.Encoder()
 
 
+@functools.lru_cache(maxsize=256)
+def _media_type(content_type: str) -> tuple[str | None, str | None]:
+    """``(JSON or MSGPACK or None for another type, the charset parameter lowercased or None)``.
+
+    Type and subtype are case-insensitive and may carry parameters (RFC 9110, 8.3.1):
+    ``Application/JSON; charset="UTF-8"`` is JSON. Cached: callers send a handful of spellings.
+    """
+    kind, _, parameters = content_type.partition(";")
+    kind = kind.strip().lower()
+    charset = None
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+    if kind == JSON:
+        return JSON, charset
+    return (MSGPACK if kind in _MSGPACK_ALIASES else None), charset
+
+
+def media_type(content_type: str | None) -> str | None:
+    """The canonical type of a request's ``content_type``: JSON (also when absent), MSGPACK, or None (unsupported)."""
+    if not content_type or content_type == JSON:
+        return JSON
+    return _media_type(content_type)[0]
+
+
 def is_msgpack(content_type: str | None) -> bool:
-    """Whether ``content_type`` names MessagePack."""
-    return content_type in _MSGPACK_ALIASES
-
-
-def is_supported(content_type: str | None) -> bool:
-    """Whether requests of this content type can be read."""
-    return content_type in (None, "", JSON) or is_msgpack(content_type)
+    """Whether ``content_type`` names MessagePack (with parameters or not, in any case)."""
+    return media_type(content_type) == MSGPACK
 
 
 def reply_content_type(request_content_type: str | None) -> str:
-    """The reply's content type: the request's, JSON when it had none or an unknown one."""
+    """The reply's content type: MessagePack for a MessagePack request, else JSON (none or an unknown one too)."""
     return MSGPACK if is_msgpack(request_content_type) else JSON
+
+
+def _check_charset(content_type: str | None) -> None:
+    """InvalidRequestError for a charset parameter other than UTF-8 (both encodings are UTF-8 text inside)."""
+    if not content_type or content_type == JSON:
+        return
+    charset = _media_type(content_type)[1]
+    if charset is not None and charset != "utf-8":
+        msg = f"content_type charset {charset!r} is not supported; send UTF-8 (charset=utf-8) or no charset"
+        raise InvalidRequestError(msg)
 
 
 def _is_object(body: bytes, content_type: str | None) -> bool:
@@ -194,13 +226,15 @@ def decode_request(
     encoding, InvalidRequestError (naming the field) when it is an object
     that breaks the contract.
     """
-    if not is_supported(content_type):
+    kind = media_type(content_type)
+    if kind is None:
         msg = f"unsupported content_type {content_type!r}; use {JSON} or {MSGPACK}"
         raise UndecodableError(msg)
+    _check_charset(content_type)
     if len(body) > max_body_bytes:
         msg = f"body of {len(body)} bytes exceeds the limit of {max_body_bytes}"
         raise UndecodableError(msg)
-    decoder = _msgpack_request if is_msgpack(content_type) else _json_request
+    decoder = _msgpack_request if kind == MSGPACK else _json_request
     try:
         wire = decoder.decode(body)
     except (msgspec.DecodeError, RecursionError, ValueError) as exc:

@@ -22,7 +22,7 @@ import pytest
 import redis.asyncio
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.config import Settings, load_settings
 from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker
@@ -223,12 +223,13 @@ async def worker(start_worker: WorkerFactory) -> Worker:
 @pytest.fixture
 async def client(
     amqp_url: str, queue_names: dict[str, str], request: pytest.FixtureRequest
-) -> AsyncIterator[TokenClient]:
-    """A client of this test's queues."""
-    async with TokenClient(
+) -> AsyncIterator[SignInTokenClient]:
+    """A client of this test's queues, with a reply queue of its own (tests look into it)."""
+    async with SignInTokenClient(
         amqp_url,
         request_queue=queue_names["REQUEST_QUEUE"],
         bulk_queue=queue_names["BULK_QUEUE"],
+        replies="queue",
         name=f"client-{request.node.name}",
     ) as token_client:
         yield token_client

@@ -10,7 +10,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.fake_clerk import FakeClerk
 from service.lanes import Lane
 from service.messages import Created
@@ -52,7 +52,7 @@ async def events(queue: AbstractQueue, count: int) -> list[tuple[str, dict[str, 
 
 async def test_every_outcome_is_an_event_with_the_contracts_fields_and_never_the_token(
     start_worker: WorkerFactory,
-    client: TokenClient,
+    client: SignInTokenClient,
     channel: AbstractChannel,
     audit_exchange: str,
     audit_queue: AbstractQueue,
@@ -106,7 +106,7 @@ async def test_every_outcome_is_an_event_with_the_contracts_fields_and_never_the
 
 
 async def test_a_refusal_is_a_refused_event(
-    start_worker: WorkerFactory, client: TokenClient, audit_exchange: str, audit_queue: AbstractQueue
+    start_worker: WorkerFactory, client: SignInTokenClient, audit_exchange: str, audit_queue: AbstractQueue
 ) -> None:
     """ALLOWED_PUBLISHERS refuses the client (no user_id property): refused, code forbidden."""
     await start_worker(audit_exchange=audit_exchange, allowed_publishers="billing")
@@ -118,7 +118,7 @@ async def test_a_refusal_is_a_refused_event(
 
 async def test_the_ack_and_the_reply_wait_for_the_events_confirm(
     start_worker: WorkerFactory,
-    client: TokenClient,
+    client: SignInTokenClient,
     channel: AbstractChannel,
     audit_exchange: str,
     audit_queue: AbstractQueue,
@@ -149,7 +149,7 @@ def value(metric: Any) -> float:
 
 
 async def test_an_audit_exchange_deleted_under_the_worker_is_declared_again(
-    start_worker: WorkerFactory, client: TokenClient, amqp: Any, audit_exchange: str
+    start_worker: WorkerFactory, client: SignInTokenClient, amqp: Any, audit_exchange: str
 ) -> None:
     """An operator deletes the exchange: the publish fails, the worker declares it again, the request is answered."""
     worker: Worker = await start_worker(audit_exchange=audit_exchange)

@@ -9,7 +9,7 @@ import aio_pika
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.fake_clerk import FakeClerk
 from service.lanes import Lane
 from service.messages import Created
@@ -51,7 +51,7 @@ async def test_300_concurrent_requests_are_each_answered_exactly_once(
 
 async def test_interactive_lane_is_served_ahead_of_a_bulk_backlog(
     start_worker: WorkerFactory,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """With 60 bulk requests queued, an interactive one jumps the backlog (FIFO would answer it last)."""

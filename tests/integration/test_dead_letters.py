@@ -6,7 +6,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from service.broker import _AbsentMessageId, declare_topology
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.fake_clerk import FakeClerk
 from service.messages import Failed
 from service.worker import Worker
@@ -29,14 +29,14 @@ async def test_undecodable_request_without_reply_to_is_dead_lettered(
     assert message.headers["x-original-routing-key"] == queue_names["REQUEST_QUEUE"]
 
 
-async def test_undecodable_request_with_reply_to_is_answered(worker: Worker, client: TokenClient) -> None:
+async def test_undecodable_request_with_reply_to_is_answered(worker: Worker, client: SignInTokenClient) -> None:
     """A body that is not an object but has `reply_to` gets `invalid_request`."""
     reply = (await (await client.send(b"[1, 2, 3]"))).decode()
     assert isinstance(reply, Failed)
     assert reply.error.code == "invalid_request"
 
 
-async def test_unsupported_content_type_is_answered_invalid_request(worker: Worker, client: TokenClient) -> None:
+async def test_unsupported_content_type_is_answered_invalid_request(worker: Worker, client: SignInTokenClient) -> None:
     """A content type other than JSON or MessagePack is `invalid_request`, answered in JSON."""
     received = await (await client.send(b"<user_id>u</user_id>", content_type="application/xml"))
     reply = received.decode()

@@ -8,7 +8,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.fake_clerk import FakeClerk
 from service.local_broker import free_port
 from service.messages import ErrorDetail, Failed
@@ -16,7 +16,7 @@ from service.worker import Worker
 from tests.conftest import WorkerFactory, get_message
 
 
-async def error_of(client: TokenClient, body: bytes, **send: object) -> ErrorDetail:
+async def error_of(client: SignInTokenClient, body: bytes, **send: object) -> ErrorDetail:
     """Send ``body`` and return the error of its (failed) reply."""
     reply = (await (await client.send(body, **send))).decode()  # type: ignore[arg-type]
     assert isinstance(reply, Failed), reply
@@ -41,7 +41,7 @@ async def error_of(client: TokenClient, body: bytes, **send: object) -> ErrorDet
 )
 async def test_invalid_request_names_the_problem_and_skips_clerk(
     worker: Worker,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
     body: bytes,
     names: str,
@@ -54,7 +54,7 @@ async def test_invalid_request_names_the_problem_and_skips_clerk(
     assert fake_clerk.stats.create_calls == 0
 
 
-async def test_non_integer_deadline_header_is_invalid_request(worker: Worker, client: TokenClient) -> None:
+async def test_non_integer_deadline_header_is_invalid_request(worker: Worker, client: SignInTokenClient) -> None:
     """An `x-deadline` that is not an integer makes the request `invalid_request`."""
     error = await error_of(client, b'{"user_id": "user_x"}', headers={"x-deadline": "tomorrow"})
     assert error.code == "invalid_request"
@@ -63,7 +63,7 @@ async def test_non_integer_deadline_header_is_invalid_request(worker: Worker, cl
 
 async def test_publisher_outside_the_policy_is_forbidden(
     start_worker: WorkerFactory,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """With ALLOWED_PUBLISHERS set, a request without an allowed user_id is `forbidden`."""
@@ -91,7 +91,7 @@ async def test_allowed_publisher_is_served(
 
 async def test_past_deadline_is_deadline_exceeded_without_a_token(
     worker: Worker,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """An `x-deadline` already passed: `deadline_exceeded`, Clerk not called."""
@@ -102,7 +102,7 @@ async def test_past_deadline_is_deadline_exceeded_without_a_token(
 
 async def test_deadline_passing_during_retries_is_deadline_exceeded(
     worker: Worker,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """A Retry-After that would outlast `x-deadline` ends the request `deadline_exceeded`, no token."""
@@ -112,7 +112,7 @@ async def test_deadline_passing_during_retries_is_deadline_exceeded(
     assert fake_clerk.stats.created == 0
 
 
-async def test_unknown_user_is_answered_user_not_found(worker: Worker, client: TokenClient) -> None:
+async def test_unknown_user_is_answered_user_not_found(worker: Worker, client: SignInTokenClient) -> None:
     """Clerk's 404: `user_not_found` with Clerk's status, code and trace id."""
     error = await error_of(client, b'{"user_id": "nobody"}')
     assert (error.code, error.retryable, error.upstream_status) == ("user_not_found", False, 404)
@@ -121,7 +121,7 @@ async def test_unknown_user_is_answered_user_not_found(worker: Worker, client: T
     assert error.attempts == 1
 
 
-async def test_other_4xx_is_upstream_rejected_with_clerks_message(worker: Worker, client: TokenClient) -> None:
+async def test_other_4xx_is_upstream_rejected_with_clerks_message(worker: Worker, client: SignInTokenClient) -> None:
     """Clerk's 403: `upstream_rejected` carrying Clerk's message and code."""
     error = await error_of(client, b'{"user_id": "user_x", "org_id": "acme"}')
     assert (error.code, error.upstream_status, error.upstream_code) == (
@@ -134,7 +134,7 @@ async def test_other_4xx_is_upstream_rejected_with_clerks_message(worker: Worker
 
 @pytest.mark.parametrize("status", [400, 422])
 async def test_400_and_422_are_upstream_rejected(
-    worker: Worker, client: TokenClient, fake_clerk: FakeClerk, status: int
+    worker: Worker, client: SignInTokenClient, fake_clerk: FakeClerk, status: int
 ) -> None:
     """Clerk's 400 and 422: `upstream_rejected`, not retried."""
     fake_clerk.fail_next(status)
@@ -144,7 +144,7 @@ async def test_400_and_422_are_upstream_rejected(
 
 async def test_persistent_429_is_rate_limited_after_max_attempts(
     start_worker: WorkerFactory,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """429 on every attempt: `rate_limited`, retryable, after MAX_ATTEMPTS attempts."""
@@ -156,7 +156,7 @@ async def test_persistent_429_is_rate_limited_after_max_attempts(
 
 
 async def test_persistent_5xx_is_upstream_unavailable(
-    start_worker: WorkerFactory, client: TokenClient, fake_clerk: FakeClerk
+    start_worker: WorkerFactory, client: SignInTokenClient, fake_clerk: FakeClerk
 ) -> None:
     """5xx on every attempt: `upstream_unavailable`, retryable, after MAX_ATTEMPTS attempts."""
     await start_worker(max_attempts=2)
@@ -172,7 +172,7 @@ async def test_persistent_5xx_is_upstream_unavailable(
 
 async def test_dropped_connections_are_upstream_unavailable(
     start_worker: WorkerFactory,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """A connection closed without an answer is retried, then `upstream_unavailable` with no status."""
@@ -182,7 +182,9 @@ async def test_dropped_connections_are_upstream_unavailable(
     assert (error.code, error.upstream_status, error.attempts) == ("upstream_unavailable", None, 2)
 
 
-async def test_unreachable_clerk_is_upstream_unavailable(start_worker: WorkerFactory, client: TokenClient) -> None:
+async def test_unreachable_clerk_is_upstream_unavailable(
+    start_worker: WorkerFactory, client: SignInTokenClient
+) -> None:
     """Nothing listening at CLERK_API_URL: `upstream_unavailable` after the retries."""
     await start_worker(max_attempts=2, clerk_api_url=f"http://127.0.0.1:{free_port()}/v1")
     error = await error_of(client, b'{"user_id": "user_x"}')

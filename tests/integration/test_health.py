@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.worker import Worker
 
 
@@ -23,7 +23,7 @@ async def test_healthz_and_readyz_are_200_when_consuming(worker: Worker) -> None
     assert '"consuming": true' in body
 
 
-async def test_metrics_count_requests_by_lane_and_outcome(worker: Worker, client: TokenClient) -> None:
+async def test_metrics_count_requests_by_lane_and_outcome(worker: Worker, client: SignInTokenClient) -> None:
     """/metrics is Prometheus text with requests by lane and outcome and upstream latency."""
     await client.request("user_m")
     await client.request("nobody")
@@ -37,7 +37,9 @@ async def test_metrics_count_requests_by_lane_and_outcome(worker: Worker, client
     assert "eyJ" not in text
 
 
-async def test_metrics_have_no_created_timestamps_and_show_the_store_size(worker: Worker, client: TokenClient) -> None:
+async def test_metrics_have_no_created_timestamps_and_show_the_store_size(
+    worker: Worker, client: SignInTokenClient
+) -> None:
     """No `_created` series reads like a count; the idempotency store's bytes and entries are reported."""
     await client.request("user_size")
     _, _, text = await get(worker, "/metrics")

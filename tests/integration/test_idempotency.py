@@ -9,7 +9,7 @@ import msgspec
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.config import Settings
 from service.fake_clerk import FakeClerk
 from service.messages import Created, Failed
@@ -31,7 +31,7 @@ def make_settings(make_settings: SettingsFactory, request: pytest.FixtureRequest
 
 
 async def test_same_message_id_gets_the_same_token_from_one_call(
-    worker: Worker, client: TokenClient, fake_clerk: FakeClerk
+    worker: Worker, client: SignInTokenClient, fake_clerk: FakeClerk
 ) -> None:
     """A repeated message_id is answered with the first token; Clerk is called once."""
     first = (await (await client.send(b'{"user_id": "user_a"}', message_id="same"))).decode()
@@ -42,7 +42,9 @@ async def test_same_message_id_gets_the_same_token_from_one_call(
     assert worker.metrics.dedup_hits._value.get() == 1
 
 
-async def test_concurrent_duplicates_make_one_call(worker: Worker, client: TokenClient, fake_clerk: FakeClerk) -> None:
+async def test_concurrent_duplicates_make_one_call(
+    worker: Worker, client: SignInTokenClient, fake_clerk: FakeClerk
+) -> None:
     """Ten copies of one request in flight together: one upstream call, ten identical replies."""
     fake_clerk.latency_seconds = 0.05
     futures = [await client.send(b'{"user_id": "user_a"}', message_id="burst") for _ in range(10)]
@@ -51,7 +53,7 @@ async def test_concurrent_duplicates_make_one_call(worker: Worker, client: Token
     assert fake_clerk.stats.create_calls == 1
 
 
-async def test_final_failures_are_remembered(worker: Worker, client: TokenClient, fake_clerk: FakeClerk) -> None:
+async def test_final_failures_are_remembered(worker: Worker, client: SignInTokenClient, fake_clerk: FakeClerk) -> None:
     """`user_not_found` is final: the same key gets it again without a second call."""
     for _ in range(2):
         reply = (await (await client.send(b'{"user_id": "nobody"}', message_id="nf"))).decode()
@@ -61,7 +63,7 @@ async def test_final_failures_are_remembered(worker: Worker, client: TokenClient
 
 
 async def test_retryable_failures_are_not_remembered(
-    start_worker: WorkerFactory, client: TokenClient, fake_clerk: FakeClerk
+    start_worker: WorkerFactory, client: SignInTokenClient, fake_clerk: FakeClerk
 ) -> None:
     """After `upstream_unavailable`, a retry with the same key makes a fresh attempt."""
     await start_worker(max_attempts=1)
@@ -111,7 +113,7 @@ async def test_a_reused_message_id_for_another_request_is_refused_not_answered_w
 
 
 async def test_a_replayed_key_with_another_expiry_or_organization_is_refused(
-    worker: Worker, client: TokenClient, fake_clerk: FakeClerk
+    worker: Worker, client: SignInTokenClient, fake_clerk: FakeClerk
 ) -> None:
     """The same user with another expires_in_seconds or org_id is another request."""
     first = (await (await client.send(b'{"user_id": "user_a"}', message_id="k"))).decode()
@@ -127,7 +129,11 @@ async def test_a_replayed_key_with_another_expiry_or_organization_is_refused(
 
 
 async def test_a_duplicate_with_a_missing_reply_queue_does_not_revoke_the_delivered_token(
-    worker: Worker, client: TokenClient, channel: AbstractChannel, queue_names: dict[str, str], fake_clerk: FakeClerk
+    worker: Worker,
+    client: SignInTokenClient,
+    channel: AbstractChannel,
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
 ) -> None:
     """The token came from the store: the first caller holds it, so a replay to `no-such-queue` is only dead-lettered."""
     first = (await (await client.send(b'{"user_id": "user_a"}', message_id="42"))).decode()

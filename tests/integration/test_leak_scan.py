@@ -19,7 +19,7 @@ import aiohttp
 import msgspec
 from aio_pika.abc import AbstractChannel
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.fake_clerk import FakeClerk, Fault
 from service.lanes import Lane
 from service.messages import Created, Failed
@@ -56,7 +56,7 @@ def as_text(message: aio_pika.abc.AbstractIncomingMessage) -> str:
 async def test_a_full_session_leaves_no_token_url_or_key_anywhere_but_the_replies(  # noqa: PLR0915 - one session, in order
     worker_processes: WorkerProcesses,
     fake_clerk: FakeClerk,
-    client: TokenClient,
+    client: SignInTokenClient,
     channel: AbstractChannel,
     queue_names: dict[str, str],
     tmp_path: Path,

@@ -10,7 +10,7 @@ from aio_pika.abc import AbstractChannel
 from pamqp import commands as spec
 
 from service.amqp_wire import PAMQP_VERSION, installed_version
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.fake_clerk import FakeClerk
 from service.worker import Worker
 from tests.conftest import wait_until
@@ -41,7 +41,7 @@ async def test_a_message_with_odd_properties_is_answered_and_breaks_nothing(
     odd: str,
     worker: Worker,
     channel: AbstractChannel,
-    client: TokenClient,
+    client: SignInTokenClient,
     replies: Replies,
     queue_names: dict[str, str],
     fake_clerk: FakeClerk,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.fake_clerk import FakeClerk
 from service.messages import Created, Failed
 from tests.conftest import WorkerFactory, wait_until
@@ -12,7 +12,7 @@ from tests.conftest import WorkerFactory, wait_until
 
 async def test_outage_pauses_consumption_and_requests_are_created_after_recovery(
     start_worker: WorkerFactory,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """Three unavailable answers open the breaker; nothing fails meanwhile; all are created once Clerk is back."""
@@ -33,7 +33,7 @@ async def test_outage_pauses_consumption_and_requests_are_created_after_recovery
 
 async def test_a_deadline_is_kept_while_clerk_is_unavailable(
     start_worker: WorkerFactory,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """A request waiting out an outage gets `deadline_exceeded` at its deadline, not later."""
@@ -49,7 +49,7 @@ async def test_a_deadline_is_kept_while_clerk_is_unavailable(
 
 async def test_held_requests_fail_after_outage_hold_seconds(
     start_worker: WorkerFactory,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """OUTAGE_HOLD_SECONDS bounds a request over all its attempts: `upstream_unavailable`, retryable, after about 1 s (not 5 x 1 s)."""

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.fake_clerk import FakeClerk
 from service.local_broker import free_port
 from service.messages import Created
@@ -165,7 +165,7 @@ async def test_sigterm_ends_the_start_up_retries_at_once(worker_processes: Worke
 
 
 async def test_sigterm_during_a_clerk_outage_returns_held_requests_at_once(
-    worker_processes: WorkerProcesses, fake_clerk: FakeClerk, client: TokenClient
+    worker_processes: WorkerProcesses, fake_clerk: FakeClerk, client: SignInTokenClient
 ) -> None:
     """Requests held by the breaker go back to their queue on SIGTERM; the exit does not wait out the grace period."""
     fake_clerk.fail_next(503, count=10_000)
@@ -183,7 +183,7 @@ async def test_sigterm_during_a_clerk_outage_returns_held_requests_at_once(
 
 
 async def test_sighup_without_a_policy_file_is_logged_and_ends_nothing(
-    worker_processes: WorkerProcesses, client: TokenClient
+    worker_processes: WorkerProcesses, client: SignInTokenClient
 ) -> None:
     """SIGHUP reloads POLICY_FILE; without one, the worker says there is nothing to reload and keeps answering."""
     worker = await worker_processes.start()
@@ -225,7 +225,7 @@ async def test_request_command_failures_are_one_line_and_publish_nothing(
 
 
 async def test_failures_and_retries_are_logged_with_what_clerk_said(
-    worker_processes: WorkerProcesses, client: TokenClient, fake_clerk: FakeClerk
+    worker_processes: WorkerProcesses, client: SignInTokenClient, fake_clerk: FakeClerk
 ) -> None:
     """A failure's `replied` line carries Clerk's message, status, code and trace id; a retry its attempt and status."""
     await worker_processes.start(RETRY_BASE_SECONDS="0.01")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.fake_clerk import FakeClerk
 from service.messages import Created
 from service.worker import Worker
@@ -11,7 +11,7 @@ from tests.conftest import wait_until
 
 async def test_publishing_channel_lost_mid_request_still_delivers_the_one_token(
     worker: Worker,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """The reply channel dies while Clerk is called; it reopens and the reply carries the only token."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.fake_clerk import FakeClerk
 from service.messages import Created, Failed
 from service.worker import Worker
@@ -12,7 +12,7 @@ from tests.conftest import WorkerFactory
 
 
 async def test_503_then_success_is_created_on_the_second_attempt(
-    worker: Worker, client: TokenClient, fake_clerk: FakeClerk
+    worker: Worker, client: SignInTokenClient, fake_clerk: FakeClerk
 ) -> None:
     """One 503, then Clerk works: the reply is `created`, after two upstream calls."""
     fake_clerk.fail_next(503)
@@ -22,7 +22,7 @@ async def test_503_then_success_is_created_on_the_second_attempt(
     assert worker.metrics.retries.labels("interactive")._value.get() == 1
 
 
-async def test_429_retry_after_is_honoured(worker: Worker, client: TokenClient, fake_clerk: FakeClerk) -> None:
+async def test_429_retry_after_is_honoured(worker: Worker, client: SignInTokenClient, fake_clerk: FakeClerk) -> None:
     """A 429 with `Retry-After: 1` is retried no sooner than one second later."""
     fake_clerk.fail_next(429, retry_after=1)
     started = time.monotonic()
@@ -34,7 +34,7 @@ async def test_429_retry_after_is_honoured(worker: Worker, client: TokenClient, 
 
 async def test_a_request_waiting_to_retry_does_not_hold_up_others(
     start_worker: WorkerFactory,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """While one request waits out a 2 s Retry-After, a later request is answered first."""
@@ -51,7 +51,7 @@ async def test_a_request_waiting_to_retry_does_not_hold_up_others(
 
 async def test_retry_after_longer_than_the_longest_wait_is_answered_at_once(
     worker: Worker,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """A Retry-After beyond RETRY_MAX_DELAY_SECONDS is not waited for: `rate_limited` now, retryable."""

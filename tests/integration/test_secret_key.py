@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.fake_clerk import FakeClerk
 from service.messages import Created, Failed
 from service.worker import Worker
@@ -14,7 +14,7 @@ from tests.workers import readyz
 
 async def test_bad_key_pauses_without_replies_and_resumes_when_it_works(
     worker: Worker,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """Requests sent while the key is rejected wait, unanswered; all are answered once it works."""
@@ -36,7 +36,7 @@ async def test_bad_key_pauses_without_replies_and_resumes_when_it_works(
 
 async def test_readiness_follows_clerks_last_word_on_the_key(
     start_worker: WorkerFactory,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """The held probe answered without a call to Clerk (its deadline passed) does not make the bad key good."""
@@ -59,7 +59,7 @@ async def test_readiness_follows_clerks_last_word_on_the_key(
 
 async def test_a_probe_whose_hold_ran_out_goes_on_probing_and_the_worker_turns_ready(
     start_worker: WorkerFactory,
-    client: TokenClient,
+    client: SignInTokenClient,
     fake_clerk: FakeClerk,
 ) -> None:
     """KEY_PROBE_HOLD_SECONDS passes: the request goes back, probing goes on without it, and all resumes when the key works."""

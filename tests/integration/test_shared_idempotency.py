@@ -10,7 +10,7 @@ import redis.asyncio
 from aio_pika.abc import AbstractChannel
 from pamqp import commands as spec
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.dedup import Remembered, idempotency_key
 from service.dedup._redis import RedisIdempotencyStore
 from service.errors import DeadlineExceededError
@@ -124,7 +124,7 @@ async def test_without_redis_a_claim_waits_to_its_deadline_and_readiness_says_so
 
 
 async def test_two_in_process_replicas_answer_copies_of_one_request_with_one_token(
-    start_worker: WorkerFactory, client: TokenClient, fake_clerk: FakeClerk, redis_url: str
+    start_worker: WorkerFactory, client: SignInTokenClient, fake_clerk: FakeClerk, redis_url: str
 ) -> None:
     """Ten copies of one message_id spread over two workers: one call to Clerk, one token in every reply."""
     fake_clerk.latency_seconds = 0.2

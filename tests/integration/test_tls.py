@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.local_broker import LocalBroker, TlsListener
 from service.local_redis import LocalRedis
 from service.messages import Created
@@ -78,7 +78,7 @@ async def test_a_worker_over_tls_verifies_both_servers_and_answers(
     amqps = tls_node.amqps_url(pki.amqp_query())
     worker = await start_worker(amqp_url=amqps, redis_url=tls_redis.tls_url(pki.redis_query()))
     assert worker.clerk.limiter.shared
-    async with TokenClient(
+    async with SignInTokenClient(
         amqps, request_queue=queue_names["REQUEST_QUEUE"], bulk_queue=queue_names["BULK_QUEUE"]
     ) as client:
         assert isinstance(await client.request("user_over_tls"), Created)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from service.client import TokenClient
+from service.client import SignInTokenClient
 from service.fake_clerk import FakeClerk
 from service.messages import Failed
 from service.worker import Worker
@@ -12,7 +12,7 @@ from tests.conftest import WorkerFactory, wait_until
 
 
 async def test_a_deadline_shorter_than_clerks_latency_leaves_no_live_token_and_no_outage(
-    start_worker: WorkerFactory, client: TokenClient, fake_clerk: FakeClerk
+    start_worker: WorkerFactory, client: SignInTokenClient, fake_clerk: FakeClerk
 ) -> None:
     """Clerk answers in 1.2 s, deadlines are 600 ms: every token made is revoked, and Clerk is not marked down."""
     worker = await start_worker(outage_failure_threshold=3)
@@ -29,7 +29,7 @@ async def test_a_deadline_shorter_than_clerks_latency_leaves_no_live_token_and_n
 
 
 async def test_a_200_that_is_not_a_token_is_not_retried_and_its_token_is_revoked(
-    worker: Worker, client: TokenClient, fake_clerk: FakeClerk
+    worker: Worker, client: SignInTokenClient, fake_clerk: FakeClerk
 ) -> None:
     """One upstream call, the token it made revoked, `upstream_unavailable` not retryable, the breaker untouched."""
     fake_clerk.malformed_next = 1

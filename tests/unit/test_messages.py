@@ -17,6 +17,8 @@ from service.messages import (
     UndecodableError,
     decode_request,
     encode_clerk_body,
+    media_type,
+    reply_content_type,
 )
 
 # On a fresh checkout hypothesis builds its Unicode table (about 2 s) during the first draw;
@@ -81,3 +83,36 @@ def test_oversized_body_is_rejected_before_parsing() -> None:
 def test_clerk_body_omits_absent_fields() -> None:
     """Only the fields given are sent to Clerk, so Clerk applies its defaults."""
     assert encode_clerk_body(CreateSignInTokenRequestBody(user_id="user_1")) == b'{"user_id":"user_1"}'
+
+
+@pytest.mark.parametrize(
+    ("content_type", "kind"),
+    [
+        (None, JSON),
+        ("", JSON),
+        ("application/json; charset=utf-8", JSON),
+        ("Application/JSON", JSON),
+        ('APPLICATION/json ; Charset="UTF-8"', JSON),
+        ("application/json;foo=bar", JSON),
+        ("application/msgpack; charset=utf-8", MSGPACK),
+        ("Application/X-MsgPack", MSGPACK),
+        ("text/plain; charset=utf-8", None),
+        ("application/jsonx", None),
+    ],
+)
+def test_media_types_are_case_insensitive_and_may_carry_parameters(content_type: str | None, kind: str | None) -> None:
+    """Type and subtype in any case, parameters allowed: what HTTP-minded clients send."""
+    assert media_type(content_type) == kind
+    if kind is not None:
+        body = msgspec.msgpack.encode({"user_id": "u"}) if kind == MSGPACK else b'{"user_id": "u"}'
+        assert decode_request(body, content_type, max_expires_in_seconds=60, max_body_bytes=1000).user_id == "u"
+        assert reply_content_type(content_type) == kind
+
+
+@pytest.mark.parametrize("charset", ["latin-1", "utf-16", "utf8", '"ascii"'])
+def test_a_charset_other_than_utf8_is_invalid_request(charset: str) -> None:
+    """Only UTF-8 text is read: another charset is refused by name, not decoded wrongly."""
+    with pytest.raises(InvalidRequestError, match=r"charset .* is not supported; send UTF-8"):
+        decode_request(
+            b'{"user_id": "u"}', f"application/json; charset={charset}", max_expires_in_seconds=60, max_body_bytes=99
+        )
