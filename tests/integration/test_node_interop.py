@@ -1,0 +1,56 @@
+"""A Node.js caller (amqplib, @msgpack/msgpack) gets its tokens: camelCase, direct reply-to, x-deadline, charsets.
+
+Its packages are installed by scripts/setup (``npm ci``) when ``node`` is on the machine; without
+``node`` or without them, the test is skipped and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.fake_clerk import FakeClerk
+
+NODE_DIR = Path(__file__).parents[1] / "interop" / "node"
+
+
+async def test_a_nodejs_caller_gets_its_tokens(
+    worker: object, amqp_url: str, queue_names: dict[str, str], fake_clerk: FakeClerk
+) -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the Node.js interoperability test needs Node.js 20")
+    if not (NODE_DIR / "node_modules" / "amqplib").is_dir():
+        pytest.skip(f"amqplib is not installed in {NODE_DIR}: run scripts/setup (npm ci) with node present")
+    process = await asyncio.create_subprocess_exec(
+        node,
+        str(NODE_DIR / "client.mjs"),
+        env={"AMQP_URL": amqp_url, "REQUEST_QUEUE": queue_names["REQUEST_QUEUE"]},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=NODE_DIR,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    replies = {r["correlationId"]: r for r in map(json.loads, stdout.decode().splitlines())}
+    assert set(replies) == {"ts-json", "ts-json-caps", "ts-msgpack", "ts-latin1"}
+    for name, user in (
+        ("ts-json", "user_ts_json"),
+        ("ts-json-caps", "user_ts_caps"),
+        ("ts-msgpack", "user_ts_msgpack"),
+    ):
+        reply = replies[name]
+        assert reply["outcome"] == "created", reply
+        assert reply["body"]["sign_in_token"]["user_id"] == user
+    assert replies["ts-msgpack"]["contentType"] == "application/msgpack"
+    assert replies["ts-json"]["contentType"] == "application/json"
+    latin1 = replies["ts-latin1"]["body"]["error"]
+    assert (latin1["code"], latin1["message"]) == (
+        "invalid_request",
+        "content_type charset 'iso-8859-1' is not supported; send UTF-8 (charset=utf-8) or no charset",
+    )
+    assert fake_clerk.stats.create_calls == 3

@@ -1,0 +1,73 @@
+// A caller from the TypeScript world, as a new user would write one: amqplib, direct reply-to,
+// camelCase bodies, an x-deadline from Date.now(), JSON with a charset and MessagePack.
+// Prints one JSON line a reply: {"correlationId", "contentType", "outcome", "body"}.
+import amqp from "amqplib";
+import { decode, encode } from "@msgpack/msgpack";
+
+const url = process.env.AMQP_URL;
+const queue = process.env.REQUEST_QUEUE ?? "sign_in_tokens.create";
+const REPLY_TO = "amq.rabbitmq.reply-to";
+
+const requests = [
+  {
+    correlationId: "ts-json",
+    contentType: "application/json; charset=utf-8",
+    body: Buffer.from(JSON.stringify({ userId: "user_ts_json", expiresInSeconds: 300 })),
+  },
+  {
+    correlationId: "ts-json-caps",
+    contentType: "Application/JSON",
+    body: Buffer.from(JSON.stringify({ userId: "user_ts_caps" })),
+  },
+  {
+    correlationId: "ts-msgpack",
+    contentType: "application/msgpack",
+    body: Buffer.from(encode({ userId: "user_ts_msgpack", expiresInSeconds: 60 })),
+  },
+  {
+    correlationId: "ts-latin1",
+    contentType: "application/json; charset=iso-8859-1",
+    body: Buffer.from(JSON.stringify({ userId: "user_ts_latin1" })),
+  },
+];
+
+const connection = await amqp.connect(url);
+const channel = await connection.createChannel();
+const pending = new Map();
+let allAnswered;
+const done = new Promise((resolve) => {
+  allAnswered = resolve;
+});
+// Direct reply-to: consume first, then publish on the same channel.
+await channel.consume(
+  REPLY_TO,
+  (message) => {
+    const contentType = message.properties.contentType;
+    const body =
+      contentType === "application/msgpack" ? decode(message.content) : JSON.parse(message.content.toString("utf8"));
+    const correlationId = message.properties.correlationId;
+    console.log(JSON.stringify({ correlationId, contentType, outcome: message.properties.headers["x-outcome"], body }));
+    pending.delete(correlationId);
+    if (pending.size === 0) allAnswered();
+  },
+  { noAck: true },
+);
+for (const request of requests) {
+  pending.set(request.correlationId, request);
+  channel.sendToQueue(queue, request.body, {
+    contentType: request.contentType,
+    correlationId: request.correlationId,
+    messageId: request.correlationId,
+    replyTo: REPLY_TO,
+    persistent: true,
+    headers: { "x-deadline": Date.now() + 10_000 },
+  });
+}
+const timeout = setTimeout(() => {
+  console.error(`no reply for ${[...pending.keys()].join(", ")} within 20 s`);
+  process.exit(1);
+}, 20_000);
+await done;
+clearTimeout(timeout);
+await channel.close();
+await connection.close();
