@@ -77,7 +77,7 @@ async def caller_urls(session_node: LocalBroker | None) -> dict[str, str]:
     names = ", ".join(f'<<"{name}">>' for name in CALLERS)
     await session_node.ctl(
         "eval",
-        f'[begin rabbit_auth_backend_internal:add_user(U, U, <<"tests">>), '
+        f'[begin catch rabbit_auth_backend_internal:add_user(U, U, <<"tests">>), '
         f'rabbit_auth_backend_internal:set_permissions(U, <<"/">>, <<".*">>, <<".*">>, <<".*">>, '
         f'<<"tests">>) end || U <- [{names}]].',
     )

@@ -51,19 +51,22 @@ async def vhost(session_node: LocalBroker | None) -> AsyncIterator[tuple[LocalBr
     name = f"perm-{uuid.uuid4().hex[:8]}"
     users = permission_rows()
     assert set(users) == {"sign-in-tokens", "support-portal", "orders-service", "audit-archiver"}
+    # Each user named after the vhost too: users are the node's, and other tests make some of these names.
     grants = " ".join(
-        f'rabbit_auth_backend_internal:add_user(<<"{u}">>, <<"{u}">>, <<"t">>),'
-        f' rabbit_auth_backend_internal:set_permissions(<<"{u}">>, <<"{name}">>, <<"{c}">>, <<"{w}">>, <<"{r}">>,'
+        f'rabbit_auth_backend_internal:add_user(<<"{name}.{u}">>, <<"{u}">>, <<"t">>),'
+        f' rabbit_auth_backend_internal:set_permissions(<<"{name}.{u}">>, <<"{name}">>, <<"{c}">>, <<"{w}">>, <<"{r}">>,'
         f' <<"t">>),'
         for u, (c, w, r) in users.items()
     ).replace("\\", "\\\\")
     await session_node.ctl("eval", f'rabbit_vhost:add(<<"{name}">>, <<"t">>), {grants} ok.')
     yield session_node, name
-    await session_node.ctl("eval", f'rabbit_vhost:delete(<<"{name}">>, <<"t">>).')
+    deletions = " ".join(f'rabbit_auth_backend_internal:delete_user(<<"{name}.{u}">>, <<"t">>),' for u in users)
+    await session_node.ctl("eval", f'rabbit_vhost:delete(<<"{name}">>, <<"t">>), {deletions} ok.')
 
 
 def url_as(node: LocalBroker, vhost: str, user: str) -> str:
-    return node.url.replace("guest:guest", f"{user}:{user}").rstrip("/") + f"/{vhost}"
+    """The URL of the vhost as the page's ``user`` (made as ``VHOST.USER``)."""
+    return node.url.replace("guest:guest", f"{vhost}.{user}:{user}").rstrip("/") + f"/{vhost}"
 
 
 async def test_the_documented_permissions_serve_every_caller_and_keep_them_out_of_the_service_queues(
@@ -92,7 +95,7 @@ async def test_the_documented_permissions_serve_every_caller_and_keep_them_out_o
         channel = await portal.channel()
         replies = await channel.declare_queue("support.replies.eu", exclusive=True)
         await channel.default_exchange.publish(
-            aio_pika.Message(b'{"user_id": "user_1"}', reply_to=replies.name, user_id="support-portal"),
+            aio_pika.Message(b'{"user_id": "user_1"}', reply_to=replies.name, user_id=f"{name}.support-portal"),
             "sign_in_tokens.create",
         )
         reply = await get_message(channel, replies.name)
