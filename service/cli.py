@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -222,6 +223,72 @@ def request(
         return isinstance(reply, Created)
 
     if not run(ask):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "output_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON lines, one a row (mode 0600: it holds tokens); a rerun skips the rows it has.",
+)
+@click.option(
+    "--failures",
+    "failures_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The failed rows, in the input's format, to feed back in. [default: OUTPUT.failed.csv or .jsonl]",
+)
+@click.option(
+    "--max-outstanding",
+    type=click.IntRange(min=1, max=100_000),
+    default=None,
+    help="Requests sent and not yet answered, at most. [default: a minute of CLERK_RATE_LIMIT]",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@settings_options
+def bulk(
+    input_path: Path,
+    output_path: Path,
+    failures_path: Path | None,
+    max_outstanding: int | None,
+    no_progress: bool,
+    **options: Any,  # noqa: ANN401
+) -> None:
+    """Ask for a token for every row of INPUT (CSV with a user_id column, or .jsonl) on the bulk lane."""
+    settings = _settings_or_exit(options_environ(options))
+    from service.bulk import BulkInputError, BulkRun, default_outstanding  # noqa: PLC0415
+
+    jsonl = input_path.suffix.lower() in {".jsonl", ".ndjson"}
+    failures = failures_path or output_path.with_name(output_path.name + (".failed.jsonl" if jsonl else ".failed.csv"))
+    outstanding = max_outstanding or default_outstanding(settings.rate_limit, settings.clerk_rate_window_seconds)
+
+    async def go(stop: asyncio.Event) -> bool:
+        async with BulkRun(
+            settings.amqp_url,
+            settings.bulk_queue,
+            input_path,
+            output_path,
+            failures,
+            outstanding,
+            progress=not no_progress,
+        ) as job:
+            try:
+                summary = await job.run(stop)
+            except BulkInputError as exc:
+                fail(str(exc), EXIT_CONFIG)
+        click.echo(f"sign-in-tokens bulk: {summary.text()}; output {output_path}; failures {failures}", err=True)
+        if summary.bad_rows:
+            click.echo(f"sign-in-tokens bulk: {summary.bad_rows} bad rows (their lines are in the log above)", err=True)
+        if not summary.complete:
+            click.echo("sign-in-tokens bulk: stopped before every row was answered; rerun the same command", err=True)
+        return summary.complete
+
+    if not run(go):
         sys.exit(1)
 
 

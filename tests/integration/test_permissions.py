@@ -2,12 +2,13 @@
 
 The table is read from the page itself, so the page cannot drift from what was tested: in a vhost
 of its own, the workers' user runs a worker with the default names, a caller with its own reply
-queues and one using direct reply-to each get a token, the archiver binds a queue to the audit
-trail and reads it, and neither caller can read the service's queues.
+queues, one using direct reply-to and the bulk tool each get their tokens, the archiver binds a
+queue to the audit trail and reads it, and no caller can read the service's queues.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 import uuid
@@ -18,6 +19,7 @@ import aio_pika
 import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
+from service.bulk import BulkRun
 from service.config import load_settings
 from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker
@@ -50,7 +52,7 @@ async def vhost(session_node: LocalBroker | None) -> AsyncIterator[tuple[LocalBr
         pytest.skip("needs users made with rabbitmqctl on the tests' own broker; AMQP_URL names another")
     name = f"perm-{uuid.uuid4().hex[:8]}"
     users = permission_rows()
-    assert set(users) == {"sign-in-tokens", "support-portal", "orders-service", "audit-archiver"}
+    assert set(users) == {"sign-in-tokens", "support-portal", "orders-service", "audit-archiver", "onboarding-job"}
     # Each user named after the vhost too: users are the node's, and other tests make some of these names.
     grants = " ".join(
         f'rabbit_auth_backend_internal:add_user(<<"{name}.{u}">>, <<"{u}">>, <<"t">>),'
@@ -70,7 +72,7 @@ def url_as(node: LocalBroker, vhost: str, user: str) -> str:
 
 
 async def test_the_documented_permissions_serve_every_caller_and_keep_them_out_of_the_service_queues(
-    vhost: tuple[LocalBroker, str], fake_clerk: FakeClerk
+    vhost: tuple[LocalBroker, str], fake_clerk: FakeClerk, tmp_path: Path
 ) -> None:
     node, name = vhost
     settings = load_settings(
@@ -122,6 +124,20 @@ async def test_the_documented_permissions_serve_every_caller_and_keep_them_out_o
                 await declared.get(no_ack=True, fail=False)
         events = [await get_message(archive_channel, archive.name) for _ in range(2)]
         assert [e.routing_key for e in events] == ["created.interactive", "created.interactive"]
+        # The bulk tool, as its own user: its durable reply queue declared, read and deleted.
+        source = tmp_path / "users.csv"
+        source.write_text("user_id\nuser_3\nuser_4\n")
+        async with BulkRun(
+            url_as(node, name, "onboarding-job"),
+            "sign_in_tokens.create.bulk",
+            source,
+            tmp_path / "out.jsonl",
+            tmp_path / "failed.csv",
+            10,
+            progress=False,
+        ) as job:
+            summary = await job.run(asyncio.Event())
+        assert (summary.complete, summary.outcomes["created"]) == (True, 2)
         await direct.close()
         await portal.close()
         await archiver.close()
