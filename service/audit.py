@@ -25,7 +25,7 @@ from pamqp import commands as spec
 from service.amqp_wire import printable
 from service.broker import CHANNEL_FAILURES, ReplyPublisher, declare_audit_exchange
 from service.lanes import Lane
-from service.messages import Created, CreateSignInTokenRequestBody, Reply
+from service.messages import Created, CreateSignInTokenRequestBody, Reply, Revoked, outcome
 
 Event = Literal["created", "refused", "failed", "revoked"]
 # The codes of requests the policy turned away: ``refused``, not ``failed``.
@@ -85,8 +85,8 @@ class Subject:
 
 def outcome_event(reply: Reply) -> tuple[Event, str | None, str | None]:
     """The event of a reply: ``(event, code, sign_in_token_id)``."""
-    if isinstance(reply, Created):
-        return "created", None, reply.sign_in_token.id
+    if isinstance(reply, Created | Revoked):
+        return outcome(reply), None, reply.sign_in_token.id
     code = reply.error.code
     return ("refused" if code in _REFUSALS else "failed"), code, None
 

@@ -49,7 +49,7 @@ from yarl import URL
 from service import amqp_wire
 from service.config import Settings
 from service.errors import ConfigError, ServiceError, untrusted_certificate
-from service.lanes import Lane
+from service.lanes import REVOKE, Lane, Source, source_label
 
 amqp_wire.install()
 log = structlog.get_logger(__name__)
@@ -135,9 +135,9 @@ def lane_queue_arguments(settings: Settings) -> dict[str, Any]:
     }
 
 
-def lane_queue_names(settings: Settings) -> dict[Lane, str]:
-    """The queue of each lane."""
-    return {Lane.INTERACTIVE: settings.request_queue, Lane.BULK: settings.bulk_queue}
+def lane_queue_names(settings: Settings) -> dict[Source, str]:
+    """The queue of each lane, and the revocations' queue: what the worker consumes."""
+    return {Lane.INTERACTIVE: settings.request_queue, Lane.BULK: settings.bulk_queue, REVOKE: settings.revoke_queue}
 
 
 async def _declare(
@@ -183,7 +183,7 @@ async def declare_topology(connection: AbstractRobustConnection, settings: Setti
         await _declare(connection, "queue", name, _queue(name, lane_queue_arguments(settings)))
 
 
-OnMessage = Callable[[DeliveredMessage, Lane], Awaitable[None]]
+OnMessage = Callable[[DeliveredMessage, Source], Awaitable[None]]
 
 
 class LaneConsumers:
@@ -203,15 +203,15 @@ class LaneConsumers:
         self._settings = settings
         self._channel: AbstractRobustChannel | None = None
         self._names = lane_queue_names(settings)
-        # Each lane's consumer: the channel it was made on, and its tag there.
-        self._tags: dict[Lane, tuple[aiormq.abc.AbstractChannel, str]] = {}
+        # Each queue's consumer: the channel it was made on, and its tag there.
+        self._tags: dict[Source, tuple[aiormq.abc.AbstractChannel, str]] = {}
         self._lock = asyncio.Lock()
-        self._callbacks = {lane: self._callback(on_message, lane) for lane in Lane}
+        self._callbacks = {source: self._callback(on_message, source) for source in self._names}
 
     @property
     def consuming(self) -> bool:
-        """Whether both lanes are being consumed."""
-        return len(self._tags) == len(Lane)
+        """Whether every queue (both lanes, the revocations) is being consumed."""
+        return len(self._tags) == len(self._names)
 
     async def open(self) -> None:
         """Open the channel and bind to the (already declared) queues."""
@@ -224,13 +224,13 @@ class LaneConsumers:
         self._channel = channel
 
     @staticmethod
-    def _callback(on_message: OnMessage, lane: Lane) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
+    def _callback(on_message: OnMessage, source: Source) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
         async def on_delivery(message: DeliveredMessage) -> None:
-            await on_message(message, lane)
+            await on_message(message, source)
 
         return on_delivery
 
-    async def _consume(self, lane: Lane) -> None:
+    async def _consume(self, lane: Source) -> None:
         if self._channel is None:
             msg = "LaneConsumers.open() was not called"
             raise RuntimeError(msg)
@@ -241,9 +241,9 @@ class LaneConsumers:
     async def resume(self) -> None:
         """Start consuming every lane not already consumed."""
         async with self._lock:
-            for lane in Lane:
-                if lane not in self._tags:
-                    await self._consume(lane)
+            for source in self._names:
+                if source not in self._tags:
+                    await self._consume(source)
 
     async def pause(self) -> None:
         """Stop taking new messages; those delivered stay with their handlers."""
@@ -268,7 +268,7 @@ class LaneConsumers:
                 except (*CHANNEL_FAILURES, RuntimeError) as exc:
                     # Not consumed: /readyz says so (consuming: false) rather than a stale tag.
                     del self._tags[lane]
-                    log.warning("lane_not_consumed", lane=lane.value, reason=type(exc).__name__)
+                    log.warning("lane_not_consumed", lane=source_label(lane), reason=type(exc).__name__)
 
 
 _PERSISTENT: Final = int(aio_pika.DeliveryMode.PERSISTENT)

@@ -39,7 +39,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, Abstrac
 from tqdm import tqdm
 
 from service.broker import CHANNEL_FAILURES, open_connection
-from service.messages import JSON, Created, decode_reply
+from service.messages import JSON, Failed, decode_reply, outcome
 
 log = structlog.get_logger(__name__)
 
@@ -341,10 +341,10 @@ class BulkRun:
                 error = {"code": "reply_not_understood", "message": "the reply could not be decoded", "retryable": True}
                 entry.update(outcome="failed", error=error)
             else:
-                if isinstance(reply, Created):
-                    entry.update(outcome="created", sign_in_token=msgspec.to_builtins(reply.sign_in_token))
-                else:
+                if isinstance(reply, Failed):
                     entry.update(outcome="failed", error=msgspec.to_builtins(reply.error))
+                else:
+                    entry.update(outcome=outcome(reply), sign_in_token=msgspec.to_builtins(reply.sign_in_token))
             output.write(entry)
             if key in self._holding:
                 self._holding.discard(key)

@@ -46,11 +46,22 @@ import aio_pika
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import DeliveryError
+from yarl import URL
 
 from service import amqp_wire
 from service.broker import CHANNEL_FAILURES, DIRECT_REPLY_TO, open_connection
 from service.lanes import Lane
-from service.messages import JSON, MSGPACK, Created, ErrorDetail, Reply, SignInToken, decode_reply
+from service.messages import (
+    JSON,
+    MSGPACK,
+    Created,
+    ErrorDetail,
+    Failed,
+    Reply,
+    Revoked,
+    SignInToken,
+    decode_reply,
+)
 
 amqp_wire.install()
 
@@ -184,12 +195,19 @@ class SignInTokenClient:
         *,
         request_queue: str = "sign_in_tokens.create",
         bulk_queue: str = "sign_in_tokens.create.bulk",
+        revoke_queue: str = "sign_in_tokens.revoke",
         replies: Literal["direct", "queue"] = "direct",
         name: str = "sign-in-tokens-client",
     ) -> None:
-        """A client of the service's queues (the defaults are the service's); ``connect`` or ``async with``."""
+        """A client of the service's queues (the defaults are the service's); ``connect`` or ``async with``.
+
+        Requests carry the URL's user as their ``user_id`` property (RabbitMQ checks it is the
+        connection's): that is the caller the service's policy and its revocations know.
+        """
         self._url = amqp_url
         self._queues = {Lane.INTERACTIVE: request_queue, Lane.BULK: bulk_queue}
+        self._revoke_queue = revoke_queue
+        self._user_id = URL(amqp_url).user or None
         self._replies = replies
         self._name = name
         self._connection: AbstractRobustConnection | None = None
@@ -284,9 +302,24 @@ class SignInTokenClient:
             message_id=message_id,
             msgpack=msgpack,
         )
-        if isinstance(reply, Created):
-            return reply.sign_in_token
-        raise SignInTokenError.of(reply.error)
+        return _token_or_raise(reply, Created)
+
+    async def revoke(
+        self,
+        sign_in_token_id: str,
+        *,
+        timeout: float = 5.0,  # noqa: ASYNC109 - the call's deadline, sent to the service as x-deadline
+        message_id: str | None = None,
+    ) -> SignInToken:
+        """Revoke a token this caller received (an impersonation that ended early); the token, status ``revoked``.
+
+        Only the caller the token was given to may revoke it: anyone else gets ForbiddenError.
+        """
+        body = msgspec.json.encode({"sign_in_token_id": sign_in_token_id})
+        future = await self.send(
+            body, queue=self._revoke_queue, message_id=message_id, deadline_ms=_deadline_ms(timeout)
+        )
+        return _token_or_raise(await _reply_within(future, timeout), Revoked)
 
     async def request(
         self,
@@ -306,32 +339,27 @@ class SignInTokenClient:
         if org_id is not None:
             fields["org_id"] = org_id
         encode = msgspec.msgpack.encode if msgpack else msgspec.json.encode
-        deadline_ms = int((time.time() + timeout) * 1000)
         future = await self.send(
             encode(fields),
             lane=lane,
             content_type=MSGPACK if msgpack else JSON,
             message_id=message_id,
-            deadline_ms=deadline_ms,
+            deadline_ms=_deadline_ms(timeout),
         )
-        try:
-            received = await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            msg = f"no reply within {timeout:g} s; the service creates no token for this request after its deadline"
-            raise NoReplyError(msg) from None
-        return received.decode()
+        return await _reply_within(future, timeout)
 
     async def send(
         self,
         body: bytes,
         *,
         lane: Lane = Lane.INTERACTIVE,
+        queue: str | None = None,
         content_type: str | None = JSON,
         message_id: str | None = None,
         deadline_ms: int | None = None,
         headers: dict[str, Any] | None = None,
     ) -> asyncio.Future[ReceivedReply]:
-        """Publish one request body (confirmed by the broker); return a future of its reply."""
+        """Publish one body (confirmed by the broker) to ``lane``'s queue, or ``queue``; a future of its reply."""
         if self._channel is None:
             msg = "SignInTokenClient.connect() was not called"
             raise RuntimeError(msg)
@@ -347,11 +375,12 @@ class SignInTokenClient:
             correlation_id=correlation_id,
             message_id=message_id or correlation_id,
             reply_to=self.reply_queue,
+            user_id=self._user_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             headers=all_headers or None,
         )
         try:
-            await self._channel.default_exchange.publish(message, self._queues[lane])
+            await self._channel.default_exchange.publish(message, queue or self._queues[lane])
         except DeliveryError:
             self._pending.pop(correlation_id, None)
             raise
@@ -363,3 +392,36 @@ class SignInTokenClient:
             self._pending.pop(correlation_id, None)
             raise
         return future
+
+
+def _deadline_ms(timeout: float) -> int:
+    """The ``x-deadline`` of a call that waits ``timeout`` seconds."""
+    return int((time.time() + timeout) * 1000)
+
+
+async def _reply_within(future: asyncio.Future[ReceivedReply], seconds: float) -> Reply:
+    """The reply, or NoReplyError after ``seconds``."""
+    try:
+        received = await asyncio.wait_for(future, seconds)
+    except TimeoutError:
+        msg = f"no reply within {seconds:g} s; the service does nothing for this request after its deadline"
+        raise NoReplyError(msg) from None
+    return received.decode()
+
+
+def _token_or_raise(reply: Reply, expected: type[Created | Revoked]) -> SignInToken:
+    """The reply's token, or the SignInTokenError of its code."""
+    if isinstance(reply, Failed):
+        raise SignInTokenError.of(reply.error)
+    if not isinstance(reply, expected):
+        detail = ErrorDetail(
+            code="unexpected_reply",
+            message=f"a {type(reply).__name__} reply to this call",
+            retryable=False,
+            upstream_status=None,
+            upstream_code=None,
+            clerk_trace_id=None,
+            attempts=0,
+        )
+        raise SignInTokenError(detail)
+    return reply.sign_in_token

@@ -73,6 +73,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     redis_url: str | None = None
     request_queue: QueueName = "sign_in_tokens.create"
     bulk_queue: QueueName = "sign_in_tokens.create.bulk"
+    revoke_queue: QueueName = "sign_in_tokens.revoke"
     results_queue: QueueName = "sign_in_tokens.results"
     dead_letter_queue: QueueName = "sign_in_tokens.dead"
     http_host: str = "0.0.0.0"  # noqa: S104 - probes reach the pod on its own address

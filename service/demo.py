@@ -28,7 +28,7 @@ from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker
 from service.local_redis import LocalRedis
 from service.logs import SCRUBBER, configure_logging
-from service.messages import Created, Reply
+from service.messages import Created, Failed, Reply
 from service.worker import Worker
 
 # Every UNKNOWN_EVERY-th demo request names a user the fake Clerk does not know.
@@ -148,7 +148,7 @@ async def _counted(workers: list[Worker], total: int) -> None:
 def _summary(results: list[tuple[float, ReceivedReply]], elapsed: float) -> str:
     replies = [r.decode() for _, r in results]
     created = sum(isinstance(r, Created) for r in replies)
-    failures = Counter(r.error.code for r in replies if not isinstance(r, Created))
+    failures = Counter(r.error.code for r in replies if isinstance(r, Failed))
     failed = ", ".join(f"{code}: {n}" for code, n in failures.most_common()) or "none"
     latencies = sorted(seconds * 1000 for seconds, _ in results)
     p50 = statistics.median(latencies)

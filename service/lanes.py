@@ -14,6 +14,7 @@ import enum
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Final, Literal
 
 
 class Lane(enum.Enum):
@@ -21,6 +22,16 @@ class Lane(enum.Enum):
 
     INTERACTIVE = "interactive"
     BULK = "bulk"
+
+
+# The third queue the worker consumes: revocations (REVOKE_QUEUE), served at Clerk as interactive calls.
+REVOKE: Final = "revoke"
+Source = Lane | Literal["revoke"]
+
+
+def source_label(source: Source) -> str:
+    """A source's name in metrics and logs: ``interactive``, ``bulk`` or ``revoke``."""
+    return source.value if isinstance(source, Lane) else source
 
 
 class LaneGate:

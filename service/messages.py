@@ -109,14 +109,36 @@ class Created(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome", ta
     sign_in_token: SignInToken
 
 
+class Revoked(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome", tag="revoked"):
+    """A revocation request was served: the token as Clerk returned it, its status ``revoked``."""
+
+    sign_in_token: SignInToken
+
+
 class Failed(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome", tag="failed"):
-    """No token: the error says why."""
+    """No token (or no revocation): the error says why."""
 
     error: ErrorDetail
 
 
-Reply = Created | Failed
-Outcome = Literal["created", "failed"]
+Reply = Created | Revoked | Failed
+Outcome = Literal["created", "revoked", "failed"]
+
+
+def outcome(reply: Reply) -> Outcome:
+    """The reply's ``outcome`` tag (also its ``x-outcome`` header)."""
+    if isinstance(reply, Created):
+        return "created"
+    return "revoked" if isinstance(reply, Revoked) else "failed"
+
+
+class RevokeRequest(Strict, frozen=True):
+    """A revocation request (``REVOKE_QUEUE``), in either spelling."""
+
+    sign_in_token_id: Annotated[str, Meta(min_length=1, max_length=256)] | UnsetType = UNSET
+    sign_in_token_id_camel: Annotated[str, Meta(min_length=1, max_length=256)] | UnsetType = msgspec.field(
+        default=UNSET, name="signInTokenId"
+    )
 
 
 class UndecodableError(Exception):
@@ -125,6 +147,8 @@ class UndecodableError(Exception):
 
 _json_request = msgspec.json.Decoder(SignInTokenRequest)
 _msgpack_request = msgspec.msgpack.Decoder(SignInTokenRequest)
+_json_revoke = msgspec.json.Decoder(RevokeRequest)
+_msgpack_revoke = msgspec.msgpack.Decoder(RevokeRequest)
 _json_any = msgspec.json.Decoder()
 _msgpack_any = msgspec.msgpack.Decoder()
 _json_reply_encoder = msgspec.json.Encoder()
@@ -213,14 +237,13 @@ def _one_spelling(wire: SignInTokenRequest) -> CreateSignInTokenRequestBody:
     )
 
 
-def decode_request(
+def _decode_object(
     body: bytes,
     content_type: str | None,
-    *,
-    max_expires_in_seconds: int,
+    decoders: tuple[msgspec.json.Decoder[Any], msgspec.msgpack.Decoder[Any]],
     max_body_bytes: int,
-) -> CreateSignInTokenRequestBody:
-    """Decode and validate one request body.
+) -> Any:  # noqa: ANN401 - the decoders' struct
+    """Decode a body with the decoder of its content type.
 
     Raises UndecodableError when the body is not an object in a supported
     encoding, InvalidRequestError (naming the field) when it is an object
@@ -234,20 +257,45 @@ def decode_request(
     if len(body) > max_body_bytes:
         msg = f"body of {len(body)} bytes exceeds the limit of {max_body_bytes}"
         raise UndecodableError(msg)
-    decoder = _msgpack_request if kind == MSGPACK else _json_request
+    decoder = decoders[1] if kind == MSGPACK else decoders[0]
     try:
-        wire = decoder.decode(body)
+        return decoder.decode(body)
     except (msgspec.DecodeError, RecursionError, ValueError) as exc:
         if not _is_object(body, content_type):
             msg = "body is not a JSON or MessagePack object"
             raise UndecodableError(msg) from None
         raise InvalidRequestError(str(exc)) from None
+
+
+def decode_request(
+    body: bytes,
+    content_type: str | None,
+    *,
+    max_expires_in_seconds: int,
+    max_body_bytes: int,
+) -> CreateSignInTokenRequestBody:
+    """Decode and validate one request body (UndecodableError, InvalidRequestError: see ``_decode_object``)."""
+    wire: SignInTokenRequest = _decode_object(body, content_type, (_json_request, _msgpack_request), max_body_bytes)
     request = _one_spelling(wire)
     expires = request.expires_in_seconds
     if expires is not None and expires > max_expires_in_seconds:
         msg = f"Expected `int` <= {max_expires_in_seconds} - at `$.expires_in_seconds`"
         raise InvalidRequestError(msg)
     return request
+
+
+def decode_revoke(body: bytes, content_type: str | None, *, max_body_bytes: int) -> str:
+    """The ``sign_in_token_id`` of a revocation request (UndecodableError, InvalidRequestError as for a create)."""
+    wire: RevokeRequest = _decode_object(body, content_type, (_json_revoke, _msgpack_revoke), max_body_bytes)
+    snake, camel = wire.sign_in_token_id, wire.sign_in_token_id_camel
+    if snake is not UNSET and camel is not UNSET:
+        msg = "mixes snake_case and camelCase field names; use one spelling"
+        raise InvalidRequestError(msg)
+    token_id = camel if snake is UNSET else snake
+    if isinstance(token_id, UnsetType):
+        msg = "Object missing required field `sign_in_token_id`"
+        raise InvalidRequestError(msg)
+    return token_id
 
 
 def encode_reply(reply: Reply, content_type: str) -> bytes:

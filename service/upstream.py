@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import Final
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
@@ -212,8 +213,17 @@ class ClerkClient:
         status, _, _ = await self._post("probe", "/sign_in_tokens", b"{}")
         return status < 500
 
-    async def revoke(self, token_id: str) -> None:
-        """Revoke a pending token; raise the error Clerk's answer means."""
-        status, body, retry_after = await self._post("revoke", f"/sign_in_tokens/{token_id}/revoke", b"")
+    async def revoke(self, token_id: str) -> SignInToken:
+        """Revoke a pending token; the token as Clerk returns it (status ``revoked``), or the error its answer means."""
+        status, body, retry_after = await self._post(
+            "revoke", f"/sign_in_tokens/{quote(token_id, safe='')}/revoke", b""
+        )
+        if status == 429:
+            await self.limiter.on_429(parse_retry_after(retry_after) or 1.0)
         if status != 200:
             raise error_for(status, body, retry_after)
+        try:
+            return clerk_token_decoder.decode(body)
+        except msgspec.DecodeError:
+            msg = "Clerk answered the revocation 200 with a body that is not a SignInToken"
+            raise UpstreamMalformedError(msg, token_id=None, upstream_status=status) from None

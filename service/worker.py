@@ -32,6 +32,7 @@ from service.envelope import Envelope
 from service.errors import (
     ConfigError,
     DeadlineExceededError,
+    ForbiddenError,
     InvalidRequestError,
     KeyRejectedError,
     RequestError,
@@ -40,8 +41,9 @@ from service.errors import (
     UpstreamMalformedError,
     UpstreamUnavailableError,
 )
+from service.grants import Grants
 from service.health import HealthServer, Metrics
-from service.lanes import Lane
+from service.lanes import REVOKE, Lane, Source, source_label
 from service.logs import bind, bind_request
 from service.messages import (
     Created,
@@ -49,14 +51,18 @@ from service.messages import (
     ErrorDetail,
     Failed,
     Reply,
+    Revoked,
     SignInToken,
     UndecodableError,
     decode_request,
+    decode_revoke,
     encode_clerk_body,
     encode_reply,
+    outcome,
     reply_content_type,
 )
 from service.policy import Policy, policy_from_settings
+from service.redis_link import REDIS_FAILURES
 from service.retry import RetryPolicy, probe_delays
 from service.upstream import ClerkClient
 
@@ -87,14 +93,14 @@ def failed(error: RequestError) -> Failed:
 
 
 def outcome_of(reply: Reply) -> str:
-    """``created``, or the error code."""
-    return "created" if isinstance(reply, Created) else reply.error.code
+    """``created``, ``revoked``, or the error code."""
+    return reply.error.code if isinstance(reply, Failed) else outcome(reply)
 
 
 def reply_log_fields(reply: Reply) -> dict[str, object]:
     """What a ``replied`` line says of a reply: for a failure, everything to quote to Clerk's support."""
-    if isinstance(reply, Created):
-        return {"outcome": "created", "sign_in_token_id": reply.sign_in_token.id}
+    if not isinstance(reply, Failed):
+        return {"outcome": outcome(reply), "sign_in_token_id": reply.sign_in_token.id}
     error = reply.error
     return {
         "outcome": error.code,
@@ -117,6 +123,7 @@ class Worker:
         self.clerk = ClerkClient(settings, self._observe_upstream)
         self.policy: Policy = policy_from_settings(settings)
         self.dedup = open_store(settings)
+        self.grants = Grants(self.dedup.redis, settings.key_id())
         store = self.dedup
         if isinstance(store, MemoryIdempotencyStore):  # Redis's memory is Redis's to report
             self.metrics.idempotency_bytes.set_function(lambda: store.size_bytes)
@@ -280,11 +287,11 @@ class Worker:
 
     # -- one message ---------------------------------------------------------
 
-    async def _on_message(self, message: DeliveredMessage, lane: Lane) -> None:
+    async def _on_message(self, message: DeliveredMessage, lane: Source) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
-        in_flight = self.metrics.labelled(self.metrics.in_flight, lane.value)
+        in_flight = self.metrics.labelled(self.metrics.in_flight, source_label(lane))
         in_flight.inc()
         try:
             await self.handle(message, lane)
@@ -304,41 +311,71 @@ class Worker:
         log.error("unexpected_error", error=exc, exc_info=exc)
         await self._return(message, "unexpected_error")
 
-    async def handle(self, message: DeliveredMessage, lane: Lane) -> None:
-        """Answer one request, or dead-letter it; raise KeyRejectedError on a 401."""
+    async def handle(self, message: DeliveredMessage, source: Source) -> None:
+        """Answer one request (a create, or a revocation), or dead-letter it; raise KeyRejectedError on a 401."""
         envelope = Envelope.of(message, self.settings.results_queue)
         bind_request(
             correlation_id=envelope.correlation_id,
             message_id=envelope.message_id,
             publisher=envelope.publisher,
-            lane=lane.value,
+            lane=source_label(source),
         )
         policy = self.policy  # this request's rules, whatever a reload does meanwhile
+        # A revocation goes to Clerk as an interactive call, and is audited on that lane.
+        lane = source if isinstance(source, Lane) else Lane.INTERACTIVE
         subject = Subject(envelope.publisher, lane, envelope.correlation_id, envelope.message_id)
         if not policy.reply_allowed(envelope.publisher, envelope.reply_to):
             # Nothing goes to a queue the caller may not use, not even a refusal.
             await self._dead_letter(message, subject, "forbidden_reply_to", ("refused", "forbidden"))
             return
+        from_store = False
         try:
-            request = decode_request(
-                message.body,
-                envelope.content_type,
-                max_expires_in_seconds=self.settings.max_expires_in_seconds,
-                max_body_bytes=self.settings.max_body_bytes,
-            )
+            if source == REVOKE:
+                reply = await self._revocation(message, envelope, subject)
+            else:
+                reply, from_store = await self._creation(message, envelope, subject, policy)
         except UndecodableError as exc:
             if not envelope.has_reply_to:
                 await self._dead_letter(message, subject, "undecodable", ("failed", InvalidRequestError.code))
                 return
-            reply: Reply = failed(InvalidRequestError(str(exc)))
-            from_store = False
+            reply = failed(InvalidRequestError(str(exc)))
         except InvalidRequestError as exc:
-            reply, from_store = failed(exc), False
-        else:
-            bind(user_id=request.user_id)
-            subject.asks_for(request)
-            reply, from_store = await self._answer(request, envelope, subject, policy)
+            reply = failed(exc)
         await self._deliver(message, envelope, reply, subject, from_store=from_store)
+
+    async def _creation(
+        self, message: DeliveredMessage, envelope: Envelope, subject: Subject, policy: Policy
+    ) -> tuple[Reply, bool]:
+        """Decode a create, then answer it (UndecodableError, InvalidRequestError: the body is bad)."""
+        request = decode_request(
+            message.body,
+            envelope.content_type,
+            max_expires_in_seconds=self.settings.max_expires_in_seconds,
+            max_body_bytes=self.settings.max_body_bytes,
+        )
+        bind(user_id=request.user_id)
+        subject.asks_for(request)
+        return await self._answer(request, envelope, subject, policy)
+
+    async def _revocation(self, message: DeliveredMessage, envelope: Envelope, subject: Subject) -> Reply:
+        """Revoke a token for the caller it was given to (UndecodableError, InvalidRequestError: the body is bad)."""
+        token_id = decode_revoke(message.body, envelope.content_type, max_body_bytes=self.settings.max_body_bytes)
+        bind(sign_in_token_id=token_id)
+        envelope.deadline()  # checked as for a create; a revocation is never harmful late, so it is not cut short
+        if not await self.grants.received_by(token_id, envelope.publisher):
+            msg = f"sign-in token {token_id!r} was not given to this caller (or its record has expired)"
+            return failed(ForbiddenError(msg))
+
+        async def attempt() -> SignInToken:
+            return await self.clerk.revoke(token_id)
+
+        try:
+            token, _ = await self.retry.run(attempt, deadline=None, sleep=self._sleep_unless_stopping)
+        except RequestError as exc:
+            return failed(exc)
+        subject.user_id = token.user_id
+        self.metrics.revoked.inc()
+        return Revoked(sign_in_token=token)
 
     async def _answer(
         self,
@@ -452,8 +489,10 @@ class Worker:
         properties = broker.reply_properties(
             content_type=content_type,
             correlation_id=envelope.correlation_id,
-            outcome="created" if isinstance(reply, Created) else "failed",
+            outcome=outcome(reply),
         )
+        if isinstance(reply, Created):
+            await self._grant(reply.sign_in_token.id, subject)
         try:
             await self._publisher_or_fail().publish(encode_reply(reply, content_type), properties, envelope.reply_to)
         except broker.ReplyRefusedError:
@@ -466,6 +505,14 @@ class Worker:
         await self._ack(message)
         self.metrics.labelled(self.metrics.requests, subject.lane.value, outcome_of(reply)).inc()
         log.info("replied", reply_to=envelope.reply_to, **reply_log_fields(reply))
+
+    async def _grant(self, token_id: str, subject: Subject) -> None:
+        """Record who receives the token (before it is sent, so its revocation can follow at once)."""
+        try:
+            await self.grants.record(token_id, subject.caller, subject.expires_in_seconds)
+        except REDIS_FAILURES as exc:
+            # The caller gets its token all the same; revoking it through the queue will be refused.
+            log.warning("grant_not_recorded", sign_in_token_id=token_id, reason=type(exc).__name__)
 
     async def _audited(self, message: DeliveredMessage, event: AuditEvent) -> bool:
         """Publish ``event``; False, the request given back to its queue, when the broker never confirmed it."""
@@ -593,7 +640,7 @@ class Worker:
 
     # -- the key -------------------------------------------------------------
 
-    async def _hold_for_key(self, message: DeliveredMessage, lane: Lane) -> None:
+    async def _hold_for_key(self, message: DeliveredMessage, lane: Source) -> None:
         self.metrics.key_rejected.inc()
         if self._probe is not None or self.stopping.is_set():
             await self._return(message, "key_rejected")
@@ -603,7 +650,7 @@ class Worker:
         log.error("secret_key_rejected", action="pausing consumption; holding one request as a probe")
         await self._pause("key_rejected")
 
-    async def _probe_key(self, message: DeliveredMessage, lane: Lane) -> None:
+    async def _probe_key(self, message: DeliveredMessage, lane: Source) -> None:
         """Probe with backoff until Clerk accepts the key again, then resume.
 
         The held request is the probe while it is held; once it is answered
@@ -635,7 +682,7 @@ class Worker:
     async def _probe_with(
         self,
         message: DeliveredMessage,
-        lane: Lane,
+        lane: Source,
         held_since: float,
     ) -> DeliveredMessage | None:
         """Try the held request again; return it while it is still held."""

@@ -142,6 +142,7 @@ async def queue_names(amqp: AbstractRobustConnection) -> AsyncIterator[dict[str,
         "BULK_QUEUE": f"{prefix}.create.bulk",
         "RESULTS_QUEUE": f"{prefix}.results",
         "DEAD_LETTER_QUEUE": f"{prefix}.dead",
+        "REVOKE_QUEUE": f"{prefix}.revoke",
     }
     yield names
     cleanup = await amqp.channel()

@@ -72,7 +72,7 @@ async def test_every_outcome_is_an_event_with_the_contracts_fields_and_never_the
         assert set(event) == FIELDS
         assert event["at"].endswith("Z")
     first = got[0][1]
-    assert first["caller"] is None  # the client publishes without a user_id property
+    assert first["caller"] == "guest"  # the client sends its connection's user as the user_id property
     assert (first["user_id"], first["sign_in_token_id"], first["expires_in_seconds"]) == (
         "user_1",
         created.sign_in_token.id,

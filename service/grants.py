@@ -1,0 +1,61 @@
+"""Who received which token, so that only that caller can have it revoked through the queue.
+
+When a ``created`` reply is confirmed, the worker records the token's id
+with a digest of the caller (the request's validated ``user_id``) for as
+long as the token can live (its ``expires_in_seconds``, Clerk's 30 days
+when absent). A revocation request is served only for the caller recorded.
+With ``REDIS_URL`` the record is in Redis (every replica sees it; keys and
+values are digests, so a listing shows no token id or caller), else in this
+process, bounded to ``MAX_ENTRIES`` (the oldest go first: such a token can
+then no longer be revoked through the queue, only at Clerk).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from typing import Final
+
+from service.redis_link import RedisLink
+
+# Clerk's lifetime of a token asked for without ``expires_in_seconds``.
+CLERK_DEFAULT_LIFETIME_SECONDS: Final = 2_592_000
+MAX_ENTRIES: Final = 1_000_000
+REDIS_KEY_PREFIX: Final = "sign_in_tokens:grant"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class Grants:
+    """The record of which caller received each token."""
+
+    def __init__(self, redis: RedisLink | None, key_id: str, max_entries: int = MAX_ENTRIES) -> None:
+        """In Redis through ``redis`` (under the Clerk key's digest ``key_id``), else in this process."""
+        self._redis = redis
+        self._prefix = f"{REDIS_KEY_PREFIX}:{key_id}:"
+        self._max_entries = max_entries
+        self._memory: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    async def record(self, token_id: str, caller: str | None, expires_in_seconds: int | None) -> None:
+        """Remember that ``caller`` received ``token_id``; raise REDIS_FAILURES when Redis does not take it."""
+        lifetime = expires_in_seconds or CLERK_DEFAULT_LIFETIME_SECONDS
+        holder = _digest(caller or "")
+        if self._redis is not None:
+            await self._redis.command("SET", self._prefix + _digest(token_id), holder, "EX", lifetime)
+            return
+        self._memory[token_id] = (holder, time.monotonic() + lifetime)
+        self._memory.move_to_end(token_id)
+        while len(self._memory) > self._max_entries:
+            self._memory.popitem(last=False)
+
+    async def received_by(self, token_id: str, caller: str | None) -> bool:
+        """Whether ``caller`` is the one recorded as having received ``token_id`` (and the record lives)."""
+        holder = _digest(caller or "")
+        if self._redis is not None:
+            found = await self._redis.command("GET", self._prefix + _digest(token_id))
+            return found is not None and found.decode() == holder
+        entry = self._memory.get(token_id)
+        return entry is not None and entry[0] == holder and entry[1] > time.monotonic()
