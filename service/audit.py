@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import aio_pika
 import msgspec
 from aio_pika.abc import AbstractRobustConnection
 from pamqp import commands as spec
 
+from service import tracing
 from service.amqp_wire import printable
 from service.broker import CHANNEL_FAILURES, ReplyPublisher, declare_audit_exchange
 from service.lanes import Lane
@@ -117,7 +118,11 @@ class AuditTrail:
     async def record(self, event: AuditEvent) -> None:
         """Publish ``event``; return once confirmed, or raise as ``ReplyPublisher.publish``."""
         # Properties of its own, each event: aiormq writes a message_id into them.
-        properties = spec.Basic.Properties(content_type="application/json", delivery_mode=_PERSISTENT)
+        headers: dict[str, Any] = {}
+        tracing.inject(headers)
+        properties = spec.Basic.Properties(
+            content_type="application/json", delivery_mode=_PERSISTENT, headers=headers or None
+        )
         await self._publisher.publish_event(
             self._exchange, f"{event.event}.{event.lane}", _encoder.encode(event), properties
         )

@@ -46,7 +46,7 @@ from aiormq.exceptions import ChannelNotFoundEntity, ProbableAuthenticationError
 from pamqp import commands as spec
 from yarl import URL
 
-from service import amqp_wire
+from service import amqp_wire, tracing
 from service.config import Settings
 from service.errors import ConfigError, ServiceError, untrusted_certificate
 from service.lanes import REVOKE, Lane, Source, source_label
@@ -279,11 +279,13 @@ def reply_properties(*, content_type: str, correlation_id: str | None, outcome: 
 
     Built directly (an ``aio_pika.Message`` would check and convert each attribute again per reply).
     """
+    headers: dict[str, Any] = {"x-outcome": outcome}
+    tracing.inject(headers)  # traceparent and tracestate, when tracing is on
     return spec.Basic.Properties(
         content_type=content_type,
         correlation_id=correlation_id,
         delivery_mode=_PERSISTENT,
-        headers={"x-outcome": outcome},
+        headers=headers,
     )
 
 

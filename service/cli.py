@@ -22,6 +22,7 @@ import msgspec
 import structlog
 import uvloop
 
+from service import tracing
 from service.broker import BrokerUnavailableError
 from service.config import FIELDS, Settings, env_name, load_settings
 from service.errors import ConfigError, ServiceError
@@ -56,6 +57,7 @@ def configured(environ: dict[str, str]) -> Settings:
     """Settings from ``environ``; logging configured, the key known to the log scrubber."""
     settings = load_settings(environ)
     configure_logging(settings.log_format, settings.log_level)
+    tracing.configure_from_env(environ)
     if settings.clerk_secret_key is not None:
         SCRUBBER.add_secret(settings.clerk_secret_key.reveal())
     return settings

@@ -46,9 +46,10 @@ import aio_pika
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import DeliveryError
+from opentelemetry.trace import SpanKind
 from yarl import URL
 
-from service import amqp_wire
+from service import amqp_wire, tracing
 from service.broker import CHANNEL_FAILURES, DIRECT_REPLY_TO, open_connection
 from service.lanes import Lane
 from service.messages import (
@@ -61,6 +62,7 @@ from service.messages import (
     Revoked,
     SignInToken,
     decode_reply,
+    outcome,
 )
 
 amqp_wire.install()
@@ -316,10 +318,11 @@ class SignInTokenClient:
         Only the caller the token was given to may revoke it: anyone else gets ForbiddenError.
         """
         body = msgspec.json.encode({"sign_in_token_id": sign_in_token_id})
-        future = await self.send(
-            body, queue=self._revoke_queue, message_id=message_id, deadline_ms=_deadline_ms(timeout)
-        )
-        return _token_or_raise(await _reply_within(future, timeout), Revoked)
+        with tracing.span("sign_in_tokens revoke", kind=SpanKind.CLIENT):
+            future = await self.send(
+                body, queue=self._revoke_queue, message_id=message_id, deadline_ms=_deadline_ms(timeout)
+            )
+            return _token_or_raise(await _reply_within(future, timeout), Revoked)
 
     async def request(
         self,
@@ -339,14 +342,19 @@ class SignInTokenClient:
         if org_id is not None:
             fields["org_id"] = org_id
         encode = msgspec.msgpack.encode if msgpack else msgspec.json.encode
-        future = await self.send(
-            encode(fields),
-            lane=lane,
-            content_type=MSGPACK if msgpack else JSON,
-            message_id=message_id,
-            deadline_ms=_deadline_ms(timeout),
-        )
-        return await _reply_within(future, timeout)
+        with tracing.span(
+            "sign_in_tokens create", kind=SpanKind.CLIENT, attributes={"sign_in_tokens.lane": lane.value}
+        ):
+            future = await self.send(
+                encode(fields),
+                lane=lane,
+                content_type=MSGPACK if msgpack else JSON,
+                message_id=message_id,
+                deadline_ms=_deadline_ms(timeout),
+            )
+            reply = await _reply_within(future, timeout)
+            tracing.annotate(**{"sign_in_tokens.outcome": outcome(reply)})
+            return reply
 
     async def send(
         self,
@@ -369,6 +377,7 @@ class SignInTokenClient:
         all_headers = dict(headers or {})
         if deadline_ms is not None:
             all_headers["x-deadline"] = deadline_ms
+        tracing.inject(all_headers)  # the current span (the call's) goes with the request
         message = aio_pika.Message(
             body=body,
             content_type=content_type,

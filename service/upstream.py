@@ -19,8 +19,9 @@ from urllib.parse import quote
 
 import aiohttp
 import msgspec
+from opentelemetry.trace import SpanKind
 
-from service import __version__
+from service import __version__, tracing
 from service.config import Settings
 from service.errors import (
     DeadlineExceededError,
@@ -168,19 +169,25 @@ class ClerkClient:
         if self._session is None:
             msg = "ClerkClient.start() was not called"
             raise RuntimeError(msg)
-        await self.limiter.acquire(lane, deadline)
+        with tracing.span("rate slot"):
+            await self.limiter.acquire(lane, deadline)
         async with self.gate.turn(lane):
             if deadline is not None and time.time() >= deadline:
                 msg = "x-deadline passed while the request waited for its turn"
                 raise DeadlineExceededError(msg)
             started = time.perf_counter()
-            try:
-                async with self._session.post(self._base + path, data=body) as response:
-                    answer = response.status, await response.read(), response.headers.get("Retry-After")
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                # The exception's text may name our URL; its type is enough and safe.
-                msg = f"Clerk could not be reached: {type(exc).__name__}"
-                raise UpstreamUnavailableError(msg) from None
+            with tracing.span(
+                f"clerk {operation}", kind=SpanKind.CLIENT, attributes={"http.request.method": "POST"}
+            ) as call:
+                try:
+                    async with self._session.post(self._base + path, data=body) as response:
+                        answer = response.status, await response.read(), response.headers.get("Retry-After")
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    # The exception's text may name our URL; its type is enough and safe.
+                    msg = f"Clerk could not be reached: {type(exc).__name__}"
+                    raise UpstreamUnavailableError(msg) from None
+                if call is not None:
+                    call.set_attribute("http.response.status_code", answer[0])
         if self._observe is not None:
             self._observe(operation, time.perf_counter() - started)
         self._learn_key(answer[0])

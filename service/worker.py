@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Final
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
+from opentelemetry.trace import SpanKind
 
-from service import broker
+from service import broker, tracing
 from service.acks import Acks
 from service.audit import AuditEvent, AuditTrail, Event, Subject, outcome_event
 from service.breaker import OutageHold, UpstreamBreaker
@@ -312,7 +313,27 @@ class Worker:
         await self._return(message, "unexpected_error")
 
     async def handle(self, message: DeliveredMessage, source: Source) -> None:
-        """Answer one request (a create, or a revocation), or dead-letter it; raise KeyRejectedError on a 401."""
+        """Answer one request (a create, or a revocation), or dead-letter it; raise KeyRejectedError on a 401.
+
+        With tracing on, its span continues the caller's trace (``traceparent`` in its headers).
+        """
+        if not tracing.enabled():
+            await self._handle(message, source)
+            return
+        with tracing.span(
+            "sign_in_tokens process",
+            parent=tracing.extract(message.header.properties.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation": "process",
+                "messaging.destination.name": message.routing_key or "",
+                "sign_in_tokens.lane": source_label(source),
+            },
+        ):
+            await self._handle(message, source)
+
+    async def _handle(self, message: DeliveredMessage, source: Source) -> None:
         envelope = Envelope.of(message, self.settings.results_queue)
         bind_request(
             correlation_id=envelope.correlation_id,
@@ -347,12 +368,13 @@ class Worker:
         self, message: DeliveredMessage, envelope: Envelope, subject: Subject, policy: Policy
     ) -> tuple[Reply, bool]:
         """Decode a create, then answer it (UndecodableError, InvalidRequestError: the body is bad)."""
-        request = decode_request(
-            message.body,
-            envelope.content_type,
-            max_expires_in_seconds=self.settings.max_expires_in_seconds,
-            max_body_bytes=self.settings.max_body_bytes,
-        )
+        with tracing.span("decode"):
+            request = decode_request(
+                message.body,
+                envelope.content_type,
+                max_expires_in_seconds=self.settings.max_expires_in_seconds,
+                max_body_bytes=self.settings.max_body_bytes,
+            )
         bind(user_id=request.user_id)
         subject.asks_for(request)
         return await self._answer(request, envelope, subject, policy)
@@ -387,7 +409,8 @@ class Worker:
         """The reply to a decoded request, and whether it came from the idempotency store."""
         try:
             deadline = envelope.deadline()
-            request = policy.admit(envelope.publisher, subject.lane, request)
+            with tracing.span("policy"):
+                request = policy.admit(envelope.publisher, subject.lane, request)
         except RequestError as exc:
             return failed(exc), False
         subject.asks_for(request)
@@ -442,6 +465,7 @@ class Worker:
 
         token, attempts = await self.retry.run(attempt, deadline=deadline, sleep=backoff, on_retry=_log_retry)
         bind(sign_in_token_id=token.id, attempts=attempts)
+        tracing.annotate(**{"sign_in_tokens.attempts": attempts})
         return token
 
     async def _attempt(self, body: bytes, deadline: float | None, subject: Subject, hold: OutageHold) -> SignInToken:
@@ -493,8 +517,12 @@ class Worker:
         )
         if isinstance(reply, Created):
             await self._grant(reply.sign_in_token.id, subject)
+        tracing.annotate(**{"sign_in_tokens.outcome": outcome_of(reply)})
         try:
-            await self._publisher_or_fail().publish(encode_reply(reply, content_type), properties, envelope.reply_to)
+            with tracing.span("reply publish", kind=SpanKind.PRODUCER):
+                await self._publisher_or_fail().publish(
+                    encode_reply(reply, content_type), properties, envelope.reply_to
+                )
         except broker.ReplyRefusedError:
             await self._reply_refused(message, envelope, reply, subject, from_store=from_store)
             return
@@ -531,7 +559,8 @@ class Worker:
         delays = probe_delays(self.settings.retry_max_delay_seconds)
         for attempt in range(1, self.settings.max_attempts + 1):
             try:
-                await audit.record(event)
+                with tracing.span("audit event", kind=SpanKind.PRODUCER):
+                    await audit.record(event)
             except (broker.ReplyRefusedError, broker.ReplyFateUnknownError) as exc:
                 self.metrics.audit_unconfirmed.inc()
                 log.warning("audit_event_unconfirmed", audit_event=event.event, attempt=attempt, reason=str(exc))

@@ -1,0 +1,50 @@
+"""Tracing is off unless the OTEL_* variables ask for an exporter; the trace context rides in headers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from service import tracing
+
+
+@pytest.fixture(autouse=True)
+def off_after() -> Iterator[None]:
+    yield
+    tracing.use(None)
+
+
+@pytest.mark.parametrize(
+    ("environ", "on"),
+    [
+        ({}, False),
+        ({"OTEL_SERVICE_NAME": "x"}, False),  # naming the service asks for no exporter
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, True),
+        ({"OTEL_TRACES_EXPORTER": "console"}, True),
+    ],
+)
+def test_the_standard_variables_turn_it_on(environ: dict[str, str], on: bool) -> None:  # noqa: FBT001
+    assert tracing.configure_from_env(environ) is on
+    assert tracing.enabled() is on
+
+
+def test_off_nothing_is_injected_and_on_the_context_round_trips_through_headers() -> None:
+    headers: dict[str, object] = {}
+    tracing.inject(headers)
+    assert headers == {}
+    with tracing.span("nothing") as made:
+        assert made is None
+    tracing.use(TracerProvider())
+    with tracing.span("caller") as made:
+        assert made is not None
+        tracing.inject(headers)
+    assert str(headers["traceparent"]).startswith("00-")
+    # AMQP hands header values back as bytes: the context is read all the same.
+    received = {k: str(v).encode() for k, v in headers.items()}
+    context = tracing.extract(received)
+    with tracing.span("worker", parent=context) as child:
+        assert child is not None
+        assert child.get_span_context().trace_id == made.get_span_context().trace_id
