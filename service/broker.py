@@ -30,7 +30,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 
 import aio_pika
 import aiormq
@@ -184,6 +184,8 @@ async def declare_topology(connection: AbstractRobustConnection, settings: Setti
 
 
 OnMessage = Callable[[DeliveredMessage, Source], Awaitable[None]]
+# Why the worker copies a request to DEAD_LETTER_QUEUE: its ``x-dead-letter-reason`` header.
+DeadLetterReason = Literal["undecodable", "reply_refused", "forbidden_reply_to"]
 
 
 class LaneConsumers:
@@ -384,7 +386,7 @@ class ReplyPublisher:
         """Publish to ``exchange`` (not ``mandatory``: an exchange nobody has bound yet is not an error)."""
         await self._publish(body, routing_key, properties, mandatory=False, exchange=exchange)
 
-    async def dead_letter(self, message: DeliveredMessage, reason: str) -> None:
+    async def dead_letter(self, message: DeliveredMessage, reason: DeadLetterReason) -> None:
         """Copy the request to DEAD_LETTER_QUEUE with the reason; raise as ``publish``."""
         await self._require_queue(self._dead_letter_queue)
         properties = _copy_for_dead_letter(message, reason)

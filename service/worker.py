@@ -595,7 +595,7 @@ class Worker:
         self,
         message: DeliveredMessage,
         subject: Subject,
-        reason: str,
+        reason: broker.DeadLetterReason,
         outcome: tuple[Event, str] | None = None,
     ) -> None:
         """Copy the request to DEAD_LETTER_QUEUE, its ``outcome`` audited first when it has none yet."""
