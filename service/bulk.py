@@ -126,7 +126,7 @@ def read_rows(path: Path) -> Iterator[Row | BadRow]:
     """Every row of a CSV or JSON lines file, numbered by its line in the file."""
     seen: Counter[str] = Counter()
     with path.open(encoding="utf-8-sig", newline="") as file:
-        if path.suffix.lower() in {".jsonl", ".ndjson"}:
+        if is_jsonl(path):
             for line, text in enumerate(file, start=1):
                 if not text.strip():
                     continue
@@ -180,6 +180,26 @@ class Output:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+
+
+def is_jsonl(path: Path) -> bool:
+    """Whether ``path`` is read (and its failures written) as JSON lines rather than CSV."""
+    return path.suffix.lower() in {".jsonl", ".ndjson"}
+
+
+def failures_path_for(input_path: Path, output_path: Path) -> Path:
+    """The default failures file: beside the output, in the input's format."""
+    return output_path.with_name(output_path.name + (".failed.jsonl" if is_jsonl(input_path) else ".failed.csv"))
+
+
+def report(summary: Summary, output: Path, failures: Path) -> list[str]:
+    """What a run says at its end, a line each."""
+    lines = [f"{summary.text()}; output {output}; failures {failures}"]
+    if summary.bad_rows:
+        lines.append(f"{summary.bad_rows} bad rows (their lines are in the log above, and failed in the output)")
+    if not summary.complete:
+        lines.append("stopped before every row was answered; rerun the same command to resume")
+    return lines
 
 
 def reply_queue_name(output: Path) -> str:
@@ -295,7 +315,7 @@ class BulkRun:
                 with contextlib.suppress(*CHANNEL_FAILURES):
                     await queue.delete(if_unused=False, if_empty=False)
         failed = [e for e in output.answered.values() if e.get("outcome") == "failed" and "user_id" in e]
-        write_failures(self._failures, failed, jsonl=self._input.suffix.lower() in {".jsonl", ".ndjson"})
+        write_failures(self._failures, failed, jsonl=is_jsonl(self._input))
         outcomes: Counter[str] = Counter(
             e["outcome"] if e.get("outcome") == "created" else e.get("error", {}).get("code", "failed")
             for e in output.answered.values()

@@ -263,10 +263,9 @@ def bulk(
 ) -> None:
     """Ask for a token for every row of INPUT (CSV with a user_id column, or .jsonl) on the bulk lane."""
     settings = _settings_or_exit(options_environ(options))
-    from service.bulk import BulkInputError, BulkRun, default_outstanding  # noqa: PLC0415
+    from service.bulk import BulkInputError, BulkRun, default_outstanding, failures_path_for, report  # noqa: PLC0415
 
-    jsonl = input_path.suffix.lower() in {".jsonl", ".ndjson"}
-    failures = failures_path or output_path.with_name(output_path.name + (".failed.jsonl" if jsonl else ".failed.csv"))
+    failures = failures_path or failures_path_for(input_path, output_path)
     outstanding = max_outstanding or default_outstanding(settings.rate_limit, settings.clerk_rate_window_seconds)
 
     async def go(stop: asyncio.Event) -> bool:
@@ -283,11 +282,8 @@ def bulk(
                 summary = await job.run(stop)
             except BulkInputError as exc:
                 fail(str(exc), EXIT_CONFIG)
-        click.echo(f"sign-in-tokens bulk: {summary.text()}; output {output_path}; failures {failures}", err=True)
-        if summary.bad_rows:
-            click.echo(f"sign-in-tokens bulk: {summary.bad_rows} bad rows (their lines are in the log above)", err=True)
-        if not summary.complete:
-            click.echo("sign-in-tokens bulk: stopped before every row was answered; rerun the same command", err=True)
+        for line in report(summary, output_path, failures):
+            click.echo(f"sign-in-tokens bulk: {line}", err=True)
         return summary.complete
 
     if not run(go):
@@ -298,13 +294,31 @@ def bulk(
 @click.option("--count", type=click.IntRange(min=1), default=1000, show_default=True, help="Requests to send.")
 @click.option("--user-id", default=None, help="With a real CLERK_SECRET_KEY: the user to create tokens for.")
 @how_many("--replicas", 16, "Workers to run; more than one share a Redis (REDIS_URL, or a private one).")
+@click.option(
+    "--bulk",
+    "bulk_input",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Instead of --count requests: onboard this CSV or .jsonl file with `bulk` (needs -o).",
+)
+@click.option("-o", "--output", "bulk_output", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @settings_options
-def demo(count: int, user_id: str | None, replicas: int, **options: Any) -> None:  # noqa: ANN401
+def demo(
+    count: int,
+    user_id: str | None,
+    replicas: int,
+    bulk_input: Path | None,
+    bulk_output: Path | None,
+    **options: Any,  # noqa: ANN401
+) -> None:
     """Run the whole service locally and send requests through it."""
     from service.demo import run_demo  # noqa: PLC0415
 
+    if (bulk_input is None) != (bulk_output is None):
+        fail("--bulk FILE and -o OUTPUT go together", EXIT_CONFIG)
     explicit = {k: v for k, v in options.items() if v is not None}
-    run(lambda stop: run_demo(explicit, count=count, user_id=user_id, stop=stop, replicas=replicas))
+    bulk = (bulk_input, bulk_output) if bulk_input is not None and bulk_output is not None else None
+    run(lambda stop: run_demo(explicit, count=count, user_id=user_id, stop=stop, replicas=replicas, bulk=bulk))
 
 
 @main.command("config")

@@ -16,12 +16,14 @@ import statistics
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import click
 import msgspec
 from tqdm import tqdm
 
+from service.bulk import BulkRun, default_outstanding, failures_path_for, report
 from service.client import ReceivedReply, SignInTokenClient
 from service.config import Settings, load_settings
 from service.fake_clerk import FakeClerk
@@ -160,9 +162,18 @@ def _summary(results: list[tuple[float, ReceivedReply]], elapsed: float) -> str:
 
 
 async def run_demo(
-    options: dict[str, Any], *, count: int, user_id: str | None, stop: asyncio.Event, replicas: int = 1
+    options: dict[str, Any],
+    *,
+    count: int,
+    user_id: str | None,
+    stop: asyncio.Event,
+    replicas: int = 1,
+    bulk: tuple[Path, Path] | None = None,
 ) -> None:
-    """Run the demo end to end, with ``replicas`` workers (sharing a Redis when more than one)."""
+    """Run the demo end to end, with ``replicas`` workers (sharing a Redis when more than one).
+
+    ``bulk``: onboard an input file into an output file with the bulk tool, instead of ``count`` requests.
+    """
     configure_logging("console", "warning")
     async with AsyncExitStack() as stack:
         environ, fake = await _environment(stack, {k: str(v) for k, v in options.items()}, replicas=replicas)
@@ -183,6 +194,9 @@ async def run_demo(
             await worker.start()
         ports = ", ".join(str(w.health.port) for w in workers)
         say(f"{replicas} worker(s) consuming {settings.request_queue!r}; /metrics on port(s) {ports}")
+        if bulk is not None:
+            await _onboard(settings, *bulk, stop)
+            return
         say(f"sending {count} requests…")
         started = time.monotonic()
         results = await _send_all(client, _user_ids(count, None if fake is not None else user_id), stop)
@@ -201,3 +215,14 @@ async def run_demo(
             )
         example = next((r.decode() for _, r in results if isinstance(r.decode(), Created)), results[0][1].decode())
         say("one reply, token masked:\n" + masked_reply(example))
+
+
+async def _onboard(settings: Settings, input_path: Path, output_path: Path, stop: asyncio.Event) -> None:
+    """The bulk tool, run against the demo's own service."""
+    failures = failures_path_for(input_path, output_path)
+    outstanding = default_outstanding(settings.rate_limit, settings.clerk_rate_window_seconds)
+    say(f"onboarding {input_path} on the bulk lane, at most {outstanding} outstanding…")
+    async with BulkRun(settings.amqp_url, settings.bulk_queue, input_path, output_path, failures, outstanding) as job:
+        summary = await job.run(stop)
+    for line in report(summary, output_path, failures):
+        say(line)
