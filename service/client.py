@@ -22,7 +22,9 @@ queue as routing key) and its reply matched by ``correlation_id``.
   retry a call safely (within the service's idempotency window the retry
   gets the same token, not a second one).
 - **Errors**: a failed reply raises the ``SignInTokenError`` subclass of its
-  code, carrying the reply's ``error`` fields. No reply within ``timeout``
+  code (the service's own error classes), carrying the reply's ``error``
+  fields: ``code``, ``message``, ``retryable``, ``upstream_status``,
+  ``upstream_code``, ``clerk_trace_id``, ``attempts``. No reply within ``timeout``
   raises ``NoReplyError``. If the connection to the broker is lost while a
   call waits, the reply cannot reach this client any more: the call raises
   ``ConnectionLostError`` at once (never silently hangs); so does a call made
@@ -40,7 +42,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, Literal, Self
 
 import aio_pika
 import msgspec
@@ -51,6 +53,17 @@ from yarl import URL
 
 from service import amqp_wire, tracing
 from service.broker import CHANNEL_FAILURES, DIRECT_REPLY_TO, open_connection
+from service.errors import (
+    BY_CODE,
+    DeadlineExceededError,
+    ForbiddenError,
+    InvalidRequestError,
+    RateLimitedError,
+    UpstreamRejectedError,
+    UpstreamUnavailableError,
+    UserNotFoundError,
+)
+from service.errors import RequestError as SignInTokenError
 from service.lanes import Lane
 from service.messages import (
     JSON,
@@ -82,84 +95,6 @@ __all__ = [
     "UpstreamUnavailableError",
     "UserNotFoundError",
 ]
-
-
-class SignInTokenError(Exception):
-    """The service answered ``failed``: the reply's ``error`` fields, and a subclass per code."""
-
-    code: ClassVar[str] = ""
-
-    def __init__(self, error: ErrorDetail) -> None:
-        """Carry the reply's error."""
-        super().__init__(f"{error.code}: {error.message}")
-        self.error = error
-        self.message = error.message
-        self.retryable = error.retryable
-        self.upstream_status = error.upstream_status
-        self.upstream_code = error.upstream_code
-        self.clerk_trace_id = error.clerk_trace_id
-        self.attempts = error.attempts
-
-    @staticmethod
-    def of(error: ErrorDetail) -> SignInTokenError:
-        """The exception for a reply's error: its code's class, or this one for a code this client does not know."""
-        return _BY_CODE.get(error.code, SignInTokenError)(error)
-
-
-class InvalidRequestError(SignInTokenError):
-    """The request broke the contract (a field, a header); the message names it."""
-
-    code = "invalid_request"
-
-
-class ForbiddenError(SignInTokenError):
-    """The service's policy refused this caller this request; the message names the rule."""
-
-    code = "forbidden"
-
-
-class DeadlineExceededError(SignInTokenError):
-    """No token could be created before the call's deadline (none was left live)."""
-
-    code = "deadline_exceeded"
-
-
-class UserNotFoundError(SignInTokenError):
-    """Clerk has no such user (404)."""
-
-    code = "user_not_found"
-
-
-class UpstreamRejectedError(SignInTokenError):
-    """Clerk refused the request (400, 403, 422): ``message`` and ``upstream_code`` say why."""
-
-    code = "upstream_rejected"
-
-
-class RateLimitedError(SignInTokenError):
-    """Clerk still answered 429 after the service's retries."""
-
-    code = "rate_limited"
-
-
-class UpstreamUnavailableError(SignInTokenError):
-    """Clerk could not be reached or failed (5xx, timeouts) after the service's retries."""
-
-    code = "upstream_unavailable"
-
-
-_BY_CODE: dict[str, type[SignInTokenError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidRequestError,
-        ForbiddenError,
-        DeadlineExceededError,
-        UserNotFoundError,
-        UpstreamRejectedError,
-        RateLimitedError,
-        UpstreamUnavailableError,
-    )
-}
 
 
 class NoReplyError(TimeoutError):
@@ -418,19 +353,24 @@ async def _reply_within(future: asyncio.Future[ReceivedReply], seconds: float) -
     return received.decode()
 
 
+def error_of(detail: ErrorDetail) -> SignInTokenError:
+    """The exception for a failed reply: its code's class (the base for a code this client does not know)."""
+    error = BY_CODE.get(detail.code, SignInTokenError)(
+        detail.message,
+        upstream_status=detail.upstream_status,
+        upstream_code=detail.upstream_code,
+        clerk_trace_id=detail.clerk_trace_id,
+    )
+    error.code, error.retryable, error.attempts = detail.code, detail.retryable, detail.attempts
+    return error
+
+
 def _token_or_raise(reply: Reply, expected: type[Created | Revoked]) -> SignInToken:
     """The reply's token, or the SignInTokenError of its code."""
     if isinstance(reply, Failed):
-        raise SignInTokenError.of(reply.error)
+        raise error_of(reply.error)
     if not isinstance(reply, expected):
-        detail = ErrorDetail(
-            code="unexpected_reply",
-            message=f"a {type(reply).__name__} reply to this call",
-            retryable=False,
-            upstream_status=None,
-            upstream_code=None,
-            clerk_trace_id=None,
-            attempts=0,
-        )
-        raise SignInTokenError(detail)
+        error = SignInTokenError(f"a {type(reply).__name__} reply to this call")
+        error.code = "unexpected_reply"
+        raise error
     return reply.sign_in_token

@@ -41,10 +41,14 @@ class ConfigError(ServiceError):
 
 
 class RequestError(ServiceError):
-    """One request ends in a ``failed`` reply with this error's code."""
+    """One request ends in a ``failed`` reply with this error's code.
 
-    code: ClassVar[str] = "invalid_request"
-    retryable: ClassVar[bool] = False
+    The client library raises the same classes for a failed reply (``service.client``, where
+    this one is ``SignInTokenError``): there ``code`` and ``retryable`` are the reply's own.
+    """
+
+    code: str = "invalid_request"
+    retryable: bool = False
     # Only these outcomes are remembered by the idempotency store.
     final: ClassVar[bool] = False
 
@@ -133,6 +137,21 @@ class UpstreamMalformedError(UpstreamUnavailableError):
         """Remember the token's id when the body names one, so it can be revoked."""
         super().__init__(message, upstream_status=upstream_status)
         self.token_id = token_id
+
+
+# The class of each code a reply can carry.
+BY_CODE: dict[str, type[RequestError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequestError,
+        ForbiddenError,
+        DeadlineExceededError,
+        UserNotFoundError,
+        UpstreamRejectedError,
+        RateLimitedError,
+        UpstreamUnavailableError,
+    )
+}
 
 
 class ShutdownRequestedError(ServiceError):
