@@ -49,7 +49,11 @@ class Metrics:
         self.retries = Counter("sign_in_tokens_retries", "Upstream retries after a failure.", ["lane"], registry=r)
         self.in_flight = Gauge("sign_in_tokens_in_flight", "Requests being processed.", ["lane"], registry=r)
         self.dedup_hits = Counter("sign_in_tokens_dedup_hits", "Answers from the idempotency store.", registry=r)
-        self.revoked = Counter("sign_in_tokens_revoked", "Tokens revoked: nobody could receive them.", registry=r)
+        self.revoked = Counter(
+            "sign_in_tokens_revoked",
+            "Tokens revoked: by the service (nobody could receive them, or too late) or at their caller's request.",
+            registry=r,
+        )
         self.audit_unconfirmed = Counter(
             "sign_in_tokens_audit_unconfirmed",
             "Attempts to publish an audit event the broker did not confirm (each is tried again; the request "
