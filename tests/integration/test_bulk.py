@@ -89,9 +89,14 @@ async def test_ten_thousand_rows_survive_a_worker_restart_and_a_killed_tool(
     assert len(answered) == rows
     assert sorted(entry["user_id"] for entry in answered) == sorted(f"user_{i}" for i in range(rows))  # type: ignore[type-var]
     assert all(entry["outcome"] == "created" for entry in answered)
-    # One token a user at Clerk, and it is the one in the output.
-    assert max(fake_clerk.stats.created_per_user.values()) == 1
-    assert {e["sign_in_token"]["id"] for e in answered} == set(fake_clerk.stats.tokens)  # type: ignore[index]
+    # One token a row in the output, each made for its user. A worker killed while its calls were
+    # at Clerk leaves those tokens unanswered (nobody holds them); the next worker makes new ones:
+    # at most what one worker had in flight (both lanes' PREFETCH), never for a row already answered.
+    delivered = {e["sign_in_token"]["id"]: e["user_id"] for e in answered}  # type: ignore[index]
+    assert len(delivered) == rows
+    assert all(fake_clerk.stats.tokens[token]["user_id"] == user for token, user in delivered.items())
+    orphans = sum(fake_clerk.stats.created_per_user.values()) - rows
+    assert 0 <= orphans <= 2 * 200
     assert f"{rows} rows: {rows} created, 0 failed" in said
     # The reply queue is gone once every row is answered.
     channel = await amqp.channel()  # type: ignore[attr-defined]
