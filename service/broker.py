@@ -173,14 +173,18 @@ async def declare_audit_exchange(connection: AbstractRobustConnection, name: str
     )
 
 
+def declared_queues(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every queue the worker declares, with its arguments (deploy/rabbitmq/definitions.json has the same)."""
+    quorum = {"x-queue-type": "quorum"}
+    found = {settings.dead_letter_queue: quorum, settings.results_queue: quorum}
+    return found | {name: lane_queue_arguments(settings) for name in lane_queue_names(settings).values()}
+
+
 async def declare_topology(connection: AbstractRobustConnection, settings: Settings) -> None:
     """Declare every queue the service uses, and the audit exchange; idempotent."""
     await declare_audit_exchange(connection, settings.audit_exchange)
-    quorum = {"x-queue-type": "quorum"}
-    for name in (settings.dead_letter_queue, settings.results_queue):
-        await _declare(connection, "queue", name, _queue(name, quorum))
-    for name in lane_queue_names(settings).values():
-        await _declare(connection, "queue", name, _queue(name, lane_queue_arguments(settings)))
+    for name, arguments in declared_queues(settings).items():
+        await _declare(connection, "queue", name, _queue(name, arguments))
 
 
 OnMessage = Callable[[DeliveredMessage, Source], Awaitable[None]]

@@ -147,6 +147,13 @@ def worker(processes: int, **options: Any) -> None:  # noqa: ANN401 - click pass
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8090, show_default=True)
 @click.option("--secret-key", envvar="CLERK_SECRET_KEY", default="sk_test_fake", show_default=True)
+@click.option(
+    "--secret-key-file",
+    envvar="CLERK_SECRET_KEY_FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A file holding the key to accept (wins over --secret-key), as the worker reads it.",
+)
 @click.option("--latency-ms", type=float, default=0.0, show_default=True, help="Added to every answer.")
 @click.option("--error-rate", type=float, default=0.0, show_default=True, help="Fraction answered 503.")
 @click.option("--rate-limit", type=int, default=None, help="Requests per window per key, then 429.")
@@ -155,6 +162,7 @@ def fake_clerk(
     host: str,
     port: int,
     secret_key: str,
+    secret_key_file: str | None,
     latency_ms: float,
     error_rate: float,
     rate_limit: int | None,
@@ -164,6 +172,8 @@ def fake_clerk(
     from service.fake_clerk import FakeClerk, serve_forever  # noqa: PLC0415
 
     configure_logging()
+    if secret_key_file is not None:
+        secret_key = Path(secret_key_file).read_text(encoding="utf-8").strip()
     clerk = FakeClerk(
         secret_key,
         latency_seconds=latency_ms / 1000,

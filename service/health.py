@@ -67,6 +67,18 @@ class Metrics:
             "rate_limit_available.",
             registry=r,
         )
+        self.check = Gauge(
+            "sign_in_tokens_check",
+            "Each /readyz check (connected, key_ok, upstream_available, ...): 1 passing, 0 failing.",
+            ["check"],
+            registry=r,
+        )
+        self.rate_limit_waiting = Gauge(
+            "sign_in_tokens_rate_limit_waiting",
+            "Requests waiting for a slot under Clerk's rate limit, by lane (above 0 for long: held at the limit).",
+            ["lane"],
+            registry=r,
+        )
         self.idempotency_bytes = Gauge(
             "sign_in_tokens_idempotency_store_bytes",
             "Memory counted for the idempotency store (bounded by IDEMPOTENCY_MAX_BYTES).",
@@ -108,6 +120,8 @@ class HealthServer:
         checks = self._is_ready()
         ready = all(checks.values())
         self._metrics.ready.set(1 if ready else 0)
+        for name, passing in checks.items():
+            self._metrics.labelled(self._metrics.check, name).set(1 if passing else 0)
         return ready, checks
 
     async def _readyz(self, _: web.Request) -> web.Response:

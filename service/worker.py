@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
@@ -125,6 +126,10 @@ class Worker:
         self.policy: Policy = policy_from_settings(settings)
         self.dedup = open_store(settings)
         self.grants = Grants(self.dedup.redis, settings.key_id())
+        for lane in Lane:
+            self.metrics.labelled(self.metrics.rate_limit_waiting, lane.value).set_function(
+                functools.partial(self.clerk.limiter.waiting, lane)
+            )
         store = self.dedup
         if isinstance(store, MemoryIdempotencyStore):  # Redis's memory is Redis's to report
             self.metrics.idempotency_bytes.set_function(lambda: store.size_bytes)

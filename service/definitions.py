@@ -1,0 +1,85 @@
+"""deploy/rabbitmq/definitions.json: the broker's side of a deployment, generated from the code.
+
+    uv run python -m service.definitions > deploy/rabbitmq/definitions.json
+
+A vhost, the queues with the arguments the worker declares them with (the same function makes
+both, so they cannot differ), the audit exchange, and one user per role with the permissions
+docs/security.md gives (a test checks the page's table against ``ROLES``). Users come without a
+password (``password_hash`` empty: they cannot log in until one is set with ``rabbitmqctl
+change_password``, or they use client certificates): no secret is in the file. Load it with
+``load_definitions`` in rabbitmq.conf, or ``rabbitmqctl import_definitions``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from service.broker import declared_queues
+from service.config import Settings
+
+VHOST: Final = "sign-in-tokens"
+RABBITMQ_VERSION: Final = "3.10.8"
+# Each role's user, and its configure, write and read patterns (docs/security.md, "Broker permissions").
+ROLES: Final[dict[str, tuple[str, str, str]]] = {
+    "sign-in-tokens": (r"^sign_in_tokens\.", r"^(amq\.default|sign_in_tokens\.)", r"^sign_in_tokens\."),
+    "support-portal": (r"^support\.replies\.", r"^(amq\.default|support\.replies\.)", r"^support\.replies\."),
+    "orders-service": (r"^$", r"^amq\.default$", r"^$"),
+    "onboarding-job": (
+        r"^sign-in-tokens-bulk\.",
+        r"^(amq\.default|sign-in-tokens-bulk\.)",
+        r"^sign-in-tokens-bulk\.",
+    ),
+    "audit-archiver": (
+        r"^sign_in_tokens\.audit\.archive$",
+        r"^sign_in_tokens\.audit\.archive$",
+        r"^sign_in_tokens\.(audit|audit\.archive)$",
+    ),
+}
+
+
+def document(settings: Settings | None = None) -> dict[str, Any]:
+    """The definitions, for the default settings unless others are given."""
+    settings = settings or Settings()
+    return {
+        "rabbit_version": RABBITMQ_VERSION,
+        "rabbitmq_version": RABBITMQ_VERSION,
+        "vhosts": [{"name": VHOST}],
+        "users": [
+            {"name": user, "password_hash": "", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": []}
+            for user in ROLES
+        ],
+        "permissions": [
+            {"user": user, "vhost": VHOST, "configure": configure, "write": write, "read": read}
+            for user, (configure, write, read) in ROLES.items()
+        ],
+        "topic_permissions": [],
+        "parameters": [],
+        "global_parameters": [],
+        "policies": [],
+        "queues": [
+            {"name": name, "vhost": VHOST, "durable": True, "auto_delete": False, "arguments": arguments}
+            for name, arguments in declared_queues(settings).items()
+        ],
+        "exchanges": [
+            {
+                "name": settings.audit_exchange,
+                "vhost": VHOST,
+                "type": "topic",
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            }
+        ],
+        "bindings": [],
+    }
+
+
+def render() -> str:
+    """The definitions as JSON."""
+    return json.dumps(document(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")  # noqa: T201 - the module's output
