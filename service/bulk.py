@@ -307,12 +307,13 @@ class BulkRun:
             queue_name = reply_queue_name(self._output_path)
             queue = await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
             await channel.set_qos(prefetch_count=1000)
-            await queue.consume(self._on_reply)
+            consumer = await queue.consume(self._on_reply)
             # Replies left by a run that crashed are read before anything is sent again.
             await self._publish_all(channel, queue_name, stop)
             await _first(self._all_answered.wait(), stop.wait())
             if self._all_answered.is_set():
                 with contextlib.suppress(*CHANNEL_FAILURES):
+                    await queue.cancel(consumer)  # first: a queue deleted under its consumer is logged as an error
                     await queue.delete(if_unused=False, if_empty=False)
         failed = [e for e in output.answered.values() if e.get("outcome") == "failed" and "user_id" in e]
         write_failures(self._failures, failed, jsonl=is_jsonl(self._input))
