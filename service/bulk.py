@@ -47,6 +47,8 @@ log = structlog.get_logger(__name__)
 OUTSTANDING_SECONDS: Final = 60.0
 _FIELDS: Final = ("user_id", "expires_in_seconds", "org_id")
 _RETRY_PUBLISH_SECONDS: Final = 1.0
+# The longest a rerun waits for the replies a crashed run left in its queue before sending again.
+_LEFT_PATIENCE_SECONDS: Final = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +269,9 @@ class BulkRun:
         self._progress = progress
         self._waiting: dict[str, Row] = {}
         self._holding: set[str] = set()  # rows sent and not answered: each holds one of the slots
+        self._received = 0  # replies consumed; the first ``_left`` were in the queue before this run
+        self._left = 0
+        self._left_read = asyncio.Event()
         self._all_answered = asyncio.Event()
         self._output: Output | None = None
         self._bar: tqdm[Any] | None = None
@@ -308,7 +313,12 @@ class BulkRun:
             queue = await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
             await channel.set_qos(prefetch_count=1000)
             consumer = await queue.consume(self._on_reply)
-            # Replies left by a run that crashed are read before anything is sent again.
+            # Replies a run that crashed left behind are read before anything is sent again.
+            self._left = queue.declaration_result.message_count or 0
+            if self._left > self._received:
+                self._left_read.clear()  # a reply consumed before the count was known may have set it
+                log.info("reading_replies_left", replies=self._left)
+                await _first(self._left_read.wait(), stop.wait(), asyncio.sleep(_LEFT_PATIENCE_SECONDS))
             await self._publish_all(channel, queue_name, stop)
             await _first(self._all_answered.wait(), stop.wait())
             if self._all_answered.is_set():
@@ -350,6 +360,9 @@ class BulkRun:
                     await _first(asyncio.sleep(_RETRY_PUBLISH_SECONDS), stop.wait())
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        self._received += 1
+        if self._received >= self._left:
+            self._left_read.set()
         output = self._output
         key = message.correlation_id or ""
         row = self._waiting.pop(key, None)
