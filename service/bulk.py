@@ -293,7 +293,14 @@ class BulkRun:
 
     async def run(self, stop: asyncio.Event) -> Summary:
         """Send every row not yet answered, write every reply; return when all are answered or ``stop``."""
-        rows = list(read_rows(self._input))
+        try:
+            rows = list(read_rows(self._input))
+        except UnicodeDecodeError as exc:
+            msg = f"{self._input}: not UTF-8 text (byte {exc.start})"
+            raise BulkInputError(msg) from None
+        except csv.Error as exc:
+            msg = f"{self._input}: not CSV ({exc})"
+            raise BulkInputError(msg) from None
         output = self._output = Output(self._output_path)
         for bad in rows:
             if isinstance(bad, BadRow):

@@ -108,3 +108,19 @@ async def test_ten_thousand_rows_survive_a_worker_restart_and_a_killed_tool(
         raise AssertionError("the reply queue is still there")
     except aiormq.exceptions.ChannelNotFoundEntity:
         pass
+
+
+async def test_a_file_that_is_not_rows_is_one_line_and_exit_2(
+    worker_processes: WorkerProcesses, tmp_path: Path
+) -> None:
+    """Not UTF-8, or a CSV without a user_id column: nothing sent, one line naming the file."""
+    not_text = tmp_path / "binary.csv"
+    not_text.write_bytes(b"user_id\n\xff\xfe\n")
+    no_column = tmp_path / "emails.csv"
+    no_column.write_text("email\na@example.com\n")
+    for source, says in ((not_text, "not UTF-8 text"), (no_column, "must be a header naming a user_id column")):
+        code, said = await finish(worker_processes, str(source), "-o", str(tmp_path / "out.jsonl"))
+        assert code == 2
+        assert said.strip().count("\n") == 0, said
+        assert str(source) in said
+        assert says in said
