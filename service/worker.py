@@ -470,7 +470,8 @@ class Worker:
 
         token, attempts = await self.retry.run(attempt, deadline=deadline, sleep=backoff, on_retry=_log_retry)
         bind(sign_in_token_id=token.id, attempts=attempts)
-        tracing.annotate(**{"sign_in_tokens.attempts": attempts})
+        if tracing.enabled():
+            tracing.annotate(**{"sign_in_tokens.attempts": attempts})
         return token
 
     async def _attempt(self, body: bytes, deadline: float | None, subject: Subject, hold: OutageHold) -> SignInToken:
@@ -522,7 +523,8 @@ class Worker:
         )
         if isinstance(reply, Created):
             await self._grant(reply.sign_in_token.id, subject)
-        tracing.annotate(**{"sign_in_tokens.outcome": outcome_of(reply)})
+        if tracing.enabled():
+            tracing.annotate(**{"sign_in_tokens.outcome": outcome_of(reply)})
         try:
             with tracing.span("reply publish", kind=SpanKind.PRODUCER):
                 await self._publisher_or_fail().publish(
