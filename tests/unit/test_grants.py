@@ -1,0 +1,43 @@
+"""The in-process record of who received which token: its answers, its bound, its size."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+from service.grants import Grants
+
+
+async def test_only_the_recorded_caller_is_its_holder_until_the_record_goes() -> None:
+    grants = Grants(None, "key", max_entries=3)
+    await grants.record("sit_1", "portal", 300)
+    await grants.record("sit_2", None, 300)
+    assert await grants.received_by("sit_1", "portal")
+    assert not await grants.received_by("sit_1", "billing")
+    assert not await grants.received_by("sit_1", None)
+    assert await grants.received_by("sit_2", None)
+    assert not await grants.received_by("sit_never", "portal")
+    for n in range(3, 6):
+        await grants.record(f"sit_{n}", "portal", 300)
+    assert not await grants.received_by("sit_1", "portal")  # the oldest went first
+    assert await grants.received_by("sit_5", "portal")
+
+
+async def test_an_expired_record_no_longer_answers() -> None:
+    grants = Grants(None, "key")
+    await grants.record("sit_1", "portal", 1)
+    assert await grants.received_by("sit_1", "portal")
+    # The expiry is whole monotonic seconds: a lifetime already over reads as gone.
+    await grants.record("sit_2", "portal", -10)
+    assert not await grants.received_by("sit_2", "portal")
+
+
+async def test_an_entry_costs_two_integers_not_its_strings() -> None:
+    grants = Grants(None, "key", max_entries=50_000)
+    tracemalloc.start()
+    try:
+        for n in range(50_000):
+            await grants.record(f"sit_{n:024x}", "support-portal", 300)
+        size, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size / 50_000 < 200  # bytes an entry: 50,000 entries (the bound) under 10 MB
