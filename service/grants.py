@@ -1,6 +1,6 @@
 """Who received which token, so that only that caller can have it revoked through the queue.
 
-When a ``created`` reply is confirmed, the worker records the token's id
+Before a ``created`` reply is sent, the worker records the token's id
 with a digest of the caller (the request's validated ``user_id``) for as
 long as the token can live (its ``expires_in_seconds``, Clerk's 30 days
 when absent). A revocation request is served only for the caller recorded.

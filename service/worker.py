@@ -392,16 +392,11 @@ class Worker:
         if not await self.grants.received_by(token_id, envelope.publisher):
             msg = f"sign-in token {token_id!r} was not given to this caller (or its record has expired)"
             return failed(ForbiddenError(msg))
-
-        async def attempt() -> SignInToken:
-            return await self.clerk.revoke(token_id)
-
         try:
-            token, _ = await self.retry.run(attempt, deadline=None, sleep=self._sleep_unless_stopping)
+            token = await self._revoke_at_clerk(token_id)
         except RequestError as exc:
             return failed(exc)
         subject.user_id = token.user_id
-        self.metrics.revoked.inc()
         return Revoked(sign_in_token=token)
 
     async def _answer(
@@ -624,12 +619,8 @@ class Worker:
         The revocation's event cannot hold the request back (a redelivery would not revoke
         again): one the broker never confirms is logged at error, in its place.
         """
-
-        async def attempt() -> None:
-            await self.clerk.revoke(token_id)
-
         try:
-            await self.retry.run(attempt, deadline=None, sleep=self._sleep_unless_stopping)
+            await self._revoke_at_clerk(token_id)
         except (ServiceError, asyncio.CancelledError) as exc:
             log.error(  # noqa: TRY400 - a traceback could carry the token
                 "revoke_failed", sign_in_token_id=token_id, reason=type(exc).__name__
@@ -637,10 +628,19 @@ class Worker:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        self.metrics.revoked.inc()
         log.warning("token_revoked", sign_in_token_id=token_id)
         if not await self._record(subject.event("revoked", sign_in_token_id=token_id)):
             log.error("audit_event_lost", audit_event="revoked", sign_in_token_id=token_id)
+
+    async def _revoke_at_clerk(self, token_id: str) -> SignInToken:
+        """Revoke ``token_id`` at Clerk, retrying transient failures (never cut short: late is harmless)."""
+
+        async def attempt() -> SignInToken:
+            return await self.clerk.revoke(token_id)
+
+        token, _ = await self.retry.run(attempt, deadline=None, sleep=self._sleep_unless_stopping)
+        self.metrics.revoked.inc()
+        return token
 
     # -- acknowledgements ----------------------------------------------------
 
