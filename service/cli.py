@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import msgspec
@@ -24,10 +24,13 @@ import uvloop
 
 from service import tracing
 from service.broker import BrokerUnavailableError
-from service.config import FIELDS, Settings, env_name, load_settings
+from service.config import FIELDS, Settings, env_name, load_settings, read_key_file
 from service.errors import ConfigError, ServiceError
 from service.lanes import Lane
 from service.logs import SCRUBBER, configure_logging
+
+if TYPE_CHECKING:
+    from service.policy import Policy
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_CONFIG = 2
@@ -119,12 +122,7 @@ def worker(processes: int, **options: Any) -> None:  # noqa: ANN401 - click pass
     """Consume requests, call Clerk, publish replies (the service)."""
     environ = options_environ(options)
     settings = _settings_or_exit(environ, require_key=True)
-    from service.policy import policy_from_settings  # noqa: PLC0415
-
-    try:
-        policy_from_settings(settings)  # a bad policy file stops the start, before any process
-    except ConfigError as exc:
-        fail(f"configuration error: {exc}", EXIT_CONFIG)
+    _policy_or_exit(settings)  # a bad policy file stops the start, before any process
     if processes > 1:
         if settings.redis_url is None:
             msg = "--processes above 1 needs REDIS_URL (the processes share the rate limit and idempotency store there)"
@@ -173,7 +171,10 @@ def fake_clerk(
 
     configure_logging()
     if secret_key_file is not None:
-        secret_key = Path(secret_key_file).read_text(encoding="utf-8").strip()
+        try:
+            secret_key = read_key_file(secret_key_file)
+        except ConfigError as exc:
+            fail(f"configuration error: {exc}", EXIT_CONFIG)
     clerk = FakeClerk(
         secret_key,
         latency_seconds=latency_ms / 1000,
@@ -336,13 +337,9 @@ def demo(
 def show_config(**options: Any) -> None:  # noqa: ANN401
     """Print the effective settings, every secret masked, and what follows from them (exit 2 if they are bad)."""
     from service.config import effective  # noqa: PLC0415
-    from service.policy import policy_from_settings  # noqa: PLC0415
 
     settings = _settings_or_exit(options_environ(options))
-    try:
-        policy = policy_from_settings(settings)
-    except ConfigError as exc:
-        fail(f"configuration error: {exc}", EXIT_CONFIG)
+    policy = _policy_or_exit(settings)
     for name, shown, default in effective(settings):
         click.echo(f"{name}={shown}{'  # default' if default else ''}")
     click.echo(f"# rate limit: {settings.rate_limit} calls a {settings.clerk_rate_window_seconds:g} s window")
@@ -359,6 +356,16 @@ def show_config(**options: Any) -> None:  # noqa: ANN401
         )
     else:
         click.echo("# policy: ALLOWED_PUBLISHERS (the listed publishers may ask for anything)")
+
+
+def _policy_or_exit(settings: Settings) -> Policy:
+    """The policy the settings give (POLICY_FILE read and checked), or one line on stderr and exit 2."""
+    from service.policy import policy_from_settings  # noqa: PLC0415
+
+    try:
+        return policy_from_settings(settings)
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", EXIT_CONFIG)
 
 
 def _settings_or_exit(environ: dict[str, str], *, require_key: bool = False) -> Settings:

@@ -202,7 +202,8 @@ def _dec_hook(type_: type, obj: Any) -> Any:  # noqa: ANN401 - msgspec's hook si
     raise NotImplementedError
 
 
-def _read_key_file(path: str) -> str:
+def read_key_file(path: str) -> str:
+    """The key in the file at ``path`` (CLERK_SECRET_KEY_FILE), surrounding whitespace dropped."""
     try:
         return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
@@ -214,7 +215,7 @@ def _raw_values(environ: Mapping[str, str]) -> dict[str, str]:
     raw = {f: environ[env_name(f)] for f in FIELDS if environ.get(env_name(f), "") != ""}
     key_file = environ.get("CLERK_SECRET_KEY_FILE", "")
     if "clerk_secret_key" not in raw and key_file:
-        raw["clerk_secret_key"] = _read_key_file(key_file)
+        raw["clerk_secret_key"] = read_key_file(key_file)
     return raw
 
 
