@@ -1,9 +1,10 @@
 """Redis cost benchmark: what the shared rate limit and idempotency store cost per token.
 
 Times, in this process, N rounds of each of: a slot from the in-process
-window and from the Redis window (one script call), and a claim plus an
-answer from the in-process store and from the Redis store (two or three
-calls: the claim script, the SET of the answer). Reports wall time and this
+window and from the Redis window (one script call), and a claim, its
+answer and its delivery from the in-process store and from the Redis store
+(four script calls: claim, remember, delivered, and the release the block's
+end makes when nothing was delivered; here three). Reports wall time and this
 process's CPU per round, median of --repeats runs, interleaved. Redis is a
 private server on loopback, as in the tests.
 
@@ -69,8 +70,9 @@ def claimer(store: IdempotencyStore) -> Callable[[int], Awaitable[None]]:
 
     async def claim_and_answer(i: int) -> None:
         key = idempotency_key("caller", f"m{i}")
-        async with store.claim(key):
-            await store.remember(key, REQUEST, TOKEN)
+        async with store.claim(key) as claim:
+            await claim.remember(REQUEST, TOKEN, 600)
+            await claim.delivered()
 
     return claim_and_answer
 
@@ -93,8 +95,8 @@ async def main() -> None:
             contenders: dict[str, Callable[[int], Awaitable[None]]] = {
                 "rate slot, in process": taker(memory_window),
                 "rate slot, Redis": taker(redis_window),
-                "claim + answer, in process": claimer(memory_store),
-                "claim + answer, Redis": claimer(redis_store),
+                "claim + answer + delivered, in process": claimer(memory_store),
+                "claim + answer + delivered, Redis": claimer(redis_store),
             }
             for name, step in contenders.items():
                 figures.setdefault(name, []).append(await measure(args.rounds, step))

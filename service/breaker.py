@@ -113,9 +113,13 @@ class UpstreamBreaker:
         await self._on_open()
         for delay in probe_delays(self._probe_max):
             await asyncio.sleep(delay)
-            with contextlib.suppress(UpstreamUnavailableError):
+            try:
                 if await self._probe():
                     break
+            except UpstreamUnavailableError:
+                continue
+            except ShutdownRequestedError:
+                return
         self.record_success()
         self._closed.set()
         log.info("upstream_available_resuming")

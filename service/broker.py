@@ -187,7 +187,7 @@ async def declare_topology(connection: AbstractRobustConnection, settings: Setti
         await _declare(connection, "queue", name, _queue(name, arguments))
 
 
-OnMessage = Callable[[DeliveredMessage, Source], Awaitable[None]]
+OnMessage = Callable[[DeliveredMessage, Source], Coroutine[Any, Any, None]]
 # Why the worker copies a request to DEAD_LETTER_QUEUE: its ``x-dead-letter-reason`` header.
 DeadLetterReason = Literal["undecodable", "reply_refused", "forbidden_reply_to"]
 
@@ -212,6 +212,8 @@ class LaneConsumers:
         # Each queue's consumer: the channel it was made on, and its tag there.
         self._tags: dict[Source, tuple[aiormq.abc.AbstractChannel, str]] = {}
         self._lock = asyncio.Lock()
+        # The deliveries being handled (held here: the loop keeps only weak references to tasks).
+        self._handling: set[asyncio.Task[None]] = set()
         self._callbacks = {source: self._callback(on_message, source) for source in self._names}
 
     @property
@@ -229,10 +231,22 @@ class LaneConsumers:
         channel.reopen_callbacks.add(self._on_reopen)
         self._channel = channel
 
-    @staticmethod
-    def _callback(on_message: OnMessage, source: Source) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
+    def _callback(
+        self, on_message: OnMessage, source: Source
+    ) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
+        """The consumer callback: it hands the delivery to a task of the worker's own.
+
+        aiormq runs a callback as a task of its channel and cancels it when the channel closes
+        (a lost connection): a request cut there, mid-call at Clerk, would leave a token made and
+        held by nobody. The worker's task runs on; its ack fails, and the redelivery is answered
+        from the idempotency store with the same token.
+        """
+        loop = asyncio.get_running_loop()
+
         async def on_delivery(message: DeliveredMessage) -> None:
-            await on_message(message, source)
+            task = loop.create_task(on_message(message, source))
+            self._handling.add(task)
+            task.add_done_callback(self._handling.discard)
 
         return on_delivery
 

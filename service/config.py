@@ -31,6 +31,8 @@ TEST_KEY_RATE_LIMIT = 100
 # and the fewest calls in flight it gives.
 LATENCY_BUDGET_SECONDS = 2.0
 MIN_CONCURRENCY = 32
+# Time the shutdown keeps back from its grace period to close the connection, after calls already sent.
+SHUTDOWN_MARGIN_SECONDS = 3.0
 # The largest CONSUMER_TIMEOUT_SECONDS (RabbitMQ's consumer_timeout, 30 minutes by default).
 CONSUMER_TIMEOUT_MAX = 24 * 3600
 
@@ -85,6 +87,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_expires_in_seconds: Annotated[int, Meta(ge=1, le=315_360_000)] = 2_592_000
     idempotency_window_seconds: Annotated[float, Meta(ge=0, le=7 * 86400)] = 600.0
     idempotency_max_bytes: Annotated[int, Meta(ge=0, le=2**40)] = 128 * 2**20
+    # With REDIS_URL: how long a replica's claim on a message_id outlives its last renewal (every quarter of it).
+    idempotency_lease_seconds: Annotated[float, Meta(ge=0.2, le=600)] = 5.0
     # Deliveries in a lane's hands: enough that Clerk's latency is not the cap (docs/configuration.md, Sizing).
     prefetch: Annotated[int, Meta(ge=1, le=65535)] = 200
     # None: enough that Clerk's latency never caps the rate limit, see ``concurrency``.
@@ -286,6 +290,18 @@ def _check_http_host(host: str) -> None:
             raise ConfigError(msg) from None
 
 
+def _check_grace(settings: Settings) -> None:
+    """The grace period must cover one Clerk call: one cut short would leave its token with nobody."""
+    needed = settings.request_timeout_seconds + SHUTDOWN_MARGIN_SECONDS
+    if settings.shutdown_grace_seconds < needed:
+        msg = (
+            f"SHUTDOWN_GRACE_SECONDS ({settings.shutdown_grace_seconds:g}) must be at least "
+            f"REQUEST_TIMEOUT_SECONDS ({settings.request_timeout_seconds:g}) + {SHUTDOWN_MARGIN_SECONDS:g}: "
+            "a call to Clerk already sent is waited for at shutdown"
+        )
+        raise ConfigError(msg)
+
+
 def _check_holds(settings: Settings) -> None:
     """Every hold must end before the broker's consumer timeout takes the channel."""
     limit = settings.consumer_timeout_seconds
@@ -318,6 +334,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         msg = "CLERK_SECRET_KEY: must be a non-empty key without spaces"
         raise ConfigError(msg)
     _check_http_host(settings.http_host)
+    _check_grace(settings)
     _check_holds(settings)
     if settings.policy_file and settings.publishers:
         msg = "ALLOWED_PUBLISHERS: cannot be used with POLICY_FILE; list those callers under [callers] in the file"

@@ -21,6 +21,9 @@ The tree::
                                     of replies and the worker pauses instead.
     ShutdownRequestedError          a signal, not a failure: the worker is stopping,
                                     so the request goes back to its queue.
+    ClaimLostError (service.dedup)  another request took this request's idempotency key
+                                    while it called Clerk (its lease ran out): the token it
+                                    made is revoked, and it answers with the one stored.
 
 Error texts never contain a sign-in token or the secret key: they are built
 from Clerk's error messages and our own words only.

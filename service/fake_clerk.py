@@ -9,7 +9,9 @@ ClerkErrors body. Its fake world:
 - a missing or malformed field gets 422;
 - a wrong bearer key gets 401.
 
-Knobs: latency, a random 503 rate, faults queued for the next calls, and a
+Knobs: latency, a delay between making a token and answering with it (a
+slow answer: the token exists at Clerk while the caller waits), a random 503
+rate, faults queued for the next calls, and a
 rate limit of N calls (creates and revokes) per key in every sliding window
 of ``rate_window_seconds`` (not fixed buckets, which a limiter could pass by
 luck of alignment), answered 429 with ``Retry-After`` in whole seconds as
@@ -55,6 +57,8 @@ class FakeClerkStats:
 
     create_calls: int = 0
     revoke_calls: int = 0
+    # Monotonic time each create call arrived (answered or not).
+    create_call_times: list[float] = field(default_factory=list)
     created_per_user: Counter[str] = field(default_factory=Counter)
     tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
     revoked: set[str] = field(default_factory=set)
@@ -116,6 +120,7 @@ class FakeClerk:
         secret_key: str,
         *,
         latency_seconds: float = 0.0,
+        answer_delay_seconds: float = 0.0,
         error_rate: float = 0.0,
         rate_limit: int | None = None,
         rate_window_seconds: float = 10.0,
@@ -124,6 +129,8 @@ class FakeClerk:
         """A fake accepting ``secret_key``; the knobs may be changed while it runs."""
         self.accepted_keys = {secret_key}
         self.latency_seconds = latency_seconds
+        # After a token is made, before it is answered: a caller that stops listening leaves it live.
+        self.answer_delay_seconds = answer_delay_seconds
         self.error_rate = error_rate
         self.rate_limit = rate_limit
         self.rate_window_seconds = rate_window_seconds
@@ -235,6 +242,7 @@ class FakeClerk:
 
     async def _create(self, request: web.Request) -> web.Response:
         self.stats.create_calls += 1
+        self.stats.create_call_times.append(time.monotonic())
         refused = await self._guard(request)
         if refused is not None:
             return refused
@@ -255,6 +263,8 @@ class FakeClerk:
         if org_id is not None and not org_id.startswith(_ORG_PREFIX):
             return self._reply(403, clerk_errors("authorization_invalid", "Not a member of the organization"))
         token = self._issue(user_id, params.get("expires_in_seconds") or 2_592_000)
+        if self.answer_delay_seconds:
+            await asyncio.sleep(self.answer_delay_seconds)
         if self.malformed_next:
             self.malformed_next -= 1
             return self._reply(200, {"object": "sign_in_token", "id": token["id"], "status": "pending"})

@@ -14,27 +14,19 @@ two integers (about 170 bytes: 8.5 MiB in all), not the strings.
 from __future__ import annotations
 
 import hashlib
-import time
-from collections import OrderedDict
 from typing import Final
 
+from service.dedup import ExpiringIds, digest64
 from service.redis_link import RedisLink
 
 # Clerk's lifetime of a token asked for without ``expires_in_seconds``.
 CLERK_DEFAULT_LIFETIME_SECONDS: Final = 2_592_000
 MAX_ENTRIES: Final = 50_000
-# An entry's value: the caller's index in the callers seen, above the expiry (monotonic seconds).
-_EXPIRY_BITS: Final = 40
 REDIS_KEY_PREFIX: Final = "sign_in_tokens:grant"
 
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def _key(token_id: str) -> int:
-    """A token id as 64 bits, for the in-process record (a collision would need 2**32 tokens)."""
-    return int.from_bytes(hashlib.blake2b(token_id.encode(), digest_size=8).digest(), "big")
 
 
 class Grants:
@@ -44,8 +36,8 @@ class Grants:
         """In Redis through ``redis`` (under the Clerk key's digest ``key_id``), else in this process."""
         self._redis = redis
         self._prefix = f"{REDIS_KEY_PREFIX}:{key_id}:"
-        self._max_entries = max_entries
-        self._memory: OrderedDict[int, int] = OrderedDict()
+        # Each token's entry holds the index of its caller in the callers seen.
+        self._memory = ExpiringIds(max_entries)
         # The callers seen (a handful): an entry holds an index, not a string.
         self._callers: dict[str, int] = {}
 
@@ -56,19 +48,12 @@ class Grants:
             await self._redis.command("SET", self._prefix + _digest(token_id), _digest(caller or ""), "EX", lifetime)
             return
         holder = self._callers.setdefault(caller or "", len(self._callers))
-        key = _key(token_id)
-        self._memory[key] = holder << _EXPIRY_BITS | int(time.monotonic() + lifetime)
-        self._memory.move_to_end(key)
-        while len(self._memory) > self._max_entries:
-            self._memory.popitem(last=False)
+        self._memory.add(digest64(token_id), lifetime, holder)
 
     async def received_by(self, token_id: str, caller: str | None) -> bool:
         """Whether ``caller`` is the one recorded as having received ``token_id`` (and the record lives)."""
         if self._redis is not None:
             found = await self._redis.command("GET", self._prefix + _digest(token_id))
             return found is not None and found.decode() == _digest(caller or "")
-        entry = self._memory.get(_key(token_id))
-        holder = self._callers.get(caller or "")
-        if entry is None or holder is None:
-            return False
-        return entry >> _EXPIRY_BITS == holder and entry & ((1 << _EXPIRY_BITS) - 1) > time.monotonic()
+        recorded = self._memory.get(digest64(token_id))
+        return recorded is not None and recorded == self._callers.get(caller or "")

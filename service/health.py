@@ -54,6 +54,20 @@ class Metrics:
             "Tokens revoked: by the service (nobody could receive them, or too late) or at their caller's request.",
             registry=r,
         )
+        self.ambiguous_creates = Counter(
+            "sign_in_tokens_ambiguous_creates",
+            "Creates cut after they were sent (a timeout after the request left, or a stop): Clerk may have "
+            "made a token that nobody holds (it has no idempotency key and no list endpoint to find it).",
+            registry=r,
+        )
+        self.unsettled = Counter(
+            "sign_in_tokens_unsettled_tokens",
+            "Tokens left live whose holder cannot be known: reply_refused_after_unknown_fate (a copy's reply "
+            "was refused after an earlier reply's confirm was lost), stopped_before_stored (the grace period ended "
+            "while Redis was away, before a made token's answer could be stored).",
+            ["reason"],
+            registry=r,
+        )
         self.audit_unconfirmed = Counter(
             "sign_in_tokens_audit_unconfirmed",
             "Attempts to publish an audit event the broker did not confirm (each is tried again; the request "

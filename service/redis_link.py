@@ -12,17 +12,26 @@ While Redis cannot be reached, their callers wait rather than guess (no
 slot is given, no claim is made), the link says so once in the log, and
 the worker pauses consumption and reports not-ready until every link
 answers again (it asks with ``check``).
+
+A command is sent once: redis-py's own retries are off (a command that
+timed out may still run when Redis wakes up, and a second copy of it would
+run after it). After any failure, timeout or cancellation the link drops
+its connections rather than reuse them: a reply still on the way would
+otherwise be read as the answer to the next command.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
 import redis
 import redis.asyncio
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -51,7 +60,10 @@ class RedisLink:
     def __init__(self, url: str, purpose: str) -> None:
         """Make the client; it connects at its first command."""
         self.client = redis.asyncio.Redis.from_url(
-            url, socket_timeout=REDIS_TIMEOUT_SECONDS, socket_connect_timeout=REDIS_TIMEOUT_SECONDS
+            url,
+            socket_timeout=REDIS_TIMEOUT_SECONDS,
+            socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+            retry=Retry(NoBackoff(), 0),
         )
         self.purpose = purpose
         self.available = True
@@ -70,6 +82,9 @@ class RedisLink:
     async def _queue(
         self, command: tuple[Any, ...], script: AsyncScript | None, keys: Sequence[str], args: Sequence[Any]
     ) -> Any:  # noqa: ANN401
+        if self._closed:
+            msg = f"the link to Redis ({self.purpose}) is closed"
+            raise redis.ConnectionError(msg)
         loop = asyncio.get_running_loop()
         if not self._batch and not self._sending:
             loop.call_soon(self._send_batch)
@@ -101,25 +116,46 @@ class RedisLink:
         try:
             answers = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
+            await asyncio.shield(self.drop())
             for queued in batch:
                 queued.answer.cancel()
             raise
         except REDIS_FAILURES as exc:
+            await self.drop(exc)
             answers = [exc] * len(batch)
+        refused: BaseException | None = None
         for queued, answer in zip(batch, answers, strict=True):
-            result = answer
-            if isinstance(answer, NoScriptError) and queued.script is not None:
-                # Redis restarted and forgot its scripts: this one reloads it and runs alone.
-                try:
-                    result = await queued.script(keys=queued.keys, args=queued.args)
-                except REDIS_FAILURES as exc:
-                    result = exc
+            result = await self._reloaded(queued, answer)
+            if isinstance(result, REDIS_FAILURES):
+                refused = result
             if queued.answer.done():
                 continue
             if isinstance(result, BaseException):
                 queued.answer.set_exception(result)
             else:
                 queued.answer.set_result(result)
+        # Redis is available when it took every command (a refused one, an ACL say, is said once).
+        if refused is None:
+            self.answered()
+        else:
+            self.failed(refused)
+
+    async def _reloaded(self, queued: _Queued, answer: Any) -> Any:  # noqa: ANN401
+        """``answer``, or, for a script Redis forgot (it restarted), the answer of the script loaded again."""
+        if not (isinstance(answer, NoScriptError) and queued.script is not None):
+            return answer
+        try:
+            return await queued.script(keys=queued.keys, args=queued.args)
+        except REDIS_FAILURES as exc:
+            await self.drop(exc)
+            return exc
+
+    async def drop(self, exc: BaseException | None = None) -> None:
+        """Close every connection (the next command opens a new one); ``exc``: why, as ``failed`` records it."""
+        if exc is not None:
+            self.failed(exc)
+        with contextlib.suppress(*REDIS_FAILURES):
+            await self.client.connection_pool.disconnect()
 
     def failed(self, exc: BaseException) -> None:
         """A command failed: Redis is away or refuses us (said once until it answers again).
@@ -158,10 +194,13 @@ class RedisLink:
         """
         try:
             await self.client.ping()
+        except asyncio.CancelledError:
+            await asyncio.shield(self.drop())
+            raise
         except REDIS_FAILURES as exc:
             if at_start:
                 self._raise_if_untrusted(exc)
-            self.failed(exc)
+            await self.drop(exc)
         else:
             self.answered()
         return self.available

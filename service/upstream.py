@@ -8,10 +8,19 @@ waits for the answer and revokes a token that comes too late.
 The client also keeps Clerk's last word on the secret key: a 401 refutes
 it; any other answer below 500 but 429 proves it (Clerk authenticates a call
 before it looks at the body).
+
+At shutdown (``stop_sending``) no create or probe is sent any more: one
+waiting for its rate slot or its turn raises ShutdownRequestedError at once
+(its request goes back to its queue); one already sent runs to its answer.
+Revocations are still sent: they settle tokens already made. A create cut
+after it may have left (a timeout after the connection was made, a
+cancellation) is counted with ``on_cut``: Clerk may have made a token
+nobody will hold.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from types import MappingProxyType
@@ -29,6 +38,7 @@ from service.errors import (
     KeyRejectedError,
     RateLimitedError,
     RequestError,
+    ShutdownRequestedError,
     UpstreamMalformedError,
     UpstreamRejectedError,
     UpstreamUnavailableError,
@@ -48,6 +58,8 @@ Observe = Callable[[str, float], None]
 _SPAN_NAMES: Final = {op: f"clerk {op}" for op in ("create", "revoke", "probe")}
 _POST: Final = MappingProxyType({"http.request.method": "POST"})
 _JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json"}
+# Failures that surely came before the request left: no connection was made.
+_NOT_SENT: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
 class _TokenId(msgspec.Struct):
@@ -112,13 +124,18 @@ def error_for(status: int, body: bytes, retry_after_header: str | None) -> Reque
 class ClerkClient:
     """Creates and revokes sign-in tokens at Clerk."""
 
-    def __init__(self, settings: Settings, observe: Observe | None = None) -> None:
+    def __init__(
+        self, settings: Settings, observe: Observe | None = None, on_cut: Callable[[], None] | None = None
+    ) -> None:
         """Remember where and how to call; the session is opened by ``start``.
 
         ``observe(operation, seconds)`` is told the latency of each call Clerk answered
         (``create``, ``revoke``, ``probe``), the wait for a rate slot not included.
+        ``on_cut()`` is told of each create cut after it may have been sent.
         """
         self._observe = observe
+        self._on_cut = on_cut
+        self._sending = True
         self._base = settings.clerk_api_url.rstrip("/")
         self._headers = {
             **_JSON_HEADERS,
@@ -150,6 +167,19 @@ class ClerkClient:
             raise_for_status=False,
         )
 
+    def stop_sending(self) -> None:
+        """Shutdown: send no create or probe from now on (revocations still go)."""
+        self._sending = False
+        self.limiter.stop()
+
+    def _may_send(self, operation: str) -> None:
+        if not self._sending and operation != "revoke":
+            raise ShutdownRequestedError("shutting down")
+
+    def _cut(self, operation: str) -> None:
+        if operation == "create" and self._on_cut is not None:
+            self._on_cut()
+
     async def close(self) -> None:
         """Close the session and its connections."""
         await self.limiter.close()
@@ -173,9 +203,11 @@ class ClerkClient:
         if self._session is None:
             msg = "ClerkClient.start() was not called"
             raise RuntimeError(msg)
+        self._may_send(operation)
         with tracing.span("rate slot"):
-            await self.limiter.acquire(lane, deadline)
+            await self.limiter.acquire(lane, deadline, essential=operation == "revoke")
         async with self.gate.turn(lane):
+            self._may_send(operation)
             if deadline is not None and time.time() >= deadline:
                 msg = "x-deadline passed while the request waited for its turn"
                 raise DeadlineExceededError(msg)
@@ -185,9 +217,14 @@ class ClerkClient:
                     async with self._session.post(self._base + path, data=body) as response:
                         answer = response.status, await response.read(), response.headers.get("Retry-After")
                 except (aiohttp.ClientError, TimeoutError) as exc:
+                    if not isinstance(exc, _NOT_SENT):
+                        self._cut(operation)
                     # The exception's text may name our URL; its type is enough and safe.
                     msg = f"Clerk could not be reached: {type(exc).__name__}"
                     raise UpstreamUnavailableError(msg) from None
+                except asyncio.CancelledError:
+                    self._cut(operation)
+                    raise
                 if call is not None:
                     call.set_attribute("http.response.status_code", answer[0])
         if self._observe is not None:

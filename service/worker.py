@@ -28,8 +28,8 @@ from service import broker, tracing
 from service.acks import Acks
 from service.audit import AuditEvent, AuditTrail, Event, Subject, outcome_event
 from service.breaker import OutageHold, UpstreamBreaker
-from service.config import Settings
-from service.dedup import IdempotencyKey, MemoryIdempotencyStore, Remembered, open_store
+from service.config import SHUTDOWN_MARGIN_SECONDS, Settings
+from service.dedup import NO_CLAIM, Claim, ClaimLostError, Found, MemoryIdempotencyStore, Remembered, open_store
 from service.envelope import Envelope
 from service.errors import (
     ConfigError,
@@ -43,13 +43,12 @@ from service.errors import (
     UpstreamMalformedError,
     UpstreamUnavailableError,
 )
-from service.grants import Grants
+from service.grants import CLERK_DEFAULT_LIFETIME_SECONDS, Grants
 from service.health import HealthServer, Metrics
 from service.lanes import REVOKE, Lane, Source, source_label
 from service.logs import bind, bind_request
 from service.messages import (
     Created,
-    CreateSignInTokenRequestBody,
     ErrorDetail,
     Failed,
     Reply,
@@ -73,8 +72,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-# Time kept back from the shutdown grace period to close the connection.
-_SHUTDOWN_MARGIN_SECONDS: Final = 3.0
 # While Redis is away, how often the worker asks it again.
 _REDIS_WATCH_SECONDS: Final = 0.5
 
@@ -122,7 +119,7 @@ class Worker:
         self.settings = settings
         self.name = name
         self.metrics = Metrics()
-        self.clerk = ClerkClient(settings, self._observe_upstream)
+        self.clerk = ClerkClient(settings, self._observe_upstream, self.metrics.ambiguous_creates.inc)
         self.policy: Policy = policy_from_settings(settings)
         self.dedup = open_store(settings)
         self.grants = Grants(self.dedup.redis, settings.key_id())
@@ -266,13 +263,19 @@ class Worker:
         }
 
     async def shutdown(self) -> None:
-        """Stop taking requests, finish or return those in flight, close everything."""
+        """Stop taking requests, finish or return those in flight, close everything.
+
+        No call to Clerk starts any more: a request that has not sent its create goes back to its
+        queue at once; one whose create was sent waits for Clerk's answer and delivers it (the
+        grace period covers a call: config checks it).
+        """
         self.stopping.set()
+        self.clerk.stop_sending()
         if self._consumers is not None:
             await self._consumers.pause()
         pending = {t for t in (*self._tasks, self._probe) if t is not None and not t.done()}
         if pending:
-            grace = max(0.0, self.settings.shutdown_grace_seconds - _SHUTDOWN_MARGIN_SECONDS)
+            grace = max(0.0, self.settings.shutdown_grace_seconds - SHUTDOWN_MARGIN_SECONDS)
             _, late = await asyncio.wait(pending, timeout=grace)
             for task in late:
                 task.cancel()
@@ -354,12 +357,12 @@ class Worker:
             # Nothing goes to a queue the caller may not use, not even a refusal.
             await self._dead_letter(message, subject, "forbidden_reply_to", ("refused", "forbidden"))
             return
-        from_store = False
         try:
             if source == REVOKE:
                 reply = await self._revocation(message, envelope, subject)
             else:
-                reply, from_store = await self._creation(message, envelope, subject, policy)
+                await self._creation(message, envelope, subject, policy)
+                return
         except UndecodableError as exc:
             if not envelope.has_reply_to:
                 await self._dead_letter(message, subject, "undecodable", ("failed", InvalidRequestError.code))
@@ -367,12 +370,10 @@ class Worker:
             reply = failed(InvalidRequestError(str(exc)))
         except InvalidRequestError as exc:
             reply = failed(exc)
-        await self._deliver(message, envelope, reply, subject, from_store=from_store)
+        await self._deliver(message, envelope, reply, subject)
 
-    async def _creation(
-        self, message: DeliveredMessage, envelope: Envelope, subject: Subject, policy: Policy
-    ) -> tuple[Reply, bool]:
-        """Decode a create, then answer it (UndecodableError, InvalidRequestError: the body is bad)."""
+    async def _creation(self, message: DeliveredMessage, envelope: Envelope, subject: Subject, policy: Policy) -> None:
+        """Decode a create, admit it, then answer it under its idempotency key (UndecodableError: the body is bad)."""
         with tracing.span("decode"):
             request = decode_request(
                 message.body,
@@ -382,7 +383,32 @@ class Worker:
             )
         bind(user_id=request.user_id)
         subject.asks_for(request)
-        return await self._answer(request, envelope, subject, policy)
+        try:
+            deadline = envelope.deadline()
+            with tracing.span("policy"):
+                request = policy.admit(envelope.publisher, subject.lane, request)
+        except RequestError as exc:
+            await self._deliver(message, envelope, failed(exc), subject)
+            return
+        subject.asks_for(request)
+        body = encode_clerk_body(request)
+        # A claim lost while this request called Clerk (its lease ran out) with no answer yet to read:
+        # its token was revoked, and the request claims its key again, once.
+        for _ in range(2):
+            try:
+                async with self.dedup.claim(envelope.idempotency_key, deadline) as claim:
+                    try:
+                        reply, mine = await self._answer_claimed(claim, body, deadline, subject)
+                    except ClaimLostError as lost:
+                        if lost.answer is None:
+                            continue
+                        reply, mine = self._stored_reply(lost.answer, body), False
+                    await self._deliver(message, envelope, reply, subject, claim, mine=mine)
+                    return
+            except DeadlineExceededError as exc:  # waiting for the key held elsewhere
+                await self._deliver(message, envelope, failed(exc), subject)
+                return
+        await self._return(message, "idempotency_key_contended")
 
     async def _revocation(self, message: DeliveredMessage, envelope: Envelope, subject: Subject) -> Reply:
         """Revoke a token for the caller it was given to (UndecodableError, InvalidRequestError: the body is bad)."""
@@ -399,55 +425,59 @@ class Worker:
         subject.user_id = token.user_id
         return Revoked(sign_in_token=token)
 
-    async def _answer(
-        self,
-        request: CreateSignInTokenRequestBody,
-        envelope: Envelope,
-        subject: Subject,
-        policy: Policy,
-    ) -> tuple[Reply, bool]:
-        """The reply to a decoded request, and whether it came from the idempotency store."""
-        try:
-            deadline = envelope.deadline()
-            with tracing.span("policy"):
-                request = policy.admit(envelope.publisher, subject.lane, request)
-        except RequestError as exc:
-            return failed(exc), False
-        subject.asks_for(request)
-        key = envelope.idempotency_key
-        body = encode_clerk_body(request)
-        try:
-            async with self.dedup.claim(key, deadline) as remembered:
-                return await self._answer_claimed(key, body, remembered, deadline, subject)
-        except DeadlineExceededError as exc:  # waiting for the key held elsewhere
-            return failed(exc), False
+    def _stored_reply(self, remembered: Remembered, body: bytes) -> Reply:
+        """The answer the store holds for this key, when it answered this very request."""
+        if remembered.request != body:
+            msg = "message_id was already used for a different request; use a new message_id for each request"
+            return failed(InvalidRequestError(msg))
+        self.metrics.dedup_hits.inc()
+        log.info("answered_from_idempotency_store")
+        return remembered.reply
 
     async def _answer_claimed(
-        self,
-        key: IdempotencyKey | None,
-        body: bytes,
-        remembered: Remembered | None,
-        deadline: float | None,
-        subject: Subject,
+        self, claim: Claim, body: bytes, deadline: float | None, subject: Subject
     ) -> tuple[Reply, bool]:
-        """The reply while this request holds its key: the remembered answer, or Clerk's, then remembered."""
-        if remembered is not None:
-            if remembered.request != body:
-                msg = "message_id was already used for a different request; use a new message_id for each request"
-                return failed(InvalidRequestError(msg)), False
-            self.metrics.dedup_hits.inc()
-            log.info("answered_from_idempotency_store")
-            return remembered.reply, True
+        """The reply while this request holds its key, and whether its token is this request's own.
+
+        ClaimLostError when another request took the key meanwhile (this request's token is revoked).
+        """
+        if claim.found is Found.SPENT:
+            msg = (
+                "message_id was answered longer ago than the idempotency window and its token may still be live; "
+                "use a new message_id"
+            )
+            return failed(InvalidRequestError(msg)), False
+        if claim.remembered is not None:
+            return self._stored_reply(claim.remembered, body), False
         try:
             token = await self._create(body, deadline, subject)
         except RequestError as exc:
             reply: Reply = failed(exc)
             if exc.final:
-                await self.dedup.remember(key, body, reply)
+                await self._remember(claim, body, reply, subject)
             return reply, False
         reply = Created(sign_in_token=token)
-        await self.dedup.remember(key, body, reply)
-        return reply, False
+        await self._remember(claim, body, reply, subject)
+        return reply, True
+
+    async def _remember(self, claim: Claim, body: bytes, reply: Reply, subject: Subject) -> None:
+        """Store the answer under the claim; if the claim was lost, revoke this request's token and raise."""
+        lifetime = subject.expires_in_seconds or CLERK_DEFAULT_LIFETIME_SECONDS
+        try:
+            await claim.remember(body, reply, lifetime)
+        except asyncio.CancelledError:
+            # Stopped past the grace period while Redis was away: the token was made and cannot be stored.
+            if isinstance(reply, Created):
+                self.metrics.labelled(self.metrics.unsettled, "stopped_before_stored").inc()
+                log.error(  # noqa: TRY400 - a stop, not a defect: no traceback
+                    "token_fate_unknown", sign_in_token_id=reply.sign_in_token.id, reason="stopped_before_stored"
+                )
+            raise
+        except ClaimLostError:
+            log.warning("idempotency_claim_lost", action="answering with the stored answer; revoking this token")
+            if isinstance(reply, Created):
+                await self._revoke(reply.sign_in_token.id, subject)
+            raise
 
     async def _create(self, body: bytes, deadline: float | None, subject: Subject) -> SignInToken:
         """Call Clerk, retrying transient failures; raise the final RequestError."""
@@ -503,10 +533,14 @@ class Worker:
         envelope: Envelope,
         reply: Reply,
         subject: Subject,
+        claim: Claim = NO_CLAIM,
         *,
-        from_store: bool,
+        mine: bool = False,
     ) -> None:
-        """Record the outcome, publish the reply, ack: each confirmed before the next."""
+        """Record the outcome, publish the reply, settle its fate under the claim, ack: each confirmed before the next.
+
+        ``mine``: the reply's token was made for this request (not read from the store).
+        """
         event, code, token_id = outcome_event(reply)
         if not await self._audited(message, subject.event(event, code=code, sign_in_token_id=token_id)):
             return
@@ -526,12 +560,14 @@ class Worker:
                     encode_reply(reply, content_type), properties, envelope.reply_to
                 )
         except broker.ReplyRefusedError:
-            await self._reply_refused(message, envelope, reply, subject, from_store=from_store)
+            await self._reply_refused(message, envelope, reply, subject, claim, mine=mine)
             return
         except broker.ReplyFateUnknownError:
+            # The answer stays stored, unsettled: the redelivery sends the same token again.
             log.warning("reply_fate_unknown", reply_to=envelope.reply_to)
             await self._return(message, "reply_fate_unknown")
             return
+        await claim.delivered()
         await self._ack(message)
         self.metrics.labelled(self.metrics.requests, subject.lane.value, outcome_of(reply)).inc()
         log.info("replied", reply_to=envelope.reply_to, **reply_log_fields(reply))
@@ -579,18 +615,26 @@ class Worker:
         envelope: Envelope,
         reply: Reply,
         subject: Subject,
+        claim: Claim,
         *,
-        from_store: bool,
+        mine: bool,
     ) -> None:
-        """Nobody can receive the reply: revoke its token, dead-letter the request.
+        """Nobody can receive the reply: revoke its token unless a caller may hold it, dead-letter the request.
 
-        A token from the idempotency store was already given to the request
-        that created it: a duplicate's refused reply leaves it alone.
+        A token this request made is withdrawn from the store first: if a copy of the request
+        delivered it meanwhile, that caller holds it, and it is left alone. A token read from the
+        store was made for another copy: this refusal is not its fate.
         """
-        log.warning("reply_refused", reply_to=envelope.reply_to, from_idempotency_store=from_store)
-        if isinstance(reply, Created) and not from_store:
-            await self.dedup.forget(envelope.idempotency_key)
-            await self._revoke(reply.sign_in_token.id, subject)
+        log.warning("reply_refused", reply_to=envelope.reply_to, from_idempotency_store=not mine)
+        if isinstance(reply, Created):
+            if mine and await claim.withdraw():
+                await self._revoke(reply.sign_in_token.id, subject)
+            elif mine:
+                log.info("token_kept", sign_in_token_id=reply.sign_in_token.id, reason="a copy of this request got it")
+            elif claim.found is Found.UNSETTLED:
+                # The copy that made it stopped before it knew its reply's fate: it may have arrived.
+                self.metrics.labelled(self.metrics.unsettled, "reply_refused_after_unknown_fate").inc()
+                log.warning("token_fate_unknown", sign_in_token_id=reply.sign_in_token.id)
         await self._dead_letter(message, subject, "reply_refused")
 
     async def _dead_letter(
@@ -633,12 +677,16 @@ class Worker:
             log.error("audit_event_lost", audit_event="revoked", sign_in_token_id=token_id)
 
     async def _revoke_at_clerk(self, token_id: str) -> SignInToken:
-        """Revoke ``token_id`` at Clerk, retrying transient failures (never cut short: late is harmless)."""
+        """Revoke ``token_id`` at Clerk, retrying transient failures.
+
+        Never cut short, not even by a stop: a token made must end delivered or revoked (the
+        grace period bounds it).
+        """
 
         async def attempt() -> SignInToken:
             return await self.clerk.revoke(token_id)
 
-        token, _ = await self.retry.run(attempt, deadline=None, sleep=self._sleep_unless_stopping)
+        token, _ = await self.retry.run(attempt, deadline=None, sleep=asyncio.sleep)
         self.metrics.revoked.inc()
         return token
 

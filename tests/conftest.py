@@ -28,6 +28,7 @@ from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker
 from service.local_redis import LocalRedis
 from service.worker import Worker
+from tests import ledger
 
 if TYPE_CHECKING:
     from tests.workers import Replies, WorkerProcesses
@@ -126,11 +127,21 @@ async def channel(amqp: AbstractRobustConnection) -> AbstractChannel:
 
 @pytest.fixture
 async def fake_clerk() -> AsyncIterator[FakeClerk]:
-    """A fake Clerk accepting SECRET_KEY, on a free loopback port."""
+    """A fake Clerk accepting SECRET_KEY, on a free loopback port; its tokens kept in a ledger."""
     clerk = FakeClerk(SECRET_KEY, seed=1)
     await clerk.start()
+    ledger.CURRENT.append(ledger.Ledger(clerk))
     yield clerk
+    ledger.CURRENT.pop()
     await clerk.stop()
+
+
+@pytest.fixture
+def token_ledger(fake_clerk: FakeClerk) -> ledger.Ledger:
+    """The ledger of this test's fake Clerk: who received each token it made."""
+    current = ledger.current()
+    assert current is not None
+    return current
 
 
 @pytest.fixture
@@ -184,7 +195,9 @@ def make_settings(amqp_url: str, fake_clerk: FakeClerk, queue_names: dict[str, s
             "RETRY_BASE_SECONDS": "0.01",
             "RETRY_MAX_DELAY_SECONDS": "2",
             "PROBE_MAX_INTERVAL_SECONDS": "0.2",
+            # The grace period covers one call to Clerk (REQUEST_TIMEOUT_SECONDS + 3): config checks it.
             "SHUTDOWN_GRACE_SECONDS": "8",
+            "REQUEST_TIMEOUT_SECONDS": "5",
             "STARTUP_TIMEOUT_SECONDS": "10",
             # Far above any test's load: tests of the limit set their own.
             "CLERK_RATE_LIMIT": "1000000",

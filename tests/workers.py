@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from service.local_broker import free_port
+from tests import ledger
 from tests.conftest import SECRET_KEY
 
 
@@ -102,11 +104,21 @@ def worker_env(amqp_url: str, clerk_url: str, queue_names: dict[str, str], **ext
         "CLERK_SECRET_KEY": SECRET_KEY,
         "LOG_FORMAT": "json",
         "HTTP_HOST": "127.0.0.1",
+        # The grace period covers one call to Clerk (REQUEST_TIMEOUT_SECONDS + 3): config checks it.
         "SHUTDOWN_GRACE_SECONDS": "10",
+        "REQUEST_TIMEOUT_SECONDS": "5",
         "CLERK_RATE_LIMIT": "1000000",
         **queue_names,
         **extra,
     }
+
+
+async def metric(worker: WorkerProcess, name: str) -> float:
+    """The sum of a metric's samples (every label) on the worker's /metrics."""
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{worker.port}/metrics") as response:
+        text = await response.text()
+    pattern = rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$"
+    return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
 
 
 async def readyz(port: int) -> int | None:
@@ -132,6 +144,8 @@ class Replies:
     """Every reply that reached one queue, by correlation id."""
 
     queue: str
+    # Who reads this queue, in the token ledger (tests.ledger): the queue's name unless a test says otherwise.
+    caller: str = ""
     per_request: Counter[str] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)
     tokens: dict[str, set[str]] = field(default_factory=dict)
@@ -160,6 +174,9 @@ class Replies:
         if outcome == "created":
             token_id = json.loads(message.body)["sign_in_token"]["id"]
             self.tokens.setdefault(correlation_id, set()).add(token_id)
+            book = ledger.current()
+            if book is not None:
+                book.delivered(token_id, self.caller or self.queue, correlation_id)
         elif outcome == "failed":
             error = json.loads(message.body)["error"]
             outcome = error["code"]

@@ -12,21 +12,44 @@ remembered. The key includes the publisher, so one publisher can never
 receive another's result; callers without a ``user_id`` property share one
 namespace, and the request check is what keeps them apart.
 
+Every token has one fate: delivered to the caller that asked, or revoked.
+So a request holds its key (a ``Claim``) from before Clerk is called until
+its reply's fate is known, not only until its answer is stored:
+
+- ``found``: what the key holds. ``NEW``: this request calls Clerk.
+  ``ANSWERED``: a final answer whose reply was delivered, sent again.
+  ``UNSETTLED``: a final answer whose holder stopped before it knew its
+  reply's fate (a crash, a lost connection): sent again, but a refusal of
+  this copy's reply revokes nothing, since the first may have arrived.
+  ``SPENT``: the answer has left the window while its token may still live
+  (an id-only record kept for the token's lifetime): not created again.
+- ``remember`` stores this request's answer before its reply is published
+  (a redelivery after a lost confirm gets the same token);
+- then ``delivered`` (the reply was confirmed) or ``withdraw`` (it was
+  refused: the answer is dropped unless a copy delivered it meanwhile, and
+  its token is revoked only when dropped). A copy that waited for the key
+  then reads a delivered answer, or makes a fresh call; never a token that
+  is revoked after it was given.
+
 Two stores keep this promise behind one interface (``IdempotencyStore``):
 
 - ``MemoryIdempotencyStore``, in process, bounded by time and by bytes:
   each entry is counted at the size of its strings plus the bookkeeping
-  around it, on the safe side of what tracemalloc measures. One replica.
+  around it, on the safe side of what tracemalloc measures. One replica;
+  a claim is a lock.
 - ``RedisIdempotencyStore`` (``service.dedup._redis``) when REDIS_URL is
-  set, shared by every replica: a claim takes a lease on the key before
-  Clerk is called, so replicas handling one ``message_id`` at once make one
-  call; the answer replaces the lease before the reply is published; a
-  replica that dies leaves a lease that expires.
+  set, shared by every replica: a claim is a lease with a fence (a token of
+  its own), renewed while held; a replica paused past its lease finds the
+  fence moved when it comes back and may not store its answer
+  (``ClaimLostError``): it revokes its token and answers with the stored
+  one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import hashlib
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -37,6 +60,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 import msgspec
 from cachetools import TTLCache
 
+from service.errors import ServiceError
 from service.messages import Created, Reply
 
 if TYPE_CHECKING:
@@ -48,8 +72,14 @@ IdempotencyKey = tuple[str, str]
 # An entry's memory, fitted to what tracemalloc measures (tests/unit/test_dedup_logs_upstream.py
 # checks it): the entry's tuple, the key's tuple and strings, the dict slot and expiry link, and
 # the bytes of the packed answer.
-ENTRY_OVERHEAD_BYTES: Final = 440
+ENTRY_OVERHEAD_BYTES: Final = 448
 STRING_OVERHEAD_BYTES: Final = 49
+# The keys of created tokens kept past the window, in process: two integers each, counted at
+# SPENT_ENTRY_BYTES (tracemalloc measures 80 to 150 bytes as the dict fills).
+MAX_SPENT_IDS: Final = 50_000
+SPENT_ENTRY_BYTES: Final = 150
+# A record's value sits above its expiry (monotonic seconds) in one integer.
+EXPIRY_BITS: Final = 40
 
 
 class Remembered(NamedTuple):
@@ -100,9 +130,88 @@ def unpack(packed: bytes | memoryview) -> Remembered:
     return Remembered(stored.request, reply)
 
 
+class ClaimLostError(ServiceError):
+    """Another request took this request's key while it was held (its lease ran out meanwhile).
+
+    ``answer`` is what the store holds for the key now (the other request's answer), or None
+    while the other request is still working on it.
+    """
+
+    def __init__(self, answer: Remembered | None) -> None:
+        """Carry the answer the store holds."""
+        super().__init__("the idempotency key was claimed by another request")
+        self.answer = answer
+
+
+class Found(enum.Enum):
+    """What a claim found under its key."""
+
+    # Nothing: this request calls Clerk.
+    NEW = "new"
+    # A final answer whose reply was delivered.
+    ANSWERED = "answered"
+    # A final answer whose reply's fate is unknown (its holder stopped or lost its connection first).
+    UNSETTLED = "unsettled"
+    # An answer that has left the window while its token may still be live: only its id is left.
+    SPENT = "spent"
+
+
+class Claim(Protocol):
+    """One request's hold on its key, from before Clerk is called until its reply's fate is known."""
+
+    @property
+    def found(self) -> Found:
+        """What the claim found under the key."""
+        ...
+
+    @property
+    def remembered(self) -> Remembered | None:
+        """The answer found (``ANSWERED`` and ``UNSETTLED``)."""
+        ...
+
+    async def remember(self, request: bytes, reply: Reply, lifetime_seconds: int) -> None:
+        """Store this request's final answer under the key, if the claim still holds it; else ClaimLostError.
+
+        A created token's id is kept ``lifetime_seconds`` (the token's) beyond the window, as SPENT.
+        """
+        ...
+
+    async def delivered(self) -> None:
+        """The answer's reply was confirmed: it is the key's for the window."""
+        ...
+
+    async def withdraw(self) -> bool:
+        """The reply of this request's own answer was refused: drop the answer unless it was delivered.
+
+        True when it was dropped: nobody can have been given its token, which the caller revokes.
+        """
+        ...
+
+
+class NoClaim:
+    """The claim of a request without a key (no ``message_id``, or no window): it finds nothing, keeps nothing."""
+
+    found = Found.NEW
+    remembered: Remembered | None = None
+
+    async def remember(self, request: bytes, reply: Reply, lifetime_seconds: int) -> None:
+        """Nothing is kept."""
+
+    async def delivered(self) -> None:
+        """Nothing is kept."""
+
+    async def withdraw(self) -> bool:
+        """The token was this request's alone: revoke it."""
+        return True
+
+
+NO_CLAIM: Final = NoClaim()
+
+
 class _Entry(NamedTuple):
     packed: bytes
     size: int
+    delivered: bool
 
 
 def entry_size(key: IdempotencyKey, packed: bytes) -> int:
@@ -130,21 +239,11 @@ class IdempotencyStore(Protocol):
         """The link to Redis, for a store kept there."""
         ...
 
-    def claim(
-        self, key: IdempotencyKey | None, deadline: float | None = None
-    ) -> AbstractAsyncContextManager[Remembered | None]:
-        """Hold ``key`` for one request; yields the remembered answer, if any.
+    def claim(self, key: IdempotencyKey | None, deadline: float | None = None) -> AbstractAsyncContextManager[Claim]:
+        """Hold ``key`` for one request until the block ends: its answer, and its reply's fate.
 
         DeadlineExceededError when ``deadline`` (Unix seconds) passes while another holds it.
         """
-        ...
-
-    async def remember(self, key: IdempotencyKey | None, request: bytes, reply: Reply) -> None:
-        """Keep the final reply to ``request`` for the window (before the reply is published)."""
-        ...
-
-    async def forget(self, key: IdempotencyKey | None) -> None:
-        """Drop a remembered reply (its token was revoked)."""
         ...
 
     async def close(self) -> None:
@@ -179,66 +278,139 @@ class KeyLocks:
         return len(self._locks)
 
 
+def digest64(*parts: str) -> int:
+    """Strings as 64 bits, for records kept in this process (a collision would need 2**32 of them)."""
+    text = "\0".join(parts).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
+
+
+class ExpiringIds:
+    """The last ``max_entries`` ids recorded, each with its own expiry (monotonic seconds), as integers.
+
+    A plain dict, oldest first (an id recorded again moves to the end): about 100 bytes an entry.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        """An empty record."""
+        self._max_entries = max_entries
+        self._expiry: dict[int, int] = {}
+
+    def add(self, key: int, lifetime_seconds: float, value: int = 0) -> None:
+        """Record ``key`` (with a small ``value``) for ``lifetime_seconds``; the oldest go past the bound."""
+        self._expiry.pop(key, None)
+        self._expiry[key] = value << EXPIRY_BITS | int(time.monotonic() + lifetime_seconds)
+        while len(self._expiry) > self._max_entries:
+            del self._expiry[next(iter(self._expiry))]
+
+    def get(self, key: int) -> int | None:
+        """The value recorded with ``key`` while it lives, else None."""
+        entry = self._expiry.get(key)
+        if entry is None or entry & ((1 << EXPIRY_BITS) - 1) <= time.monotonic():
+            return None
+        return entry >> EXPIRY_BITS
+
+    def discard(self, key: int) -> None:
+        """Forget ``key``."""
+        self._expiry.pop(key, None)
+
+    def __len__(self) -> int:
+        """How many ids are recorded (expired ones included until pushed out)."""
+        return len(self._expiry)
+
+
+class _MemoryClaim:
+    """A claim in this process: the key's lock is held, so no other request can take the key.
+
+    The entry it found or wrote is known by identity: another entry under the key is another answer.
+    """
+
+    def __init__(self, store: MemoryIdempotencyStore, key: IdempotencyKey) -> None:
+        self._store = store
+        self._key = key
+        self._entry = store.replies.get(key)
+        self.remembered = None if self._entry is None else unpack(self._entry.packed)
+        if self._entry is not None:
+            self.found = Found.ANSWERED if self._entry.delivered else Found.UNSETTLED
+        elif store.spent.get(digest64(*key)) is not None:
+            self.found = Found.SPENT
+        else:
+            self.found = Found.NEW
+
+    async def remember(self, request: bytes, reply: Reply, lifetime_seconds: int) -> None:
+        """Keep the answer (unless it alone exceeds the store)."""
+        packed = pack(request, reply)
+        size = entry_size(self._key, packed)
+        self._entry = _Entry(packed, size, delivered=False)
+        if size <= self._store.replies.maxsize:
+            self._store.replies[self._key] = self._entry
+        if isinstance(reply, Created):
+            self._store.spent.add(digest64(*self._key), lifetime_seconds)
+
+    async def delivered(self) -> None:
+        """Mark the answer delivered."""
+        entry = self._store.replies.get(self._key)
+        if entry is not None and entry is self._entry and not entry.delivered:
+            self._store.replies[self._key] = entry._replace(delivered=True)
+
+    async def withdraw(self) -> bool:
+        """Drop the answer unless it was delivered (one evicted meanwhile was given to nobody)."""
+        entry = self._store.replies.get(self._key)
+        if entry is not None and (entry is not self._entry or entry.delivered):
+            return False
+        self._store.replies.pop(self._key, None)
+        self._store.spent.discard(digest64(*self._key))
+        return True
+
+
 class MemoryIdempotencyStore:
     """Final replies by key, in this process, for a window of time, in at most ``max_bytes``."""
 
-    def __init__(self, window_seconds: float, max_bytes: int) -> None:
+    def __init__(self, window_seconds: float, max_bytes: int, max_spent: int = MAX_SPENT_IDS) -> None:
         """An empty store; a window of 0 remembers nothing."""
         self._enabled = window_seconds > 0
-        self._replies: TTLCache[IdempotencyKey, _Entry] = TTLCache(
+        self.replies: TTLCache[IdempotencyKey, _Entry] = TTLCache(
             maxsize=max_bytes,
             ttl=max(window_seconds, 1e-9),
             timer=time.monotonic,
             getsizeof=attrgetter("size"),
         )
+        # The keys of created tokens, for their lifetime: a request that comes after the window is not served blindly.
+        self.spent = ExpiringIds(max_spent)
         self.locks = KeyLocks()
         self.available = True
         self.redis: RedisLink | None = None
 
     @asynccontextmanager
-    async def claim(
-        self, key: IdempotencyKey | None, deadline: float | None = None
-    ) -> AsyncIterator[Remembered | None]:
-        """Hold ``key`` for one request; yields the remembered answer, if any.
+    async def claim(self, key: IdempotencyKey | None, deadline: float | None = None) -> AsyncIterator[Claim]:
+        """Hold ``key`` for one request until the block ends.
 
         Only this process's requests can hold a key here: the wait for one is short, and ``deadline`` is not needed.
         """
         del deadline
         if key is None or not self._enabled:
-            yield None
+            yield NoClaim()
             return
         async with self.locks.hold(key):
-            entry = self._replies.get(key)
-            yield None if entry is None else unpack(entry.packed)
-
-    async def remember(self, key: IdempotencyKey | None, request: bytes, reply: Reply) -> None:
-        """Keep a final reply to ``request`` for the window (unless it alone exceeds the store)."""
-        if key is None or not self._enabled:
-            return
-        # cachetools sizes an entry by its value: the key's strings are counted in it too.
-        packed = pack(request, reply)
-        size = entry_size(key, packed)
-        if size <= self._replies.maxsize:
-            self._replies[key] = _Entry(packed, size)
-
-    async def forget(self, key: IdempotencyKey | None) -> None:
-        """Drop a remembered reply (its token was revoked)."""
-        if key is not None:
-            self._replies.pop(key, None)
+            yield _MemoryClaim(self, key)
 
     async def close(self) -> None:
         """Nothing to release."""
 
     @property
+    def answers_bytes(self) -> int:
+        """The bytes counted for the live answers (what IDEMPOTENCY_MAX_BYTES bounds)."""
+        self.replies.expire()
+        return int(self.replies.currsize)
+
+    @property
     def size_bytes(self) -> int:
-        """The bytes counted for the live entries."""
-        self._replies.expire()
-        return int(self._replies.currsize)
+        """The bytes counted for the live answers and the id-only records."""
+        return self.answers_bytes + SPENT_ENTRY_BYTES * len(self.spent)
 
     def __len__(self) -> int:
         """How many replies are remembered now."""
-        self._replies.expire()
-        return len(self._replies)
+        self.replies.expire()
+        return len(self.replies)
 
 
 def open_store(settings: Settings) -> IdempotencyStore:
@@ -248,4 +420,9 @@ def open_store(settings: Settings) -> IdempotencyStore:
     # Imported only when used, as the rate limiter's Redis window is.
     from service.dedup._redis import RedisIdempotencyStore  # noqa: PLC0415
 
-    return RedisIdempotencyStore(settings.redis_url, settings.idempotency_window_seconds, settings.key_id())
+    return RedisIdempotencyStore(
+        settings.redis_url,
+        settings.idempotency_window_seconds,
+        settings.key_id(),
+        settings.idempotency_lease_seconds,
+    )

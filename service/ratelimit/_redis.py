@@ -1,11 +1,21 @@
 """The rate limiter's window in Redis, shared by every replica that calls Clerk with the same key.
 
-Four keys under the prefix: ``window`` (a list of grant times in µs, newest
+Five keys under the prefix: ``window`` (a list of grant times in µs, newest
 first, at most the limit long), ``hold`` (set for Clerk's ``Retry-After``
-after a 429), ``cut`` (the rate cut to after a 429, and when) and
+after a 429), ``cut`` (the rate cut to after a 429, and when),
 ``interactive`` (a sorted set of the replicas with an interactive request
-waiting, scored by when their word expires). The scripts mirror
+waiting, scored by when their word expires) and ``epoch`` (when this
+window began, and a random name: it never expires). The scripts mirror
 ``MemoryWindow`` line for line, on Redis's clock.
+
+A Redis emptied (FLUSHALL, a failover to an empty replica, a restart
+without persistence) forgets the window while Clerk still counts the calls
+in it. Each replica remembers the epoch it last saw: one that finds the
+epoch gone or changed knows the window was lost, and no replica gets a
+slot until a whole window has passed since the new epoch began (the calls
+the old window held are all older than that). A replica that has never
+seen an epoch (it just started) cannot tell an empty Redis from a new one:
+the first replica of a fleet on a new Redis spends at once.
 """
 
 from __future__ import annotations
@@ -14,9 +24,13 @@ import contextlib
 import math
 import uuid
 
+import structlog
+
 from service.lanes import Lane
 from service.ratelimit import BURST_SLICES, CLIMB, CUT, PACE_HEADROOM, RESERVE, WAITER_TTL_SECONDS
 from service.redis_link import REDIS_FAILURES, REDIS_RETRY_SECONDS, RedisLink
+
+log = structlog.get_logger(__name__)
 
 # Shared by both scripts: Redis's clock in µs, and the rate after any cut (dropping a cut that has climbed back).
 _COMMON = """
@@ -38,15 +52,33 @@ local function effective(cut_key, limit, window, climb, now)
 end
 """
 
-# KEYS: window, hold, cut, interactive.
+# KEYS: window, hold, cut, interactive, epoch.
 # ARGV: limit, window µs, lane (i or b), replica id, interactive requests left after this one,
-#       climb, burst slices, reserve share, waiter ttl µs, pace headroom.
-# Returns 0 (a slot taken), or the µs until one may be free.
+#       climb, burst slices, reserve share, waiter ttl µs, pace headroom,
+#       the epoch this replica saw last (or ''), a name for a new epoch.
+# Returns {0 (a slot taken) or the µs until one may be free, the epoch, 1 when the window was found lost}.
 _TAKE = (
     _COMMON
     + """
 local limit, window, lane = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local now = now_us()
+local epoch = redis.call('GET', KEYS[5])
+local lost = 0
+if not epoch then
+    epoch = string.format('%.0f', now) .. ':' .. ARGV[12]
+    redis.call('SET', KEYS[5], epoch)
+end
+if ARGV[11] ~= '' and epoch ~= ARGV[11] then
+    lost = 1
+    local began = tonumber(string.match(epoch, '^(%d+):'))
+    local left_ms = math.ceil((began + window - now) / 1000)
+    if left_ms > 0 and redis.call('PTTL', KEYS[2]) < left_ms then
+        redis.call('SET', KEYS[2], 1, 'PX', left_ms)
+    end
+end
+local function answer(wait)
+    return {wait, epoch, lost}
+end
 local waiters = KEYS[4]
 redis.call('ZREMRANGEBYSCORE', waiters, '-inf', now)
 if lane == 'i' then
@@ -57,13 +89,13 @@ else
 end
 local held = redis.call('PTTL', KEYS[2])
 if held > 0 then
-    return held * 1000
+    return answer(held * 1000)
 end
 local rate = math.max(1, math.floor(effective(KEYS[3], limit, window, tonumber(ARGV[6]), now)))
 local cap = rate
 if lane == 'b' then
     if redis.call('ZCARD', waiters) > 0 then
-        return 2000
+        return answer(2000)
     end
     if rate > 1 then
         cap = rate - math.ceil(tonumber(ARGV[8]) * rate)
@@ -72,12 +104,12 @@ if lane == 'b' then
     local pace = window * most / (rate * tonumber(ARGV[10]))
     local recent = redis.call('LINDEX', KEYS[1], most - 1)
     if recent and tonumber(recent) > now - pace then
-        return math.max(1000, tonumber(recent) + pace - now)
+        return answer(math.max(1000, tonumber(recent) + pace - now))
     end
 end
 local oldest = redis.call('LINDEX', KEYS[1], cap - 1)
 if oldest and tonumber(oldest) > now - window then
-    return math.max(1000, tonumber(oldest) + window - now)
+    return answer(math.max(1000, tonumber(oldest) + window - now))
 end
 redis.call('LPUSH', KEYS[1], now)
 redis.call('LTRIM', KEYS[1], 0, limit - 1)
@@ -85,7 +117,7 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
 if lane == 'i' and tonumber(ARGV[5]) == 0 then
     redis.call('ZREM', waiters, ARGV[4])
 end
-return 0
+return answer(0)
 """
 )
 
@@ -123,8 +155,10 @@ class RedisWindow:
         client = self._link.client
         self._limit = limit
         self._window_us = int(seconds * 1_000_000)
-        self._keys = [f"{prefix}:{name}" for name in ("window", "hold", "cut", "interactive")]
+        self._keys = [f"{prefix}:{name}" for name in ("window", "hold", "cut", "interactive", "epoch")]
         self._replica = uuid.uuid4().hex
+        # The window's epoch as this replica last saw it ('' before it has seen one).
+        self._epoch = ""
         self._take = client.register_script(_TAKE)
         self._on_429 = client.register_script(_ON_429)
 
@@ -146,14 +180,21 @@ class RedisWindow:
             RESERVE,
             int(WAITER_TTL_SECONDS * 1_000_000),
             PACE_HEADROOM,
+            self._epoch,
+            uuid.uuid4().hex,
         ]
         try:
-            wait_us = int(await self._link.script(self._take, self._keys, args))
-        except REDIS_FAILURES as exc:
-            self._link.failed(exc)
-            return REDIS_RETRY_SECONDS
-        self._link.answered()
-        return wait_us / 1_000_000
+            wait_us, epoch, lost = await self._link.script(self._take, self._keys, args)
+        except REDIS_FAILURES:
+            return REDIS_RETRY_SECONDS  # the link has said so
+        if lost:
+            log.warning(
+                "rate_window_lost",
+                reason="Redis was emptied or replaced",
+                action="no call to Clerk until the calls of the lost window are a window old",
+            )
+        self._epoch = epoch.decode()
+        return int(wait_us) / 1_000_000
 
     async def on_429(self, seconds: float) -> float | None:
         """Give no slot, on any replica, for ``seconds``, and cut the shared rate unless already held."""

@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 
+from service.fake_clerk import FakeClerk
+from tests import ledger
+
 FIGURES: list[dict[str, Any]] = []
 
 
@@ -39,6 +42,26 @@ class Figures:
 def figures(request: pytest.FixtureRequest) -> Figures:
     """The recorder, in the mode the command line chose."""
     return Figures(long=bool(request.config.getoption("--long")))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Any:
+    """Keep each phase's report on the test, so a fixture can tell whether the test passed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+@pytest.fixture(autouse=True)
+def ledger_checked(fake_clerk: FakeClerk, request: pytest.FixtureRequest) -> Any:
+    """Every fault test that passes has ended by checking the token ledger (``await token_ledger.balanced()``)."""
+    yield
+    call = getattr(request.node, "report_call", None)
+    book = ledger.current()
+    if call is not None and call.passed:
+        assert book is not None
+        assert book.checked, "a fault test must end with: await token_ledger.balanced()"
+        Figures(long=bool(request.config.getoption("--long"))).record(f"ledger of {request.node.name}", **book.last)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

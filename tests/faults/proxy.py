@@ -18,6 +18,8 @@ class FaultyProxy:
         self.latency = 0.0
         self.reset_after_bytes: int | None = None  # downstream bytes per connection before a reset
         self._stalled: set[asyncio.StreamWriter] = set()
+        # Holding: every connection stalls, those opened meanwhile too (a Redis that stops answering).
+        self._holding = False
         self._released = asyncio.Event()
         self._connections: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._server: asyncio.Server | None = None
@@ -41,9 +43,15 @@ class FaultyProxy:
         self._stalled = {w for pair in self._connections for w in pair}
         self._released.clear()
 
+    def hold(self) -> None:
+        """Stop moving bytes on every connection, open now or opened while held (the bytes wait, none is lost)."""
+        self._holding = True
+        self._released.clear()
+
     def unstall(self) -> None:
-        """Move bytes again; connections opened since were never stalled."""
+        """Move bytes again; connections opened since ``stall`` were never stalled."""
         self._stalled = set()
+        self._holding = False
         self._released.set()
 
     def reset_all(self) -> None:
@@ -88,7 +96,7 @@ class FaultyProxy:
     ) -> None:
         sent = 0
         while data := await reader.read(65_536):
-            if writer in self._stalled:
+            if self._holding or writer in self._stalled:
                 await self._released.wait()
             if self.latency:
                 await asyncio.sleep(self.latency)  # wait-ok: the latency is the fault

@@ -8,6 +8,7 @@ from aio_pika.abc import AbstractChannel
 from service.fake_clerk import FakeClerk
 from tests.conftest import SECRET_KEY, wait_until
 from tests.faults.conftest import Figures
+from tests.ledger import Ledger
 from tests.workers import Replies, WorkerProcesses, publish_requests, readyz
 
 pytestmark = pytest.mark.slow
@@ -20,6 +21,7 @@ async def test_rejected_key_sends_no_reply_and_every_request_is_answered_after(
     replies: Replies,
     queue_names: dict[str, str],
     figures: Figures,
+    token_ledger: Ledger,
 ) -> None:
     """10,000 queued requests and a rejected key: no reply while it is bad, all answered once it works."""
     sent = figures.scale(10_000, 50_000)
@@ -46,3 +48,4 @@ async def test_rejected_key_sends_no_reply_and_every_request_is_answered_after(
     assert (replies_while_bad, status_while_bad) == (0, 503)
     assert replies.outcomes["created"] == sent
     assert await readyz(worker.port) == 200
+    await token_ledger.balanced()

@@ -13,6 +13,7 @@ from service.local_broker import LocalBroker
 from tests.conftest import wait_until
 from tests.faults.conftest import Figures
 from tests.integration.test_blocked import CLEAR_ALARM, SET_ALARM
+from tests.ledger import Ledger
 from tests.workers import WorkerProcesses, count_replies, publish_requests, worker_env
 
 pytestmark = pytest.mark.slow
@@ -24,6 +25,7 @@ async def test_a_memory_alarm_longer_than_the_confirm_timeout_loses_and_duplicat
     queue_names: dict[str, str],
     tmp_path: Path,
     figures: Figures,
+    token_ledger: Ledger,
 ) -> None:
     """The alarm outlasts CONFIRM_TIMEOUT_SECONDS: every request answered once, one token each, after it clears."""
     sent = figures.scale(1_000, 5_000)
@@ -65,6 +67,7 @@ async def test_a_memory_alarm_longer_than_the_confirm_timeout_loses_and_duplicat
         assert answered_at_alarm < sent, "the drain ended before the alarm: the test proves nothing"
         assert replies.duplicates == 0
         assert fake_clerk.stats.duplicated == 0
+        await token_ledger.balanced()
         await connection.close()
     finally:
         pool.kill_all()

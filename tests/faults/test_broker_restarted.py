@@ -14,6 +14,7 @@ from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker
 from tests.conftest import wait_until
 from tests.faults.conftest import Figures
+from tests.ledger import Ledger
 from tests.workers import WorkerProcesses, count_replies, publish_requests, readyz, worker_env
 
 pytestmark = pytest.mark.slow
@@ -25,6 +26,7 @@ async def test_broker_restart_loses_nothing_and_the_worker_resumes_by_itself(
     queue_names: dict[str, str],
     tmp_path: Path,
     figures: Figures,
+    token_ledger: Ledger,
 ) -> None:
     """Stop and start the node mid-drain: all answered, the same worker process consumes again."""
     sent = figures.scale(2_000, 10_000)
@@ -76,6 +78,7 @@ async def test_broker_restart_loses_nothing_and_the_worker_resumes_by_itself(
         assert worker.alive()
         assert resumed_after is not None
         assert answered_at_stop < sent, "the drain ended before the restart: the test proves nothing"
+        await token_ledger.balanced()
         await connection.close()
     finally:
         pool.kill_all()

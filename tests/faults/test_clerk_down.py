@@ -12,6 +12,7 @@ from aio_pika.abc import AbstractChannel
 from service.fake_clerk import FakeClerk
 from tests.conftest import queue_depth, wait_until
 from tests.faults.conftest import Figures
+from tests.ledger import Ledger
 from tests.workers import Replies, WorkerProcesses
 
 pytestmark = pytest.mark.slow
@@ -26,6 +27,7 @@ async def test_clerk_outage_loses_nothing_and_retries_stay_bounded(
     replies: Replies,
     queue_names: dict[str, str],
     figures: Figures,
+    token_ledger: Ledger,
 ) -> None:
     """Clerk down for 60 s at 20 requests/s: consumption pauses, every request is answered after, attempts bounded."""
     outage = figures.scale(60, 300)
@@ -84,3 +86,4 @@ async def test_clerk_outage_loses_nothing_and_retries_stay_bounded(
     # Only requests already held by the worker (its prefetch) can outlast OUTAGE_HOLD_SECONDS.
     assert replies.outcomes["upstream_unavailable"] <= 100
     assert replies.outcomes["created"] - created_at_recovery > 0
+    await token_ledger.balanced()

@@ -15,8 +15,11 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from service.fake_clerk import FakeClerk
+from service.messages import Created, decode_reply
+from tests import ledger
 from tests.conftest import wait_until
 from tests.faults.conftest import Figures
+from tests.ledger import Ledger
 from tests.workers import WorkerProcesses
 
 pytestmark = pytest.mark.slow
@@ -105,6 +108,12 @@ async def count_by_id(channel: AbstractChannel, queue: str, seen: Counter[str]) 
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         seen[message.correlation_id or message.message_id or "?"] += 1
+        if (message.headers or {}).get("x-outcome") == "created":
+            reply = decode_reply(message.body, message.content_type)
+            assert isinstance(reply, Created)
+            book = ledger.current()
+            if book is not None:
+                book.delivered(reply.sign_in_token.id, queue, message.correlation_id)
 
     await declared.consume(on_message, no_ack=True)
 
@@ -115,6 +124,7 @@ async def test_hostile_messages_are_all_answered_or_dead_lettered(
     channel: AbstractChannel,
     queue_names: dict[str, str],
     figures: Figures,
+    token_ledger: Ledger,
 ) -> None:
     """Random bytes, deep nesting, huge strings, wrong types, bad UTF-8, 10 MB bodies, bad headers and properties.
 
@@ -162,3 +172,4 @@ async def test_hostile_messages_are_all_answered_or_dead_lettered(
     assert not [e for e in events if e["event"] == "unexpected_error"]
     assert not [e for e in events if e["event"] == "broker_connection_lost"]
     assert fake_clerk.stats.revoked == {t for t, o in fake_clerk.stats.tokens.items() if o["status"] == "revoked"}
+    await token_ledger.balanced()

@@ -13,6 +13,7 @@ from aio_pika.abc import AbstractChannel
 from service.fake_clerk import FakeClerk
 from tests.conftest import get_message, wait_until
 from tests.faults.conftest import Figures
+from tests.ledger import Ledger
 from tests.workers import Replies, WorkerProcesses, publish_requests
 
 pytestmark = pytest.mark.slow
@@ -26,6 +27,8 @@ async def test_poison_request_is_dead_lettered_after_the_delivery_limit(
     replies: Replies,
     queue_names: dict[str, str],
     figures: Figures,
+    token_ledger: Ledger,
+    redis_url: str,
 ) -> None:
     """Each delivery of the poison request crashes its worker; after DELIVERY_LIMIT the broker gives up on it."""
     poisoned = asyncio.Event()
@@ -37,7 +40,14 @@ async def test_poison_request_is_dead_lettered_after_the_delivery_limit(
             await release.wait()  # hold the call until the worker is killed (released at the end)
 
     fake_clerk.on_create = poison_hook
-    worker = await worker_processes.start(DELIVERY_LIMIT=str(DELIVERY_LIMIT))
+    # The store is shared, so a request answered just before a crash is answered with the same token after it.
+    worker_processes.env |= {
+        "DELIVERY_LIMIT": str(DELIVERY_LIMIT),
+        "REDIS_URL": redis_url,
+        "IDEMPOTENCY_LEASE_SECONDS": "1",
+        "UPSTREAM_CONCURRENCY": "4",
+    }
+    worker = await worker_processes.start()
     await channel.default_exchange.publish(
         aio_pika.Message(b'{"user_id": "user_poison"}', message_id="poison", reply_to=replies.queue),
         queue_names["REQUEST_QUEUE"],
@@ -47,7 +57,7 @@ async def test_poison_request_is_dead_lettered_after_the_delivery_limit(
         await asyncio.wait_for(poisoned.wait(), 30)
         poisoned.clear()
         await worker_processes.stop(worker, signal.SIGKILL)
-        worker = await worker_processes.start(DELIVERY_LIMIT=str(DELIVERY_LIMIT))
+        worker = await worker_processes.start()
     crashes = DELIVERY_LIMIT + 1
     message = await get_message(channel, queue_names["DEAD_LETTER_QUEUE"])
     await wait_until(lambda: replies.answered == 100, timeout=60, what="the other requests answered")
@@ -65,3 +75,6 @@ async def test_poison_request_is_dead_lettered_after_the_delivery_limit(
     assert message.headers["x-death"][0]["reason"] == "delivery_limit"
     assert not poisoned.is_set(), "the poison request was delivered again after the limit"
     assert replies.per_request["poison"] == 0
+    # Each crash cut the poison's call at Clerk (which makes its token once released) and at most
+    # UPSTREAM_CONCURRENCY (4) others: unheld, counted.
+    await token_ledger.balanced(cut=crashes * 5)

@@ -11,6 +11,7 @@ from service.fake_clerk import FakeClerk
 from service.local_redis import LocalRedis
 from tests.conftest import SECRET_KEY, wait_until
 from tests.faults.conftest import Figures
+from tests.ledger import Ledger
 from tests.workers import Replies, WorkerProcesses, publish_requests, readyz, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -23,6 +24,7 @@ async def test_redis_lost_under_load_stops_calls_instead_of_exceeding_the_limit(
     replies: Replies,
     queue_names: dict[str, str],
     figures: Figures,
+    token_ledger: Ledger,
 ) -> None:
     """Two replicas at 40 calls a second; Redis down for a while mid-drain: nothing lost, none over the limit."""
     sent = figures.scale(400, 2_000)
@@ -59,6 +61,7 @@ async def test_redis_lost_under_load_stops_calls_instead_of_exceeding_the_limit(
     assert answered_at_stop < sent, "the drain ended before Redis stopped: the test proves nothing"
     assert replies.outcomes == {"created": sent}
     assert fake_clerk.stats.rate_limited <= sent // 100  # see test_rate_limit: at most 1 %
+    await token_ledger.balanced()
 
 
 async def test_redis_unreachable_at_start_pauses_the_worker_until_it_answers(
@@ -68,6 +71,7 @@ async def test_redis_unreachable_at_start_pauses_the_worker_until_it_answers(
     replies: Replies,
     queue_names: dict[str, str],
     figures: Figures,
+    token_ledger: Ledger,
 ) -> None:
     """A worker whose Redis is down at start consumes nothing and is not ready; it resumes when Redis answers."""
     server = LocalRedis()  # not started yet
@@ -95,3 +99,4 @@ async def test_redis_unreachable_at_start_pauses_the_worker_until_it_answers(
     assert (ready_while_away, answered_while_away) == (503, 0)
     assert replies.outcomes == {"created": 50}
     assert worker.alive()
+    await token_ledger.balanced()

@@ -11,6 +11,7 @@ from pathlib import Path
 from service.bulk import reply_queue_name
 from service.fake_clerk import FakeClerk
 from tests.conftest import wait_until
+from tests.ledger import Ledger
 from tests.workers import WorkerProcesses
 
 
@@ -68,7 +69,12 @@ async def test_a_file_with_bad_rows_is_answered_row_by_row_and_a_rerun_sends_not
 
 
 async def test_ten_thousand_rows_survive_a_worker_restart_and_a_killed_tool(
-    worker_processes: WorkerProcesses, fake_clerk: FakeClerk, tmp_path: Path, redis_url: str, amqp: object
+    worker_processes: WorkerProcesses,
+    fake_clerk: FakeClerk,
+    tmp_path: Path,
+    redis_url: str,
+    amqp: object,
+    token_ledger: Ledger,
 ) -> None:
     """A worker killed mid-run, then the tool killed and rerun: every row answered once, one token a user."""
     rows = 10_000
@@ -97,6 +103,9 @@ async def test_ten_thousand_rows_survive_a_worker_restart_and_a_killed_tool(
     assert all(fake_clerk.stats.tokens[token]["user_id"] == user for token, user in delivered.items())
     orphans = sum(fake_clerk.stats.created_per_user.values()) - rows
     assert 0 <= orphans <= 2 * 200
+    for token, user in delivered.items():
+        token_ledger.delivered(token, "bulk-tool", user)
+    await token_ledger.balanced(cut=2 * 200)
     assert f"{rows} rows: {rows} created, 0 failed" in said
     # The reply queue is gone once every row is answered.
     channel = await amqp.channel()  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ from service.fake_clerk import FakeClerk
 from service.local_broker import free_port
 from service.messages import Created
 from tests.conftest import SECRET_KEY, WorkerFactory, queue_depth, wait_until
+from tests.ledger import Ledger
 from tests.workers import Replies, WorkerProcess, WorkerProcesses, publish_requests, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -34,6 +35,7 @@ async def test_worker_stopped_mid_flight_loses_no_request(
     channel: AbstractChannel,
     replies: Replies,
     start_worker: WorkerFactory,
+    token_ledger: Ledger,
 ) -> None:
     """SIGTERM exits 0 within the grace period; SIGKILL is a crash; either way every request is answered after.
 
@@ -41,7 +43,9 @@ async def test_worker_stopped_mid_flight_loses_no_request(
     finished and the rest returned to the queue.
     """
     fake_clerk.latency_seconds = 0.2
-    worker = await worker_processes.start(UPSTREAM_CONCURRENCY="4", SHUTDOWN_GRACE_SECONDS="5")
+    worker = await worker_processes.start(
+        UPSTREAM_CONCURRENCY="4", SHUTDOWN_GRACE_SECONDS="5", REQUEST_TIMEOUT_SECONDS="2"
+    )
     await publish_requests(channel, queue_names["REQUEST_QUEUE"], replies.queue, 200)
     await wait_until(lambda: replies.answered >= 4, what="the first replies")
     await wait_until(lambda: '"replied"' in worker_processes.logs(), what="the first replies in the worker's log")
@@ -60,6 +64,8 @@ async def test_worker_stopped_mid_flight_loses_no_request(
     for token in fake_clerk.stats.tokens.values():
         assert token["token"] not in logs
     assert SECRET_KEY not in logs
+    # SIGTERM waits for the calls at Clerk; SIGKILL cuts at most UPSTREAM_CONCURRENCY (4) of them.
+    await token_ledger.balanced(cut=0 if sig == signal.SIGTERM else 4)
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -93,6 +99,9 @@ def base_env() -> dict[str, str]:
         ({"CLERK_SECRET_KEY": "sk_test_x", "SHUTDOWN_GRACE_SECONDS": "inf"}, "SHUTDOWN_GRACE_SECONDS"),
         ({"CLERK_SECRET_KEY": "sk_test_x", "OUTAGE_HOLD_SECONDS": "1e20"}, "OUTAGE_HOLD_SECONDS"),
         ({"CLERK_SECRET_KEY": "sk_test_x", "OUTAGE_HOLD_SECONDS": "1700"}, "CONSUMER_TIMEOUT_SECONDS"),
+        # A grace period that cannot cover one Clerk call would leave its token unheld.
+        ({"CLERK_SECRET_KEY": "sk_test_x", "SHUTDOWN_GRACE_SECONDS": "10"}, "SHUTDOWN_GRACE_SECONDS"),
+        ({"CLERK_SECRET_KEY": "sk_test_x", "SHUTDOWN_GRACE_SECONDS": "12.9"}, "REQUEST_TIMEOUT_SECONDS"),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(env: dict[str, str], names: str) -> None:
@@ -268,6 +277,7 @@ async def test_processes_share_the_work_and_stop_together(
     channel: AbstractChannel,
     replies: Replies,
     redis_url: str,
+    token_ledger: Ledger,
 ) -> None:
     """`worker --processes 2`: two workers on HTTP_PORT and HTTP_PORT+1 both answer; SIGTERM stops both, exit 0."""
     supervisor = await two_processes(worker_processes, redis_url)
@@ -281,6 +291,7 @@ async def test_processes_share_the_work_and_stop_together(
     assert await worker_processes.stop(supervisor, signal.SIGTERM) == 0
     assert not [child for child in children if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
     assert "Traceback" not in worker_processes.logs()
+    await token_ledger.balanced()
 
 
 async def test_a_process_that_dies_stops_the_set(

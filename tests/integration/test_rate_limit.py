@@ -16,6 +16,7 @@ from service.local_broker import free_port
 from service.ratelimit import ClerkRateLimiter
 from service.ratelimit._redis import RedisWindow
 from tests.conftest import SECRET_KEY, WorkerFactory, wait_until
+from tests.ledger import Ledger
 from tests.workers import Replies, WorkerProcesses, publish_requests
 
 
@@ -82,6 +83,7 @@ async def test_three_replicas_drain_a_backlog_at_the_limit_without_a_429(
     channel: AbstractChannel,
     replies: Replies,
     queue_names: dict[str, str],
+    token_ledger: Ledger,
 ) -> None:
     """Three worker processes sharing the limit through Redis: 300 bulk requests, all created, at most 1 % 429s."""
     fake_clerk.rate_limit = 40
@@ -98,6 +100,7 @@ async def test_three_replicas_drain_a_backlog_at_the_limit_without_a_429(
     assert fake_clerk.stats.rate_limited <= 3
     assert elapsed >= 6  # 300 calls at 40 a second, all replicas together
     assert "rate_limit_shared" in worker_processes.logs()
+    await token_ledger.balanced()
 
 
 async def test_an_interactive_request_on_one_replica_goes_before_bulk_waiting_on_another(redis_url: str) -> None:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+import pytest
+import redis.asyncio
+
 from service.local_broker import free_port
-from service.redis_link import REDIS_FAILURES, RedisLink
+from service.redis_link import REDIS_FAILURES, REDIS_TIMEOUT_SECONDS, RedisLink
+from tests.faults.proxy import FaultyProxy
 
 _ECHO = "return ARGV[1]"
 
@@ -69,3 +74,44 @@ async def test_a_command_to_an_unreachable_redis_raises_for_each_caller() -> Non
     finally:
         await link.close()
     assert all(isinstance(result, REDIS_FAILURES) for result in results), results
+
+
+async def test_a_command_that_timed_out_runs_once_and_its_late_reply_is_never_another_commands(redis_url: str) -> None:
+    """Redis stalls past the timeout: the command fails once (no retry of its own), and runs once when Redis wakes.
+
+    redis-py retries a timed-out command by itself (ten times in 8.x), and each retry would run
+    after the first; a reply left on a reused connection would answer the next command.
+    """
+    target = int(redis_url.rsplit(":", 1)[1].split("/", maxsplit=1)[0])
+    proxy = FaultyProxy(target)
+    await proxy.start()
+    link = RedisLink(f"redis://127.0.0.1:{proxy.port}/0", "test")
+    direct = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        assert await link.command("SET", "counted", 0) is True
+        proxy.hold()
+        started = time.monotonic()
+        with pytest.raises(REDIS_FAILURES):
+            await link.command("INCR", "counted")
+        failed_after = time.monotonic() - started
+        proxy.unstall()
+        assert await link.command("SET", "other", "mine") is True
+        assert await link.command("GET", "other") == b"mine"
+        counted: list[bytes | None] = []
+
+        async def read() -> None:
+            counted.append(await direct.get("counted"))
+
+        for _ in range(100):  # the held INCR reaches Redis when the proxy lets its bytes go
+            await read()
+            if counted[-1] != b"0":
+                break
+            await asyncio.sleep(0.02)  # wait-ok: the poll interval of a condition wait
+        await link.command("PING")
+        await read()
+    finally:
+        await link.close()
+        await direct.aclose()
+        await proxy.stop()
+    assert failed_after < REDIS_TIMEOUT_SECONDS + 1
+    assert counted[-1] == b"1", counted

@@ -5,19 +5,20 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import pytest
-import redis.asyncio
 from aio_pika.abc import AbstractChannel
 from pamqp import commands as spec
 
 from service.client import SignInTokenClient
-from service.dedup import Remembered, idempotency_key
+from service.dedup import ClaimLostError, Found, Remembered, idempotency_key
 from service.dedup._redis import RedisIdempotencyStore
 from service.errors import DeadlineExceededError
 from service.fake_clerk import FakeClerk
 from service.local_broker import free_port
 from service.messages import Created, SignInToken
 from tests.conftest import WorkerFactory, wait_until
+from tests.ledger import Ledger
 from tests.workers import Replies, WorkerProcesses, publish_requests
 
 REQUEST = b'{"user_id":"user_a"}'
@@ -39,64 +40,123 @@ def store(redis_url: str, window: float = 60.0, lease: float = 5.0) -> RedisIdem
     return RedisIdempotencyStore(redis_url, window, key_id="k", lease_seconds=lease)
 
 
+def other_answer() -> Created:
+    """An answer another replica stored: another token."""
+    return Created(sign_in_token=msgspec.structs.replace(TOKEN, id="sit_2"))
+
+
 async def test_two_replicas_claiming_one_key_make_one_call(redis_url: str) -> None:
-    """The second replica's claim waits for the first's answer and gets it, instead of calling Clerk."""
+    """The second replica's claim waits until the first's reply is delivered, then reads its answer."""
     first, second = store(redis_url), store(redis_url)
     key = idempotency_key("alice", "m1")
-    seen: list[Remembered | None] = []
+    seen: list[tuple[Found, Remembered | None]] = []
 
     async def other_replica() -> None:
-        async with second.claim(key) as remembered:
-            seen.append(remembered)
+        async with second.claim(key) as claim:
+            seen.append((claim.found, claim.remembered))
 
-    async with first.claim(key) as remembered:
-        assert remembered is None
+    async with first.claim(key) as claim:
+        assert claim.found is Found.NEW
         waiting = asyncio.create_task(other_replica())
+        await claim.remember(REQUEST, ANSWER, 60)
         await asyncio.sleep(0.1)  # wait-ok: give the other claim time to (wrongly) get through
-        assert not waiting.done()
-        await first.remember(key, REQUEST, ANSWER)
+        assert not waiting.done(), "a copy read the answer before its reply's fate was known"
+        await claim.delivered()
     await asyncio.wait_for(waiting, 5)
-    assert seen == [Remembered(REQUEST, ANSWER)]
+    assert seen == [(Found.ANSWERED, Remembered(REQUEST, ANSWER))]
     for replica in (first, second):
         await replica.close()
 
 
-async def test_a_lease_is_renewed_while_held_and_expires_when_its_replica_dies(redis_url: str) -> None:
-    """A claim held for three leases keeps its key; a replica that vanishes frees it after one lease."""
+async def test_a_lease_is_renewed_while_held_and_ends_when_its_replica_stops_renewing(redis_url: str) -> None:
+    """A claim held for three leases keeps its key; one whose replica stops renewing frees it after one lease."""
     first, second = store(redis_url, lease=0.4), store(redis_url, lease=0.4)
     key = idempotency_key("alice", "m1")
     async with first.claim(key):
         with pytest.raises(DeadlineExceededError):
             async with second.claim(key, deadline=time.time() + 1.2):
                 pytest.fail("the key was claimed twice")
-    # Dies holding a lease: taken, never renewed nor released.
-    await first.close()
     third = store(redis_url, lease=0.4)
-    orphan = third.redis_key(key)
-    client = redis.asyncio.Redis.from_url(redis_url)
-    await client.set(orphan, b"Lsome-dead-replica", px=400)
-    started = time.monotonic()
-    async with second.claim(key) as remembered:
-        assert remembered is None
-    assert 0.2 <= time.monotonic() - started <= 2.0
-    await client.aclose()
-    for replica in (second, third):
+    async with third.claim(key):
+        assert third._renewer is not None
+        third._renewer.cancel()  # it stops renewing, as a replica that died would
+        started = time.monotonic()
+        async with second.claim(key) as claim:
+            assert claim.found is Found.NEW
+        assert 0.2 <= time.monotonic() - started <= 2.0
+    for replica in (first, second, third):
         await replica.close()
 
 
-async def test_answers_are_scoped_by_publisher_and_expire_with_the_window(redis_url: str) -> None:
-    """Another publisher's same message_id is another key; an answer lives for the window only."""
+async def test_a_claim_lost_while_paused_may_not_store_and_gets_the_answer_there(redis_url: str) -> None:
+    """A replica that stops renewing past its lease comes back to a moved fence: ClaimLostError with the other answer."""
+    paused, other = store(redis_url, lease=0.4), store(redis_url, lease=0.4)
+    key = idempotency_key("alice", "m1")
+    async with paused.claim(key) as stale:
+        assert paused._renewer is not None
+        paused._renewer.cancel()  # paused: no renewal reaches Redis
+        async with other.claim(key) as claim:
+            assert claim.found is Found.NEW
+            with pytest.raises(ClaimLostError) as still_working:
+                await stale.remember(REQUEST, ANSWER, 60)
+            assert still_working.value.answer is None
+            await claim.remember(REQUEST, other_answer(), 60)
+            await claim.delivered()
+        with pytest.raises(ClaimLostError) as lost:
+            await stale.remember(REQUEST, ANSWER, 60)
+    assert lost.value.answer == Remembered(REQUEST, other_answer())
+    async with other.claim(key) as claim:
+        assert claim.remembered == Remembered(REQUEST, other_answer())
+    for replica in (paused, other):
+        await replica.close()
+
+
+async def test_a_withdrawn_answer_leaves_the_key_to_the_next_copy_and_a_delivered_one_stays(redis_url: str) -> None:
+    """Withdraw drops an undelivered answer (the waiting copy calls afresh); after delivery it drops nothing."""
+    replica = store(redis_url)
+    key = idempotency_key("alice", "m1")
+    async with replica.claim(key) as claim:
+        await claim.remember(REQUEST, ANSWER, 60)
+        assert await claim.withdraw() is True
+        assert await claim.withdraw() is True  # a withdrawal tried again gets the same answer
+    async with replica.claim(key) as claim:
+        assert (claim.found, claim.remembered) == (Found.NEW, None)
+        await claim.remember(REQUEST, ANSWER, 60)
+        await claim.delivered()
+        assert await claim.withdraw() is False
+    async with replica.claim(key) as claim:
+        assert claim.found is Found.ANSWERED
+    await replica.close()
+
+
+async def test_an_answer_whose_fate_is_unknown_is_taken_over_by_the_next_copy(redis_url: str) -> None:
+    """A claim that ends after remember but before delivered leaves its answer UNSETTLED for the next copy."""
+    replica = store(redis_url)
+    key = idempotency_key("alice", "m1")
+    async with replica.claim(key) as claim:
+        await claim.remember(REQUEST, ANSWER, 60)
+    async with replica.claim(key) as claim:
+        assert (claim.found, claim.remembered) == (Found.UNSETTLED, Remembered(REQUEST, ANSWER))
+        await claim.delivered()
+    async with replica.claim(key) as claim:
+        assert claim.found is Found.ANSWERED
+    await replica.close()
+
+
+async def test_answers_are_scoped_by_publisher_and_outlived_by_the_id_of_their_token(redis_url: str) -> None:
+    """Another publisher's same message_id is another key; after the window a created token's key is SPENT."""
     replica = store(redis_url, window=0.5)
     key = idempotency_key("alice", "m1")
-    async with replica.claim(key):
-        await replica.remember(key, REQUEST, ANSWER)
+    async with replica.claim(key) as claim:
+        await claim.remember(REQUEST, ANSWER, 60)
+        await claim.delivered()
     async with replica.claim(idempotency_key("bob", "m1")) as other:
-        assert other is None
-    async with replica.claim(key) as remembered:
-        assert remembered == Remembered(REQUEST, ANSWER)
+        assert other.found is Found.NEW
+    async with replica.claim(key) as claim:
+        assert claim.remembered == Remembered(REQUEST, ANSWER)
     await asyncio.sleep(0.6)  # wait-ok: the window's length is what is tested
-    async with replica.claim(key) as expired:
-        assert expired is None
+    async with replica.claim(key) as claim:
+        assert (claim.found, claim.remembered) == (Found.SPENT, None)
     await replica.close()
 
 
@@ -107,8 +167,8 @@ async def test_an_unanswered_claim_is_released_for_the_next(redis_url: str) -> N
     async with replica.claim(key):
         pass
     started = time.monotonic()
-    async with replica.claim(key) as remembered:
-        assert remembered is None
+    async with replica.claim(key) as claim:
+        assert claim.found is Found.NEW
     assert time.monotonic() - started < 0.5
     await replica.close()
 
@@ -143,6 +203,7 @@ async def test_two_worker_processes_give_each_message_id_one_token(
     channel: AbstractChannel,
     replies: Replies,
     queue_names: dict[str, str],
+    token_ledger: Ledger,
 ) -> None:
     """Each of 200 message ids published twice, two replicas: 200 calls, and both replies carry the same token."""
     fake_clerk.latency_seconds = 0.02
@@ -156,6 +217,7 @@ async def test_two_worker_processes_give_each_message_id_one_token(
     assert replies.tokens_per_request() == {1}
     answering = [w for w in worker_processes.started if '"replied"' in w.log_path.read_text()]
     assert len(answering) == 2, "one replica answered everything: the test proves little"
+    await token_ledger.balanced()
 
 
 async def test_a_message_id_that_is_not_utf8_is_a_key_like_any_other(

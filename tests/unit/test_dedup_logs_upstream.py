@@ -13,7 +13,7 @@ import msgspec
 import pytest
 import structlog
 
-from service.dedup import MemoryIdempotencyStore, Remembered, idempotency_key, pack, unpack
+from service.dedup import Found, IdempotencyKey, MemoryIdempotencyStore, Remembered, idempotency_key, pack, unpack
 from service.errors import (
     KeyRejectedError,
     RateLimitedError,
@@ -102,16 +102,16 @@ async def test_store_counts_at_least_the_memory_it_holds_and_stays_under_its_bou
         before = tracemalloc.get_traced_memory()[0]
         for i in range(entries):
             # The request body is held by the store alone once the worker has sent it: copy it.
-            await store.remember((f"caller{i % 3}", f"m{i:08d}"), bytes(bytearray(requests[i])), make(i))
+            await remember(store, (f"caller{i % 3}", f"m{i:08d}"), bytes(bytearray(requests[i])), make(i))
         gc.collect()
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
     assert held <= store.size_bytes <= 1.3 * held
-    bounded = MemoryIdempotencyStore(600, store.size_bytes // 2)
+    bounded = MemoryIdempotencyStore(600, store.answers_bytes // 2)
     for i in range(entries):
-        await bounded.remember((f"caller{i % 3}", f"m{i:08d}"), requests[i], make(i))
-    assert bounded.size_bytes <= store.size_bytes // 2
+        await remember(bounded, (f"caller{i % 3}", f"m{i:08d}"), requests[i], make(i))
+    assert bounded.answers_bytes <= store.answers_bytes // 2
     assert 0 < len(bounded) < entries
 
 
@@ -119,32 +119,74 @@ async def test_store_remembers_within_the_window_and_scopes_by_publisher() -> No
     """A remembered reply comes back for its key only; another publisher's key is different."""
     store = MemoryIdempotencyStore(60, 2**20)
     key = idempotency_key("alice", "m1")
-    await store.remember(key, REQUEST, Created(sign_in_token=TOKEN))
-    async with store.claim(key) as remembered:
-        assert remembered == Remembered(REQUEST, Created(sign_in_token=TOKEN))
+    await remember(store, key, REQUEST, Created(sign_in_token=TOKEN), delivered=True)
+    async with store.claim(key) as claim:
+        assert (claim.found, claim.remembered) == (Found.ANSWERED, Remembered(REQUEST, Created(sign_in_token=TOKEN)))
     async with store.claim(idempotency_key("bob", "m1")) as other:
-        assert other is None
+        assert (other.found, other.remembered) == (Found.NEW, None)
     assert idempotency_key("alice", None) is None
 
 
-async def test_store_serialises_claims_of_one_key() -> None:
-    """A second claim of a key waits until the first is released, then sees its reply."""
+async def test_store_serialises_claims_of_one_key_until_the_reply_is_delivered() -> None:
+    """A second claim of a key waits until the first's reply is delivered, then sees its reply."""
     store = MemoryIdempotencyStore(60, 2**20)
     key = idempotency_key(None, "m")
     seen: list[object] = []
 
     async def second() -> None:
-        async with store.claim(key) as remembered:
-            seen.append(remembered)
+        async with store.claim(key) as claim:
+            seen.append(claim.remembered)
 
-    async with store.claim(key):
+    async with store.claim(key) as claim:
         task = asyncio.create_task(second())
+        await claim.remember(REQUEST, Created(sign_in_token=TOKEN), 60)
         await asyncio.sleep(0)  # wait-ok: yield so the other tasks reach their await
         assert not task.done()
-        await store.remember(key, REQUEST, Created(sign_in_token=TOKEN))
+        await claim.delivered()
     await task
     assert seen == [Remembered(REQUEST, Created(sign_in_token=TOKEN))]
     assert len(store.locks) == 0
+
+
+async def test_store_withdraws_an_undelivered_answer_and_keeps_a_delivered_one() -> None:
+    """Withdraw frees the key for a fresh call; after delivery it keeps the answer; an unsettled one is taken over."""
+    store = MemoryIdempotencyStore(60, 2**20)
+    key = idempotency_key("alice", "m1")
+    async with store.claim(key) as claim:
+        await claim.remember(REQUEST, Created(sign_in_token=TOKEN), 60)
+        assert await claim.withdraw() is True
+    async with store.claim(key) as claim:
+        assert claim.found is Found.NEW
+        await claim.remember(REQUEST, Created(sign_in_token=TOKEN), 60)
+    async with store.claim(key) as claim:
+        assert claim.found is Found.UNSETTLED
+        await claim.delivered()
+        assert await claim.withdraw() is False
+    async with store.claim(key) as claim:
+        assert claim.found is Found.ANSWERED
+
+
+async def test_a_created_tokens_key_outlives_the_window_as_spent() -> None:
+    """After the window, a created token's key is SPENT for the token's lifetime; a failure's is forgotten."""
+    store = MemoryIdempotencyStore(0.05, 2**20)
+    created, failed = idempotency_key("alice", "c"), idempotency_key("alice", "f")
+    await remember(store, created, REQUEST, Created(sign_in_token=TOKEN), delivered=True)
+    await remember(store, failed, REQUEST, _failed(0), delivered=True)
+    await asyncio.sleep(0.1)  # wait-ok: the window's length is what is tested
+    async with store.claim(created) as claim:
+        assert (claim.found, claim.remembered) == (Found.SPENT, None)
+    async with store.claim(failed) as claim:
+        assert claim.found is Found.NEW
+
+
+async def remember(
+    store: MemoryIdempotencyStore, key: IdempotencyKey | None, request: bytes, reply: Reply, *, delivered: bool = False
+) -> None:
+    """Claim ``key``, remember ``reply`` under it (and mark it delivered)."""
+    async with store.claim(key) as claim:
+        await claim.remember(request, reply, 60)
+        if delivered:
+            await claim.delivered()
 
 
 def test_scrubber_redacts_tokens_keys_and_secret_fields() -> None:
