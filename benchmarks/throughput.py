@@ -357,7 +357,7 @@ def table(medians: dict[str, dict[str, Any]], baseline: str) -> Iterator[str]:
         )
 
 
-def plot(medians: dict[str, dict[str, Any]], latencies: list[float], names: list[str]) -> None:
+def plot(medians: dict[str, dict[str, Any]], latencies: list[float], names: list[str], path: Path = PLOT) -> None:
     """Tokens/s and CPU per token, a group of bars per Clerk latency."""
     import matplotlib as mpl  # noqa: PLC0415 - only the plot needs it
 
@@ -378,14 +378,15 @@ def plot(medians: dict[str, dict[str, Any]], latencies: list[float], names: list
         ax.set_title(title)
     speed.legend(fontsize="small")
     fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=100)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
 
 
-def add_baseline(revision: str, tree: Path) -> str:
-    """Export the ``service`` package at ``revision`` into ``tree``; add it as a contender, return its key.
+def add_baseline(revision: str, tree: Path, *, redis: bool) -> list[str]:
+    """Export the ``service`` package at ``revision`` into ``tree``; add it as a contender, return its keys.
 
     ``python -m service`` run from ``tree`` imports that copy: the current directory comes first on ``sys.path``.
+    ``redis``: also the same with REDIS_URL, beside the ``service-redis`` contender.
     """
     archive = subprocess.run(  # noqa: S603 - git, fixed arguments
         ["git", "archive", revision, "service"],  # noqa: S607 - git from PATH, as a developer runs it
@@ -395,7 +396,11 @@ def add_baseline(revision: str, tree: Path) -> str:
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)  # noqa: S603, S607
     CONTENDERS["baseline"] = Contender(f"service at {revision}", [*WORKER], service=True, cwd=tree)
-    return "baseline"
+    if not redis:
+        return ["baseline"]
+    name = f"service + Redis at {revision}"
+    CONTENDERS["baseline-redis"] = Contender(name, [*WORKER], redis=True, service=True, cwd=tree)
+    return ["baseline", "baseline-redis"]
 
 
 async def main() -> None:
@@ -424,7 +429,8 @@ async def main() -> None:
     runs: list[Run] = []
     async with AsyncExitStack() as stack:
         if args.baseline:
-            chosen.append(add_baseline(args.baseline, Path(stack.enter_context(tempfile.TemporaryDirectory()))))
+            tree = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            chosen.extend(add_baseline(args.baseline, tree, redis="service-redis" in chosen))
         amqp_url = os.environ.get("AMQP_URL")
         local = None
         if not amqp_url:
@@ -490,10 +496,12 @@ async def main() -> None:
         print("profiles in", RESULTS / "profile", "(benchmarks/breakdown.py reads them); figures not saved")
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "throughput.json").write_text(
+    # A before-and-after run is kept beside the comparison with the peers, not over it.
+    stem = "throughput-baseline" if args.baseline else "throughput"
+    (RESULTS / f"{stem}.json").write_text(
         json.dumps({"args": vars(args), "medians": medians, "runs": [asdict(run) for run in runs]}, indent=2)
     )
-    plot(medians, latencies, chosen)
+    plot(medians, latencies, chosen, PLOT.with_name(f"{stem}.png"))
 
 
 if __name__ == "__main__":
