@@ -382,6 +382,22 @@ def plot(medians: dict[str, dict[str, Any]], latencies: list[float], names: list
     fig.savefig(path, dpi=100)
 
 
+def save(
+    args: argparse.Namespace,
+    runs: list[Run],
+    medians: dict[str, dict[str, Any]],
+    latencies: list[float],
+    names: list[str],
+) -> None:
+    """Write the JSON and the plot; a before-and-after run is kept beside the comparison with the peers."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "throughput-baseline" if args.baseline else "throughput"
+    (RESULTS / f"{stem}.json").write_text(
+        json.dumps({"args": vars(args), "medians": medians, "runs": [asdict(run) for run in runs]}, indent=2)
+    )
+    plot(medians, latencies, names, PLOT.with_name(f"{stem}.png"))
+
+
 def add_baseline(revision: str, tree: Path, *, redis: bool) -> list[str]:
     """Export the ``service`` package at ``revision`` into ``tree``; add it as a contender, return its keys.
 
@@ -495,13 +511,7 @@ async def main() -> None:
     if args.profile:
         print("profiles in", RESULTS / "profile", "(benchmarks/breakdown.py reads them); figures not saved")
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    # A before-and-after run is kept beside the comparison with the peers, not over it.
-    stem = "throughput-baseline" if args.baseline else "throughput"
-    (RESULTS / f"{stem}.json").write_text(
-        json.dumps({"args": vars(args), "medians": medians, "runs": [asdict(run) for run in runs]}, indent=2)
-    )
-    plot(medians, latencies, chosen, PLOT.with_name(f"{stem}.png"))
+    save(args, runs, medians, latencies, chosen)
 
 
 if __name__ == "__main__":
