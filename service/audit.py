@@ -84,6 +84,40 @@ class Subject:
         )
 
 
+class RevocationOrder(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A token made that nobody holds: revoke it at Clerk, then record it (REVOCATIONS_QUEUE, the worker's own).
+
+    ``subject``'s text fields are printable (UTF-8): the order is JSON.
+    """
+
+    sign_in_token_id: str
+    reason: str
+    subject: Subject
+
+
+_order_encoder = msgspec.json.Encoder()
+_order_decoder = msgspec.json.Decoder(RevocationOrder)
+
+
+def revocation_order(token_id: str, reason: str, subject: Subject) -> bytes:
+    """The order to revoke ``token_id``, encoded."""
+    printable_subject = Subject(
+        _text(subject.caller),
+        subject.lane,
+        _text(subject.correlation_id),
+        _text(subject.message_id),
+        subject.user_id,
+        subject.org_id,
+        subject.expires_in_seconds,
+    )
+    return _order_encoder.encode(RevocationOrder(token_id, reason, printable_subject))
+
+
+def read_revocation_order(body: bytes) -> RevocationOrder:
+    """An order ``revocation_order`` wrote (msgspec.DecodeError otherwise)."""
+    return _order_decoder.decode(body)
+
+
 def outcome_event(reply: Reply) -> tuple[Event, str | None, str | None]:
     """The event of a reply: ``(event, code, sign_in_token_id)``."""
     if isinstance(reply, Created | Revoked):

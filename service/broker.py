@@ -49,7 +49,7 @@ from yarl import URL
 from service import amqp_wire, tracing
 from service.config import Settings
 from service.errors import ConfigError, ServiceError, untrusted_certificate
-from service.lanes import REVOKE, Lane, Source, source_label
+from service.lanes import REVOCATIONS, REVOKE, Lane, Source, source_label
 
 amqp_wire.install()
 log = structlog.get_logger(__name__)
@@ -136,8 +136,13 @@ def lane_queue_arguments(settings: Settings) -> dict[str, Any]:
 
 
 def lane_queue_names(settings: Settings) -> dict[Source, str]:
-    """The queue of each lane, and the revocations' queue: what the worker consumes."""
-    return {Lane.INTERACTIVE: settings.request_queue, Lane.BULK: settings.bulk_queue, REVOKE: settings.revoke_queue}
+    """The queue of each lane, the callers' revocations' and the worker's own orders: what the worker consumes."""
+    return {
+        Lane.INTERACTIVE: settings.request_queue,
+        Lane.BULK: settings.bulk_queue,
+        REVOKE: settings.revoke_queue,
+        REVOCATIONS: settings.revocations_queue,
+    }
 
 
 async def _declare(
@@ -177,7 +182,9 @@ def declared_queues(settings: Settings) -> dict[str, dict[str, Any]]:
     """Every queue the worker declares, with its arguments (deploy/rabbitmq/definitions.json has the same)."""
     quorum = {"x-queue-type": "quorum"}
     found = {settings.dead_letter_queue: quorum, settings.results_queue: quorum}
-    return found | {name: lane_queue_arguments(settings) for name in lane_queue_names(settings).values()}
+    requests = {name: lane_queue_arguments(settings) for name in lane_queue_names(settings).values()}
+    # An order to revoke is tried until Clerk has revoked the token: no delivery limit, nothing dead-lettered.
+    return found | requests | {settings.revocations_queue: quorum}
 
 
 async def declare_topology(connection: AbstractRobustConnection, settings: Settings) -> None:

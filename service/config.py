@@ -15,7 +15,7 @@ import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta
@@ -65,6 +65,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     """
 
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    # The broker user AMQP_URL logs in as, where the URL names none (EXTERNAL or OAuth 2 login):
+    # the worker's replies carry it as their user_id, a client's requests as theirs.
+    amqp_user: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
     clerk_api_url: str = "https://api.clerk.com/v1"
     clerk_secret_key: Secret | None = None
     clerk_api_version: str = "2025-11-10"
@@ -76,6 +79,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     request_queue: QueueName = "sign_in_tokens.create"
     bulk_queue: QueueName = "sign_in_tokens.create.bulk"
     revoke_queue: QueueName = "sign_in_tokens.revoke"
+    # The worker's own: tokens made that nobody holds, each revoked at Clerk before its order is acked.
+    revocations_queue: QueueName = "sign_in_tokens.revocations"
     results_queue: QueueName = "sign_in_tokens.results"
     dead_letter_queue: QueueName = "sign_in_tokens.dead"
     http_host: str = "0.0.0.0"  # noqa: S104 - probes reach the pod on its own address
@@ -145,6 +150,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         """The publishers (validated AMQP ``user_id``) allowed to ask; empty: anyone."""
         return frozenset(p.strip() for p in self.allowed_publishers.split(",") if p.strip())
 
+    @property
+    def broker_user(self) -> str:
+        """The broker user this process publishes as (RabbitMQ checks a message's user_id against it)."""
+        return broker_user(self.amqp_url, self.amqp_user)
+
     def secret_key(self) -> str:
         """Return the Clerk key, or raise ConfigError when none was given."""
         if self.clerk_secret_key is None:
@@ -158,6 +168,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
 
 MASK = "********"
+# aiormq's user when AMQP_URL names none (and logs in with a password).
+_AMQP_DEFAULT_USER: Final = "guest"
+
+
+def broker_user(amqp_url: str, amqp_user: str | None = None) -> str:
+    """The broker user an AMQP URL logs in as: ``amqp_user``, else the URL's, else aiormq's default.
+
+    ConfigError when the URL logs in without a user name (``auth=external``) and none is given.
+    """
+    if amqp_user:
+        return amqp_user
+    url = URL(amqp_url)
+    if url.user:
+        return url.user
+    if url.query.get("auth", "").upper() == "EXTERNAL":
+        msg = (
+            "AMQP_USER: AMQP_URL logs in with auth=external (a client certificate): "
+            "set AMQP_USER to the broker user it maps to"
+        )
+        raise ConfigError(msg)
+    return _AMQP_DEFAULT_USER
 
 
 def masked_url(url: str) -> str:
@@ -325,6 +356,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         raise _config_error(exc) from None
     _check_url("AMQP_URL", settings.amqp_url, ("amqp", "amqps"))
     _check_tls("AMQP_URL", settings.amqp_url)
+    broker_user(settings.amqp_url, settings.amqp_user)
     _check_url("CLERK_API_URL", settings.clerk_api_url, ("http", "https"))
     if settings.redis_url is not None:
         _check_url("REDIS_URL", settings.redis_url, ("redis", "rediss"))

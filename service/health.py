@@ -63,8 +63,9 @@ class Metrics:
         self.unsettled = Counter(
             "sign_in_tokens_unsettled_tokens",
             "Tokens left live whose holder cannot be known: reply_refused_after_unknown_fate (a copy's reply "
-            "was refused after an earlier reply's confirm was lost), stopped_before_stored (the grace period ended "
-            "while Redis was away, before a made token's answer could be stored).",
+            "was refused after an earlier reply's confirm was lost), fate_unknown_at_stop (the in-process store "
+            "stopped with a published reply unconfirmed), stopped_before_stored (the grace period ended while "
+            "Redis was away), revocation_failed (the broker would not take the order, and Clerk the revocation).",
             ["reason"],
             registry=r,
         )

@@ -26,7 +26,9 @@ class Lane(enum.Enum):
 
 # The third queue the worker consumes: revocations (REVOKE_QUEUE), served at Clerk as interactive calls.
 REVOKE: Final = "revoke"
-Source = Lane | Literal["revoke"]
+# The fourth: the worker's own orders to revoke tokens nobody holds (REVOCATIONS_QUEUE).
+REVOCATIONS: Final = "revocations"
+Source = Lane | Literal["revoke", "revocations"]
 
 
 def source_label(source: Source) -> str:

@@ -9,13 +9,12 @@ The client also keeps Clerk's last word on the secret key: a 401 refutes
 it; any other answer below 500 but 429 proves it (Clerk authenticates a call
 before it looks at the body).
 
-At shutdown (``stop_sending``) no create or probe is sent any more: one
-waiting for its rate slot or its turn raises ShutdownRequestedError at once
-(its request goes back to its queue); one already sent runs to its answer.
-Revocations are still sent: they settle tokens already made. A create cut
-after it may have left (a timeout after the connection was made, a
-cancellation) is counted with ``on_cut``: Clerk may have made a token
-nobody will hold.
+At shutdown (``stop_sending``) no call is sent any more: one waiting for
+its rate slot or its turn raises ShutdownRequestedError at once (its request,
+or its revocation order, goes back to its queue); one already sent runs to its
+answer. A create cut after it may have left (a timeout after the connection
+was made, a cancellation) is counted with ``on_cut``: Clerk may have made a
+token nobody will hold.
 """
 
 from __future__ import annotations
@@ -168,12 +167,12 @@ class ClerkClient:
         )
 
     def stop_sending(self) -> None:
-        """Shutdown: send no create or probe from now on (revocations still go)."""
+        """Shutdown: start no call from now on."""
         self._sending = False
         self.limiter.stop()
 
-    def _may_send(self, operation: str) -> None:
-        if not self._sending and operation != "revoke":
+    def _may_send(self) -> None:
+        if not self._sending:
             raise ShutdownRequestedError("shutting down")
 
     def _cut(self, operation: str) -> None:
@@ -203,11 +202,11 @@ class ClerkClient:
         if self._session is None:
             msg = "ClerkClient.start() was not called"
             raise RuntimeError(msg)
-        self._may_send(operation)
+        self._may_send()
         with tracing.span("rate slot"):
-            await self.limiter.acquire(lane, deadline, essential=operation == "revoke")
+            await self.limiter.acquire(lane, deadline)
         async with self.gate.turn(lane):
-            self._may_send(operation)
+            self._may_send()
             if deadline is not None and time.time() >= deadline:
                 msg = "x-deadline passed while the request waited for its turn"
                 raise DeadlineExceededError(msg)

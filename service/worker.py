@@ -17,16 +17,26 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
+import msgspec
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from opentelemetry.trace import SpanKind
+from pamqp import commands as spec
 
 from service import broker, tracing
 from service.acks import Acks
-from service.audit import AuditEvent, AuditTrail, Event, Subject, outcome_event
+from service.audit import (
+    AuditEvent,
+    AuditTrail,
+    Event,
+    Subject,
+    outcome_event,
+    read_revocation_order,
+    revocation_order,
+)
 from service.breaker import OutageHold, UpstreamBreaker
 from service.config import SHUTDOWN_MARGIN_SECONDS, Settings
 from service.dedup import NO_CLAIM, Claim, ClaimLostError, Found, MemoryIdempotencyStore, Remembered, open_store
@@ -41,13 +51,16 @@ from service.errors import (
     ServiceError,
     ShutdownRequestedError,
     UpstreamMalformedError,
+    UpstreamRejectedError,
     UpstreamUnavailableError,
+    UserNotFoundError,
 )
 from service.grants import CLERK_DEFAULT_LIFETIME_SECONDS, Grants
 from service.health import HealthServer, Metrics
-from service.lanes import REVOKE, Lane, Source, source_label
+from service.lanes import REVOCATIONS, REVOKE, Lane, Source, source_label
 from service.logs import bind, bind_request
 from service.messages import (
+    JSON,
     Created,
     ErrorDetail,
     Failed,
@@ -74,6 +87,11 @@ log = structlog.get_logger(__name__)
 
 # While Redis is away, how often the worker asks it again.
 _REDIS_WATCH_SECONDS: Final = 0.5
+_PERSISTENT: Final = 2
+# Waits before an order to revoke is published again (about 1.5 s in all), then the token is revoked at once.
+_ORDER_RETRY_SECONDS: Final = (0.1, 0.2, 0.4, 0.8)
+# What a reply is to its key's answer: the request made it, read it from the store, or neither.
+Role = Literal["made", "stored", "other"]
 
 
 def failed(error: RequestError) -> Failed:
@@ -280,6 +298,7 @@ class Worker:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        await self._settle_in_process_answers()
         await self.breaker.close()
         if self._redis_watch is not None:
             self._redis_watch.cancel()
@@ -293,6 +312,32 @@ class Worker:
         await self.health.stop()
         if self._connection is not None:
             log.info("worker_stopped")
+
+    async def _settle_in_process_answers(self) -> None:
+        """At a stop, the in-process store's undelivered tokens die with it: revoke the unpublished, count the rest.
+
+        Their requests go back to their queues, and the next worker answers them with new tokens.
+        With REDIS_URL nothing is to do: an unsettled answer outlives the process, and the
+        redelivery sends it.
+        """
+        store = self.dedup
+        if not isinstance(store, MemoryIdempotencyStore) or self._publisher is None:
+            return
+        for left in store.unsettled():
+            reply = left.remembered.reply
+            if not isinstance(reply, Created):
+                continue
+            token_id = reply.sign_in_token.id
+            if left.published:
+                # Its reply was published and its confirm lost: the caller may hold it.
+                self.metrics.labelled(self.metrics.unsettled, "fate_unknown_at_stop").inc()
+                log.warning("token_fate_unknown", sign_in_token_id=token_id, reason="fate_unknown_at_stop")
+                continue
+            store.forget(left.key)
+            subject = left.context
+            if not isinstance(subject, Subject):
+                subject = Subject(left.key[0] or None, Lane.INTERACTIVE, None, left.key[1])
+            await self._revoke(token_id, subject, "stopped_before_delivery")
 
     # -- one message ---------------------------------------------------------
 
@@ -342,6 +387,9 @@ class Worker:
             await self._handle(message, source)
 
     async def _handle(self, message: DeliveredMessage, source: Source) -> None:
+        if source == REVOCATIONS:
+            await self._settle_revocation(message)
+            return
         envelope = Envelope.of(message, self.settings.results_queue)
         bind_request(
             correlation_id=envelope.correlation_id,
@@ -392,18 +440,20 @@ class Worker:
             return
         subject.asks_for(request)
         body = encode_clerk_body(request)
-        # A claim lost while this request called Clerk (its lease ran out) with no answer yet to read:
-        # its token was revoked, and the request claims its key again, once.
+        # A claim lost while this request called Clerk (its lease ran out), the other request's answer not
+        # delivered yet: this request's token was revoked, and it claims its key again, once, to wait for it.
         for _ in range(2):
             try:
                 async with self.dedup.claim(envelope.idempotency_key, deadline) as claim:
                     try:
-                        reply, mine = await self._answer_claimed(claim, body, deadline, subject)
+                        reply, role = await self._answer_claimed(claim, body, deadline, subject)
                     except ClaimLostError as lost:
                         if lost.answer is None:
                             continue
-                        reply, mine = self._stored_reply(lost.answer, body), False
-                    await self._deliver(message, envelope, reply, subject, claim, mine=mine)
+                        # Delivered already by the request that holds the key: sent again, settled by nobody here.
+                        reply, role = self._stored_reply(lost.answer, body)[0], "other"
+                    settles = claim if role != "other" else NO_CLAIM
+                    await self._deliver(message, envelope, reply, subject, settles, mine=role == "made")
                     return
             except DeadlineExceededError as exc:  # waiting for the key held elsewhere
                 await self._deliver(message, envelope, failed(exc), subject)
@@ -425,20 +475,22 @@ class Worker:
         subject.user_id = token.user_id
         return Revoked(sign_in_token=token)
 
-    def _stored_reply(self, remembered: Remembered, body: bytes) -> Reply:
-        """The answer the store holds for this key, when it answered this very request."""
+    def _stored_reply(self, remembered: Remembered, body: bytes) -> tuple[Reply, bool]:
+        """The answer the store holds for this key, when it answered this very request; whether it did."""
         if remembered.request != body:
             msg = "message_id was already used for a different request; use a new message_id for each request"
-            return failed(InvalidRequestError(msg))
+            return failed(InvalidRequestError(msg)), False
         self.metrics.dedup_hits.inc()
         log.info("answered_from_idempotency_store")
-        return remembered.reply
+        return remembered.reply, True
 
     async def _answer_claimed(
         self, claim: Claim, body: bytes, deadline: float | None, subject: Subject
-    ) -> tuple[Reply, bool]:
-        """The reply while this request holds its key, and whether its token is this request's own.
+    ) -> tuple[Reply, Role]:
+        """The reply while this request holds its key, and what it is to the key's answer.
 
+        ``made``: this request made it; ``stored``: the key's answer, sent again; ``other``: neither
+        (a refusal of a reused key): its delivery settles nothing under the key.
         ClaimLostError when another request took the key meanwhile (this request's token is revoked).
         """
         if claim.found is Found.SPENT:
@@ -446,25 +498,27 @@ class Worker:
                 "message_id was answered longer ago than the idempotency window and its token may still be live; "
                 "use a new message_id"
             )
-            return failed(InvalidRequestError(msg)), False
+            return failed(InvalidRequestError(msg)), "other"
         if claim.remembered is not None:
-            return self._stored_reply(claim.remembered, body), False
+            reply, same = self._stored_reply(claim.remembered, body)
+            return reply, "stored" if same else "other"
         try:
             token = await self._create(body, deadline, subject)
         except RequestError as exc:
-            reply: Reply = failed(exc)
-            if exc.final:
-                await self._remember(claim, body, reply, subject)
-            return reply, False
+            reply = failed(exc)
+            if not exc.final:
+                return reply, "other"
+            await self._remember(claim, body, reply, subject)
+            return reply, "made"
         reply = Created(sign_in_token=token)
         await self._remember(claim, body, reply, subject)
-        return reply, True
+        return reply, "made"
 
     async def _remember(self, claim: Claim, body: bytes, reply: Reply, subject: Subject) -> None:
         """Store the answer under the claim; if the claim was lost, revoke this request's token and raise."""
         lifetime = subject.expires_in_seconds or CLERK_DEFAULT_LIFETIME_SECONDS
         try:
-            await claim.remember(body, reply, lifetime)
+            await claim.remember(body, reply, lifetime, subject)
         except asyncio.CancelledError:
             # Stopped past the grace period while Redis was away: the token was made and cannot be stored.
             if isinstance(reply, Created):
@@ -476,7 +530,7 @@ class Worker:
         except ClaimLostError:
             log.warning("idempotency_claim_lost", action="answering with the stored answer; revoking this token")
             if isinstance(reply, Created):
-                await self._revoke(reply.sign_in_token.id, subject)
+                await self._revoke(reply.sign_in_token.id, subject, "claim_lost")
             raise
 
     async def _create(self, body: bytes, deadline: float | None, subject: Subject) -> SignInToken:
@@ -504,7 +558,7 @@ class Worker:
         await self.breaker.wait_closed(deadline, hold)
         token = await self._call_clerk(body, subject, deadline)
         if deadline is not None and time.time() > deadline:
-            await self._revoke(token.id, subject)
+            await self._revoke(token.id, subject, "after_deadline")
             msg = "Clerk answered after x-deadline; the token was revoked"
             raise DeadlineExceededError(msg, upstream_status=200)
         return token
@@ -516,7 +570,9 @@ class Worker:
         except UpstreamMalformedError as exc:
             self.breaker.record_success()  # Clerk answered; it is not down
             if exc.token_id is not None:
-                await self._revoke(exc.token_id, subject)
+                await self._revoke(exc.token_id, subject, "malformed_answer")
+            else:  # a token may exist, and nothing names it
+                self.metrics.ambiguous_creates.inc()
             raise
         except UpstreamUnavailableError:
             self.breaker.record_unavailable()
@@ -554,6 +610,7 @@ class Worker:
             await self._grant(reply.sign_in_token.id, subject)
         if tracing.enabled():
             tracing.annotate(**{"sign_in_tokens.outcome": outcome_of(reply)})
+        claim.publishing()
         try:
             with tracing.span("reply publish", kind=SpanKind.PRODUCER):
                 await self._publisher_or_fail().publish(
@@ -628,7 +685,7 @@ class Worker:
         log.warning("reply_refused", reply_to=envelope.reply_to, from_idempotency_store=not mine)
         if isinstance(reply, Created):
             if mine and await claim.withdraw():
-                await self._revoke(reply.sign_in_token.id, subject)
+                await self._revoke(reply.sign_in_token.id, subject, "reply_refused")
             elif mine:
                 log.info("token_kept", sign_in_token_id=reply.sign_in_token.id, reason="a copy of this request got it")
             elif claim.found is Found.UNSETTLED:
@@ -657,36 +714,100 @@ class Worker:
         self.metrics.labelled(self.metrics.requests, subject.lane.value, "dead_lettered").inc()
         log.warning("dead_lettered", reason=reason)
 
-    async def _revoke(self, token_id: str, subject: Subject) -> None:
-        """Revoke a token nobody will receive, and record it; failures are logged, not raised.
+    async def _revoke(self, token_id: str, subject: Subject, reason: str) -> None:
+        """Order the revocation of a token nobody holds: a message on REVOCATIONS_QUEUE, confirmed.
 
-        The revocation's event cannot hold the request back (a redelivery would not revoke
-        again): one the broker never confirms is logged at error, in its place.
+        The order outlives this process and its request: the worker that takes it revokes the token
+        at Clerk and acknowledges it only then (a stop, a rejected key or an outage returns it to its
+        queue), and records the ``revoked`` event. If the broker will not take the order, the token
+        is revoked here at once instead.
         """
+        properties = spec.Basic.Properties(
+            content_type=JSON,
+            delivery_mode=_PERSISTENT,
+            message_id=token_id,
+            user_id=self.settings.broker_user,
+        )
+        body = revocation_order(token_id, reason, subject)
+        for wait in (*_ORDER_RETRY_SECONDS, None):
+            try:
+                await self._publisher_or_fail().publish(body, properties, self.settings.revocations_queue)
+            except (broker.ReplyRefusedError, broker.ReplyFateUnknownError) as exc:
+                if wait is None:
+                    log.warning("revocation_not_ordered", sign_in_token_id=token_id, reason=str(exc))
+                    await self._revoke_now(token_id, subject)
+                    return
+                # A channel reopening (an error closed it, the connection came back): at a stop too.
+                await asyncio.sleep(wait)
+            else:
+                log.info("revocation_ordered", sign_in_token_id=token_id, reason=reason)
+                return
+
+    async def _revoke_now(self, token_id: str, subject: Subject) -> None:
+        """Revoke a token at Clerk and record it; a failure is logged and counted, not raised."""
         try:
             await self._revoke_at_clerk(token_id)
         except (ServiceError, asyncio.CancelledError) as exc:
+            self.metrics.labelled(self.metrics.unsettled, "revocation_failed").inc()
             log.error(  # noqa: TRY400 - a traceback could carry the token
                 "revoke_failed", sign_in_token_id=token_id, reason=type(exc).__name__
             )
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
+        await self._revoked(token_id, subject)
+
+    async def _revoked(self, token_id: str, subject: Subject) -> None:
+        """Say and record that the service revoked ``token_id``.
+
+        The event cannot hold anything back (nothing would revoke the token again): one the broker
+        never confirms is logged at error, in its place.
+        """
         log.warning("token_revoked", sign_in_token_id=token_id)
         if not await self._record(subject.event("revoked", sign_in_token_id=token_id)):
             log.error("audit_event_lost", audit_event="revoked", sign_in_token_id=token_id)
 
-    async def _revoke_at_clerk(self, token_id: str) -> SignInToken:
-        """Revoke ``token_id`` at Clerk, retrying transient failures.
+    async def _settle_revocation(self, message: DeliveredMessage) -> None:
+        """Carry out one order from REVOCATIONS_QUEUE: revoke at Clerk, record, then acknowledge.
 
-        Never cut short, not even by a stop: a token made must end delivered or revoked (the
-        grace period bounds it).
+        Only the worker's own orders are taken (``user_id``, which RabbitMQ checks, is its broker
+        user): anyone may publish to the queue, no one else may order a revocation. A token Clerk
+        will not revoke (already used or revoked, or unknown) needs nothing more. A 401 holds the
+        order as a request is held; an outage returns it to its queue after a wait; a stop before it
+        is sent returns it at once.
         """
+        if message.header.properties.user_id != self.settings.broker_user:
+            log.warning("forged_revocation_order_dropped", user_id=message.header.properties.user_id)
+            await self._ack(message)
+            return
+        try:
+            order = read_revocation_order(message.body)
+        except msgspec.DecodeError:
+            log.error("revocation_order_unreadable")  # noqa: TRY400 - nothing was raised to show
+            await self._ack(message)
+            return
+        bind(sign_in_token_id=order.sign_in_token_id, reason=order.reason)
+        try:
+            await self._revoke_at_clerk(order.sign_in_token_id)
+        except (UserNotFoundError, UpstreamRejectedError) as exc:
+            # Used meanwhile (accepted), revoked already, or unknown to Clerk: no live token is left to revoke.
+            log.warning("revocation_needless", upstream_status=exc.upstream_status, upstream_code=exc.upstream_code)
+        except RequestError as exc:
+            log.warning("revocation_delayed", error=exc.code)
+            await self._sleep_unless_stopping(self.settings.retry_max_delay_seconds)
+            await self._return(message, "revocation_delayed")
+            return
+        else:
+            await self._revoked(order.sign_in_token_id, order.subject)
+        await self._ack(message)
+
+    async def _revoke_at_clerk(self, token_id: str) -> SignInToken:
+        """Revoke ``token_id`` at Clerk, retrying transient failures (a stop returns its order or request)."""
 
         async def attempt() -> SignInToken:
             return await self.clerk.revoke(token_id)
 
-        token, _ = await self.retry.run(attempt, deadline=None, sleep=asyncio.sleep)
+        token, _ = await self.retry.run(attempt, deadline=None, sleep=self._sleep_unless_stopping)
         self.metrics.revoked.inc()
         return token
 

@@ -154,6 +154,7 @@ async def queue_names(amqp: AbstractRobustConnection) -> AsyncIterator[dict[str,
         "RESULTS_QUEUE": f"{prefix}.results",
         "DEAD_LETTER_QUEUE": f"{prefix}.dead",
         "REVOKE_QUEUE": f"{prefix}.revoke",
+        "REVOCATIONS_QUEUE": f"{prefix}.revocations",
     }
     yield names
     cleanup = await amqp.channel()

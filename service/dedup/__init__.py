@@ -72,7 +72,7 @@ IdempotencyKey = tuple[str, str]
 # An entry's memory, fitted to what tracemalloc measures (tests/unit/test_dedup_logs_upstream.py
 # checks it): the entry's tuple, the key's tuple and strings, the dict slot and expiry link, and
 # the bytes of the packed answer.
-ENTRY_OVERHEAD_BYTES: Final = 448
+ENTRY_OVERHEAD_BYTES: Final = 464
 STRING_OVERHEAD_BYTES: Final = 49
 # The keys of created tokens kept past the window, in process: two integers each, counted at
 # SPENT_ENTRY_BYTES (tracemalloc measures 80 to 150 bytes as the dict fills).
@@ -169,11 +169,17 @@ class Claim(Protocol):
         """The answer found (``ANSWERED`` and ``UNSETTLED``)."""
         ...
 
-    async def remember(self, request: bytes, reply: Reply, lifetime_seconds: int) -> None:
+    async def remember(self, request: bytes, reply: Reply, lifetime_seconds: int, context: object = None) -> None:
         """Store this request's final answer under the key, if the claim still holds it; else ClaimLostError.
 
         A created token's id is kept ``lifetime_seconds`` (the token's) beyond the window, as SPENT.
+        ``context``: what the caller needs to settle the answer later (the in-process store keeps it
+        while the answer is unsettled, see ``MemoryIdempotencyStore.unsettled``).
         """
+        ...
+
+    def publishing(self) -> None:
+        """The answer's reply is about to be published: from now on a caller may hold it."""
         ...
 
     async def delivered(self) -> None:
@@ -194,7 +200,10 @@ class NoClaim:
     found = Found.NEW
     remembered: Remembered | None = None
 
-    async def remember(self, request: bytes, reply: Reply, lifetime_seconds: int) -> None:
+    async def remember(self, request: bytes, reply: Reply, lifetime_seconds: int, context: object = None) -> None:
+        """Nothing is kept."""
+
+    def publishing(self) -> None:
         """Nothing is kept."""
 
     async def delivered(self) -> None:
@@ -212,6 +221,9 @@ class _Entry(NamedTuple):
     packed: bytes
     size: int
     delivered: bool
+    # Until delivered: whether its reply was published (a caller may hold it), and its claim's context.
+    published: bool = False
+    context: object = None
 
 
 def entry_size(key: IdempotencyKey, packed: bytes) -> int:
@@ -336,30 +348,45 @@ class _MemoryClaim:
         else:
             self.found = Found.NEW
 
-    async def remember(self, request: bytes, reply: Reply, lifetime_seconds: int) -> None:
+    async def remember(self, request: bytes, reply: Reply, lifetime_seconds: int, context: object = None) -> None:
         """Keep the answer (unless it alone exceeds the store)."""
         packed = pack(request, reply)
         size = entry_size(self._key, packed)
-        self._entry = _Entry(packed, size, delivered=False)
+        self._entry = _Entry(packed, size, delivered=False, context=context)
         if size <= self._store.replies.maxsize:
             self._store.replies[self._key] = self._entry
         if isinstance(reply, Created):
             self._store.spent.add(digest64(*self._key), lifetime_seconds)
 
+    def publishing(self) -> None:
+        """Mark the answer published (its fate unknown until delivered)."""
+        entry = self._store.replies.get(self._key)
+        if entry is not None and entry is self._entry and not entry.published:
+            self._entry = entry._replace(published=True)
+            self._store.replies[self._key] = self._entry
+
     async def delivered(self) -> None:
-        """Mark the answer delivered."""
+        """Mark the answer delivered (its context is no longer needed)."""
         entry = self._store.replies.get(self._key)
         if entry is not None and entry is self._entry and not entry.delivered:
-            self._store.replies[self._key] = entry._replace(delivered=True)
+            self._store.replies[self._key] = entry._replace(delivered=True, context=None)
 
     async def withdraw(self) -> bool:
         """Drop the answer unless it was delivered (one evicted meanwhile was given to nobody)."""
         entry = self._store.replies.get(self._key)
         if entry is not None and (entry is not self._entry or entry.delivered):
             return False
-        self._store.replies.pop(self._key, None)
-        self._store.spent.discard(digest64(*self._key))
+        self._store.forget(self._key)
         return True
+
+
+class Unsettled(NamedTuple):
+    """An answer in this process whose reply was not confirmed delivered."""
+
+    key: IdempotencyKey
+    remembered: Remembered
+    published: bool
+    context: object
 
 
 class MemoryIdempotencyStore:
@@ -395,6 +422,26 @@ class MemoryIdempotencyStore:
 
     async def close(self) -> None:
         """Nothing to release."""
+
+    def unsettled(self) -> list[Unsettled]:
+        """The created tokens whose answers are not delivered: at a stop they die with this process.
+
+        Those never published can be revoked (their requests go back to their queues and will be
+        answered with new tokens); those published may have reached their callers.
+        """
+        found = []
+        for key, entry in list(self.replies.items()):
+            if entry.delivered:
+                continue
+            remembered = unpack(entry.packed)
+            if isinstance(remembered.reply, Created):
+                found.append(Unsettled(key, remembered, entry.published, entry.context))
+        return found
+
+    def forget(self, key: IdempotencyKey) -> None:
+        """Drop ``key``'s answer and its id-only record."""
+        self.replies.pop(key, None)
+        self.spent.discard(digest64(*key))
 
     @property
     def answers_bytes(self) -> int:

@@ -13,13 +13,16 @@ record beside it). Its fields:
   else the error's code) and ``delivered``: written by ``remember`` only
   while ``owner`` is the writer's fence (or the key is gone, when nobody
   else can have called Clerk), so a claim that lost its lease while paused
-  cannot write over another's answer. The hash then lives for the window.
-- ``withdrawn``: the tag of an answer its owner withdrew (a retried
-  withdrawal gets the same result).
+  cannot write over another's answer; it reads that answer only once it was
+  delivered (else it claims again, and waits). The hash lives while its
+  holder works (at least a lease past each renewal), then for the window
+  from the answer's delivery (or its release, unsettled).
 
-The id-only record (``...:spent``) keeps a created token's key for the
-token's lifetime: a request with that ``message_id`` after the window is
-answered ``invalid_request`` rather than given a second token.
+The id-only record (``...:spent``, a hash: the token's ``tag``, and
+``delivered``) keeps a created token's key for the token's lifetime: a
+request with that ``message_id`` after the window is answered
+``invalid_request`` rather than given a second token; and a withdrawal
+asked after the window still knows whether the token was delivered.
 
 Every script answers with the fence it was given, so an answer read for
 another command (which a link that timed out could deliver) is caught. The
@@ -65,8 +68,6 @@ LEASE_SECONDS: Final = 5.0
 # Polling a key another replica holds: from the first interval, doubling, to the last.
 POLL_FIRST_SECONDS: Final = 0.01
 POLL_LAST_SECONDS: Final = 0.2
-# How long a withdrawn answer's tag is kept, for a withdrawal retried after a lost reply.
-WITHDRAWN_KEPT_MS: Final = 60_000
 REDIS_KEY_PREFIX: Final = "sign_in_tokens:idempotency"
 
 log = structlog.get_logger(__name__)
@@ -102,7 +103,8 @@ return {1, '', ARGV[1]}
 """
 )
 
-# KEYS: hashes. ARGV: the lease (ms), then each hash's fence in KEYS' order.
+# KEYS: hashes. ARGV: the lease (ms), then each hash's fence in KEYS' order. A held key lives at
+# least a lease longer (an answer whose fate is not known yet never expires under its holder).
 _RENEW = (
     _NOW
     + """
@@ -110,7 +112,7 @@ local lease = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
     if redis.call('HGET', key, 'owner') == ARGV[i + 1] then
         redis.call('HSET', key, 'until', now + lease)
-        if redis.call('HEXISTS', key, 'answer') == 0 then
+        if redis.call('PTTL', key) < lease then
             redis.call('PEXPIRE', key, lease)
         end
     end
@@ -120,28 +122,38 @@ return 0
 )
 
 # KEYS: the hash, the id-only record. ARGV: the fence, the answer, its tag, the window (ms),
-# the token's lifetime (s; 0: no id-only record).
-# Returns {1, '', fence} stored (or stored already by this fence), {0, answer or '', fence} lost.
+# the token's lifetime (s; 0: no id-only record), the lease (ms).
+# Returns {1, '', fence} stored (or stored already by this fence); {0, answer, fence} lost to
+# another claim whose answer was delivered; {0, '', fence} lost to one whose answer is not (yet).
 _REMEMBER = """
-local f = redis.call('HMGET', KEYS[1], 'owner', 'answer')
+local f = redis.call('HMGET', KEYS[1], 'owner', 'answer', 'delivered')
 if f[1] and f[1] ~= ARGV[1] then
-    return {0, f[2] or '', ARGV[1]}
+    if f[2] and f[3] then
+        return {0, f[2], ARGV[1]}
+    end
+    return {0, '', ARGV[1]}
 end
 if not f[2] then
     redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'answer', ARGV[2], 'tag', ARGV[3])
-    redis.call('HDEL', KEYS[1], 'withdrawn')
-    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+    redis.call('PEXPIRE', KEYS[1], math.max(tonumber(ARGV[4]), tonumber(ARGV[6])))
     if tonumber(ARGV[5]) > 0 then
-        redis.call('SET', KEYS[2], '1', 'EX', ARGV[5])
+        redis.call('DEL', KEYS[2])
+        redis.call('HSET', KEYS[2], 'tag', ARGV[3])
+        redis.call('EXPIRE', KEYS[2], ARGV[5])
     end
 end
 return {1, '', ARGV[1]}
 """
 
-# KEYS: the hash. ARGV: the fence, the tag delivered.
+# KEYS: the hash, the id-only record. ARGV: the fence, the tag delivered, the window (ms).
+# The answer is the key's for the window from now; the id-only record notes its token was delivered.
 _DELIVERED = """
 if redis.call('HGET', KEYS[1], 'tag') == ARGV[2] then
     redis.call('HSET', KEYS[1], 'delivered', '1')
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+if redis.call('HGET', KEYS[2], 'tag') == ARGV[2] then
+    redis.call('HSET', KEYS[2], 'delivered', '1')
 end
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
     redis.call('HSET', KEYS[1], 'until', '0')
@@ -149,28 +161,35 @@ end
 return {1, '', ARGV[1]}
 """
 
-# KEYS: the hash, the id-only record. ARGV: the fence, the tag, how long the withdrawal is kept (ms).
-# Returns {1, '', fence} withdrawn (now or by an earlier try), {0, '', fence} not (delivered, or another's).
+# KEYS: the hash, the id-only record. ARGV: the fence, the tag (a token this claim's request made).
+# Returns {1, '', fence}: withdrawn (nobody can have been given it: revoke it), {0, '', fence}: not
+# (a copy delivered it, or holds the key with it now and decides its fate). Asked again after a
+# lost reply, it answers the same: the answer and its record are gone, and no other claim has it.
 _WITHDRAW = """
-local f = redis.call('HMGET', KEYS[1], 'owner', 'tag', 'delivered', 'withdrawn')
-if f[4] == ARGV[2] then
-    return {1, '', ARGV[1]}
+local f = redis.call('HMGET', KEYS[1], 'owner', 'tag', 'delivered')
+local spent = redis.call('HMGET', KEYS[2], 'tag', 'delivered')
+if (f[2] == ARGV[2] and f[3]) or (spent[1] == ARGV[2] and spent[2]) then
+    return {0, '', ARGV[1]}
 end
-if f[1] == ARGV[1] and f[2] == ARGV[2] and not f[3] then
-    redis.call('HDEL', KEYS[1], 'answer', 'tag')
-    redis.call('HSET', KEYS[1], 'withdrawn', ARGV[2], 'until', '0')
-    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if f[2] == ARGV[2] and f[1] ~= ARGV[1] then
+    return {0, '', ARGV[1]}
+end
+if f[2] == ARGV[2] then
+    redis.call('DEL', KEYS[1])
+end
+if spent[1] == ARGV[2] then
     redis.call('DEL', KEYS[2])
-    return {1, '', ARGV[1]}
 end
-return {0, '', ARGV[1]}
+return {1, '', ARGV[1]}
 """
 
-# KEYS: the hash. ARGV: the fence. The key is let go: an answer stays (unsettled), a bare claim goes.
+# KEYS: the hash. ARGV: the fence, the window (ms). The key is let go: an answer stays, unsettled,
+# for the window (a redelivery takes it over); a bare claim goes.
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
     if redis.call('HEXISTS', KEYS[1], 'answer') == 1 then
         redis.call('HSET', KEYS[1], 'until', '0')
+        redis.call('PEXPIRE', KEYS[1], ARGV[2])
     else
         redis.call('DEL', KEYS[1])
     end
@@ -204,17 +223,25 @@ class _RedisClaim:
         # Whether the key is let go when the block ends (not after a withdrawal or a delivery).
         self.held = True
 
-    async def remember(self, request: bytes, reply: Reply, lifetime_seconds: int) -> None:
-        """Store the answer if this claim still holds the key; ClaimLostError with what is there otherwise."""
+    async def remember(self, request: bytes, reply: Reply, lifetime_seconds: int, context: object = None) -> None:
+        """Store the answer if this claim still holds the key; ClaimLostError otherwise.
+
+        The error carries the other claim's answer once it was delivered; else None (claim again and wait).
+        ``context`` is not needed: an unsettled answer outlives this process in Redis.
+        """
+        del context
         tag = _tag(reply)
         lifetime = lifetime_seconds if isinstance(reply, Created) else 0
-        args = [self.fence, pack(request, reply), tag, self._store.window_ms, lifetime]
+        args = [self.fence, pack(request, reply), tag, self._store.window_ms, lifetime, self._store.lease_ms]
         status, value = await self._store.run_until_answered(self._store.remember_script, self.keys, args)
         if status == 0:
             self._store.let_go(self.keys[0])
             self.held = False
             raise ClaimLostError(unpack(memoryview(value)) if value else None)
         self.tag = tag
+
+    def publishing(self) -> None:
+        """Nothing to mark: a redelivery takes an unsettled answer over, published or not."""
 
     async def delivered(self) -> None:
         """Mark the answer delivered and let the key go; a failure leaves it unsettled (sent again, never revoked)."""
@@ -223,7 +250,8 @@ class _RedisClaim:
         if self.tag is None or self.found is Found.ANSWERED:
             return
         try:
-            await self._store.run(self._store.delivered_script, self.keys[:1], [self.fence, self.tag])
+            args = [self.fence, self.tag, self._store.window_ms]
+            await self._store.run(self._store.delivered_script, self.keys, args)
         except REDIS_FAILURES:
             log.warning("idempotency_delivery_not_recorded", reason="redis_unavailable")
 
@@ -231,8 +259,7 @@ class _RedisClaim:
         """Drop this claim's own answer unless it was delivered; wait for Redis rather than guess."""
         if self.tag is None:
             return False
-        args = [self.fence, self.tag, WITHDRAWN_KEPT_MS]
-        status, _ = await self._store.run_until_answered(self._store.withdraw_script, self.keys, args)
+        status, _ = await self._store.run_until_answered(self._store.withdraw_script, self.keys, [self.fence, self.tag])
         self._store.let_go(self.keys[0])
         self.held = False
         return status == 1
@@ -249,7 +276,7 @@ class RedisIdempotencyStore:
         self._enabled = window_seconds > 0
         self.window_ms = max(1, int(window_seconds * 1000))
         self._lease_seconds = lease_seconds
-        self._lease_ms = max(1, int(lease_seconds * 1000))
+        self.lease_ms = max(1, int(lease_seconds * 1000))
         self._prefix = f"{REDIS_KEY_PREFIX}:{key_id}:"
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
@@ -295,14 +322,14 @@ class RedisIdempotencyStore:
                 if claim.held:
                     self.let_go(redis_key)
                     with contextlib.suppress(*REDIS_FAILURES):  # the lease ends by itself
-                        await self.run(self._release, [redis_key], [claim.fence])
+                        await self.run(self._release, [redis_key], [claim.fence, self.window_ms])
 
     async def _take(self, claim: _RedisClaim, deadline: float | None) -> None:
         """Lease the key for ``claim``, or find its answer; wait while another holds it."""
         poll = POLL_FIRST_SECONDS
         while True:
             try:
-                status, value = await self.run(self._claim, claim.keys, [claim.fence, self._lease_ms])
+                status, value = await self.run(self._claim, claim.keys, [claim.fence, self.lease_ms])
             except REDIS_FAILURES:
                 wait = REDIS_RETRY_SECONDS
             else:
@@ -348,7 +375,7 @@ class RedisIdempotencyStore:
             if not held:
                 return
             with contextlib.suppress(*REDIS_FAILURES):  # the link has said so; the next round tries again
-                await self._link.script(self._renew, list(held), [self._lease_ms, *held.values()])
+                await self._link.script(self._renew, list(held), [self.lease_ms, *held.values()])
 
     async def close(self) -> None:
         """Stop renewing and close the client (leases not let go end by themselves)."""

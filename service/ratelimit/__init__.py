@@ -201,9 +201,8 @@ class ClerkRateLimiter:
         # Set when an interactive request starts waiting: the dispatcher asks again at once,
         # rather than sleep out a wait the window gave for bulk.
         self._wake = asyncio.Event()
-        # After ``stop``: only essential calls (revocations of tokens already made) get slots.
+        # After ``stop``: no slot for anyone.
         self._stopped = False
-        self._essential: set[asyncio.Future[None]] = set()
 
     @property
     def available(self) -> bool:
@@ -232,26 +231,23 @@ class ClerkRateLimiter:
             )
 
     def stop(self) -> None:
-        """Shutdown: no new call gets a slot; those waiting raise ShutdownRequestedError, revocations aside."""
+        """Shutdown: no new call gets a slot; those waiting raise ShutdownRequestedError at once."""
         self._stopped = True
         for queue in self._waiting.values():
             for future in queue:
-                if not future.done() and future not in self._essential:
+                if not future.done():
                     future.set_exception(ShutdownRequestedError("shutting down"))
 
-    async def acquire(self, lane: Lane, deadline: float | None = None, *, essential: bool = False) -> None:
+    async def acquire(self, lane: Lane, deadline: float | None = None) -> None:
         """Wait for a slot; DeadlineExceededError when ``deadline`` (Unix seconds) comes first.
 
-        ``essential``: a call that settles a token already made (a revocation) waits for its slot
-        even after ``stop``; any other raises ShutdownRequestedError then.
+        ShutdownRequestedError after ``stop``, and at once for a call waiting when it comes.
         """
-        if self._stopped and not essential:
+        if self._stopped:
             raise ShutdownRequestedError("shutting down")
         if not self._has_waiters() and await self._window.take(lane, 0) == 0.0:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if essential:
-            self._essential.add(future)
         self._waiting[lane].append(future)
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.create_task(self._dispatch())
@@ -262,8 +258,6 @@ class ClerkRateLimiter:
         except TimeoutError:
             msg = "x-deadline passed while the request waited for a slot under Clerk's rate limit"
             raise DeadlineExceededError(msg) from None
-        finally:
-            self._essential.discard(future)
 
     def _has_waiters(self) -> bool:
         return any(not f.done() for queue in self._waiting.values() for f in queue)

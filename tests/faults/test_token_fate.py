@@ -17,8 +17,10 @@ import redis.asyncio
 from aio_pika.abc import AbstractChannel
 
 from service.client import ConnectionLostError, SignInTokenClient
+from service.dedup import Found, MemoryIdempotencyStore, idempotency_key
 from service.fake_clerk import FakeClerk
-from tests.conftest import SECRET_KEY, wait_until
+from service.messages import Created, Failed, SignInToken, decode_reply
+from tests.conftest import SECRET_KEY, WorkerFactory, get_message, wait_until
 from tests.faults.conftest import Figures
 from tests.faults.proxy import FaultyProxy
 from tests.ledger import Ledger
@@ -161,9 +163,10 @@ async def test_a_redis_stall_shorter_than_the_lease_gives_no_message_id_two_toke
             await asyncio.sleep(4)  # wait-ok: how long Redis stalls is the fault itself
             proxy.unstall()
         await wait_until(lambda: sum(replies.per_request.values()) >= 2 * sent, timeout=120, what="every copy answered")
+        # The revocations of the tokens made twice go on after the replies, through the same Redis.
+        ledger = await token_ledger.balanced()
     finally:
         await proxy.stop()
-    ledger = await token_ledger.balanced()
     figures.record("redis stalled 4 s twice", ids=sent, copies=2, **ledger.as_dict())
     assert replies.tokens_per_request() == {1}
     assert replies.answered == sent
@@ -257,3 +260,109 @@ async def test_redis_emptied_mid_drain_spends_nothing_the_last_window_did_not_le
     assert flushed_at < sent, "the drain ended before the flush: the test proves nothing"
     assert fake_clerk.stats.rate_limited == 0
     assert replies.outcomes == {"created": sent}
+
+
+async def test_a_revocation_cut_by_sigterm_is_carried_out_by_the_next_worker(
+    worker_processes: WorkerProcesses,
+    fake_clerk: FakeClerk,
+    channel: AbstractChannel,
+    replies: Replies,
+    queue_names: dict[str, str],
+    token_ledger: Ledger,
+) -> None:
+    """At its limit, a refused reply's token waits for a rate slot to be revoked; SIGTERM: its order waits in its queue."""
+    limited = {"CLERK_RATE_LIMIT": "10", "CLERK_RATE_WINDOW_SECONDS": "10"}
+    worker = await worker_processes.start(**limited)
+    await publish_requests(channel, queue_names["REQUEST_QUEUE"], replies.queue, 9, prefix="ok")
+    await _publish(channel, queue_names["REQUEST_QUEUE"], "refused-1", f"gone.{uuid.uuid4().hex}", "user_refused")
+    await wait_until(lambda: fake_clerk.stats.created == 10 and replies.answered == 9, timeout=20, what="10 tokens")
+    await wait_until(lambda: "revocation_ordered" in worker_processes.logs(), what="the revocation's order")
+    assert await worker_processes.stop(worker, signal.SIGTERM) == 0
+    assert fake_clerk.stats.revoke_calls == 0, "the revocation was to wait for the next window"
+    await worker_processes.start(**limited)  # the next worker (a rolling restart) takes the order
+    ledger = await token_ledger.balanced(timeout=30)
+    assert ledger.revoked == 1
+
+
+async def test_a_revocation_refused_401_is_held_until_the_key_works(
+    start_worker: WorkerFactory,
+    fake_clerk: FakeClerk,
+    channel: AbstractChannel,
+    queue_names: dict[str, str],
+    token_ledger: Ledger,
+) -> None:
+    """The key is rotated at Clerk between a create and its token's revocation: the order waits for the key."""
+    worker = await start_worker()
+
+    async def rotate_the_key(_: object) -> None:
+        fake_clerk.accepted_keys = {"sk_test_rotated_" + "x" * 20}  # this create was authenticated already
+
+    fake_clerk.on_create = rotate_the_key
+    await _publish(channel, queue_names["REQUEST_QUEUE"], "k-1", f"gone.{uuid.uuid4().hex}", "user_401")
+    await wait_until(lambda: fake_clerk.stats.revoke_calls >= 1, what="the revocation refused 401")
+    fake_clerk.on_create = None
+    await wait_until(lambda: not worker.readiness()["key_ok"], what="the key reported rejected")
+    assert fake_clerk.stats.revoked == set()
+    fake_clerk.accepted_keys = {SECRET_KEY}
+    ledger = await token_ledger.balanced(timeout=30)
+    assert ledger.revoked == 1
+
+
+async def test_a_token_remembered_in_process_and_returned_at_sigterm_is_revoked_not_lost(
+    start_worker: WorkerFactory,
+    fake_clerk: FakeClerk,
+    channel: AbstractChannel,
+    replies: Replies,
+    queue_names: dict[str, str],
+    token_ledger: Ledger,
+) -> None:
+    """Without REDIS_URL the store dies with the worker: a token made but not yet published is revoked at the stop."""
+    audit = f"{queue_names['REQUEST_QUEUE']}.audit"
+    first = await start_worker(audit_exchange=audit)
+    fake_clerk.answer_delay_seconds = 1.5
+    await _publish(channel, queue_names["REQUEST_QUEUE"], "mem-1", replies.queue, "user_mem")
+    await wait_until(lambda: fake_clerk.stats.create_calls == 1, what="the call at Clerk")
+    await channel.exchange_delete(audit)  # its audit event will need a second try, cut by the stop
+    await first.shutdown()
+    fake_clerk.answer_delay_seconds = 0.0
+    await start_worker(audit_exchange=audit)  # the next worker answers the redelivery and takes the order
+    await wait_until(lambda: replies.answered == 1, timeout=15, what="the redelivery's reply")
+    ledger = await token_ledger.balanced(timeout=15)
+    assert (ledger.made, ledger.revoked) == (2, 1)
+
+
+async def test_a_reused_message_id_refused_does_not_settle_the_answer_it_found(
+    start_worker: WorkerFactory,
+    channel: AbstractChannel,
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    token_ledger: Ledger,
+) -> None:
+    """An answer whose reply's fate is unknown, a copy with another body: invalid_request, and the answer stays unsettled."""
+    worker = await start_worker()
+    store = worker.dedup
+    assert isinstance(store, MemoryIdempotencyStore)
+    key = idempotency_key("guest", "reused")
+    token = SignInToken(
+        object="sign_in_token",
+        id="sit_unsettled",
+        user_id="user_a",
+        token="t",
+        status="pending",
+        created_at=1,
+        updated_at=1,
+    )
+    async with store.claim(key) as claim:  # made, remembered, its reply's confirm lost
+        await claim.remember(b'{"user_id":"user_a"}', Created(sign_in_token=token), 60)
+        claim.publishing()
+    replies = await channel.declare_queue(exclusive=True)
+    await channel.default_exchange.publish(
+        aio_pika.Message(b'{"user_id": "user_b"}', message_id="reused", user_id="guest", reply_to=replies.name),
+        queue_names["REQUEST_QUEUE"],
+    )
+    reply = decode_reply((await get_message(channel, replies.name)).body, None)
+    assert isinstance(reply, Failed)
+    assert reply.error.code == "invalid_request"
+    async with store.claim(key) as claim:
+        assert claim.found is Found.UNSETTLED
+    await token_ledger.balanced()

@@ -7,6 +7,7 @@ import time
 
 import msgspec
 import pytest
+import redis.asyncio
 from aio_pika.abc import AbstractChannel
 from pamqp import commands as spec
 
@@ -88,8 +89,12 @@ async def test_a_lease_is_renewed_while_held_and_ends_when_its_replica_stops_ren
         await replica.close()
 
 
-async def test_a_claim_lost_while_paused_may_not_store_and_gets_the_answer_there(redis_url: str) -> None:
-    """A replica that stops renewing past its lease comes back to a moved fence: ClaimLostError with the other answer."""
+async def test_a_claim_lost_while_paused_may_not_store_and_reads_only_a_delivered_answer(redis_url: str) -> None:
+    """A replica that stops renewing past its lease comes back to a moved fence: ClaimLostError.
+
+    It carries the other claim's answer only once that answer was delivered: an answer whose reply
+    may yet be refused (and its token revoked) is never handed to a second caller.
+    """
     paused, other = store(redis_url, lease=0.4), store(redis_url, lease=0.4)
     key = idempotency_key("alice", "m1")
     async with paused.claim(key) as stale:
@@ -97,10 +102,12 @@ async def test_a_claim_lost_while_paused_may_not_store_and_gets_the_answer_there
         paused._renewer.cancel()  # paused: no renewal reaches Redis
         async with other.claim(key) as claim:
             assert claim.found is Found.NEW
-            with pytest.raises(ClaimLostError) as still_working:
-                await stale.remember(REQUEST, ANSWER, 60)
-            assert still_working.value.answer is None
-            await claim.remember(REQUEST, other_answer(), 60)
+            for step in ("claimed", "remembered"):
+                with pytest.raises(ClaimLostError) as lost_early:
+                    await stale.remember(REQUEST, ANSWER, 60)
+                assert lost_early.value.answer is None, step
+                if step == "claimed":
+                    await claim.remember(REQUEST, other_answer(), 60)
             await claim.delivered()
         with pytest.raises(ClaimLostError) as lost:
             await stale.remember(REQUEST, ANSWER, 60)
@@ -109,6 +116,65 @@ async def test_a_claim_lost_while_paused_may_not_store_and_gets_the_answer_there
         assert claim.remembered == Remembered(REQUEST, other_answer())
     for replica in (paused, other):
         await replica.close()
+
+
+@pytest.mark.parametrize("the_other_answers", [True, False])
+async def test_a_withdrawal_asked_again_after_a_lost_reply_still_says_withdrawn(
+    redis_url: str, *, the_other_answers: bool
+) -> None:
+    """Withdraw runs, its reply is lost (a stall); a copy claims the key and answers or lets it go; asked again: withdrawn."""
+    first, second = store(redis_url), store(redis_url)
+    key = idempotency_key("alice", "m1")
+    async with first.claim(key) as mine:
+        await mine.remember(REQUEST, ANSWER, 60)
+        assert mine.tag is not None
+        status, _ = await first.run(first.withdraw_script, mine.keys, [mine.fence, mine.tag])  # its reply "lost"
+        assert status == 1
+        async with second.claim(key) as copy:
+            assert copy.found is Found.NEW
+            if the_other_answers:
+                await copy.remember(REQUEST, other_answer(), 60)
+                await copy.delivered()
+        assert await mine.withdraw() is True
+    for replica in (first, second):
+        await replica.close()
+
+
+@pytest.mark.parametrize("how", ["window", "flushed"])
+async def test_a_withdrawal_of_an_answer_that_is_gone_says_withdrawn(redis_url: str, how: str) -> None:
+    """The answer's key is gone (Redis emptied, or an unheld key past its window): nobody can have its token."""
+    replica = store(redis_url, window=0.3, lease=0.3)
+    key = idempotency_key("alice", "m1")
+    client = redis.asyncio.Redis.from_url(redis_url)
+    async with replica.claim(key) as mine:
+        await mine.remember(REQUEST, ANSWER, 60)
+        if how == "flushed":
+            await client.flushall()
+        else:
+            replica.let_go(mine.keys[0])  # no longer renewed: the answer's key ends with its lease
+            for _ in range(200):
+                if not await client.exists(mine.keys[0]):
+                    break
+                await asyncio.sleep(0.05)  # wait-ok: the poll interval of a condition wait
+            assert not await client.exists(mine.keys[0])
+        assert await mine.withdraw() is True
+    await client.aclose()
+    await replica.close()
+
+
+async def test_a_held_answer_outlives_its_window_until_its_fate_is_known(redis_url: str) -> None:
+    """A claim still holding its answer keeps it past the window (renewed a lease at a time); delivered, it has the window."""
+    replica = store(redis_url, window=0.2, lease=0.4)
+    key = idempotency_key("alice", "m1")
+    client = redis.asyncio.Redis.from_url(redis_url)
+    async with replica.claim(key) as mine:
+        await mine.remember(REQUEST, ANSWER, 60)
+        await asyncio.sleep(0.6)  # wait-ok: longer than the window is what is tested
+        assert await client.hexists(mine.keys[0], "answer")
+        await mine.delivered()
+    assert 0 < await client.pttl(replica.redis_key(key)) <= 200
+    await client.aclose()
+    await replica.close()
 
 
 async def test_a_withdrawn_answer_leaves_the_key_to_the_next_copy_and_a_delivered_one_stays(redis_url: str) -> None:
