@@ -109,8 +109,16 @@ def _messages(payloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "summary": "The reply: created with Clerk's SignInToken, revoked, or failed with one of seven codes.",
         "headers": {
             "type": "object",
-            "required": ["x-outcome"],
-            "properties": {"x-outcome": {"type": "string", "enum": ["created", "revoked", "failed"]}, **_TRACE_HEADERS},
+            "required": ["x-outcome", "x-caller"],
+            "properties": {
+                "x-outcome": {"type": "string", "enum": ["created", "revoked", "failed"]},
+                "x-caller": {
+                    "type": "string",
+                    "description": "The requester's validated user_id (empty when it had none): a client drops a "
+                    "reply for another caller.",
+                },
+                **_TRACE_HEADERS,
+            },
         },
         "payload": payloads["reply"],
         "correlationId": {"location": "$message.header#/correlation_id"},
@@ -118,6 +126,7 @@ def _messages(payloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "correlation_id": "the request's correlation_id, or its message_id",
             "content_type": "the request's (JSON when it had none or another)",
             "delivery_mode": 2,
+            "user_id": "the service's own broker user (RabbitMQ checks it): a client drops a reply without it",
         },
     }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import uuid
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -24,7 +25,8 @@ from pamqp import commands as spec
 
 from service import tracing
 from service.amqp_wire import printable
-from service.broker import CHANNEL_FAILURES, ReplyPublisher, declare_audit_exchange
+from service.broker import CHANNEL_FAILURES, ReplyPublisher, ReplyRefusedError, declare_audit_exchange
+from service.config import Settings
 from service.lanes import Lane
 from service.messages import Created, CreateSignInTokenRequestBody, Reply, Revoked, outcome
 
@@ -143,25 +145,40 @@ _PERSISTENT: Final = int(aio_pika.DeliveryMode.PERSISTENT)
 class AuditTrail:
     """Publishes events to the audit exchange, confirmed, on the reply publisher's channel."""
 
-    def __init__(self, connection: AbstractRobustConnection, publisher: ReplyPublisher, exchange: str) -> None:
-        """Publish through ``publisher`` to ``exchange`` (declared again over ``connection`` when it fails)."""
+    def __init__(self, connection: AbstractRobustConnection, publisher: ReplyPublisher, settings: Settings) -> None:
+        """Publish through ``publisher`` to AUDIT_EXCHANGE (declared again over ``connection`` when it fails)."""
         self._connection = connection
         self._publisher = publisher
-        self._exchange = exchange
+        self._settings = settings
+        self._exchange = settings.audit_exchange
+        # Whether the last event reached a queue (readiness: ``audit_routed``); true until one is returned.
+        self.routed = True
 
     async def record(self, event: AuditEvent) -> None:
-        """Publish ``event``; return once confirmed, or raise as ``ReplyPublisher.publish``."""
-        # Properties of its own, each event: aiormq writes a message_id into them.
+        """Publish ``event``; return once a queue has it and the broker confirmed it, else raise.
+
+        Raises as ``ReplyPublisher.publish``: ReplyRefusedError when the event was returned (no
+        queue is bound to take it: it is not a record) or nacked.
+        """
         headers: dict[str, Any] = {}
         tracing.inject(headers)
         properties = spec.Basic.Properties(
-            content_type="application/json", delivery_mode=_PERSISTENT, headers=headers or None
+            content_type="application/json",
+            delivery_mode=_PERSISTENT,
+            headers=headers or None,
+            message_id=uuid.uuid4().hex,  # a return is matched to its publish by it
+            user_id=self._publisher.service_user,
         )
-        await self._publisher.publish_event(
-            self._exchange, f"{event.event}.{event.lane}", _encoder.encode(event), properties
-        )
+        try:
+            await self._publisher.publish_event(
+                self._exchange, f"{event.event}.{event.lane}", _encoder.encode(event), properties
+            )
+        except ReplyRefusedError:
+            self.routed = False
+            raise
+        self.routed = True
 
     async def repair(self) -> None:
-        """After a failed publish: declare the exchange again (an operator may have deleted it)."""
+        """After a failed publish: declare the exchange and its archive again (an operator may have deleted them)."""
         with contextlib.suppress(*CHANNEL_FAILURES, RuntimeError):
-            await declare_audit_exchange(self._connection, self._exchange)
+            await declare_audit_exchange(self._connection, self._settings)

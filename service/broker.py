@@ -55,6 +55,8 @@ amqp_wire.install()
 log = structlog.get_logger(__name__)
 
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
+# The reply header naming the requester (its validated user_id), which clients check against their own.
+CALLER_HEADER: Final = "x-caller"
 # How often a slow confirm looks whether the connection is blocked: a block shorter than
 # the confirm timeout must not count against it either.
 _BLOCKED_POLL_SECONDS: Final = 0.25
@@ -168,14 +170,32 @@ def _queue(name: str, arguments: dict[str, Any]) -> Callable[[AbstractRobustChan
     return lambda channel: channel.declare_queue(name, durable=True, arguments=arguments)
 
 
-async def declare_audit_exchange(connection: AbstractRobustConnection, name: str) -> None:
-    """Declare the audit exchange: durable, topic; idempotent."""
+def audit_archive_arguments(settings: Settings) -> dict[str, Any]:
+    """The audit archive's arguments: a stream that keeps events AUDIT_ARCHIVE_MAX_AGE."""
+    return {"x-queue-type": "stream", "x-max-age": settings.audit_archive_max_age}
+
+
+async def declare_audit_exchange(connection: AbstractRobustConnection, settings: Settings) -> None:
+    """Declare the audit exchange (durable, topic) and, unless turned off, its archive bound to every event.
+
+    Idempotent; called again after an event went unrouted (an operator may have deleted either).
+    """
+    name = settings.audit_exchange
     await _declare(
         connection,
         "exchange",
         name,
         lambda channel: channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True),
     )
+    archive = settings.audit_archive
+    if not archive:
+        return
+
+    async def declare_and_bind(channel: AbstractRobustChannel) -> None:
+        queue = await channel.declare_queue(archive, durable=True, arguments=audit_archive_arguments(settings))
+        await queue.bind(name, "#")
+
+    await _declare(connection, "queue", archive, declare_and_bind)
 
 
 def declared_queues(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -189,14 +209,14 @@ def declared_queues(settings: Settings) -> dict[str, dict[str, Any]]:
 
 async def declare_topology(connection: AbstractRobustConnection, settings: Settings) -> None:
     """Declare every queue the service uses, and the audit exchange; idempotent."""
-    await declare_audit_exchange(connection, settings.audit_exchange)
+    await declare_audit_exchange(connection, settings)
     for name, arguments in declared_queues(settings).items():
         await _declare(connection, "queue", name, _queue(name, arguments))
 
 
 OnMessage = Callable[[DeliveredMessage, Source], Coroutine[Any, Any, None]]
 # Why the worker copies a request to DEAD_LETTER_QUEUE: its ``x-dead-letter-reason`` header.
-DeadLetterReason = Literal["undecodable", "reply_refused", "forbidden_reply_to"]
+DeadLetterReason = Literal["undecodable", "reply_refused", "forbidden_reply_to", "forbidden_caller"]
 
 
 class LaneConsumers:
@@ -301,18 +321,24 @@ class LaneConsumers:
 _PERSISTENT: Final = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
-def reply_properties(*, content_type: str, correlation_id: str | None, outcome: str) -> spec.Basic.Properties:
-    """A reply's properties as the contract shapes them: persistent, ``x-outcome`` header.
+def reply_properties(
+    *, content_type: str, correlation_id: str | None, outcome: str, service_user: str, caller: str | None
+) -> spec.Basic.Properties:
+    """A reply's properties as the contract shapes them: persistent, ``x-outcome`` and ``x-caller`` headers.
 
+    ``user_id`` is the worker's own broker user (RabbitMQ refuses a publish whose ``user_id`` is
+    not its connection's, so no caller can forge a reply); ``x-caller`` the requester's validated
+    ``user_id`` (empty when it has none), so a reply moved into another caller's queue is told apart.
     Built directly (an ``aio_pika.Message`` would check and convert each attribute again per reply).
     """
-    headers: dict[str, Any] = {"x-outcome": outcome}
+    headers: dict[str, Any] = {"x-outcome": outcome, CALLER_HEADER: caller or ""}
     tracing.inject(headers)  # traceparent and tracestate, when tracing is on
     return spec.Basic.Properties(
         content_type=content_type,
         correlation_id=correlation_id,
         delivery_mode=_PERSISTENT,
         headers=headers,
+        user_id=service_user,
     )
 
 
@@ -330,7 +356,7 @@ class _AbsentMessageId(str):
         return True
 
 
-def _copy_for_dead_letter(message: DeliveredMessage, reason: str) -> spec.Basic.Properties:
+def _copy_for_dead_letter(message: DeliveredMessage, reason: str, service_user: str) -> spec.Basic.Properties:
     """The request's own properties, persistent, with why it was dead-lettered in headers."""
     properties = copy.copy(message.header.properties)
     headers = dict(properties.headers or {})
@@ -338,10 +364,10 @@ def _copy_for_dead_letter(message: DeliveredMessage, reason: str) -> spec.Basic.
     headers["x-dead-letter-reason"] = reason
     headers["x-original-routing-key"] = message.routing_key or ""
     if properties.user_id:
-        # The user_id property must match the publishing connection's user,
-        # so the original publisher travels as a header instead.
+        # The user_id property must match the publishing connection's user (the worker's, which the
+        # copy carries), so the original publisher travels as a header instead.
         headers["x-original-user-id"] = properties.user_id
-        properties.user_id = None
+    properties.user_id = service_user
     if properties.expiration:
         # As RabbitMQ's own dead-lettering does: a copy must not expire in the dead-letter queue.
         headers["x-original-expiration"] = properties.expiration
@@ -386,9 +412,12 @@ def is_blocked(connection: AbstractRobustConnection) -> bool:
 class ReplyPublisher:
     """Publishes replies and dead letters to the default exchange, confirmed."""
 
-    def __init__(self, connection: AbstractRobustConnection, dead_letter_queue: str, confirm_timeout: float) -> None:
-        """The channel is opened by ``open``."""
+    def __init__(
+        self, connection: AbstractRobustConnection, dead_letter_queue: str, confirm_timeout: float, service_user: str
+    ) -> None:
+        """The channel is opened by ``open``; ``service_user``: the broker user it publishes as."""
         self._connection = connection
+        self.service_user = service_user
         self._dead_letter_queue = dead_letter_queue
         self._confirm_timeout = confirm_timeout
         self._channel: AbstractRobustChannel | None = None
@@ -408,13 +437,17 @@ class ReplyPublisher:
     async def publish_event(
         self, exchange: str, routing_key: str, body: bytes, properties: spec.Basic.Properties
     ) -> None:
-        """Publish to ``exchange`` (not ``mandatory``: an exchange nobody has bound yet is not an error)."""
-        await self._publish(body, routing_key, properties, mandatory=False, exchange=exchange)
+        """Publish to ``exchange``, ``mandatory``: an event no queue receives is returned, ReplyRefusedError.
+
+        ``properties`` carry a ``message_id`` of the event's own: aiormq matches a return to its
+        publish by it (RabbitMQ sends ``basic.return`` before the positive confirm).
+        """
+        await self._publish(body, routing_key, properties, mandatory=True, exchange=exchange)
 
     async def dead_letter(self, message: DeliveredMessage, reason: DeadLetterReason) -> None:
         """Copy the request to DEAD_LETTER_QUEUE with the reason; raise as ``publish``."""
         await self._require_queue(self._dead_letter_queue)
-        properties = _copy_for_dead_letter(message, reason)
+        properties = _copy_for_dead_letter(message, reason, self.service_user)
         await self._publish(message.body, self._dead_letter_queue, properties, mandatory=False)
 
     async def _publish(

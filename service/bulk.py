@@ -16,6 +16,14 @@ token. A bad row (no ``user_id``, a number that is not one) is reported
 with its line number, written to the output as failed, and the run goes on.
 Failed rows are also written to a failures file in the input's format, to be
 fed back in.
+
+Trust (contract v3): requests carry the tool's broker user as ``user_id``; a
+reply is written only when the service's broker user published it
+(``user_id``), for this caller (``x-caller``), with a token for the row's
+user; anything else is dropped as forged (``forged_reply_dropped``). The
+output and failures files are never written through a symbolic link. A run
+whose replies stop coming (its requests refused by the policy, say) ends
+after ``reply_timeout`` seconds without one, with one line, resumable.
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,7 +49,8 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, Abstrac
 from tqdm import tqdm
 
 from service.broker import CHANNEL_FAILURES, open_connection
-from service.messages import JSON, Failed, decode_reply, outcome
+from service.client import forged_because
+from service.messages import JSON, Created, Failed, Reply, decode_reply, outcome
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +60,8 @@ _FIELDS: Final = ("user_id", "expires_in_seconds", "org_id")
 _RETRY_PUBLISH_SECONDS: Final = 1.0
 # The longest a rerun waits for the replies a crashed run left in its queue before sending again.
 _LEFT_PATIENCE_SECONDS: Final = 30.0
+# A run ends when no reply has come for this long while rows are outstanding (``--reply-timeout``).
+REPLY_TIMEOUT_SECONDS: Final = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +161,29 @@ def read_rows(path: Path) -> Iterator[Row | BadRow]:
 
 
 class BulkInputError(Exception):
-    """The input file cannot be read as CSV with a header, or JSON lines."""
+    """The input file cannot be read as CSV with a header, or JSON lines; or an output path is unsafe."""
+
+
+def open_private(path: Path, flags: int) -> int:
+    """Open ``path`` (mode 0600), never through a symbolic link; BulkInputError when it is one."""
+    try:
+        descriptor = os.open(path, flags | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            msg = f"{path}: is a symbolic link; the tool writes tokens only to a file of its own"
+            raise BulkInputError(msg) from None
+        msg = f"{path}: {exc.strerror}"
+        raise BulkInputError(msg) from None
+    os.fchmod(descriptor, 0o600)  # an existing file too: it holds tokens
+    return descriptor
+
+
+def refuse_links(*paths: Path) -> None:
+    """BulkInputError when any of ``paths`` is a symbolic link (checked before anything is written)."""
+    for path in paths:
+        if path.is_symlink():
+            msg = f"{path}: is a symbolic link; the tool writes tokens only to a file of its own"
+            raise BulkInputError(msg)
 
 
 class Output:
@@ -158,9 +193,7 @@ class Output:
         """Open (or create, mode 0600) ``path``; a last line cut short by a crash is dropped."""
         self.path = path
         self.answered: dict[str, dict[str, Any]] = {}
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.fchmod(descriptor, 0o600)  # an existing file too: it holds tokens
-        self._file = os.fdopen(descriptor, "r+b")
+        self._file = os.fdopen(open_private(path, os.O_RDWR | os.O_CREAT), "r+b")
         data = self._file.read()
         complete = data[: data.rfind(b"\n") + 1]
         for text in complete.splitlines():
@@ -199,14 +232,23 @@ def report(summary: Summary, output: Path, failures: Path) -> list[str]:
     lines = [f"{summary.text()}; output {output}; failures {failures}"]
     if summary.bad_rows:
         lines.append(f"{summary.bad_rows} bad rows (their lines are in the log above, and failed in the output)")
-    if not summary.complete:
+    if summary.silent_for is not None:
+        lines.append(
+            f"no reply for {summary.silent_for:g} s with {summary.unanswered} rows unanswered: the service may be "
+            "refusing them (this caller's lanes, or a reply queue its policy does not list: sign-in-tokens-bulk.*, "
+            "see the dead-letter queue) or be down; rerun the same command to resume"
+        )
+    elif not summary.complete:
         lines.append("stopped before every row was answered; rerun the same command to resume")
     return lines
 
 
-def reply_queue_name(output: Path) -> str:
-    """The tool's durable reply queue for this output file (the same on a rerun)."""
-    return "sign-in-tokens-bulk." + hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:16]
+def reply_queue_name(output: Path, user: str) -> str:
+    """The tool's durable reply queue for this output file and broker user (the same on a rerun).
+
+    ``sign-in-tokens-bulk.<user>.``: a deployment may grant each caller its own prefix only.
+    """
+    return f"sign-in-tokens-bulk.{user}." + hashlib.sha256(str(output.resolve()).encode()).hexdigest()[:16]
 
 
 def write_failures(path: Path, failed: list[dict[str, Any]], *, jsonl: bool) -> None:
@@ -220,9 +262,7 @@ def write_failures(path: Path, failed: list[dict[str, Any]], *, jsonl: bool) -> 
         writer.writeheader()
         for entry in failed:
             writer.writerow({f: "" if entry.get(f) is None else entry.get(f) for f in _FIELDS})
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(descriptor, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+    with os.fdopen(open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w", encoding="utf-8") as file:
         file.write(buffer.getvalue())
 
 
@@ -234,6 +274,9 @@ class Summary:
     outcomes: Counter[str]
     bad_rows: int
     complete: bool
+    # Seconds without a reply after which the run gave up, with rows unanswered (None: it did not).
+    silent_for: float | None = None
+    unanswered: int = 0
 
     def text(self) -> str:
         """One line."""
@@ -245,23 +288,39 @@ class Summary:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class BulkService:
+    """Where the tool finds the service, and who speaks on either side."""
+
+    amqp_url: str
+    bulk_queue: str
+    # The tool's broker user (its requests' ``user_id``), and the service's: the only one whose replies are written.
+    caller: str
+    service_user: str
+
+
 class BulkRun:
     """One run of the tool over an input file."""
 
     def __init__(
         self,
-        amqp_url: str,
-        bulk_queue: str,
+        service: BulkService,
         input_path: Path,
         output_path: Path,
         failures_path: Path,
         max_outstanding: int,
         *,
+        reply_timeout: float = REPLY_TIMEOUT_SECONDS,
         progress: bool = True,
     ) -> None:
         """Prepare; ``run`` does the work."""
-        self._url = amqp_url
-        self._bulk_queue = bulk_queue
+        self._url = service.amqp_url
+        self._caller = service.caller
+        self._service_user = service.service_user
+        self._reply_timeout = reply_timeout
+        self._last_reply = 0.0
+        self.timed_out = False
+        self._bulk_queue = service.bulk_queue
         self._input = input_path
         self._output_path = output_path
         self._failures = failures_path
@@ -292,7 +351,8 @@ class BulkRun:
                 await self._connection.close()
 
     async def run(self, stop: asyncio.Event) -> Summary:
-        """Send every row not yet answered, write every reply; return when all are answered or ``stop``."""
+        """Send every row not yet answered, write every reply; return when all are answered, at ``stop``, or silence."""
+        refuse_links(self._output_path, self._failures)
         try:
             rows = list(read_rows(self._input))
         except UnicodeDecodeError as exc:
@@ -316,7 +376,7 @@ class BulkRun:
         if self._waiting:
             self._connection = await open_connection(self._url, "sign-in-tokens-bulk")
             channel = await self._connection.channel(publisher_confirms=True)
-            queue_name = reply_queue_name(self._output_path)
+            queue_name = reply_queue_name(self._output_path, self._caller)
             queue = await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
             await channel.set_qos(prefetch_count=1000)
             consumer = await queue.consume(self._on_reply)
@@ -326,8 +386,9 @@ class BulkRun:
                 self._left_read.clear()  # a reply consumed before the count was known may have set it
                 log.info("reading_replies_left", replies=self._left)
                 await _first(self._left_read.wait(), stop.wait(), asyncio.sleep(_LEFT_PATIENCE_SECONDS))
-            await self._publish_all(channel, queue_name, stop)
-            await _first(self._all_answered.wait(), stop.wait())
+            self._last_reply = time.monotonic()
+            await _first(self._publish_all(channel, queue_name, stop), self._silence())
+            await _first(self._all_answered.wait(), stop.wait(), self._silence())
             if self._all_answered.is_set():
                 with contextlib.suppress(*CHANNEL_FAILURES):
                     await queue.cancel(consumer)  # first: a queue deleted under its consumer is logged as an error
@@ -339,7 +400,9 @@ class BulkRun:
             for e in output.answered.values()
         )
         complete = all(r.message_id in output.answered for r in rows)
-        return Summary(len(rows), outcomes, sum(isinstance(r, BadRow) for r in rows), complete)
+        silent_for = self._reply_timeout if self.timed_out and not complete else None
+        bad_rows = sum(isinstance(r, BadRow) for r in rows)
+        return Summary(len(rows), outcomes, bad_rows, complete, silent_for, len(self._waiting))
 
     async def _publish_all(self, channel: AbstractRobustChannel, reply_to: str, stop: asyncio.Event) -> None:
         for row in list(self._waiting.values()):
@@ -356,6 +419,7 @@ class BulkRun:
                 message_id=row.message_id,
                 correlation_id=row.message_id,
                 reply_to=reply_to,
+                user_id=self._caller,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             )
             while not stop.is_set():
@@ -366,33 +430,55 @@ class BulkRun:
                     log.warning("publish_failed", line=row.line, reason=type(exc).__name__, action="retrying")
                     await _first(asyncio.sleep(_RETRY_PUBLISH_SECONDS), stop.wait())
 
+    async def _silence(self) -> None:
+        """Return once no reply has come for ``reply_timeout`` seconds while rows wait for one."""
+        while True:
+            quiet = time.monotonic() - self._last_reply
+            if quiet >= self._reply_timeout and self._waiting:
+                self.timed_out = True
+                return
+            await asyncio.sleep(max(0.05, self._reply_timeout - quiet))
+
+    def _authentic(self, message: AbstractIncomingMessage, row: Row) -> Reply | None:
+        """The reply, when the service sent it to this caller about ``row``; None (logged) when forged."""
+        reason = forged_because(message, self._service_user, self._caller)
+        reply = None
+        if reason is None:
+            try:
+                reply = decode_reply(message.body, message.content_type)
+            except msgspec.DecodeError:
+                reason = "not a reply the service writes"
+            else:
+                if isinstance(reply, Created) and reply.sign_in_token.user_id != row.user_id:
+                    reason = "a token for another user"
+        if reason is not None:
+            log.warning("forged_reply_dropped", reason=reason, line=row.line, user_id=message.user_id)
+            return None
+        return reply
+
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         self._received += 1
         if self._received >= self._left:
             self._left_read.set()
         output = self._output
         key = message.correlation_id or ""
-        row = self._waiting.pop(key, None)
-        if row is not None and output is not None:
+        row = self._waiting.get(key)
+        reply = None if row is None else self._authentic(message, row)
+        if row is not None and reply is not None and output is not None:
+            del self._waiting[key]
+            self._last_reply = time.monotonic()
             entry: dict[str, Any] = {"line": row.line, "message_id": row.message_id, **row.fields()}
-            try:
-                reply = decode_reply(message.body, message.content_type)
-            except msgspec.DecodeError:
-                # Not the service's reply: the row is failed here, and goes to the failures file to be sent again.
-                error = {"code": "reply_not_understood", "message": "the reply could not be decoded", "retryable": True}
-                entry.update(outcome="failed", error=error)
+            if isinstance(reply, Failed):
+                entry.update(outcome="failed", error=msgspec.to_builtins(reply.error))
             else:
-                if isinstance(reply, Failed):
-                    entry.update(outcome="failed", error=msgspec.to_builtins(reply.error))
-                else:
-                    entry.update(outcome=outcome(reply), sign_in_token=msgspec.to_builtins(reply.sign_in_token))
+                entry.update(outcome=outcome(reply), sign_in_token=msgspec.to_builtins(reply.sign_in_token))
             output.write(entry)
             if key in self._holding:
                 self._holding.discard(key)
                 self._slots.release()
             if self._bar is not None:
                 self._bar.update()
-        # A reply to a row answered before (a duplicate) is only acknowledged.
+        # A reply to a row answered before (a duplicate), or a forged one, is only acknowledged.
         await message.ack()
         if not self._waiting:
             self._all_answered.set()

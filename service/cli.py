@@ -29,6 +29,9 @@ from service.errors import ConfigError, ServiceError
 from service.lanes import Lane
 from service.logs import SCRUBBER, configure_logging
 
+# The bulk tool's default silence before it gives up (service.bulk.REPLY_TIMEOUT_SECONDS, which imports aio-pika).
+REPLY_TIMEOUT_SECONDS = 120.0
+
 if TYPE_CHECKING:
     from service.policy import Policy
 
@@ -217,6 +220,8 @@ def request(
             settings.amqp_url,
             request_queue=settings.request_queue,
             bulk_queue=settings.bulk_queue,
+            service_user=settings.service_user,
+            amqp_user=settings.amqp_user,
         ) as client:
             try:
                 reply = await client.request(
@@ -262,6 +267,13 @@ def request(
     default=None,
     help="Requests sent and not yet answered, at most. [default: a minute of CLERK_RATE_LIMIT]",
 )
+@click.option(
+    "--reply-timeout",
+    type=click.FloatRange(min=1, max=86_400),
+    default=REPLY_TIMEOUT_SECONDS,
+    show_default=True,
+    help="End the run (resumable) when no reply has come for this many seconds while rows wait for one.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @settings_options
 def bulk(
@@ -269,24 +281,32 @@ def bulk(
     output_path: Path,
     failures_path: Path | None,
     max_outstanding: int | None,
+    reply_timeout: float,
     no_progress: bool,
     **options: Any,  # noqa: ANN401
 ) -> None:
     """Ask for a token for every row of INPUT (CSV with a user_id column, or .jsonl) on the bulk lane."""
     settings = _settings_or_exit(options_environ(options))
-    from service.bulk import BulkInputError, BulkRun, default_outstanding, failures_path_for, report  # noqa: PLC0415
+    from service.bulk import (  # noqa: PLC0415
+        BulkInputError,
+        BulkRun,
+        BulkService,
+        default_outstanding,
+        failures_path_for,
+        report,
+    )
 
     failures = failures_path or failures_path_for(input_path, output_path)
     outstanding = max_outstanding or default_outstanding(settings.rate_limit, settings.clerk_rate_window_seconds)
 
     async def go(stop: asyncio.Event) -> bool:
         async with BulkRun(
-            settings.amqp_url,
-            settings.bulk_queue,
+            BulkService(settings.amqp_url, settings.bulk_queue, settings.broker_user, settings.service_user),
             input_path,
             output_path,
             failures,
             outstanding,
+            reply_timeout=reply_timeout,
             progress=not no_progress,
         ) as job:
             try:

@@ -13,14 +13,22 @@ queue as routing key) and its reply matched by ``correlation_id``.
 - **Replies** come by direct reply-to (``amq.rabbitmq.reply-to``) by
   default: no queue to declare or clean up, the lowest latency, and nothing
   left behind when the program exits. ``replies="queue"`` uses an exclusive
-  queue of the client's own instead (a name the caller's policy may list as
-  ``amq.gen-*``). Either way a reply exists only while this connection does.
+  queue of the client's own instead, named ``reply_queue_prefix`` and a random
+  suffix (a prefix the caller's broker permissions let it declare, and its
+  policy's ``reply_to`` lists), or ``amq_`` and one without a prefix. Either
+  way a reply exists only while this connection does.
 - **Deadlines**: ``timeout`` becomes the request's ``x-deadline``, so a call
   that gave up gets no token created behind its back (one Clerk returns late
   is revoked by the service).
 - **Idempotency**: each call has a fresh ``message_id``; pass your own to
   retry a call safely (within the service's idempotency window the retry
   gets the same token, not a second one).
+- **Authentic replies**: a reply is taken only when the service's broker user
+  published it (``user_id``, which RabbitMQ checks, equal to ``service_user``:
+  env ``SERVICE_USER``, else ``sign-in-tokens``), for this client's own user
+  (header ``x-caller``), about what the call asked for (the token's
+  ``user_id``). Anything else is dropped as forged, logged
+  ``forged_reply_dropped`` (never its body), and the call keeps waiting.
 - **Errors**: a failed reply raises the ``SignInTokenError`` subclass of its
   code (the service's own error classes), carrying the reply's ``error``
   fields: ``code``, ``message``, ``retryable``, ``upstream_status``,
@@ -39,20 +47,23 @@ without raising on a failed one (the demo and the tests use them).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import Any, Literal, NamedTuple, Self
 
 import aio_pika
 import msgspec
+import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import DeliveryError
 from opentelemetry.trace import SpanKind
-from yarl import URL
 
 from service import amqp_wire, tracing
-from service.broker import CHANNEL_FAILURES, DIRECT_REPLY_TO, open_connection
+from service.broker import CALLER_HEADER, CHANNEL_FAILURES, DIRECT_REPLY_TO, open_connection
+from service.config import broker_user
 from service.errors import (
     BY_CODE,
     DeadlineExceededError,
@@ -79,6 +90,9 @@ from service.messages import (
 )
 
 amqp_wire.install()
+log = structlog.get_logger(__name__)
+# The service's broker user when neither ``service_user`` nor SERVICE_USER says otherwise.
+DEFAULT_SERVICE_USER = "sign-in-tokens"
 
 __all__ = [
     "ConnectionLostError",
@@ -123,10 +137,43 @@ class ReceivedReply:
         return decode_reply(self.body, self.content_type)
 
 
+# Whether a decoded reply answers what the call asked for (a token for the user it named).
+Accepts = Callable[[Reply], bool]
+
+
+class _Pending(NamedTuple):
+    future: asyncio.Future[ReceivedReply]
+    accepts: Accepts | None
+
+
+def service_user_from(service_user: str | None) -> str:
+    """The broker user whose replies are accepted: ``service_user``, else env SERVICE_USER, else the default."""
+    return service_user or os.environ.get("SERVICE_USER") or DEFAULT_SERVICE_USER
+
+
+def forged_because(message: AbstractIncomingMessage, service_user: str, caller: str | None) -> str | None:
+    """Why ``message`` is not an authentic reply to ``caller`` from ``service_user``, or None when it is."""
+    if message.user_id != service_user:
+        return "not published by the service's broker user"
+    if (message.headers or {}).get(CALLER_HEADER) != (caller or ""):
+        return "a reply for another caller"
+    return None
+
+
+def _for_user(user_id: str) -> Accepts:
+    """A created reply must carry a token for ``user_id``; a failure is taken as it comes."""
+    return lambda reply: not isinstance(reply, Created) or reply.sign_in_token.user_id == user_id
+
+
+def _for_token(token_id: str) -> Accepts:
+    """A revoked reply must carry the token asked for."""
+    return lambda reply: not isinstance(reply, Revoked) or reply.sign_in_token.id == token_id
+
+
 class SignInTokenClient:
     """Asks the service for sign-in tokens over one broker connection; use it with ``async with``."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only options, each with its default
         self,
         amqp_url: str,
         *,
@@ -134,23 +181,32 @@ class SignInTokenClient:
         bulk_queue: str = "sign_in_tokens.create.bulk",
         revoke_queue: str = "sign_in_tokens.revoke",
         replies: Literal["direct", "queue"] = "direct",
+        reply_queue_prefix: str | None = None,
+        service_user: str | None = None,
+        amqp_user: str | None = None,
         name: str = "sign-in-tokens-client",
     ) -> None:
         """A client of the service's queues (the defaults are the service's); ``connect`` or ``async with``.
 
-        Requests carry the URL's user as their ``user_id`` property (RabbitMQ checks it is the
-        connection's): that is the caller the service's policy and its revocations know.
+        Requests carry this connection's broker user as their ``user_id`` property (RabbitMQ checks
+        it): the caller the service's policy and its revocations know. It is the URL's user, or
+        ``amqp_user`` (env AMQP_USER) where the URL names none (EXTERNAL or OAuth 2 login).
+        ``replies="queue"``: an exclusive queue of the client's own, named ``reply_queue_prefix``
+        and a random suffix (a prefix the caller's broker permissions allow it to declare), or
+        ``amq_`` and a random suffix (aio-pika's) without one. ``service_user``: see the module's docstring.
         """
         self._url = amqp_url
         self._queues = {Lane.INTERACTIVE: request_queue, Lane.BULK: bulk_queue}
         self._revoke_queue = revoke_queue
-        self._user_id = URL(amqp_url).user or None
+        self._user_id = broker_user(amqp_url, amqp_user or os.environ.get("AMQP_USER"))
+        self._service_user = service_user_from(service_user)
         self._replies = replies
+        self._reply_queue_prefix = reply_queue_prefix
         self._name = name
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._reply_queue: AbstractQueue | None = None
-        self._pending: dict[str, asyncio.Future[ReceivedReply]] = {}
+        self._pending: dict[str, _Pending] = {}
 
     async def connect(self) -> None:
         """Connect and listen for replies; BrokerUnavailableError (a ServiceError) says why not."""
@@ -163,7 +219,8 @@ class SignInTokenClient:
             # The robust channel reopens after a reconnect but knows nothing of this pseudo-queue.
             channel.reopen_callbacks.add(lambda _: self._consume_direct_replies())
         else:
-            self._reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            name = f"{self._reply_queue_prefix}{uuid.uuid4().hex}" if self._reply_queue_prefix else None
+            self._reply_queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
             await self._reply_queue.consume(self._on_reply, no_ack=True)
 
     async def _consume_direct_replies(self) -> None:
@@ -199,24 +256,42 @@ class SignInTokenClient:
     def _on_connection_lost(self, *_: object) -> None:
         self._fail_pending("the connection to the broker was lost; retry with the same message_id")
 
+    def _forget(self, correlation_id: str) -> None:
+        self._pending.pop(correlation_id, None)
+
     def _fail_pending(self, reason: str) -> None:
         pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(ConnectionLostError(reason))
+        for waiting in pending.values():
+            if not waiting.future.done():
+                waiting.future.set_exception(ConnectionLostError(reason))
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        future = self._pending.pop(message.correlation_id or "", None)
-        if future is not None and not future.done():
-            future.set_result(
-                ReceivedReply(
-                    body=message.body,
-                    content_type=message.content_type,
-                    correlation_id=message.correlation_id,
-                    headers=dict(message.headers or {}),
-                    received_at=time.monotonic(),
-                ),
-            )
+        correlation_id = message.correlation_id or ""
+        waiting = self._pending.get(correlation_id)
+        if waiting is None or waiting.future.done():
+            return
+        reason = forged_because(message, self._service_user, self._user_id)
+        if reason is None and waiting.accepts is not None:
+            try:
+                reply = decode_reply(message.body, message.content_type)
+            except msgspec.DecodeError:
+                reason = "not a reply the service writes"
+            else:
+                reason = None if waiting.accepts(reply) else "a token for another request"
+        if reason is not None:
+            # The call keeps waiting for the service's own reply.
+            log.warning("forged_reply_dropped", reason=reason, correlation_id=correlation_id, user_id=message.user_id)
+            return
+        del self._pending[correlation_id]
+        waiting.future.set_result(
+            ReceivedReply(
+                body=message.body,
+                content_type=message.content_type,
+                correlation_id=message.correlation_id,
+                headers=dict(message.headers or {}),
+                received_at=time.monotonic(),
+            ),
+        )
 
     async def create(
         self,
@@ -255,7 +330,11 @@ class SignInTokenClient:
         body = msgspec.json.encode({"sign_in_token_id": sign_in_token_id})
         with tracing.span("sign_in_tokens revoke", kind=SpanKind.CLIENT):
             future = await self.send(
-                body, queue=self._revoke_queue, message_id=message_id, deadline_ms=_deadline_ms(timeout)
+                body,
+                queue=self._revoke_queue,
+                message_id=message_id,
+                deadline_ms=_deadline_ms(timeout),
+                accepts=_for_token(sign_in_token_id),
             )
             return _token_or_raise(await _reply_within(future, timeout), Revoked)
 
@@ -286,6 +365,7 @@ class SignInTokenClient:
                 content_type=MSGPACK if msgpack else JSON,
                 message_id=message_id,
                 deadline_ms=_deadline_ms(timeout),
+                accepts=_for_user(user_id),
             )
             reply = await _reply_within(future, timeout)
             tracing.annotate(**{"sign_in_tokens.outcome": outcome(reply)})
@@ -301,14 +381,20 @@ class SignInTokenClient:
         message_id: str | None = None,
         deadline_ms: int | None = None,
         headers: dict[str, Any] | None = None,
+        accepts: Accepts | None = None,
     ) -> asyncio.Future[ReceivedReply]:
-        """Publish one body (confirmed by the broker) to ``lane``'s queue, or ``queue``; a future of its reply."""
+        """Publish one body (confirmed by the broker) to ``lane``'s queue, or ``queue``; a future of its reply.
+
+        Only an authentic reply resolves it (see the module's docstring), and one ``accepts`` takes.
+        """
         if self._channel is None:
             msg = "SignInTokenClient.connect() was not called"
             raise RuntimeError(msg)
         correlation_id = uuid.uuid4().hex
         future: asyncio.Future[ReceivedReply] = asyncio.get_running_loop().create_future()
-        self._pending[correlation_id] = future
+        self._pending[correlation_id] = _Pending(future, accepts)
+        # A call that gave up (its timeout cancels the future) leaves nothing behind.
+        future.add_done_callback(lambda done: self._forget(correlation_id) if done.cancelled() else None)
         all_headers = dict(headers or {})
         if deadline_ms is not None:
             all_headers["x-deadline"] = deadline_ms

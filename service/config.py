@@ -68,6 +68,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # The broker user AMQP_URL logs in as, where the URL names none (EXTERNAL or OAuth 2 login):
     # the worker's replies carry it as their user_id, a client's requests as theirs.
     amqp_user: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
+    # The service's broker user: the request and bulk commands accept only replies it published.
+    service_user: Annotated[str, Meta(min_length=1, max_length=255)] = "sign-in-tokens"
     clerk_api_url: str = "https://api.clerk.com/v1"
     clerk_secret_key: Secret | None = None
     clerk_api_version: str = "2025-11-10"
@@ -113,8 +115,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     allowed_publishers: str = ""
     # Who may ask for what (contract v2); unset: ALLOWED_PUBLISHERS' short form, or anyone.
     policy_file: str | None = None
-    # A durable topic exchange: an event for every outcome, confirmed before the request is acked.
+    # A durable topic exchange: an event for every outcome, routed to a queue and confirmed before the request is acked.
     audit_exchange: QueueName = "sign_in_tokens.audit"
+    # A stream the worker declares and binds to every event (#), so none is published into nothing;
+    # "none": the operator binds an archive of its own (until one is bound, requests are held).
+    audit_archive_queue: QueueName = "sign_in_tokens.audit.archive"
+    # How long the archive keeps events (RabbitMQ's x-max-age: Y, M, D, h, m, s).
+    audit_archive_max_age: Annotated[str, Meta(pattern=r"^[1-9][0-9]{0,5}[YMDhms]$")] = "30D"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -149,6 +156,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def publishers(self) -> frozenset[str]:
         """The publishers (validated AMQP ``user_id``) allowed to ask; empty: anyone."""
         return frozenset(p.strip() for p in self.allowed_publishers.split(",") if p.strip())
+
+    @property
+    def audit_archive(self) -> str | None:
+        """The archive the worker declares and binds, or None (AUDIT_ARCHIVE_QUEUE=none)."""
+        return None if self.audit_archive_queue == "none" else self.audit_archive_queue
 
     @property
     def broker_user(self) -> str:
@@ -191,13 +203,30 @@ def broker_user(amqp_url: str, amqp_user: str | None = None) -> str:
     return _AMQP_DEFAULT_USER
 
 
+# Query parameters whose values are credentials (a password redis-py reads from the URL, a token).
+_SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|key$|^key|credential|auth|signature|sig$", re.IGNORECASE)
+# Parameters naming files or public settings, whose names match the pattern above but hold no secret.
+_NOT_SECRET_PARAMETERS = frozenset({"keyfile", "ssl_keyfile", "ssl_certfile", "certfile", "auth"})
+
+
 def masked_url(url: str) -> str:
-    """``url`` with its password masked (user, host, path and query as given)."""
+    """``url`` with every credential masked: the password, and query parameters that carry secrets.
+
+    User, host, path and the other parameters are shown as given.
+    """
     try:
         parsed = URL(url)
     except ValueError:
         return MASK
-    return str(parsed.with_password(MASK)) if parsed.password else url
+    if parsed.password:
+        parsed = parsed.with_password(MASK)
+    query = [
+        (name, MASK if _SECRET_PARAMETER.search(name) and name not in _NOT_SECRET_PARAMETERS else value)
+        for name, value in parsed.query.items()
+    ]
+    if query != list(parsed.query.items()):
+        parsed = parsed.with_query(query)
+    return str(parsed)
 
 
 def masked_key(key: Secret) -> str:
@@ -215,7 +244,7 @@ def effective(settings: Settings) -> list[tuple[str, str, bool]]:
         value = getattr(settings, field)
         if isinstance(value, Secret):
             shown = masked_key(value)
-        elif field in {"amqp_url", "redis_url"} and isinstance(value, str):
+        elif field in _URL_FIELDS and isinstance(value, str):
             shown = masked_url(value)
         else:
             shown = "" if value is None else str(value)
@@ -229,6 +258,8 @@ def env_name(field: str) -> str:
 
 
 FIELDS: tuple[str, ...] = Settings.__struct_fields__
+# The settings that are URLs: every credential in them is masked when they are shown.
+_URL_FIELDS: Final = frozenset({"amqp_url", "redis_url", "clerk_api_url"})
 
 
 def _dec_hook(type_: type, obj: Any) -> Any:  # noqa: ANN401 - msgspec's hook signature
@@ -276,13 +307,17 @@ def _check_url(name: str, value: str, schemes: tuple[str, ...]) -> None:
         raise ConfigError(msg)
 
 
-# The TLS parameters each URL takes in its query (aiormq's and redis-py's own names), and the value
-# of each that would turn certificate verification off.
+# The TLS files each URL takes in its query (aiormq's and redis-py's own names).
 _TLS_FILES = {
     "AMQP_URL": ("amqps", ("cafile", "capath", "certfile", "keyfile")),
     "REDIS_URL": ("rediss", ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")),
 }
-_VERIFY_OFF = {"AMQP_URL": ("no_verify_ssl", ("1", "true", "yes")), "REDIS_URL": ("ssl_cert_reqs", ("none",))}
+# The parameters that could turn certificate checks off, and the one value each may have (in any
+# case): aiormq verifies only for ``no_verify_ssl=0``; redis-py's ``ssl_cert_reqs`` and
+# ``ssl_check_hostname``. Checked on every URL, whatever its scheme: a check cannot be switched off
+# in any spelling.
+_VERIFY_ON = {"no_verify_ssl": "0", "ssl_cert_reqs": "required", "ssl_check_hostname": "true"}
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
 
 def _check_tls(name: str, value: str) -> None:
@@ -304,10 +339,40 @@ def _check_tls(name: str, value: str) -> None:
         except OSError as exc:
             msg = f"{name}: {parameter} {path}: {exc.strerror}"
             raise ConfigError(msg) from None
-    off, values = _VERIFY_OFF[name]
-    if url.query.get(off, "").lower() in values:
-        msg = f"{name}: {off}={url.query[off]} would turn certificate verification off; give the CA instead"
+    _check_verification(name, url)
+
+
+def _check_verification(name: str, url: URL) -> None:
+    """ConfigError when a parameter of ``url`` would turn certificate checks off (any value but the safe one)."""
+    for parameter, safe in _VERIFY_ON.items():
+        for given in url.query.getall(parameter, ()):
+            if given.strip().lower() != safe:
+                msg = (
+                    f"{name}: {parameter}={given} would turn certificate verification off "
+                    f"(only {parameter}={safe} is accepted); give the CA instead"
+                )
+                raise ConfigError(msg)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine (an address on loopback, or localhost)."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_clerk_url(value: str) -> None:
+    """Clerk's URL: https, or http on loopback only (the secret key would travel in clear), checks left on."""
+    url = URL(value)
+    if url.scheme == "http" and not is_loopback(url.host or ""):
+        msg = (
+            "CLERK_API_URL: http:// sends the secret key in clear; use https:// (http:// is for a local stand-in only)"
+        )
         raise ConfigError(msg)
+    _check_verification("CLERK_API_URL", url)
 
 
 def _check_http_host(host: str) -> None:
@@ -358,6 +423,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     _check_tls("AMQP_URL", settings.amqp_url)
     broker_user(settings.amqp_url, settings.amqp_user)
     _check_url("CLERK_API_URL", settings.clerk_api_url, ("http", "https"))
+    _check_clerk_url(settings.clerk_api_url)
     if settings.redis_url is not None:
         _check_url("REDIS_URL", settings.redis_url, ("redis", "rediss"))
         _check_tls("REDIS_URL", settings.redis_url)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-from service.broker import declared_queues
+from service.broker import audit_archive_arguments, declared_queues
 from service.config import Settings
 
 VHOST: Final = "sign-in-tokens"
@@ -25,16 +25,14 @@ ROLES: Final[dict[str, tuple[str, str, str]]] = {
     "sign-in-tokens": (r"^sign_in_tokens\.", r"^(amq\.default|sign_in_tokens\.)", r"^sign_in_tokens\."),
     "support-portal": (r"^support\.replies\.", r"^(amq\.default|support\.replies\.)", r"^support\.replies\."),
     "orders-service": (r"^$", r"^amq\.default$", r"^$"),
+    # The bulk tool's reply queues carry its user: each caller may be granted its own prefix only.
     "onboarding-job": (
-        r"^sign-in-tokens-bulk\.",
-        r"^(amq\.default|sign-in-tokens-bulk\.)",
-        r"^sign-in-tokens-bulk\.",
+        r"^sign-in-tokens-bulk\.onboarding-job\.",
+        r"^(amq\.default|sign-in-tokens-bulk\.onboarding-job\.)",
+        r"^sign-in-tokens-bulk\.onboarding-job\.",
     ),
-    "audit-archiver": (
-        r"^sign_in_tokens\.audit\.archive$",
-        r"^sign_in_tokens\.audit\.archive$",
-        r"^sign_in_tokens\.(audit|audit\.archive)$",
-    ),
+    # The workers declare the archive and bind it; the archiver only reads it.
+    "audit-archiver": (r"^$", r"^$", r"^sign_in_tokens\.audit\.archive$"),
 }
 
 
@@ -59,7 +57,7 @@ def document(settings: Settings | None = None) -> dict[str, Any]:
         "policies": [],
         "queues": [
             {"name": name, "vhost": VHOST, "durable": True, "auto_delete": False, "arguments": arguments}
-            for name, arguments in declared_queues(settings).items()
+            for name, arguments in _queues(settings).items()
         ],
         "exchanges": [
             {
@@ -72,8 +70,27 @@ def document(settings: Settings | None = None) -> dict[str, Any]:
                 "arguments": {},
             }
         ],
-        "bindings": [],
+        "bindings": [
+            {
+                "source": settings.audit_exchange,
+                "vhost": VHOST,
+                "destination": settings.audit_archive,
+                "destination_type": "queue",
+                "routing_key": "#",
+                "arguments": {},
+            }
+        ]
+        if settings.audit_archive
+        else [],
     }
+
+
+def _queues(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every queue the worker declares, the audit archive included."""
+    queues = declared_queues(settings)
+    if settings.audit_archive is not None:
+        queues[settings.audit_archive] = audit_archive_arguments(settings)
+    return queues
 
 
 def render() -> str:

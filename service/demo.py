@@ -23,7 +23,7 @@ import click
 import msgspec
 from tqdm import tqdm
 
-from service.bulk import BulkRun, default_outstanding, failures_path_for, report
+from service.bulk import BulkRun, BulkService, default_outstanding, failures_path_for, report
 from service.client import ReceivedReply, SignInTokenClient
 from service.config import Settings, load_settings
 from service.fake_clerk import FakeClerk
@@ -185,7 +185,12 @@ async def run_demo(
         SCRUBBER.add_secret(settings.secret_key())
         # The client is closed after the worker has stopped (the stack unwinds in
         # reverse), so no reply in flight finds its queue gone.
-        client = SignInTokenClient(settings.amqp_url, request_queue=settings.request_queue, name="demo-client")
+        client = SignInTokenClient(
+            settings.amqp_url,
+            request_queue=settings.request_queue,
+            service_user=settings.broker_user,  # the demo runs everyone as one broker user
+            name="demo-client",
+        )
         await client.connect()
         stack.push_async_callback(client.close)
         workers = [Worker(settings, name=f"demo-worker-{i}") for i in range(replicas)]
@@ -222,7 +227,15 @@ async def _onboard(settings: Settings, input_path: Path, output_path: Path, stop
     failures = failures_path_for(input_path, output_path)
     outstanding = default_outstanding(settings.rate_limit, settings.clerk_rate_window_seconds)
     say(f"onboarding {input_path} on the bulk lane, at most {outstanding} outstanding…")
-    async with BulkRun(settings.amqp_url, settings.bulk_queue, input_path, output_path, failures, outstanding) as job:
+    # The demo runs everyone as one broker user: the worker's replies come from the tool's own user.
+    user = settings.broker_user
+    async with BulkRun(
+        BulkService(settings.amqp_url, settings.bulk_queue, user, user),
+        input_path,
+        output_path,
+        failures,
+        outstanding,
+    ) as job:
         summary = await job.run(stop)
     for line in report(summary, output_path, failures):
         say(line)

@@ -4,17 +4,22 @@ The caller is the AMQP ``user_id`` property, which RabbitMQ validates
 against the connection's user, so it cannot be forged. The rules come from
 one of three sources (``Policy.from_settings``):
 
-- ``POLICY_FILE`` (TOML, contract v2): per caller, its lanes, the longest
-  ``expires_in_seconds`` (a request without one gets that maximum, not
-  Clerk's 30 days), whether it may set ``org_id``, and the queues a reply may
-  go to; ``protected_users`` never get a token; callers not listed get
-  ``[defaults]``, or are refused when there is none;
+- ``POLICY_FILE`` (TOML, contracts v2 and v3): per caller, its lanes, the
+  longest ``expires_in_seconds`` (a request without one gets that maximum,
+  not Clerk's 30 days), whether it may set ``org_id``, and the queues a reply
+  may go to; ``protected_users`` never get a token; identified callers not
+  listed get ``[defaults]``, requests without a ``user_id`` property
+  ``[anonymous]``; a caller with neither has no rules. A listed caller with
+  ``lanes = []`` is refused everything (how a caller is cut off while
+  ``[defaults]`` exists);
 - ``ALLOWED_PUBLISHERS``, the short form: the callers listed may ask for
-  anything, anyone else is refused (the two cannot be set together);
+  anything, anyone else has no rules (the two cannot be set together);
 - neither: anyone who can publish to the queues is served (the broker's
   permissions are then the policy), and the worker warns at start.
 
-A refusal is ``ForbiddenError`` whose message names the rule it broke and
+A caller with no rules gets nothing at all (``knows`` is false: the worker
+dead-letters its request, ``forbidden_caller``). A caller with rules is
+refused by ``ForbiddenError``, whose message names the rule it broke and
 says nothing of other callers' rules.
 """
 
@@ -38,10 +43,12 @@ from service.messages import CreateSignInTokenRequestBody as Request
 LaneName = Literal["interactive", "bulk"]
 Pattern = Annotated[str, Meta(min_length=1, max_length=255)]
 _PATH_IN_ERROR: Final = re.compile(r" - at `\$\.?(.*)`$")
-# What a caller writes for direct reply-to; the broker hands the worker ``amq.rabbitmq.reply-to.<suffix>``.
+# What a caller writes for direct reply-to; the broker hands the worker ``amq.rabbitmq.reply-to.<suffix>``
+# (an entry for it matches that, and nothing else that merely starts the same).
 _DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
+_DIRECT_REPLY_TO_NAME: Final = _DIRECT_REPLY_TO + "."
 _ALL_LANES: Final[frozenset[LaneName]] = frozenset({"interactive", "bulk"})
-_UNLISTED: Final = "callers: {who} is not listed, and the policy has no [defaults]"
+_NO_RULES: Final = "callers: {who} has no rules in the policy"
 
 
 class CallerRules(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -55,23 +62,24 @@ class CallerRules(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
 
 
 class PolicyFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """The whole file: protected users, the rules for callers not listed, and each caller's."""
+    """The whole file: protected users, the rules for callers not listed and for nameless ones, and each caller's."""
 
     protected_users: tuple[Pattern, ...] = ()
     defaults: CallerRules | None = None
+    anonymous: CallerRules | None = None
     callers: dict[Annotated[str, Meta(min_length=1, max_length=255)], CallerRules] = msgspec.field(default_factory=dict)
 
     def rules_for(self, caller: str | None) -> CallerRules | None:
-        """The rules for ``caller`` (a validated ``user_id``), ``[defaults]`` for others, None: refused."""
-        return _for_caller(self.callers, self.defaults, caller)
+        """The rules for ``caller`` (a validated ``user_id``): its own, ``[defaults]``, ``[anonymous]``; None: none."""
+        return _for_caller(self.callers, self.defaults, self.anonymous, caller)
 
 
 R = TypeVar("R")
 
 
-def _for_caller(callers: Mapping[str, R], defaults: R | None, caller: str | None) -> R | None:
-    """A listed caller's own rules; anyone else's (a caller without a name too) are ``defaults``."""
-    return callers.get(caller, defaults) if caller else defaults
+def _for_caller(callers: Mapping[str, R], defaults: R | None, anonymous: R | None, caller: str | None) -> R | None:
+    """A listed caller's own rules; an identified caller not listed gets ``defaults``; a nameless one ``anonymous``."""
+    return callers.get(caller, defaults) if caller else anonymous
 
 
 def _matcher(patterns: Iterable[str]) -> re.Pattern[str] | None:
@@ -93,7 +101,7 @@ class _Compiled:
     def reply_allowed(self, queue: str) -> bool:
         if self.reply_to is None:
             return False
-        if queue.startswith(_DIRECT_REPLY_TO) and self.reply_to.fullmatch(_DIRECT_REPLY_TO):
+        if queue.startswith(_DIRECT_REPLY_TO_NAME) and self.reply_to.fullmatch(_DIRECT_REPLY_TO):
             return True
         return self.reply_to.fullmatch(queue) is not None
 
@@ -101,61 +109,77 @@ class _Compiled:
 class Policy:
     """The rules in force, checked between decoding and the upstream call."""
 
-    def __init__(self, file: PolicyFile | None, *, unlisted: str = _UNLISTED, fill_expiry: bool = True) -> None:
+    def __init__(self, file: PolicyFile | None, *, fill_expiry: bool = True) -> None:
         """Apply ``file``; None serves everyone.
 
-        ``unlisted``: the refusal of a caller without rules (``{who}`` names it). ``fill_expiry``:
-        a request without ``expires_in_seconds`` gets its caller's maximum.
+        ``fill_expiry``: a request without ``expires_in_seconds`` gets its caller's maximum.
         """
         self.file = file
-        self._unlisted = unlisted
         self._fill_expiry = fill_expiry
         self._protected = _matcher(file.protected_users) if file else None
         callers = file.callers if file else {}
         self._callers = {name: _Compiled(rules, f"caller {name!r}") for name, rules in callers.items()}
         self._defaults = _Compiled(file.defaults, "[defaults]") if file and file.defaults else None
+        self._anonymous = _Compiled(file.anonymous, "[anonymous]") if file and file.anonymous else None
 
     @property
     def open(self) -> bool:
         """Whether everyone who can publish is served (no policy)."""
         return self.file is None
 
+    @property
+    def refuses_nameless(self) -> bool:
+        """Whether a policy serves identified callers it does not list but no nameless one (worth a warning)."""
+        return self.file is not None and self.file.defaults is not None and self.file.anonymous is None
+
     @classmethod
     def from_publishers(cls, publishers: frozenset[str], max_expires_in_seconds: int) -> Policy:
-        """The short form: these callers may ask for anything, anyone else is refused; empty: no policy."""
+        """The short form: these callers may ask for anything, anyone else has no rules; empty: no policy."""
         if not publishers:
             return cls(None)
         anything = CallerRules(
             lanes=_ALL_LANES, max_expires_in_seconds=max_expires_in_seconds, allow_org_id=True, reply_to=("*",)
         )
-        return cls(
-            PolicyFile(callers=dict.fromkeys(publishers, anything)),
-            unlisted="ALLOWED_PUBLISHERS: {who} may not request sign-in tokens",
-            fill_expiry=False,
-        )
+        return cls(PolicyFile(callers=dict.fromkeys(publishers, anything)), fill_expiry=False)
 
     def _rules(self, caller: str | None) -> _Compiled | None:
-        return _for_caller(self._callers, self._defaults, caller)
+        return _for_caller(self._callers, self._defaults, self._anonymous, caller)
+
+    def knows(self, caller: str | None) -> bool:
+        """Whether ``caller`` has rules (always, without a policy); one without gets nothing, not even a refusal."""
+        return self.file is None or self._rules(caller) is not None
 
     def reply_allowed(self, caller: str | None, queue: str) -> bool:
-        """Whether a reply to ``caller`` may go to ``queue``.
-
-        True for a caller the policy refuses outright: its ``forbidden`` reply carries nothing.
-        """
+        """Whether a reply to ``caller`` may go to ``queue`` (never, for a caller without rules)."""
         if self.file is None:
             return True
         rules = self._rules(caller)
-        return rules is None or rules.reply_allowed(queue)
+        return rules is not None and rules.reply_allowed(queue)
+
+    def _rules_or_refuse(self, caller: str | None) -> _Compiled:
+        """The caller's rules; ForbiddenError when it has none, or has been cut off (``lanes = []``)."""
+        rules = self._rules(caller)
+        if rules is None:
+            who = f"caller {caller!r}" if caller else "a request without a user_id property"
+            raise ForbiddenError(_NO_RULES.format(who=who))
+        if not rules.rules.lanes:
+            msg = f"lanes: {rules.name} may use no lane"
+            raise ForbiddenError(msg)
+        return rules
+
+    def may_revoke(self, caller: str | None) -> None:
+        """ForbiddenError unless ``caller`` may revoke through the queue: an identified caller that is not cut off."""
+        if not caller:
+            msg = "revocation: a request without a user_id property cannot revoke a token"
+            raise ForbiddenError(msg)
+        if self.file is not None:
+            self._rules_or_refuse(caller)
 
     def admit(self, caller: str | None, lane: Lane, request: Request) -> Request:
         """The request as it will be sent (its expiry filled in), or ForbiddenError naming the rule."""
         if self.file is None:
             return request
-        rules = self._rules(caller)
-        if rules is None:
-            who = f"caller {caller!r}" if caller else "a request without a user_id property"
-            msg = self._unlisted.format(who=who)
-            raise ForbiddenError(msg)
+        rules = self._rules_or_refuse(caller)
         if self._protected is not None and self._protected.fullmatch(request.user_id):
             msg = f"protected_users: no caller may get a sign-in token for user {request.user_id!r}"
             raise ForbiddenError(msg)

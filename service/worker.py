@@ -39,7 +39,16 @@ from service.audit import (
 )
 from service.breaker import OutageHold, UpstreamBreaker
 from service.config import SHUTDOWN_MARGIN_SECONDS, Settings
-from service.dedup import NO_CLAIM, Claim, ClaimLostError, Found, MemoryIdempotencyStore, Remembered, open_store
+from service.dedup import (
+    NO_CLAIM,
+    UNRELATED,
+    Claim,
+    ClaimLostError,
+    Found,
+    MemoryIdempotencyStore,
+    Remembered,
+    open_store,
+)
 from service.envelope import Envelope
 from service.errors import (
     ConfigError,
@@ -186,10 +195,13 @@ class Worker:
         self._connection.reconnect_callbacks.add(self._on_reconnected)
         await broker.declare_topology(self._connection, self.settings)
         self._publisher = broker.ReplyPublisher(
-            self._connection, self.settings.dead_letter_queue, self.settings.confirm_timeout_seconds
+            self._connection,
+            self.settings.dead_letter_queue,
+            self.settings.confirm_timeout_seconds,
+            self.settings.broker_user,
         )
         await self._publisher.open()
-        self._audit = AuditTrail(self._connection, self._publisher, self.settings.audit_exchange)
+        self._audit = AuditTrail(self._connection, self._publisher, self.settings)
         self._consumers = broker.LaneConsumers(self._connection, self.settings, self._on_message)
         await self._consumers.open()
         if links:
@@ -229,7 +241,14 @@ class Worker:
                 policy_file=self.settings.policy_file,
                 callers=len(file.callers),
                 defaults=file.defaults is not None,
+                anonymous=file.anonymous is not None,
                 protected_users=len(file.protected_users),
+            )
+        if self.policy.refuses_nameless:
+            log.warning(
+                "nameless_callers_refused",
+                reason="the policy has [defaults] but no [anonymous]: requests without a user_id property are "
+                "dead-lettered (forbidden_caller)",
             )
 
     def reload_policy(self) -> bool:
@@ -278,6 +297,7 @@ class Worker:
             "upstream_available": not self.breaker.is_open,
             "rate_limit_available": self.clerk.limiter.available,
             "idempotency_store_available": self.dedup.available,
+            "audit_routed": self._audit is None or self._audit.routed,
         }
 
     async def shutdown(self) -> None:
@@ -401,13 +421,17 @@ class Worker:
         # A revocation goes to Clerk as an interactive call, and is audited on that lane.
         lane = source if isinstance(source, Lane) else Lane.INTERACTIVE
         subject = Subject(envelope.publisher, lane, envelope.correlation_id, envelope.message_id)
+        if not policy.knows(envelope.publisher):
+            # A caller with no rules gets nothing, wherever its reply_to points: not even a refusal.
+            await self._dead_letter(message, subject, "forbidden_caller", ("refused", "forbidden"))
+            return
         if not policy.reply_allowed(envelope.publisher, envelope.reply_to):
             # Nothing goes to a queue the caller may not use, not even a refusal.
             await self._dead_letter(message, subject, "forbidden_reply_to", ("refused", "forbidden"))
             return
         try:
             if source == REVOKE:
-                reply = await self._revocation(message, envelope, subject)
+                reply = await self._revocation(message, envelope, subject, policy)
             else:
                 await self._creation(message, envelope, subject, policy)
                 return
@@ -452,7 +476,7 @@ class Worker:
                             continue
                         # Delivered already by the request that holds the key: sent again, settled by nobody here.
                         reply, role = self._stored_reply(lost.answer, body)[0], "other"
-                    settles = claim if role != "other" else NO_CLAIM
+                    settles = claim if role != "other" else UNRELATED
                     await self._deliver(message, envelope, reply, subject, settles, mine=role == "made")
                     return
             except DeadlineExceededError as exc:  # waiting for the key held elsewhere
@@ -460,11 +484,17 @@ class Worker:
                 return
         await self._return(message, "idempotency_key_contended")
 
-    async def _revocation(self, message: DeliveredMessage, envelope: Envelope, subject: Subject) -> Reply:
+    async def _revocation(
+        self, message: DeliveredMessage, envelope: Envelope, subject: Subject, policy: Policy
+    ) -> Reply:
         """Revoke a token for the caller it was given to (UndecodableError, InvalidRequestError: the body is bad)."""
         token_id = decode_revoke(message.body, envelope.content_type, max_body_bytes=self.settings.max_body_bytes)
         bind(sign_in_token_id=token_id)
         envelope.deadline()  # checked as for a create; a revocation is never harmful late, so it is not cut short
+        try:
+            policy.may_revoke(envelope.publisher)
+        except ForbiddenError as exc:
+            return failed(exc)
         if not await self.grants.received_by(token_id, envelope.publisher):
             msg = f"sign-in token {token_id!r} was not given to this caller (or its record has expired)"
             return failed(ForbiddenError(msg))
@@ -598,13 +628,19 @@ class Worker:
         ``mine``: the reply's token was made for this request (not read from the store).
         """
         event, code, token_id = outcome_event(reply)
-        if not await self._audited(message, subject.event(event, code=code, sign_in_token_id=token_id)):
+        if not await self._record(subject.event(event, code=code, sign_in_token_id=token_id)):
+            if isinstance(reply, Created) and self._last_delivery(message) and await claim.withdraw():
+                # The broker dead-letters it at its next return: its token would reach nobody, unrecorded.
+                await self._revoke(reply.sign_in_token.id, subject, "unrecorded")
+            await self._return(message, "audit_event_unconfirmed")
             return
         content_type = reply_content_type(envelope.content_type)
         properties = broker.reply_properties(
             content_type=content_type,
             correlation_id=envelope.correlation_id,
             outcome=outcome(reply),
+            service_user=self.settings.broker_user,
+            caller=envelope.publisher,
         )
         if isinstance(reply, Created):
             await self._grant(reply.sign_in_token.id, subject)
@@ -636,6 +672,11 @@ class Worker:
         except REDIS_FAILURES as exc:
             # The caller gets its token all the same; revoking it through the queue will be refused.
             log.warning("grant_not_recorded", sign_in_token_id=token_id, reason=type(exc).__name__)
+
+    def _last_delivery(self, message: DeliveredMessage) -> bool:
+        """Whether the queue's delivery limit dead-letters ``message`` if it is returned once more."""
+        count = (message.header.properties.headers or {}).get("x-delivery-count", 0)
+        return isinstance(count, int) and count >= self.settings.delivery_limit
 
     async def _audited(self, message: DeliveredMessage, event: AuditEvent) -> bool:
         """Publish ``event``; False, the request given back to its queue, when the broker never confirmed it."""

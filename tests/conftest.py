@@ -23,7 +23,7 @@ import redis.asyncio
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from service.client import SignInTokenClient
-from service.config import Settings, load_settings
+from service.config import Settings, broker_user, load_settings
 from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker
 from service.local_redis import LocalRedis
@@ -61,9 +61,16 @@ async def session_node() -> AsyncIterator[LocalBroker | None]:
 
 
 @pytest.fixture(scope="session")
-async def amqp_url(session_node: LocalBroker | None) -> str:
-    """The broker every test uses: AMQP_URL, or a private node for the session."""
-    return session_node.url if session_node is not None else os.environ["AMQP_URL"]
+async def amqp_url(session_node: LocalBroker | None) -> AsyncIterator[str]:
+    """The broker every test uses: AMQP_URL, or a private node for the session.
+
+    The tests' workers log in as the URL's user, so that is the service user whose replies the
+    clients and the bulk tool accept (SERVICE_USER, for the processes the tests start too).
+    """
+    url = session_node.url if session_node is not None else os.environ["AMQP_URL"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SERVICE_USER", broker_user(url))
+        yield url
 
 
 # Broker users the policy tests publish as (RabbitMQ sets a message's user_id to its connection's user).

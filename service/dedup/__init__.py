@@ -214,7 +214,19 @@ class NoClaim:
         return True
 
 
+class Unrelated(NoClaim):
+    """The claim a reply answers when it is not its key's answer (another request's, delivered; a refusal).
+
+    It settles nothing: its key's answer belongs to another request, which decides its fate.
+    """
+
+    async def withdraw(self) -> bool:
+        """Not this request's token: never revoked for it."""
+        return False
+
+
 NO_CLAIM: Final = NoClaim()
+UNRELATED: Final = Unrelated()
 
 
 class _Entry(NamedTuple):

@@ -8,7 +8,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from service.broker import declared_queues
+from service.broker import audit_archive_arguments, declared_queues
 from service.config import Settings
 from service.definitions import ROLES, VHOST, render
 from service.local_broker import LocalBroker
@@ -35,11 +35,17 @@ async def test_rabbitmq_loads_it_and_the_workers_declarations_match_it(session_n
     connection = await aio_pika.connect(session_node.url.rstrip("/") + f"/{VHOST}")
     try:
         channel = await connection.channel()
-        for name, arguments in declared_queues(Settings()).items():
+        settings = Settings()
+        expected = {**declared_queues(settings), settings.audit_archive_queue: audit_archive_arguments(settings)}
+        for name, arguments in expected.items():
             await channel.declare_queue(name, durable=True, arguments=arguments)  # PRECONDITION_FAILED if not equal
         await channel.declare_exchange("sign_in_tokens.audit", aio_pika.ExchangeType.TOPIC, durable=True)
         loaded = json.loads(DEFINITIONS.read_text())
-        assert {q["name"] for q in loaded["queues"]} == set(declared_queues(Settings()))
+        assert {q["name"] for q in loaded["queues"]} == set(expected)
+        # The archive is bound to every event: none is published into nothing.
+        assert [(b["source"], b["destination"], b["routing_key"]) for b in loaded["bindings"]] == [
+            ("sign_in_tokens.audit", "sign_in_tokens.audit.archive", "#")
+        ]
     finally:
         await connection.close()
         users = ", ".join(f'<<"{user}">>' for user in ROLES)

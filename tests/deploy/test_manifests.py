@@ -103,7 +103,7 @@ def test_the_manifests_agree_with_the_service(tmp_path: Path) -> None:
     policy_file = tmp_path / "policy.toml"
     policy_file.write_text(policy_map["policy.toml"])
     policy = load_policy(str(policy_file))
-    assert set(policy.callers) == {"support-portal", "onboarding-job"}
+    assert set(policy.callers) == {"support-portal", "orders-service", "onboarding-job"}
     deployment = of_kind("Deployment")[0]["spec"]["template"]["spec"]
     assert deployment["terminationGracePeriodSeconds"] > settings.shutdown_grace_seconds
     assert deployment["automountServiceAccountToken"] is False

@@ -105,15 +105,22 @@ async def test_every_outcome_is_an_event_with_the_contracts_fields_and_never_the
         assert "eyJ" not in text
 
 
-async def test_a_refusal_is_a_refused_event(
-    start_worker: WorkerFactory, client: SignInTokenClient, audit_exchange: str, audit_queue: AbstractQueue
+async def test_a_caller_without_rules_is_a_refused_event_and_gets_nothing(
+    start_worker: WorkerFactory,
+    client: SignInTokenClient,
+    channel: AbstractChannel,
+    audit_exchange: str,
+    audit_queue: AbstractQueue,
+    queue_names: dict[str, str],
 ) -> None:
-    """ALLOWED_PUBLISHERS refuses the client (no user_id property): refused, code forbidden."""
+    """ALLOWED_PUBLISHERS lists another caller: the client's request is refused (code forbidden), dead-lettered, unanswered."""
     await start_worker(audit_exchange=audit_exchange, allowed_publishers="billing")
-    reply = await (await client.send(b'{"user_id": "user_1"}', lane=Lane.BULK))
-    assert reply.headers["x-outcome"] == "failed"
+    pending = await client.send(b'{"user_id": "user_1"}', lane=Lane.BULK)
     ((key, event),) = await events(audit_queue, 1)
-    assert (key, event["code"], event["user_id"]) == ("refused.bulk", "forbidden", "user_1")
+    assert (key, event["code"], event["user_id"], event["caller"]) == ("refused.bulk", "forbidden", None, "guest")
+    dead = await get_message(channel, queue_names["DEAD_LETTER_QUEUE"])
+    assert (dead.headers or {})["x-dead-letter-reason"] == "forbidden_caller"
+    assert not pending.done()
 
 
 async def test_the_ack_and_the_reply_wait_for_the_events_confirm(

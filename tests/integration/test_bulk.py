@@ -113,7 +113,7 @@ async def test_ten_thousand_rows_survive_a_worker_restart_and_a_killed_tool(
     import aiormq  # noqa: PLC0415
 
     try:
-        await underlay.queue_declare(reply_queue_name(output), passive=True)
+        await underlay.queue_declare(reply_queue_name(output, "guest"), passive=True)
         raise AssertionError("the reply queue is still there")
     except aiormq.exceptions.ChannelNotFoundEntity:
         pass

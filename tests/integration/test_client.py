@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
@@ -80,12 +81,26 @@ async def test_each_error_code_raises_its_class_with_the_replys_fields(
     assert isinstance(unavailable.value, SignInTokenError)
 
 
-async def test_forbidden_is_raised_for_a_caller_the_policy_refuses(
+async def test_forbidden_is_raised_for_a_request_the_policy_refuses(
+    start_worker: WorkerFactory, direct: SignInTokenClient, tmp_path: Path
+) -> None:
+    """The client's user may use the bulk lane only: an interactive request is forbidden, naming the rule."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        '[callers.guest]\nlanes = ["bulk"]\nmax_expires_in_seconds = 60\nreply_to = ["amq.rabbitmq.reply-to"]\n'
+    )
+    await start_worker(policy_file=str(policy))
+    with pytest.raises(ForbiddenError, match="lanes: caller 'guest' may not use the interactive lane"):
+        await direct.create("user_1")
+
+
+async def test_a_caller_without_rules_gets_no_reply_and_its_call_ends_at_its_timeout(
     start_worker: WorkerFactory, direct: SignInTokenClient
 ) -> None:
+    """ALLOWED_PUBLISHERS lists someone else: nothing comes back, and the call ends after its timeout with one line."""
     await start_worker(allowed_publishers="someone-else")
-    with pytest.raises(ForbiddenError, match="ALLOWED_PUBLISHERS"):
-        await direct.create("user_1")
+    with pytest.raises(NoReplyError, match="no reply within 1 s"):
+        await direct.create("user_1", timeout=1)
 
 
 async def test_the_same_message_id_gets_the_same_token(worker: object, direct: SignInTokenClient) -> None:

@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+from service.config import broker_user
 from service.fake_clerk import FakeClerk
 
 GUIDE = Path(__file__).parents[2] / "docs" / "client.md"
@@ -28,7 +29,12 @@ async def test_the_guides_example_runs_and_prints_what_the_guide_says(
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(script),
-        env={"AMQP_URL": amqp_url, "REQUEST_QUEUE": queue_names["REQUEST_QUEUE"], "PYTHONPATH": str(GUIDE.parents[1])},
+        env={
+            "AMQP_URL": amqp_url,
+            "REQUEST_QUEUE": queue_names["REQUEST_QUEUE"],
+            "SERVICE_USER": broker_user(amqp_url),
+            "PYTHONPATH": str(GUIDE.parents[1]),
+        },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

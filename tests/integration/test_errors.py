@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -65,9 +66,12 @@ async def test_publisher_outside_the_policy_is_forbidden(
     start_worker: WorkerFactory,
     client: SignInTokenClient,
     fake_clerk: FakeClerk,
+    tmp_path: Path,
 ) -> None:
-    """With ALLOWED_PUBLISHERS set, a request without an allowed user_id is `forbidden`."""
-    await start_worker(allowed_publishers="billing-service")
+    """A caller the policy lists, asking for what its rules do not allow: `forbidden`, and Clerk is not called."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[callers.guest]\nlanes = []\nmax_expires_in_seconds = 60\nreply_to = ["amq_*"]\n')
+    await start_worker(policy_file=str(policy))
     error = await error_of(client, b'{"user_id": "user_x"}')
     assert (error.code, error.retryable) == ("forbidden", False)
     assert fake_clerk.stats.create_calls == 0

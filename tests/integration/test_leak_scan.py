@@ -10,7 +10,10 @@ for every token, token URL and key value the session produced. None may be found
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -113,13 +116,17 @@ async def test_a_full_session_leaves_no_token_url_or_key_anywhere_but_the_replie
     await ask(b'{"user_id": "user_k"}')
     # A reply nobody can receive: created, revoked, dead-lettered.
     await channel.default_exchange.publish(
-        aio_pika.Message(b'{"user_id": "user_l"}', reply_to="no.such.queue"), queue_names["REQUEST_QUEUE"]
+        aio_pika.Message(b'{"user_id": "user_l"}', reply_to="no.such.queue", user_id="guest"),
+        queue_names["REQUEST_QUEUE"],
     )
     # A reply_to outside the policy, and an undecodable request without reply_to: dead letters.
     await channel.default_exchange.publish(
-        aio_pika.Message(b'{"user_id": "user_m"}', reply_to="amq.gen-elsewhere"), queue_names["REQUEST_QUEUE"]
+        aio_pika.Message(b'{"user_id": "user_m"}', reply_to="amq.gen-elsewhere", user_id="guest"),
+        queue_names["REQUEST_QUEUE"],
     )
-    await channel.default_exchange.publish(aio_pika.Message(b"\x00 junk"), queue_names["REQUEST_QUEUE"])
+    await channel.default_exchange.publish(
+        aio_pika.Message(b"\x00 junk", user_id="guest"), queue_names["REQUEST_QUEUE"]
+    )
     await wait_until(lambda: len(fake_clerk.stats.revoked) == 2, what="two tokens revoked")
 
     deadline = time.monotonic() + 10
@@ -151,3 +158,44 @@ async def test_a_full_session_leaves_no_token_url_or_key_anywhere_but_the_replie
     found = {place: [s[:12] for s in secrets if s in text] for place, text in places.items()}
     assert found == {place: [] for place in places}
     await exchange.delete()
+
+
+SECRETS = {
+    "AMQP_URL": ("amqps://svc:amqp-s3cret@rabbit:5671/?cafile={ca}", "amqp-s3cret"),
+    "REDIS_URL": ("rediss://redis:6380/0?password=redis-s3cret&ssl_password=k3y-s3cret", "redis-s3cret"),
+    "CLERK_API_URL": ("https://proxy:clerk-s3cret@clerk-proxy.internal/v1?token=t0k3n-s3cret", "t0k3n-s3cret"),
+}
+
+
+def run_command(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``sign-in-tokens ARGS``, to its end."""
+    return subprocess.run(  # noqa: S603 - our own module
+        [sys.executable, "-m", "service", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_config_and_bad_tls_files_print_no_credential(tmp_path: Path) -> None:
+    """`config` with a credential in every URL and the key, then each URL refused for a bad TLS setting: none shown."""
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AMQP_", "REDIS_", "CLERK_"))}
+    env |= {name: url.format(ca=ca) for name, (url, _) in SECRETS.items()}
+    env["CLERK_SECRET_KEY"] = "sk_live_" + "q" * 40
+    secrets = {"amqp-s3cret", "redis-s3cret", "k3y-s3cret", "clerk-s3cret", "t0k3n-s3cret", "q" * 40}
+    shown = run_command("config", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "AMQP_URL=amqps://svc:********@rabbit:5671/" in shown.stdout
+    bad = {
+        "AMQP_URL": f"amqps://svc:amqp-s3cret@rabbit:5671/?cafile={tmp_path / 'missing.pem'}",
+        "REDIS_URL": "rediss://:redis-s3cret@redis:6380/0?ssl_keyfile=/no/such.key&password=redis-s3cret",
+        "CLERK_API_URL": "https://proxy:clerk-s3cret@clerk-proxy.internal/v1?no_verify_ssl=true&token=t0k3n-s3cret",
+    }
+    errors = []
+    for name, url in bad.items():
+        refused = run_command("config", env={**env, name: url})
+        assert refused.returncode == 2
+        assert refused.stderr.count("\n") == 1, refused.stderr
+        assert refused.stderr.startswith(f"sign-in-tokens: configuration error: {name}: ")
+        errors.append(refused.stderr)
+    found = [secret for secret in secrets if any(secret in text for text in (shown.stdout, shown.stderr, *errors))]
+    assert found == []

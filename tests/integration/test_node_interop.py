@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from service.config import broker_user
 from service.fake_clerk import FakeClerk
 
 NODE_DIR = Path(__file__).parents[1] / "interop" / "node"
@@ -29,7 +30,11 @@ async def test_a_nodejs_caller_gets_its_tokens(
     process = await asyncio.create_subprocess_exec(
         node,
         str(NODE_DIR / "client.mjs"),
-        env={"AMQP_URL": amqp_url, "REQUEST_QUEUE": queue_names["REQUEST_QUEUE"]},
+        env={
+            "AMQP_URL": amqp_url,
+            "REQUEST_QUEUE": queue_names["REQUEST_QUEUE"],
+            "SERVICE_USER": broker_user(amqp_url),
+        },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=NODE_DIR,

@@ -1,9 +1,10 @@
 """The broker permissions docs/security.md tells operators to grant are enough, and no more.
 
 The table is read from the page itself, so the page cannot drift from what was tested: in a vhost
-of its own, the workers' user runs a worker with the default names, a caller with its own reply
-queues, one using direct reply-to and the bulk tool each get their tokens, the archiver binds a
-queue to the audit trail and reads it, and no caller can read the service's queues.
+of its own, the workers' user runs a worker with the default names, the policy deploy/kubernetes
+ships and a Redis user with exactly the page's ACL; a caller with its own reply queues, one using
+direct reply-to and the bulk tool each get their tokens, the archiver reads the archive the workers
+keep, and no caller can read the service's queues.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+import redis.asyncio
+import yaml
 from aiormq.exceptions import ChannelAccessRefused
 
-from service.bulk import BulkRun
+from service.bulk import BulkRun, BulkService
+from service.client import SignInTokenClient
 from service.config import load_settings
 from service.fake_clerk import FakeClerk
 from service.local_broker import LocalBroker
-from service.messages import Created, decode_reply
 from service.worker import Worker
-from tests.conftest import SECRET_KEY, get_message, wait_until
+from tests.conftest import SECRET_KEY, wait_until
 
 SECURITY_PAGE = Path(__file__).parents[2] / "docs" / "security.md"
 
@@ -45,39 +48,84 @@ def permission_rows() -> dict[str, tuple[str, str, str]]:
     return rows  # type: ignore[return-value]
 
 
+SHIPPED_POLICY = Path(__file__).parents[2] / "deploy" / "kubernetes" / "configmap.yaml"
+
+
+def redis_acl() -> str:
+    """The ACL SETUSER line docs/security.md gives for the service's Redis user."""
+    text = SECURITY_PAGE.read_text(encoding="utf-8")
+    (line,) = [line.strip() for line in text.splitlines() if line.strip().startswith("ACL SETUSER sign-in-tokens")]
+    return line
+
+
+def shipped_policy(tmp_path: Path) -> str:
+    """The policy file deploy/kubernetes ships, written out; its path."""
+    documents = list(yaml.safe_load_all(SHIPPED_POLICY.read_text(encoding="utf-8")))
+    (policy,) = [d["data"]["policy.toml"] for d in documents if "policy.toml" in d.get("data", {})]
+    path = tmp_path / "policy.toml"
+    path.write_text(policy, encoding="utf-8")
+    return str(path)
+
+
 @pytest.fixture
 async def vhost(session_node: LocalBroker | None) -> AsyncIterator[tuple[LocalBroker, str]]:
-    """A vhost of this test's own, with the page's users and permissions (password = name)."""
+    """A vhost of this test's own; the page's users (made once, password = name) have the page's permissions on it."""
     if session_node is None:
         pytest.skip("needs users made with rabbitmqctl on the tests' own broker; AMQP_URL names another")
     name = f"perm-{uuid.uuid4().hex[:8]}"
     users = permission_rows()
     assert set(users) == {"sign-in-tokens", "support-portal", "orders-service", "audit-archiver", "onboarding-job"}
-    # Each user named after the vhost too: users are the node's, and other tests make some of these names.
     grants = " ".join(
-        f'rabbit_auth_backend_internal:add_user(<<"{name}.{u}">>, <<"{u}">>, <<"t">>),'
-        f' rabbit_auth_backend_internal:set_permissions(<<"{name}.{u}">>, <<"{name}">>, <<"{c}">>, <<"{w}">>, <<"{r}">>,'
+        f'catch rabbit_auth_backend_internal:add_user(<<"{u}">>, <<"{u}">>, <<"t">>),'
+        f' rabbit_auth_backend_internal:set_permissions(<<"{u}">>, <<"{name}">>, <<"{c}">>, <<"{w}">>, <<"{r}">>,'
         f' <<"t">>),'
         for u, (c, w, r) in users.items()
     ).replace("\\", "\\\\")
     await session_node.ctl("eval", f'rabbit_vhost:add(<<"{name}">>, <<"t">>), {grants} ok.')
     yield session_node, name
-    deletions = " ".join(f'rabbit_auth_backend_internal:delete_user(<<"{name}.{u}">>, <<"t">>),' for u in users)
-    await session_node.ctl("eval", f'rabbit_vhost:delete(<<"{name}">>, <<"t">>), {deletions} ok.')
+    await session_node.ctl("eval", f'rabbit_vhost:delete(<<"{name}">>, <<"t">>), ok.')
+
+
+@pytest.fixture
+async def redis_as_service(redis_url: str) -> AsyncIterator[str]:
+    """REDIS_URL as the ACL user docs/security.md gives the service, and nothing more."""
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    await admin.execute_command(*redis_acl().replace(">PASSWORD", ">redis-pw").split())
+    yield redis_url.replace("redis://", "redis://sign-in-tokens:redis-pw@")
+    await admin.execute_command("ACL", "DELUSER", "sign-in-tokens")
+    await admin.aclose()
 
 
 def url_as(node: LocalBroker, vhost: str, user: str) -> str:
-    """The URL of the vhost as the page's ``user`` (made as ``VHOST.USER``)."""
-    return node.url.replace("guest:guest", f"{vhost}.{user}:{user}").rstrip("/") + f"/{vhost}"
+    """The URL of the vhost as the page's ``user``."""
+    return node.url.replace("guest:guest", f"{user}:{user}").rstrip("/") + f"/{vhost}"
 
 
-async def test_the_documented_permissions_serve_every_caller_and_keep_them_out_of_the_service_queues(
-    vhost: tuple[LocalBroker, str], fake_clerk: FakeClerk, tmp_path: Path
+async def read_stream(channel: aio_pika.abc.AbstractChannel, name: str, count: int) -> list[str]:
+    """The routing keys of the first ``count`` events of the archive stream, read from its start."""
+    await channel.set_qos(prefetch_count=100)
+    queue = await channel.get_queue(name, ensure=False)
+    keys: list[str] = []
+
+    async def on_event(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        keys.append(message.routing_key or "")
+        await message.ack()
+
+    await queue.consume(on_event, arguments={"x-stream-offset": "first"})
+    await wait_until(lambda: len(keys) >= count, what=f"{count} archived events")
+    return keys
+
+
+async def test_the_documented_permissions_policy_and_redis_acl_serve_every_caller_and_no_more(
+    vhost: tuple[LocalBroker, str], fake_clerk: FakeClerk, tmp_path: Path, redis_as_service: str
 ) -> None:
+    """The page's broker users, the shipped policy and the page's Redis user: every caller served, none beyond."""
     node, name = vhost
     settings = load_settings(
         {
             "AMQP_URL": url_as(node, name, "sign-in-tokens"),
+            "REDIS_URL": redis_as_service,
+            "POLICY_FILE": shipped_policy(tmp_path),
             "CLERK_API_URL": fake_clerk.url,
             "CLERK_SECRET_KEY": SECRET_KEY,
             "HTTP_PORT": "0",
@@ -88,48 +136,38 @@ async def test_the_documented_permissions_serve_every_caller_and_keep_them_out_o
     worker = Worker(settings, name="permissions-test")
     await worker.start()
     try:
-        # The archiver binds its queue to the audit exchange and reads it.
-        archiver = await aio_pika.connect_robust(url_as(node, name, "audit-archiver"))
-        archive_channel = await archiver.channel()
-        archive = await archive_channel.declare_queue("sign_in_tokens.audit.archive", durable=True)
-        await archive.bind("sign_in_tokens.audit", "#")
-        portal = await aio_pika.connect_robust(url_as(node, name, "support-portal"))
-        channel = await portal.channel()
-        replies = await channel.declare_queue("support.replies.eu", exclusive=True)
-        await channel.default_exchange.publish(
-            aio_pika.Message(b'{"user_id": "user_1"}', reply_to=replies.name, user_id=f"{name}.support-portal"),
-            "sign_in_tokens.create",
-        )
-        reply = await get_message(channel, replies.name)
-        assert isinstance(decode_reply(reply.body, reply.content_type), Created)
+        assert all(worker.readiness().values()), worker.readiness()
+        # The portal, with a reply queue under its own prefix.
+        async with SignInTokenClient(
+            url_as(node, name, "support-portal"),
+            replies="queue",
+            reply_queue_prefix="support.replies.",
+            service_user="sign-in-tokens",
+        ) as portal:
+            assert portal.reply_queue.startswith("support.replies.")
+            assert (await portal.create("user_1", timeout=10)).user_id == "user_1"
+            await portal.revoke((await portal.create("user_2", timeout=10)).id, timeout=10)
         # Direct reply-to: a caller with nothing but write on the default exchange.
-        direct = await aio_pika.connect_robust(url_as(node, name, "orders-service"))
-        direct_channel = await direct.channel()
-        answer: list[aio_pika.abc.AbstractIncomingMessage] = []
-        reply_to = await direct_channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
-        await reply_to.consume(answer.append, no_ack=True)
-        await direct_channel.default_exchange.publish(
-            aio_pika.Message(b'{"user_id": "user_2"}', reply_to="amq.rabbitmq.reply-to"), "sign_in_tokens.create"
-        )
-        await wait_until(lambda: bool(answer), what="the direct reply")
-        assert answer[0].headers["x-outcome"] == "created"
-        # Callers cannot read what is the service's: the results queue, the lanes, the dead letters.
+        async with SignInTokenClient(url_as(node, name, "orders-service"), service_user="sign-in-tokens") as orders:
+            assert (await orders.create("user_3", timeout=10)).user_id == "user_3"
+        # Callers cannot read what is the service's: the results queue, the lanes, the dead letters, the archive.
         for user, queue in itertools.product(
             ("support-portal", "orders-service"),
-            ("sign_in_tokens.results", "sign_in_tokens.create", "sign_in_tokens.dead"),
+            ("sign_in_tokens.results", "sign_in_tokens.create", "sign_in_tokens.dead", "sign_in_tokens.audit.archive"),
         ):
-            probe = await (portal if user == "support-portal" else direct).channel()
+            connection = await aio_pika.connect(url_as(node, name, user))
+            probe = await connection.channel()
             declared = await probe.get_queue(queue, ensure=False)
             with pytest.raises(ChannelAccessRefused):
                 await declared.get(no_ack=True, fail=False)
-        events = [await get_message(archive_channel, archive.name) for _ in range(2)]
-        assert [e.routing_key for e in events] == ["created.interactive", "created.interactive"]
-        # The bulk tool, as its own user: its durable reply queue declared, read and deleted.
+            await connection.close()
+        # The bulk tool, as its own user: its reply queue under its own prefix, declared, read and deleted.
         source = tmp_path / "users.csv"
-        source.write_text("user_id\nuser_3\nuser_4\n")
+        source.write_text("user_id\nuser_4\nuser_5\n")
         async with BulkRun(
-            url_as(node, name, "onboarding-job"),
-            "sign_in_tokens.create.bulk",
+            BulkService(
+                url_as(node, name, "onboarding-job"), "sign_in_tokens.create.bulk", "onboarding-job", "sign-in-tokens"
+            ),
             source,
             tmp_path / "out.jsonl",
             tmp_path / "failed.csv",
@@ -138,8 +176,10 @@ async def test_the_documented_permissions_serve_every_caller_and_keep_them_out_o
         ) as job:
             summary = await job.run(asyncio.Event())
         assert (summary.complete, summary.outcomes["created"]) == (True, 2)
-        await direct.close()
-        await portal.close()
+        # The archiver reads the trail the workers archived (created x5, revoked x1), and nothing else.
+        archiver = await aio_pika.connect(url_as(node, name, "audit-archiver"))
+        keys = await read_stream(await archiver.channel(), "sign_in_tokens.audit.archive", 6)
+        assert sorted(set(keys)) == ["created.bulk", "created.interactive", "revoked.interactive"]
         await archiver.close()
     finally:
         await worker.shutdown()

@@ -133,35 +133,72 @@ async def test_within_its_rules_a_caller_gets_a_token_capped_at_its_maximum(
     assert fake_clerk.stats.last_params["org_id"] == "org_1"
 
 
-async def test_a_caller_outside_a_policy_without_defaults_is_refused(
-    start_worker: WorkerFactory, ask: Ask, tmp_path: Path, queue_names: dict[str, str], fake_clerk: FakeClerk
+async def refused_outright(
+    connections: dict[str, AbstractRobustConnection],
+    channel: AbstractChannel,
+    queue_names: dict[str, str],
+    caller: str | None,
+    reply_to: str,
 ) -> None:
-    """No [defaults]: a caller not listed, and one without a user_id property, get `forbidden`."""
+    """Publish as ``caller`` (None: without user_id) with another team's queue as ``reply_to``: nothing goes there.
+
+    The request is dead-lettered ``forbidden_caller``.
+    """
+    sender = await connections[caller or "outsider"].channel()
+    victim = await channel.declare_queue(reply_to, exclusive=True)
+    message = aio_pika.Message(b'{"user_id": "user_1"}', reply_to=victim.name, correlation_id="c1", user_id=caller)
+    await sender.default_exchange.publish(message, queue_names["REQUEST_QUEUE"])
+    dead = await get_message(channel, queue_names["DEAD_LETTER_QUEUE"])
+    assert dead.headers["x-dead-letter-reason"] == "forbidden_caller"
+    assert await queue_depth(channel, victim.name) == 0
+    await victim.delete()
+    await sender.close()
+
+
+async def test_a_caller_with_no_rules_gets_nothing_anywhere(
+    start_worker: WorkerFactory,
+    tmp_path: Path,
+    queue_names: dict[str, str],
+    connections: dict[str, AbstractRobustConnection],
+    channel: AbstractChannel,
+    fake_clerk: FakeClerk,
+    ask: Ask,
+) -> None:
+    """No [defaults]: a caller not listed, and one without user_id, get no reply, not even in another team's queue."""
     only_portal = POLICY.split("[defaults]", maxsplit=1)[0] + "[callers" + POLICY.split("[callers")[1]
     await start_worker(policy_file=policy_file(tmp_path, queue_names, only_portal))
-    outsider = await ask("outsider", {"user_id": "user_1"}, reply_to="anyone.r")
-    assert error_code(outsider) == (
-        "forbidden",
-        "callers: caller 'outsider' is not listed, and the policy has no [defaults]",
-    )
-    anonymous = await ask(None, {"user_id": "user_1"}, reply_to="anyone.r")
-    assert error_code(anonymous)[0] == "forbidden"
-    assert "without a user_id property" in error_code(anonymous)[1]
+    prefix = queue_names["REQUEST_QUEUE"].split(".")[0]
+    await refused_outright(connections, channel, queue_names, "outsider", f"{prefix}.billing.replies")
+    await refused_outright(connections, channel, queue_names, None, f"{prefix}.billing.replies")
+    assert fake_clerk.stats.create_calls == 0
     assert isinstance(await ask("support-portal", {"user_id": "user_1"}, reply_to="portal.r"), Created)
-    assert fake_clerk.stats.create_calls == 1
 
 
-async def test_without_a_user_id_property_only_defaults_apply(
-    start_worker: WorkerFactory, ask: Ask, tmp_path: Path, queue_names: dict[str, str], fake_clerk: FakeClerk
+async def test_without_a_user_id_only_anonymous_applies_never_defaults(
+    start_worker: WorkerFactory,
+    ask: Ask,
+    tmp_path: Path,
+    queue_names: dict[str, str],
+    connections: dict[str, AbstractRobustConnection],
+    channel: AbstractChannel,
+    fake_clerk: FakeClerk,
 ) -> None:
-    """A request published without user_id by the portal's own connection is not the portal's."""
-    await start_worker(policy_file=policy_file(tmp_path, queue_names))
-    reply = await ask(None, {"user_id": "user_1"}, reply_to="anyone.r", lane="BULK_QUEUE")
-    assert isinstance(reply, Created)  # the bulk lane: [defaults] has it, the portal has not
+    """The portal leaving out user_id is not the portal, nor [defaults]' caller: [anonymous] only, else nothing."""
+    path = policy_file(tmp_path, queue_names)
+    worker = await start_worker(policy_file=path)
+    prefix = queue_names["REQUEST_QUEUE"].split(".")[0]
+    # [defaults] and no [anonymous]: a nameless request on the bulk lane (which [defaults] has) gets nothing.
+    await refused_outright(connections, channel, queue_names, None, f"{prefix}.anyone.r")
+    assert fake_clerk.stats.create_calls == 0
+    anonymous = '[anonymous]\nlanes = ["bulk"]\nmax_expires_in_seconds = 60\nreply_to = ["{prefix}.anon.*"]\n'
+    edit(path, "[callers.support-portal]", anonymous.replace("{prefix}", prefix) + "\n[callers.support-portal]")
+    assert worker.reload_policy()
+    reply = await ask(None, {"user_id": "user_1"}, reply_to="anon.r", lane="BULK_QUEUE")
+    assert isinstance(reply, Created)
     assert fake_clerk.stats.last_params is not None
-    assert fake_clerk.stats.last_params["expires_in_seconds"] == 600
-    over = await ask(None, {"user_id": "user_1", "expires_in_seconds": 601}, reply_to="anyone.r")
-    assert error_code(over)[1].startswith("max_expires_in_seconds: [defaults]")
+    assert fake_clerk.stats.last_params["expires_in_seconds"] == 60
+    interactive = await ask(None, {"user_id": "user_1"}, reply_to="anon.r")
+    assert error_code(interactive) == ("forbidden", "lanes: [anonymous] may not use the interactive lane")
 
 
 async def test_a_reply_to_outside_the_callers_list_gets_nothing_and_is_dead_lettered(

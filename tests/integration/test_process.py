@@ -102,6 +102,9 @@ def base_env() -> dict[str, str]:
         # A grace period that cannot cover one Clerk call would leave its token unheld.
         ({"CLERK_SECRET_KEY": "sk_test_x", "SHUTDOWN_GRACE_SECONDS": "10"}, "SHUTDOWN_GRACE_SECONDS"),
         ({"CLERK_SECRET_KEY": "sk_test_x", "SHUTDOWN_GRACE_SECONDS": "12.9"}, "REQUEST_TIMEOUT_SECONDS"),
+        # The secret key would travel in clear; a broker login whose user the worker cannot know.
+        ({"CLERK_SECRET_KEY": "sk_test_x", "CLERK_API_URL": "http://api.clerk.com/v1"}, "CLERK_API_URL"),
+        ({"CLERK_SECRET_KEY": "sk_test_x", "AMQP_URL": "amqps://rabbit/?auth=external"}, "AMQP_USER"),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(env: dict[str, str], names: str) -> None:

@@ -98,3 +98,35 @@ async def test_a_wrong_ca_fails_closed_with_one_line(
     variable = "AMQP_URL" if server == "broker" else "REDIS_URL"
     assert output.startswith(f"sign-in-tokens: configuration error: {variable}: the certificate of ")
     assert "did not verify (self-signed certificate in certificate chain)" in output
+
+
+@pytest.mark.parametrize(
+    ("server", "switch_off"),
+    [
+        # The spellings aiormq read as "off" (it verifies only for exactly 0), and redis-py's.
+        *[("broker", f"no_verify_ssl={value}") for value in ("false", "no", "off", "2", "on")],
+        ("redis", "ssl_check_hostname=false"),
+        ("redis", "ssl_cert_reqs=optional"),
+    ],
+)
+async def test_verification_cannot_be_switched_off_in_any_spelling(
+    worker_processes: WorkerProcesses,
+    tls_node: LocalBroker,
+    tls_redis: LocalRedis,
+    pki: Pki,
+    server: str,
+    switch_off: str,
+) -> None:
+    """A wrong CA and a parameter that would stop checking it: refused before any connection, one line, exit 2."""
+    amqps = tls_node.amqps_url(pki.amqp_query(pki.wrong_ca if server == "broker" else None))
+    rediss = tls_redis.tls_url(pki.redis_query(pki.wrong_ca if server == "redis" else None))
+    if server == "broker":
+        amqps += f"&{switch_off}"
+    else:
+        rediss += f"&{switch_off}"
+    worker = worker_processes.spawn(AMQP_URL=amqps, REDIS_URL=rediss)
+    assert worker.process.wait(30) == 2
+    output = worker.log_path.read_text().strip()
+    assert "\n" not in output, output
+    variable = "AMQP_URL" if server == "broker" else "REDIS_URL"
+    assert output.startswith(f"sign-in-tokens: configuration error: {variable}: {switch_off} would turn certificate")

@@ -80,7 +80,10 @@ def test_upstream_concurrency_follows_the_rate_limit_unless_set(env: dict[str, s
         ("amqp://u:p@h/?cafile={ca}", "AMQP_URL: cafile is given but the scheme is amqp://, not amqps://"),
         (
             "amqps://u:p@h/?cafile={ca}&no_verify_ssl=1",
-            "AMQP_URL: no_verify_ssl=1 would turn certificate verification off; give the CA instead",
+            (
+                "AMQP_URL: no_verify_ssl=1 would turn certificate verification off (only no_verify_ssl=0 is accepted); "
+                "give the CA instead"
+            ),
         ),
     ],
 )
@@ -97,6 +100,59 @@ def test_tls_settings_fail_closed_with_one_line(tmp_path: Path, url: str, messag
         load_settings(redis_off)
 
 
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [
+        # aiormq verifies only for exactly 0: every other spelling turned it off.
+        *[("AMQP_URL", f"amqps://u:p@h/?no_verify_ssl={v}") for v in ("false", "no", "off", "2", "on", "TRUE", "")],
+        ("AMQP_URL", "amqps://u:p@h/?no_verify_ssl=0&no_verify_ssl=1"),
+        ("AMQP_URL", "amqps://u:p@h/?ssl_cert_reqs=none"),
+        *[("REDIS_URL", f"rediss://h:6380/0?ssl_check_hostname={v}") for v in ("false", "False", "0", "no", "n", "")],
+        *[("REDIS_URL", f"rediss://h:6380/0?ssl_cert_reqs={v}") for v in ("none", "NONE", "optional", "0")],
+        ("REDIS_URL", "rediss://h:6380/0?ssl_cert_reqs=required&ssl_cert_reqs=none"),
+        ("REDIS_URL", "rediss://h:6380/0?no_verify_ssl=1"),
+        ("CLERK_API_URL", "https://api.clerk.test/v1?ssl_check_hostname=false"),
+    ],
+)
+def test_certificate_checks_cannot_be_switched_off_in_any_spelling(variable: str, url: str) -> None:
+    """Any value but the safe one of no_verify_ssl, ssl_cert_reqs or ssl_check_hostname, on any URL: one line."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings({variable: url})
+    assert str(raised.value).startswith(f"{variable}: ")
+    assert "would turn certificate verification off" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [
+        ("AMQP_URL", "amqps://u:p@h/?no_verify_ssl=0"),
+        ("REDIS_URL", "rediss://h:6380/0?ssl_cert_reqs=REQUIRED&ssl_check_hostname=True"),
+        ("CLERK_API_URL", "http://127.0.0.1:8090/v1"),
+        ("CLERK_API_URL", "http://localhost:8090/v1"),
+        ("CLERK_API_URL", "http://[::1]:8090/v1"),
+    ],
+)
+def test_the_safe_spellings_and_a_loopback_stand_in_are_accepted(variable: str, url: str) -> None:
+    """The values that keep checks on, and an http:// Clerk on loopback (the fake one), start."""
+    assert getattr(load_settings({variable: url}), variable.lower()) == url
+
+
+def test_an_http_clerk_url_off_loopback_is_refused() -> None:
+    """The secret key would travel in clear: http:// to anywhere but this machine is one line, exit 2."""
+    with pytest.raises(ConfigError, match=r"^CLERK_API_URL: http:// sends the secret key in clear"):
+        load_settings({"CLERK_API_URL": "http://api.clerk.com/v1"})
+
+
+def test_the_broker_user_is_the_urls_or_amqp_user() -> None:
+    """Replies carry the worker's broker user: the URL's, AMQP_USER where it logs in with EXTERNAL."""
+    assert load_settings({"AMQP_URL": "amqp://svc:pw@h/"}).broker_user == "svc"
+    assert load_settings({"AMQP_URL": "amqp://h/"}).broker_user == "guest"  # aiormq's default login
+    external = "amqps://h/?auth=external"
+    with pytest.raises(ConfigError, match=r"^AMQP_USER: AMQP_URL logs in with auth=external"):
+        load_settings({"AMQP_URL": external})
+    assert load_settings({"AMQP_URL": external, "AMQP_USER": "O=client,CN=svc"}).broker_user == "O=client,CN=svc"
+
+
 def test_config_shows_every_setting_with_secrets_masked(tmp_path: Path) -> None:
     """`sign-in-tokens config`'s rows: passwords in URLs and the key masked, defaults marked."""
     ca = tmp_path / "ca.pem"
@@ -104,14 +160,20 @@ def test_config_shows_every_setting_with_secrets_masked(tmp_path: Path) -> None:
     settings = load_settings(
         {
             "AMQP_URL": f"amqps://svc:hunter2@rabbit:5671/?cafile={ca}",
-            "REDIS_URL": "rediss://:s3cret@redis:6380/0",
+            "REDIS_URL": "rediss://redis:6380/0?password=s3cret&ssl_password=k3ypass&db=1",
+            "CLERK_API_URL": "https://proxy:pr0xypass@clerk-proxy.internal/v1?token=t0ken&api_key=apik3y",
             "CLERK_SECRET_KEY": "sk_live_abcdef0123456789",
         }
     )
     rows = {name: (shown, default) for name, shown, default in effective(settings)}
     assert rows["AMQP_URL"] == (f"amqps://svc:********@rabbit:5671/?cafile={ca}", False)
-    assert rows["REDIS_URL"] == ("rediss://:********@redis:6380/0", False)
+    assert rows["REDIS_URL"] == ("rediss://redis:6380/0?password=********&ssl_password=********&db=1", False)
+    assert rows["CLERK_API_URL"] == (
+        "https://proxy:********@clerk-proxy.internal/v1?token=********&api_key=********",
+        False,
+    )
     assert rows["CLERK_SECRET_KEY"] == ("sk_live_********", False)
     assert rows["PREFETCH"] == ("200", True)
     text = repr(rows)
-    assert not any(secret in text for secret in ("hunter2", "s3cret", "abcdef0123456789"))
+    secrets = ("hunter2", "s3cret", "k3ypass", "pr0xypass", "t0ken", "apik3y", "abcdef0123456789")
+    assert not any(secret in text for secret in secrets)

@@ -40,9 +40,10 @@ def test_the_contracts_example_loads_and_names_each_callers_rules(tmp_path: Path
     assert portal is not None
     assert (portal.lanes, portal.max_expires_in_seconds, portal.allow_org_id) == (frozenset({"interactive"}), 300, True)
     assert portal.reply_to == ("support.replies.*",)
-    # Anyone else, and a caller without a user_id property, gets [defaults].
+    # An identified caller not listed gets [defaults]; a request without a user_id property gets
+    # [anonymous], which this file does not have (contract v3: [defaults] never serves the nameless).
     assert policy.rules_for("billing") == policy.defaults
-    assert policy.rules_for(None) == policy.defaults
+    assert policy.rules_for(None) is None
     assert policy.defaults is not None
     assert policy.defaults.lanes == frozenset({"interactive", "bulk"})
 

@@ -49,7 +49,7 @@ def test_each_refusal_names_its_rule_and_nothing_of_other_callers(policy: Policy
     assert "300" not in org
 
 
-def test_without_defaults_unlisted_and_anonymous_callers_are_refused(tmp_path: Path) -> None:
+def test_without_defaults_unlisted_and_anonymous_callers_have_no_rules(tmp_path: Path) -> None:
     text = """
     [callers.support-portal]
     lanes = ["interactive"]
@@ -59,13 +59,53 @@ def test_without_defaults_unlisted_and_anonymous_callers_are_refused(tmp_path: P
     policy = Policy(load_policy(write(tmp_path, textwrap.dedent(text))))
     assert policy.file is not None
     assert policy.file.defaults is None
+    # A caller with no rules gets nothing at all: no reply anywhere (the worker dead-letters it).
+    assert not policy.knows("billing")
+    assert not policy.knows(None)
+    assert not policy.reply_allowed("billing", "anything.at.all")
     assert refusal(policy, "billing", Lane.INTERACTIVE, Request(user_id="u")) == (
-        "callers: caller 'billing' is not listed, and the policy has no [defaults]"
+        "callers: caller 'billing' has no rules in the policy"
     )
-    assert "without a user_id property" in refusal(policy, None, Lane.INTERACTIVE, Request(user_id="u"))
-    # The listed caller is still served, and a refused caller may be told so anywhere.
+    assert policy.knows("support-portal")
     assert policy.admit("support-portal", Lane.INTERACTIVE, Request(user_id="u")).expires_in_seconds == 300
-    assert policy.reply_allowed("billing", "anything.at.all")
+
+
+def test_defaults_serve_only_identified_callers_and_anonymous_only_nameless_ones(tmp_path: Path) -> None:
+    text = CONTRACT_EXAMPLE + textwrap.dedent(
+        """
+        [anonymous]
+        lanes = ["bulk"]
+        max_expires_in_seconds = 60
+        reply_to = ["amq.rabbitmq.reply-to"]
+        """
+    )
+    policy = Policy(load_policy(write(tmp_path, text)))
+    assert not policy.refuses_nameless
+    assert policy.admit(None, Lane.BULK, Request(user_id="u")).expires_in_seconds == 60
+    assert refusal(policy, None, Lane.INTERACTIVE, Request(user_id="u")) == (
+        "lanes: [anonymous] may not use the interactive lane"
+    )
+    assert policy.admit("billing", Lane.INTERACTIVE, Request(user_id="u")).expires_in_seconds == 600
+    # A listed caller leaving out user_id does not get its rules, nor [defaults]'.
+    assert not policy.reply_allowed(None, "support.replies.eu")
+
+
+def test_a_listed_caller_with_no_lanes_is_cut_off_while_defaults_exist(tmp_path: Path) -> None:
+    text = CONTRACT_EXAMPLE.replace('lanes = ["interactive"]\n', "lanes = []\n")
+    policy = Policy(load_policy(write(tmp_path, text)))
+    assert policy.refuses_nameless  # [defaults] and no [anonymous]: the worker warns at start
+    for lane in Lane:
+        assert refusal(policy, "support-portal", lane, Request(user_id="u")) == (
+            "lanes: caller 'support-portal' may use no lane"
+        )
+    with pytest.raises(ForbiddenError, match="may use no lane"):
+        policy.may_revoke("support-portal")
+    policy.may_revoke("billing")  # [defaults]' caller
+    with pytest.raises(ForbiddenError, match="without a user_id property cannot revoke"):
+        policy.may_revoke(None)
+    Policy(None).may_revoke("anyone")  # no policy: any identified caller may revoke what it was given
+    with pytest.raises(ForbiddenError):
+        Policy(None).may_revoke(None)
 
 
 def test_reply_to_takes_exact_names_globs_and_direct_reply_to(policy: Policy) -> None:
@@ -73,11 +113,14 @@ def test_reply_to_takes_exact_names_globs_and_direct_reply_to(policy: Policy) ->
     assert not policy.reply_allowed("support-portal", "support.replies")  # the glob wants a suffix
     assert not policy.reply_allowed("support-portal", "billing.replies.eu")
     # [defaults] lists direct reply-to: the broker hands the worker its per-channel name.
-    assert policy.reply_allowed(None, "amq.rabbitmq.reply-to.g1h2AA5yZXBseUAxNjc0NjI0MQAAB2sAAAAAZ2Cx9Q==")
+    assert policy.reply_allowed("billing", "amq.rabbitmq.reply-to.g1h2AA5yZXBseUAxNjc0NjI0MQAAB2sAAAAAZ2Cx9Q==")
     assert policy.reply_allowed("billing", "amq.gen-JzTY20BRgKO-HjmUJj0wLg")
     assert not policy.reply_allowed("billing", "sign_in_tokens.results")
     # A listed caller does not inherit [defaults]' destinations.
     assert not policy.reply_allowed("support-portal", "amq.rabbitmq.reply-to.g1h2AA")
+    # An entry for direct reply-to matches its names (a dot and the broker's suffix), nothing else.
+    assert not policy.reply_allowed("billing", "amq.rabbitmq.reply-toX")
+    assert not policy.reply_allowed("billing", "amq.rabbitmq.reply-to-evil")
 
 
 def test_the_short_form_serves_only_the_listed_publishers_as_v1_did() -> None:
@@ -85,9 +128,9 @@ def test_the_short_form_serves_only_the_listed_publishers_as_v1_did() -> None:
     request = Request(user_id="user_1", org_id="org_1")
     assert policy.admit("billing-service", Lane.BULK, request) == request  # no expiry filled in
     assert policy.reply_allowed("billing-service", "any.queue")
-    assert refusal(policy, "other", Lane.INTERACTIVE, request) == (
-        "ALLOWED_PUBLISHERS: caller 'other' may not request sign-in tokens"
-    )
+    # Anyone else has no rules: dead-lettered (forbidden_caller), nameless requests too.
+    assert not policy.knows("other")
+    assert not policy.knows(None)
     everyone = Policy.from_publishers(frozenset(), 2_592_000)
     assert everyone.open
     assert everyone.admit(None, Lane.BULK, request) is request

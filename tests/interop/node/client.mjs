@@ -1,5 +1,7 @@
 // A caller from the TypeScript world, as a new user would write one: amqplib, direct reply-to,
 // camelCase bodies, an x-deadline from Date.now(), JSON with a charset and MessagePack.
+// A reply is taken only when the service's broker user published it (userId, which RabbitMQ
+// checks) for this caller (header x-caller): anything else is dropped as forged.
 // Prints one JSON line a reply: {"correlationId", "contentType", "outcome", "body"}.
 import amqp from "amqplib";
 import { decode, encode } from "@msgpack/msgpack";
@@ -7,6 +9,8 @@ import { decode, encode } from "@msgpack/msgpack";
 const url = process.env.AMQP_URL;
 const queue = process.env.REQUEST_QUEUE ?? "sign_in_tokens.create";
 const REPLY_TO = "amq.rabbitmq.reply-to";
+const SERVICE_USER = process.env.SERVICE_USER ?? "sign-in-tokens";
+const ME = decodeURIComponent(new URL(url).username || "guest");
 
 const requests = [
   {
@@ -42,6 +46,10 @@ const done = new Promise((resolve) => {
 await channel.consume(
   REPLY_TO,
   (message) => {
+    if (message.properties.userId !== SERVICE_USER || message.properties.headers["x-caller"] !== ME) {
+      console.error(`forged reply dropped (${message.properties.correlationId})`);
+      return;
+    }
     const contentType = message.properties.contentType;
     const body =
       contentType === "application/msgpack" ? decode(message.content) : JSON.parse(message.content.toString("utf8"));
@@ -59,6 +67,7 @@ for (const request of requests) {
     correlationId: request.correlationId,
     messageId: request.correlationId,
     replyTo: REPLY_TO,
+    userId: ME,
     persistent: true,
     headers: { "x-deadline": Date.now() + 10_000 },
   });
