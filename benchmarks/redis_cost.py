@@ -69,7 +69,7 @@ def claimer(store: IdempotencyStore) -> Callable[[int], Awaitable[None]]:
     """One round: claim a new key and answer it."""
 
     async def claim_and_answer(i: int) -> None:
-        key = idempotency_key("caller", f"m{i}")
+        key = idempotency_key("caller", f"m{i}", "replies")
         async with store.claim(key) as claim:
             await claim.remember(REQUEST, TOKEN, 600)
             await claim.delivered()

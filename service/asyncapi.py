@@ -158,7 +158,10 @@ def _messages(payloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "properties": {
                     "x-dead-letter-reason": {"type": "string", "enum": list(DEAD_LETTER_REASONS)},
                     "x-original-routing-key": {"type": "string", "description": "The queue it came from."},
-                    "x-original-user-id": {"type": "string", "description": "Its user_id property, if any."},
+                    "x-original-user-id": {
+                        "type": "string",
+                        "description": "Its validated user_id property; empty when it had none.",
+                    },
                     "x-original-expiration": {"type": "string", "description": "Its expiration property, if any."},
                     "x-first-death-reason": {"type": "string", "description": "Set by RabbitMQ: delivery_limit."},
                     "x-death": {"type": "array", "description": "Set by RabbitMQ when it dead-lettered it."},

@@ -356,17 +356,37 @@ class _AbsentMessageId(str):
         return True
 
 
+# Headers the service writes on its copies and replies, and RabbitMQ's own dead-lettering headers.
+_SERVICE_HEADERS: Final = frozenset(
+    {
+        "x-delivery-count",
+        "x-dead-letter-reason",
+        "x-original-routing-key",
+        "x-original-user-id",
+        "x-original-expiration",
+        CALLER_HEADER,
+        "x-outcome",
+        "x-death",
+    }
+)
+_BROKER_DEATH_HEADERS: Final = ("x-first-death-", "x-last-death-")
+
+
 def _copy_for_dead_letter(message: DeliveredMessage, reason: str, service_user: str) -> spec.Basic.Properties:
     """The request's own properties, persistent, with why it was dead-lettered in headers."""
     properties = copy.copy(message.header.properties)
-    headers = dict(properties.headers or {})
-    headers.pop("x-delivery-count", None)
+    # The copy carries the service's user_id: no header on it may be the caller's word for what the
+    # service or RabbitMQ says (a nameless caller naming another as x-original-user-id).
+    headers = {
+        name: value
+        for name, value in (properties.headers or {}).items()
+        if name not in _SERVICE_HEADERS and not name.startswith(_BROKER_DEATH_HEADERS)
+    }
     headers["x-dead-letter-reason"] = reason
     headers["x-original-routing-key"] = message.routing_key or ""
-    if properties.user_id:
-        # The user_id property must match the publishing connection's user (the worker's, which the
-        # copy carries), so the original publisher travels as a header instead.
-        headers["x-original-user-id"] = properties.user_id
+    # The user_id property must match the publishing connection's user (the worker's, which the
+    # copy carries), so the original publisher travels as a header instead: empty when nameless.
+    headers["x-original-user-id"] = properties.user_id or ""
     properties.user_id = service_user
     if properties.expiration:
         # As RabbitMQ's own dead-lettering does: a copy must not expire in the dead-letter queue.

@@ -35,6 +35,7 @@ import errno
 import hashlib
 import io
 import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -179,10 +180,34 @@ def open_private(path: Path, flags: int) -> int:
 
 
 def refuse_links(*paths: Path) -> None:
-    """BulkInputError when any of ``paths`` is a symbolic link (checked before anything is written)."""
+    """BulkInputError when a path could lead the tokens elsewhere (checked before anything is written).
+
+    Refused: the file itself a symbolic link; a link on its way that someone else planted (owned by
+    neither this user nor root, as Linux's ``protected_symlinks`` reasons); a directory it goes
+    into that another user owns or that others may write without the sticky bit (they could swap
+    the file for a link between the check and the write).
+    """
+    me = os.geteuid()
     for path in paths:
         if path.is_symlink():
             msg = f"{path}: is a symbolic link; the tool writes tokens only to a file of its own"
+            raise BulkInputError(msg)
+        absolute = Path(os.path.abspath(path))  # noqa: PTH100 - the path as given, its links unresolved
+        for step in absolute.parents:
+            if step.is_symlink() and step.lstat().st_uid not in (me, 0):
+                msg = f"{path}: {step} is a symbolic link another user owns; write the tokens elsewhere"
+                raise BulkInputError(msg)
+        try:
+            directory = absolute.parent.stat()
+        except OSError as exc:
+            msg = f"{absolute.parent}: {exc.strerror}"
+            raise BulkInputError(msg) from None
+        shared = directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not directory.st_mode & stat.S_ISVTX
+        if directory.st_uid not in (me, 0) or shared:
+            msg = (
+                f"{path}: others can write in {absolute.parent} (they could swap the file for a link); "
+                "write the tokens to a directory of your own"
+            )
             raise BulkInputError(msg)
 
 
@@ -227,20 +252,20 @@ def failures_path_for(input_path: Path, output_path: Path) -> Path:
     return output_path.with_name(output_path.name + (".failed.jsonl" if is_jsonl(input_path) else ".failed.csv"))
 
 
-def report(summary: Summary, output: Path, failures: Path) -> list[str]:
-    """What a run says at its end, a line each."""
-    lines = [f"{summary.text()}; output {output}; failures {failures}"]
+def report(summary: Summary, output: Path, failures: Path) -> str:
+    """What a run says at its end: one line."""
+    parts = [f"{summary.text()}; output {output}; failures {failures}"]
     if summary.bad_rows:
-        lines.append(f"{summary.bad_rows} bad rows (their lines are in the log above, and failed in the output)")
+        parts.append(f"{summary.bad_rows} bad rows (their lines are in the log above, and failed in the output)")
     if summary.silent_for is not None:
-        lines.append(
+        parts.append(
             f"no reply for {summary.silent_for:g} s with {summary.unanswered} rows unanswered: the service may be "
             "refusing them (this caller's lanes, or a reply queue its policy does not list: sign-in-tokens-bulk.*, "
             "see the dead-letter queue) or be down; rerun the same command to resume"
         )
     elif not summary.complete:
-        lines.append("stopped before every row was answered; rerun the same command to resume")
-    return lines
+        parts.append("stopped before every row was answered; rerun the same command to resume")
+    return "; ".join(parts)
 
 
 def reply_queue_name(output: Path, user: str) -> str:

@@ -313,8 +313,7 @@ def bulk(
                 summary = await job.run(stop)
             except BulkInputError as exc:
                 fail(str(exc), EXIT_CONFIG)
-        for line in report(summary, output_path, failures):
-            click.echo(f"sign-in-tokens bulk: {line}", err=True)
+        click.echo(f"sign-in-tokens bulk: {report(summary, output_path, failures)}", err=True)
         return summary.complete
 
     if not run(go):
@@ -358,10 +357,13 @@ def show_config(**options: Any) -> None:  # noqa: ANN401
     """Print the effective settings, every secret masked, and what follows from them (exit 2 if they are bad)."""
     from service.config import effective  # noqa: PLC0415
 
-    settings = _settings_or_exit(options_environ(options))
+    environ = options_environ(options)
+    settings = _settings_or_exit(environ)
     policy = _policy_or_exit(settings)
     for name, shown, default in effective(settings):
         click.echo(f"{name}={shown}{'  # default' if default else ''}")
+    for name, shown in tracing.shown_settings(environ):
+        click.echo(f"{name}={shown}")
     click.echo(f"# rate limit: {settings.rate_limit} calls a {settings.clerk_rate_window_seconds:g} s window")
     click.echo(f"# calls to Clerk at once: {settings.concurrency}")
     click.echo(f"# rate limit and idempotency store: {'shared in Redis' if settings.redis_url else 'in this process'}")

@@ -13,7 +13,7 @@ import ipaddress
 import math
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
@@ -163,6 +163,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return None if self.audit_archive_queue == "none" else self.audit_archive_queue
 
     @property
+    def own_queues(self) -> frozenset[str]:
+        """The service's own queues: never a reply's destination (a token in the audit trail, say)."""
+        queues = (
+            self.request_queue,
+            self.bulk_queue,
+            self.revoke_queue,
+            self.revocations_queue,
+            self.dead_letter_queue,
+            self.audit_archive,
+        )
+        return frozenset(queue for queue in queues if queue)
+
+    @property
     def broker_user(self) -> str:
         """The broker user this process publishes as (RabbitMQ checks a message's user_id against it)."""
         return broker_user(self.amqp_url, self.amqp_user)
@@ -203,16 +216,47 @@ def broker_user(amqp_url: str, amqp_user: str | None = None) -> str:
     return _AMQP_DEFAULT_USER
 
 
-# Query parameters whose values are credentials (a password redis-py reads from the URL, a token).
-_SECRET_PARAMETER = re.compile(r"pass|pwd|secret|token|key$|^key|credential|auth|signature|sig$", re.IGNORECASE)
-# Parameters naming files or public settings, whose names match the pattern above but hold no secret.
-_NOT_SECRET_PARAMETERS = frozenset({"keyfile", "ssl_keyfile", "ssl_certfile", "certfile", "auth"})
+# redis-py hands every query parameter of REDIS_URL to its connections (ssl_ciphers=aNULL would take
+# a server with no certificate; socket_timeout would undo the service's own): only these are taken.
+REDIS_URL_PARAMETERS: Final = (
+    "db",
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_ca_data",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_password",
+    "username",
+    "password",
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+    "client_name",
+    "protocol",
+)
+# Query parameters shown in the clear by ``masked_url``: the libraries' own names for files, checks and
+# tuning. Every other value is masked (a password, a token, a signature, whatever its name).
+_PUBLIC_PARAMETERS = frozenset(
+    {
+        "cafile",
+        "capath",
+        "certfile",
+        "keyfile",
+        "no_verify_ssl",
+        "auth",
+        "heartbeat",
+        "timeout",
+        "name",
+        *(parameter for parameter in REDIS_URL_PARAMETERS if "password" not in parameter),
+    }
+)
 
 
 def masked_url(url: str) -> str:
     """``url`` with every credential masked: the password, and query parameters that carry secrets.
 
-    User, host, path and the other parameters are shown as given.
+    A user without a password is masked too, except in an AMQP URL (there it is the broker user,
+    logging in with a client certificate): elsewhere it is a token written where a user goes.
+    Host, path and the libraries' public parameters are shown as given.
     """
     try:
         parsed = URL(url)
@@ -220,10 +264,9 @@ def masked_url(url: str) -> str:
         return MASK
     if parsed.password:
         parsed = parsed.with_password(MASK)
-    query = [
-        (name, MASK if _SECRET_PARAMETER.search(name) and name not in _NOT_SECRET_PARAMETERS else value)
-        for name, value in parsed.query.items()
-    ]
+    elif parsed.user and parsed.scheme not in ("amqp", "amqps"):
+        parsed = parsed.with_user(MASK)
+    query = [(name, value if name in _PUBLIC_PARAMETERS else MASK) for name, value in parsed.query.items()]
     if query != list(parsed.query.items()):
         parsed = parsed.with_query(query)
     return str(parsed)
@@ -312,11 +355,16 @@ _TLS_FILES = {
     "AMQP_URL": ("amqps", ("cafile", "capath", "certfile", "keyfile")),
     "REDIS_URL": ("rediss", ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")),
 }
-# The parameters that could turn certificate checks off, and the one value each may have (in any
-# case): aiormq verifies only for ``no_verify_ssl=0``; redis-py's ``ssl_cert_reqs`` and
-# ``ssl_check_hostname``. Checked on every URL, whatever its scheme: a check cannot be switched off
-# in any spelling.
-_VERIFY_ON = {"no_verify_ssl": "0", "ssl_cert_reqs": "required", "ssl_check_hostname": "true"}
+# The parameters that could turn certificate checks off, and the one value each may have, compared
+# as the library compares it: aiormq verifies only for ``no_verify_ssl`` exactly ``0`` (" 0" turns it
+# off); redis-py takes ``ssl_cert_reqs`` exactly ``required`` and ``ssl_check_hostname`` true in any
+# case. Checked on every URL, whatever its scheme: a check cannot be switched off in any spelling.
+_VERIFY_ON: dict[str, Callable[[str], bool]] = {
+    "no_verify_ssl": lambda value: value == "0",
+    "ssl_cert_reqs": lambda value: value == "required",
+    "ssl_check_hostname": lambda value: value.lower() == "true",
+}
+_SAFE_SPELLING = {"no_verify_ssl": "0", "ssl_cert_reqs": "required", "ssl_check_hostname": "true"}
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
 
 
@@ -344,14 +392,23 @@ def _check_tls(name: str, value: str) -> None:
 
 def _check_verification(name: str, url: URL) -> None:
     """ConfigError when a parameter of ``url`` would turn certificate checks off (any value but the safe one)."""
-    for parameter, safe in _VERIFY_ON.items():
+    for parameter, verifies in _VERIFY_ON.items():
         for given in url.query.getall(parameter, ()):
-            if given.strip().lower() != safe:
+            if not verifies(given):
+                safe = _SAFE_SPELLING[parameter]
                 msg = (
-                    f"{name}: {parameter}={given} would turn certificate verification off "
+                    f"{name}: {parameter}={given!r} would turn certificate verification off "
                     f"(only {parameter}={safe} is accepted); give the CA instead"
                 )
                 raise ConfigError(msg)
+
+
+def _check_redis_parameters(url: URL) -> None:
+    """ConfigError for a REDIS_URL query parameter redis-py would take that is not one of ours."""
+    for parameter in url.query:
+        if parameter not in REDIS_URL_PARAMETERS:
+            msg = f"REDIS_URL: query parameter {parameter!r} is not accepted (only {', '.join(REDIS_URL_PARAMETERS)})"
+            raise ConfigError(msg)
 
 
 def is_loopback(host: str) -> bool:
@@ -427,6 +484,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     if settings.redis_url is not None:
         _check_url("REDIS_URL", settings.redis_url, ("redis", "rediss"))
         _check_tls("REDIS_URL", settings.redis_url)
+        _check_redis_parameters(URL(settings.redis_url))
     key = settings.clerk_secret_key
     if key is not None and (not key.reveal() or any(c.isspace() for c in key.reveal())):
         msg = "CLERK_SECRET_KEY: must be a non-empty key without spaces"

@@ -13,6 +13,7 @@ change_password``, or they use client certificates): no secret is in the file. L
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final
 
 from service.broker import audit_archive_arguments, declared_queues
@@ -54,7 +55,7 @@ def document(settings: Settings | None = None) -> dict[str, Any]:
         "topic_permissions": [],
         "parameters": [],
         "global_parameters": [],
-        "policies": [],
+        "policies": _policies(settings),
         "queues": [
             {"name": name, "vhost": VHOST, "durable": True, "auto_delete": False, "arguments": arguments}
             for name, arguments in _queues(settings).items()
@@ -83,6 +84,28 @@ def document(settings: Settings | None = None) -> dict[str, Any]:
         if settings.audit_archive
         else [],
     }
+
+
+# Anyone with write on amq.default can publish into the archive by its name (the default exchange
+# routes to every queue): a bound in bytes keeps a flood from filling the broker's disk (the oldest
+# segments go first; the archiver has shipped them by then). Applied as a policy, it can change
+# without declaring the stream again.
+AUDIT_ARCHIVE_MAX_BYTES: Final = 10_000_000_000
+
+
+def _policies(settings: Settings) -> list[dict[str, Any]]:
+    if settings.audit_archive is None:
+        return []
+    return [
+        {
+            "vhost": VHOST,
+            "name": "sign-in-tokens-audit-archive",
+            "pattern": f"^{re.escape(settings.audit_archive)}$",
+            "apply-to": "queues",
+            "definition": {"max-length-bytes": AUDIT_ARCHIVE_MAX_BYTES},
+            "priority": 0,
+        }
+    ]
 
 
 def _queues(settings: Settings) -> dict[str, dict[str, Any]]:

@@ -237,5 +237,4 @@ async def _onboard(settings: Settings, input_path: Path, output_path: Path, stop
         outstanding,
     ) as job:
         summary = await job.run(stop)
-    for line in report(summary, output_path, failures):
-        say(line)
+    say(report(summary, output_path, failures))

@@ -40,7 +40,7 @@ class Envelope:
     @property
     def idempotency_key(self) -> IdempotencyKey | None:
         """The key of this request in the idempotency store."""
-        return idempotency_key(self.publisher, self.message_id)
+        return idempotency_key(self.publisher, self.message_id, self.reply_to)
 
     def deadline(self) -> float | None:
         """``x-deadline`` as Unix seconds, or None; InvalidRequestError when not an integer."""

@@ -82,6 +82,16 @@ def _for_caller(callers: Mapping[str, R], defaults: R | None, anonymous: R | Non
     return callers.get(caller, defaults) if caller else anonymous
 
 
+def _exceeds(wider: CallerRules, rules: CallerRules) -> bool:
+    """Whether ``wider`` allows anything ``rules`` does not (a lane, a lifetime, org_id, a reply queue)."""
+    return (
+        not wider.lanes <= rules.lanes
+        or wider.max_expires_in_seconds > rules.max_expires_in_seconds
+        or (wider.allow_org_id and not rules.allow_org_id)
+        or not set(wider.reply_to) <= set(rules.reply_to)
+    )
+
+
 def _matcher(patterns: Iterable[str]) -> re.Pattern[str] | None:
     """One regular expression for a list of globs (case-sensitive, as queue and user ids are); None for none."""
     translated = [fnmatch.translate(p) for p in patterns]
@@ -131,6 +141,18 @@ class Policy:
     def refuses_nameless(self) -> bool:
         """Whether a policy serves identified callers it does not list but no nameless one (worth a warning)."""
         return self.file is not None and self.file.defaults is not None and self.file.anonymous is None
+
+    def wider_when_nameless(self) -> list[str]:
+        """Listed callers whose rules ``[anonymous]`` exceeds: each could get more by leaving out ``user_id``.
+
+        RabbitMQ names no publisher on a message without ``user_id``, so a listed caller that leaves
+        it out is served by ``[anonymous]``: cutting one off (``lanes = []``) or narrowing it holds
+        only as far as ``[anonymous]`` is narrower still, or the caller cannot publish at all.
+        """
+        anonymous = self.file.anonymous if self.file else None
+        if anonymous is None or self.file is None:
+            return []
+        return sorted(name for name, rules in self.file.callers.items() if _exceeds(anonymous, rules))
 
     @classmethod
     def from_publishers(cls, publishers: frozenset[str], max_expires_in_seconds: int) -> Policy:

@@ -27,9 +27,16 @@ from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Span, SpanKind, Tracer, TracerProvider, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from yarl import URL
+
+from service.config import MASK, is_loopback, masked_url
+from service.errors import ConfigError
 
 INSTRUMENTATION: Final = "sign-in-token-service"
 _ENV_SWITCHES: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER")
+# The exporter's headers (often a vendor's API key), the traces' own first.
+_HEADERS: Final = ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
+_ENDPOINTS: Final = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 _tracer: Tracer | None = None
 
@@ -56,11 +63,40 @@ def use(provider: TracerProvider | None) -> None:
     _tracer = provider.get_tracer(INSTRUMENTATION) if provider is not None else None
 
 
+def check_exporter(environ: Mapping[str, str]) -> None:
+    """ConfigError when the exporter would send its headers (credentials) in clear off this machine."""
+    endpoint = next((environ[name] for name in _ENDPOINTS if environ.get(name)), None)
+    headers = next((name for name in _HEADERS if environ.get(name)), None)
+    if endpoint is None or headers is None:
+        return
+    url = URL(endpoint)
+    if url.scheme == "http" and not is_loopback(url.host or ""):
+        msg = f"{headers}: an http:// endpoint off this machine would send these headers in clear; use https://"
+        raise ConfigError(msg)
+
+
+def shown_settings(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The ``OTEL_*`` variables set, as ``sign-in-tokens config`` shows them: header values masked."""
+    rows = []
+    for name in sorted(n for n in environ if n.startswith("OTEL_")):
+        value = environ[name]
+        if name in _HEADERS:
+            value = ",".join(f"{pair.split('=', 1)[0]}={MASK}" for pair in value.split(",") if pair.strip())
+        elif "ENDPOINT" in name:
+            value = masked_url(value)
+        rows.append((name, value))
+    return rows
+
+
 def configure_from_env(environ: Mapping[str, str] = os.environ) -> bool:
-    """Turn tracing on when the ``OTEL_*`` variables ask for an exporter; whether it is on."""
+    """Turn tracing on when the ``OTEL_*`` variables ask for an exporter; whether it is on.
+
+    ConfigError when they would send the exporter's headers in clear (``check_exporter``).
+    """
     exporter_name = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     if exporter_name == "none" or not any(environ.get(name) for name in _ENV_SWITCHES):
         return False
+    check_exporter(environ)
     # Imported only when used: the SDK and the exporter are not loaded by a process that does not trace.
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider  # noqa: PLC0415

@@ -144,6 +144,7 @@ class Worker:
     def __init__(self, settings: Settings, *, name: str = "sign-in-token-worker") -> None:
         """Build every part; nothing connects until ``start``."""
         self.settings = settings
+        self._own_queues = settings.own_queues
         self.name = name
         self.metrics = Metrics()
         self.clerk = ClerkClient(settings, self._observe_upstream, self.metrics.ambiguous_creates.inc)
@@ -249,6 +250,14 @@ class Worker:
                 "nameless_callers_refused",
                 reason="the policy has [defaults] but no [anonymous]: requests without a user_id property are "
                 "dead-lettered (forbidden_caller)",
+            )
+        wider = self.policy.wider_when_nameless()
+        if wider:
+            log.warning(
+                "anonymous_wider_than_callers",
+                callers=wider,
+                reason="[anonymous] allows these listed callers more than their own rules: a request without "
+                "user_id gets [anonymous]'s; narrow [anonymous], or take the callers' write permission away",
             )
 
     def reload_policy(self) -> bool:
@@ -425,8 +434,8 @@ class Worker:
             # A caller with no rules gets nothing, wherever its reply_to points: not even a refusal.
             await self._dead_letter(message, subject, "forbidden_caller", ("refused", "forbidden"))
             return
-        if not policy.reply_allowed(envelope.publisher, envelope.reply_to):
-            # Nothing goes to a queue the caller may not use, not even a refusal.
+        if envelope.reply_to in self._own_queues or not policy.reply_allowed(envelope.publisher, envelope.reply_to):
+            # Nothing goes to a queue the caller may not use (nor to one of the service's), not even a refusal.
             await self._dead_letter(message, subject, "forbidden_reply_to", ("refused", "forbidden"))
             return
         try:

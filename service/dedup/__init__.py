@@ -243,11 +243,18 @@ def entry_size(key: IdempotencyKey, packed: bytes) -> int:
     return ENTRY_OVERHEAD_BYTES + STRING_OVERHEAD_BYTES * 3 + sum(len(s) for s in key) + len(packed)
 
 
-def idempotency_key(publisher: str | None, message_id: str | None) -> IdempotencyKey | None:
-    """The store's key for a request, or None when it has no ``message_id``."""
+def idempotency_key(publisher: str | None, message_id: str | None, reply_to: str) -> IdempotencyKey | None:
+    """The store's key for a request, or None when it has no ``message_id``.
+
+    A key is scoped to its publisher. Nameless requests have none to share: theirs is scoped to
+    ``reply_to`` as well, so a guessed ``message_id`` answers only into the queue that asked (the
+    first caller's own), never a second caller's.
+    """
     if not message_id:
         return None
-    return (publisher or "", message_id)
+    if publisher:
+        return (publisher, message_id)
+    return ("", f"{message_id}\x1f{reply_to}")
 
 
 class IdempotencyStore(Protocol):

@@ -10,7 +10,7 @@ import pytest
 
 from service.broker import audit_archive_arguments, declared_queues
 from service.config import Settings
-from service.definitions import ROLES, VHOST, render
+from service.definitions import AUDIT_ARCHIVE_MAX_BYTES, ROLES, VHOST, render
 from service.local_broker import LocalBroker
 from tests.integration.test_permissions import permission_rows
 
@@ -42,6 +42,14 @@ async def test_rabbitmq_loads_it_and_the_workers_declarations_match_it(session_n
         await channel.declare_exchange("sign_in_tokens.audit", aio_pika.ExchangeType.TOPIC, durable=True)
         loaded = json.loads(DEFINITIONS.read_text())
         assert {q["name"] for q in loaded["queues"]} == set(expected)
+        # A flood into the archive (any caller can publish to it by name) is bounded in bytes.
+        applied = json.loads(
+            await session_node.ctl("list_queues", "-p", VHOST, "--formatter", "json", "name", "policy")
+        )
+        policies = json.loads(await session_node.ctl("list_policies", "-p", VHOST, "--formatter", "json"))
+        definitions = {p["name"]: json.loads(p["definition"]) for p in policies}
+        policy = next(q["policy"] for q in applied if q["name"] == settings.audit_archive_queue)
+        assert definitions[policy] == {"max-length-bytes": AUDIT_ARCHIVE_MAX_BYTES}
         # The archive is bound to every event: none is published into nothing.
         assert [(b["source"], b["destination"], b["routing_key"]) for b in loaded["bindings"]] == [
             ("sign_in_tokens.audit", "sign_in_tokens.audit.archive", "#")

@@ -342,7 +342,7 @@ async def test_a_reused_message_id_refused_does_not_settle_the_answer_it_found(
     worker = await start_worker()
     store = worker.dedup
     assert isinstance(store, MemoryIdempotencyStore)
-    key = idempotency_key("guest", "reused")
+    key = idempotency_key("guest", "reused", "unused")
     token = SignInToken(
         object="sign_in_token",
         id="sit_unsettled",

@@ -49,7 +49,7 @@ def other_answer() -> Created:
 async def test_two_replicas_claiming_one_key_make_one_call(redis_url: str) -> None:
     """The second replica's claim waits until the first's reply is delivered, then reads its answer."""
     first, second = store(redis_url), store(redis_url)
-    key = idempotency_key("alice", "m1")
+    key = idempotency_key("alice", "m1", "unused")
     seen: list[tuple[Found, Remembered | None]] = []
 
     async def other_replica() -> None:
@@ -72,7 +72,7 @@ async def test_two_replicas_claiming_one_key_make_one_call(redis_url: str) -> No
 async def test_a_lease_is_renewed_while_held_and_ends_when_its_replica_stops_renewing(redis_url: str) -> None:
     """A claim held for three leases keeps its key; one whose replica stops renewing frees it after one lease."""
     first, second = store(redis_url, lease=0.4), store(redis_url, lease=0.4)
-    key = idempotency_key("alice", "m1")
+    key = idempotency_key("alice", "m1", "unused")
     async with first.claim(key):
         with pytest.raises(DeadlineExceededError):
             async with second.claim(key, deadline=time.time() + 1.2):
@@ -96,7 +96,7 @@ async def test_a_claim_lost_while_paused_may_not_store_and_reads_only_a_delivere
     may yet be refused (and its token revoked) is never handed to a second caller.
     """
     paused, other = store(redis_url, lease=0.4), store(redis_url, lease=0.4)
-    key = idempotency_key("alice", "m1")
+    key = idempotency_key("alice", "m1", "unused")
     async with paused.claim(key) as stale:
         assert paused._renewer is not None
         paused._renewer.cancel()  # paused: no renewal reaches Redis
@@ -124,7 +124,7 @@ async def test_a_withdrawal_asked_again_after_a_lost_reply_still_says_withdrawn(
 ) -> None:
     """Withdraw runs, its reply is lost (a stall); a copy claims the key and answers or lets it go; asked again: withdrawn."""
     first, second = store(redis_url), store(redis_url)
-    key = idempotency_key("alice", "m1")
+    key = idempotency_key("alice", "m1", "unused")
     async with first.claim(key) as mine:
         await mine.remember(REQUEST, ANSWER, 60)
         assert mine.tag is not None
@@ -144,7 +144,7 @@ async def test_a_withdrawal_asked_again_after_a_lost_reply_still_says_withdrawn(
 async def test_a_withdrawal_of_an_answer_that_is_gone_says_withdrawn(redis_url: str, how: str) -> None:
     """The answer's key is gone (Redis emptied, or an unheld key past its window): nobody can have its token."""
     replica = store(redis_url, window=0.3, lease=0.3)
-    key = idempotency_key("alice", "m1")
+    key = idempotency_key("alice", "m1", "unused")
     client = redis.asyncio.Redis.from_url(redis_url)
     async with replica.claim(key) as mine:
         await mine.remember(REQUEST, ANSWER, 60)
@@ -165,7 +165,7 @@ async def test_a_withdrawal_of_an_answer_that_is_gone_says_withdrawn(redis_url: 
 async def test_a_held_answer_outlives_its_window_until_its_fate_is_known(redis_url: str) -> None:
     """A claim still holding its answer keeps it past the window (renewed a lease at a time); delivered, it has the window."""
     replica = store(redis_url, window=0.2, lease=0.4)
-    key = idempotency_key("alice", "m1")
+    key = idempotency_key("alice", "m1", "unused")
     client = redis.asyncio.Redis.from_url(redis_url)
     async with replica.claim(key) as mine:
         await mine.remember(REQUEST, ANSWER, 60)
@@ -180,7 +180,7 @@ async def test_a_held_answer_outlives_its_window_until_its_fate_is_known(redis_u
 async def test_a_withdrawn_answer_leaves_the_key_to_the_next_copy_and_a_delivered_one_stays(redis_url: str) -> None:
     """Withdraw drops an undelivered answer (the waiting copy calls afresh); after delivery it drops nothing."""
     replica = store(redis_url)
-    key = idempotency_key("alice", "m1")
+    key = idempotency_key("alice", "m1", "unused")
     async with replica.claim(key) as claim:
         await claim.remember(REQUEST, ANSWER, 60)
         assert await claim.withdraw() is True
@@ -198,7 +198,7 @@ async def test_a_withdrawn_answer_leaves_the_key_to_the_next_copy_and_a_delivere
 async def test_an_answer_whose_fate_is_unknown_is_taken_over_by_the_next_copy(redis_url: str) -> None:
     """A claim that ends after remember but before delivered leaves its answer UNSETTLED for the next copy."""
     replica = store(redis_url)
-    key = idempotency_key("alice", "m1")
+    key = idempotency_key("alice", "m1", "unused")
     async with replica.claim(key) as claim:
         await claim.remember(REQUEST, ANSWER, 60)
     async with replica.claim(key) as claim:
@@ -212,11 +212,11 @@ async def test_an_answer_whose_fate_is_unknown_is_taken_over_by_the_next_copy(re
 async def test_answers_are_scoped_by_publisher_and_outlived_by_the_id_of_their_token(redis_url: str) -> None:
     """Another publisher's same message_id is another key; after the window a created token's key is SPENT."""
     replica = store(redis_url, window=0.5)
-    key = idempotency_key("alice", "m1")
+    key = idempotency_key("alice", "m1", "unused")
     async with replica.claim(key) as claim:
         await claim.remember(REQUEST, ANSWER, 60)
         await claim.delivered()
-    async with replica.claim(idempotency_key("bob", "m1")) as other:
+    async with replica.claim(idempotency_key("bob", "m1", "unused")) as other:
         assert other.found is Found.NEW
     async with replica.claim(key) as claim:
         assert claim.remembered == Remembered(REQUEST, ANSWER)
@@ -229,7 +229,7 @@ async def test_answers_are_scoped_by_publisher_and_outlived_by_the_id_of_their_t
 async def test_an_unanswered_claim_is_released_for_the_next(redis_url: str) -> None:
     """A retryable failure remembers nothing: the next claim of the key gets it at once."""
     replica = store(redis_url)
-    key = idempotency_key("alice", "m1")
+    key = idempotency_key("alice", "m1", "unused")
     async with replica.claim(key):
         pass
     started = time.monotonic()
@@ -243,7 +243,7 @@ async def test_without_redis_a_claim_waits_to_its_deadline_and_readiness_says_so
     """Redis unreachable: no claim, so no call to Clerk; the request gets deadline_exceeded."""
     replica = RedisIdempotencyStore(f"redis://127.0.0.1:{free_port()}/0", 60, key_id="k")
     with pytest.raises(DeadlineExceededError):
-        async with replica.claim(idempotency_key("alice", "m1"), deadline=time.time() + 1.0):
+        async with replica.claim(idempotency_key("alice", "m1", "unused"), deadline=time.time() + 1.0):
             pytest.fail("claimed without Redis")
     assert not replica.available
     await replica.close()

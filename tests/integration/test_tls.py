@@ -104,9 +104,11 @@ async def test_a_wrong_ca_fails_closed_with_one_line(
     ("server", "switch_off"),
     [
         # The spellings aiormq read as "off" (it verifies only for exactly 0), and redis-py's.
-        *[("broker", f"no_verify_ssl={value}") for value in ("false", "no", "off", "2", "on")],
+        *[("broker", f"no_verify_ssl={value}") for value in ("false", "no", "off", "2", "on", "+0", "0%20")],
         ("redis", "ssl_check_hostname=false"),
         ("redis", "ssl_cert_reqs=optional"),
+        # Anonymous ciphers: a server with no certificate at all (redis-py takes any parameter).
+        ("redis", "ssl_ciphers=aNULL%3A%40SECLEVEL%3D0"),
     ],
 )
 async def test_verification_cannot_be_switched_off_in_any_spelling(
@@ -129,4 +131,9 @@ async def test_verification_cannot_be_switched_off_in_any_spelling(
     output = worker.log_path.read_text().strip()
     assert "\n" not in output, output
     variable = "AMQP_URL" if server == "broker" else "REDIS_URL"
-    assert output.startswith(f"sign-in-tokens: configuration error: {variable}: {switch_off} would turn certificate")
+    name = switch_off.split("=", 1)[0]
+    if name == "ssl_ciphers":
+        assert output.startswith(f"sign-in-tokens: configuration error: REDIS_URL: query parameter '{name}' is not")
+    else:
+        assert output.startswith(f"sign-in-tokens: configuration error: {variable}: {name}=")
+        assert "would turn certificate verification off" in output

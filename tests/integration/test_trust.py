@@ -263,6 +263,7 @@ async def test_the_bulk_tool_is_served_under_the_documented_policy_and_a_refused
     assert await asyncio.to_thread(refused.process.wait, 60) == 1
     said = refused.log_path.read_text()
     assert "no reply for 3 s with 1 rows unanswered" in said
+    assert len([line for line in said.splitlines() if line.startswith("sign-in-tokens bulk:")]) == 1, said
     assert "Traceback" not in said
 
 
@@ -349,3 +350,98 @@ async def test_a_token_whose_event_is_never_routed_is_revoked_before_its_request
     ledger = await token_ledger.balanced()
     assert (ledger.made, ledger.revoked) == (1, 1)
     assert await queue_depth(channel, replies.name) == 0
+
+
+ANONYMOUS_POLICY = """
+[anonymous]
+lanes = ["interactive"]
+max_expires_in_seconds = 60
+reply_to = ["amq_*"]
+
+[callers.support-portal]
+lanes = []
+max_expires_in_seconds = 60
+reply_to = ["amq_*"]
+"""
+
+
+async def test_nameless_callers_never_share_an_answer_and_a_cut_off_caller_is_warned_of(
+    worker_processes: WorkerProcesses,
+    caller_urls: dict[str, str],
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    tmp_path: Path,
+) -> None:
+    """Two broker users, no user_id, the same message_id: two tokens, each to its own queue; a retry is answered again.
+
+    The portal is cut off (lanes = []) while [anonymous] serves: the worker says it can ask nameless.
+    """
+    await worker_processes.start(POLICY_FILE=write_policy(tmp_path, ANONYMOUS_POLICY))
+    logs = worker_processes.logs()
+    assert '"event":"anonymous_wider_than_callers"' in logs
+    assert '"callers":["support-portal"]' in logs
+    tokens: dict[str, list[str]] = {}
+    for who in ("billing", "outsider", "billing"):
+        connection = await aio_pika.connect_robust(caller_urls[who])
+        channel = await connection.channel()
+        replies = await channel.declare_queue(f"amq_{who}_{queue_names['REQUEST_QUEUE']}", auto_delete=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(b'{"user_id": "user_1"}', message_id="invoice-42", reply_to=replies.name),
+            queue_names["REQUEST_QUEUE"],
+        )
+        reply = decode_reply((await get_message(channel, replies.name)).body, None)
+        assert isinstance(reply, Created)
+        tokens.setdefault(who, []).append(reply.sign_in_token.id)
+        await connection.close()
+    assert tokens["billing"][0] == tokens["billing"][1]  # its own retry: the same answer
+    assert tokens["outsider"][0] != tokens["billing"][0]  # never another's
+    assert fake_clerk.stats.create_calls == 2
+
+
+@pytest.mark.parametrize("target", ["archive", "REVOCATIONS_QUEUE", "REQUEST_QUEUE", "DEAD_LETTER_QUEUE"])
+async def test_no_reply_goes_to_one_of_the_services_own_queues(
+    start_worker: WorkerFactory,
+    caller_urls: dict[str, str],
+    channel: AbstractChannel,
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    target: str,
+) -> None:
+    """ALLOWED_PUBLISHERS lets a caller name any reply_to, yet never the archive (a token in the trail) or the lanes."""
+    archive = f"{queue_names['REQUEST_QUEUE']}.audit.archive"
+    await start_worker(allowed_publishers="support-portal", audit_archive_queue=archive)
+    portal = await aio_pika.connect_robust(caller_urls["support-portal"])
+    reply_to = archive if target == "archive" else queue_names[target]
+    await (await portal.channel()).default_exchange.publish(
+        aio_pika.Message(b'{"user_id": "user_1"}', reply_to=reply_to, user_id="support-portal"),
+        queue_names["REQUEST_QUEUE"],
+    )
+    await portal.close()
+    dead = await get_message(channel, queue_names["DEAD_LETTER_QUEUE"])
+    assert dead.headers["x-dead-letter-reason"] == "forbidden_reply_to"
+    assert fake_clerk.stats.create_calls == 0
+    await channel.queue_delete(archive)
+
+
+async def test_a_dead_letter_copy_names_no_publisher_a_caller_chose(
+    start_worker: WorkerFactory,
+    caller_urls: dict[str, str],
+    channel: AbstractChannel,
+    queue_names: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """A nameless request with its own x-original-user-id, x-caller and x-death: the copy keeps none of them."""
+    await start_worker(policy_file=write_policy(tmp_path, PORTAL_POLICY.replace("[defaults]", "[callers.billing]")))
+    outsider = await aio_pika.connect_robust(caller_urls["outsider"])
+    forged = {"x-original-user-id": "support-portal", "x-caller": "support-portal", "x-death": [], "x-keep": "yes"}
+    await (await outsider.channel()).default_exchange.publish(
+        aio_pika.Message(b'{"user_id": "user_admin_1"}', reply_to="amq_x", headers=forged),
+        queue_names["REQUEST_QUEUE"],
+    )
+    await outsider.close()
+    dead = await get_message(channel, queue_names["DEAD_LETTER_QUEUE"])
+    assert dead.headers["x-dead-letter-reason"] == "forbidden_caller"
+    assert dead.headers["x-original-user-id"] == ""  # nameless: nobody is named
+    assert "x-caller" not in dead.headers
+    assert "x-death" not in dead.headers
+    assert dead.headers["x-keep"] == "yes"  # the caller's other headers stay, for a requeue

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import effective, load_settings
+from service.config import effective, load_settings, masked_url
 from service.errors import ConfigError
 
 
@@ -81,7 +81,7 @@ def test_upstream_concurrency_follows_the_rate_limit_unless_set(env: dict[str, s
         (
             "amqps://u:p@h/?cafile={ca}&no_verify_ssl=1",
             (
-                "AMQP_URL: no_verify_ssl=1 would turn certificate verification off (only no_verify_ssl=0 is accepted); "
+                "AMQP_URL: no_verify_ssl='1' would turn certificate verification off (only no_verify_ssl=0 is accepted); "
                 "give the CA instead"
             ),
         ),
@@ -96,7 +96,7 @@ def test_tls_settings_fail_closed_with_one_line(tmp_path: Path, url: str, messag
         load_settings({"AMQP_URL": url.format(**names)})
     assert str(raised.value) == message.format(**names)
     redis_off = {"REDIS_URL": f"rediss://h:6380/0?ssl_ca_certs={ca}&ssl_cert_reqs=none"}
-    with pytest.raises(ConfigError, match="REDIS_URL: ssl_cert_reqs=none would turn certificate verification off"):
+    with pytest.raises(ConfigError, match="REDIS_URL: ssl_cert_reqs='none' would turn certificate verification off"):
         load_settings(redis_off)
 
 
@@ -105,10 +105,12 @@ def test_tls_settings_fail_closed_with_one_line(tmp_path: Path, url: str, messag
     [
         # aiormq verifies only for exactly 0: every other spelling turned it off.
         *[("AMQP_URL", f"amqps://u:p@h/?no_verify_ssl={v}") for v in ("false", "no", "off", "2", "on", "TRUE", "")],
+        # aiormq compares the raw value: " 0", "0 ", "0\n", "\t0" are not "0" (verification off).
+        *[("AMQP_URL", f"amqps://u:p@h/?no_verify_ssl={v}") for v in ("+0", "%200", "0%20", "0%0A", "%090", "00")],
         ("AMQP_URL", "amqps://u:p@h/?no_verify_ssl=0&no_verify_ssl=1"),
         ("AMQP_URL", "amqps://u:p@h/?ssl_cert_reqs=none"),
         *[("REDIS_URL", f"rediss://h:6380/0?ssl_check_hostname={v}") for v in ("false", "False", "0", "no", "n", "")],
-        *[("REDIS_URL", f"rediss://h:6380/0?ssl_cert_reqs={v}") for v in ("none", "NONE", "optional", "0")],
+        *[("REDIS_URL", f"rediss://h:6380/0?ssl_cert_reqs={v}") for v in ("none", "NONE", "optional", "0", "REQUIRED")],
         ("REDIS_URL", "rediss://h:6380/0?ssl_cert_reqs=required&ssl_cert_reqs=none"),
         ("REDIS_URL", "rediss://h:6380/0?no_verify_ssl=1"),
         ("CLERK_API_URL", "https://api.clerk.test/v1?ssl_check_hostname=false"),
@@ -126,7 +128,7 @@ def test_certificate_checks_cannot_be_switched_off_in_any_spelling(variable: str
     ("variable", "url"),
     [
         ("AMQP_URL", "amqps://u:p@h/?no_verify_ssl=0"),
-        ("REDIS_URL", "rediss://h:6380/0?ssl_cert_reqs=REQUIRED&ssl_check_hostname=True"),
+        ("REDIS_URL", "rediss://h:6380/0?ssl_cert_reqs=required&ssl_check_hostname=True"),
         ("CLERK_API_URL", "http://127.0.0.1:8090/v1"),
         ("CLERK_API_URL", "http://localhost:8090/v1"),
         ("CLERK_API_URL", "http://[::1]:8090/v1"),
@@ -153,6 +155,18 @@ def test_the_broker_user_is_the_urls_or_amqp_user() -> None:
     assert load_settings({"AMQP_URL": external, "AMQP_USER": "O=client,CN=svc"}).broker_user == "O=client,CN=svc"
 
 
+@pytest.mark.parametrize(
+    "parameter",
+    ["ssl_ciphers=aNULL%3A%40SECLEVEL%3D0", "ssl_min_version=769", "socket_timeout=600", "retry_on_timeout=true"],
+)
+def test_redis_url_takes_only_the_parameters_the_service_knows(parameter: str) -> None:
+    """redis-py hands any query parameter to its connections: anonymous ciphers, or no stall detection."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"REDIS_URL": f"rediss://h:6380/0?{parameter}"})
+    name = parameter.split("=", 1)[0]
+    assert str(raised.value).startswith(f"REDIS_URL: query parameter '{name}' is not accepted (only db, ")
+
+
 def test_config_shows_every_setting_with_secrets_masked(tmp_path: Path) -> None:
     """`sign-in-tokens config`'s rows: passwords in URLs and the key masked, defaults marked."""
     ca = tmp_path / "ca.pem"
@@ -177,3 +191,18 @@ def test_config_shows_every_setting_with_secrets_masked(tmp_path: Path) -> None:
     text = repr(rows)
     secrets = ("hunter2", "s3cret", "k3ypass", "pr0xypass", "t0ken", "apik3y", "abcdef0123456789")
     assert not any(secret in text for secret in secrets)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("rediss://h:6380/0?pw=hunter2&db=1", "rediss://h:6380/0?pw=********&db=1"),
+        ("https://api.clerk.test/v1?jwt=eyJhbGci&x=1", "https://api.clerk.test/v1?jwt=********&x=********"),
+        ("https://tok_abc123@api.clerk.test/v1", "https://********@api.clerk.test/v1"),
+        ("rediss://s3cret@h:6380/0", "rediss://********@h:6380/0"),
+        ("amqps://sign-in-tokens@rabbit/?auth=external", "amqps://sign-in-tokens@rabbit/?auth=external"),
+    ],
+)
+def test_every_credential_of_a_url_is_masked_whatever_its_name(url: str, shown: str) -> None:
+    """Only the libraries' public parameters show; a user without a password is a token but in AMQP."""
+    assert masked_url(url) == shown

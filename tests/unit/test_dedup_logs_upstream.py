@@ -118,19 +118,22 @@ async def test_store_counts_at_least_the_memory_it_holds_and_stays_under_its_bou
 async def test_store_remembers_within_the_window_and_scopes_by_publisher() -> None:
     """A remembered reply comes back for its key only; another publisher's key is different."""
     store = MemoryIdempotencyStore(60, 2**20)
-    key = idempotency_key("alice", "m1")
+    key = idempotency_key("alice", "m1", "replies")
     await remember(store, key, REQUEST, Created(sign_in_token=TOKEN), delivered=True)
     async with store.claim(key) as claim:
         assert (claim.found, claim.remembered) == (Found.ANSWERED, Remembered(REQUEST, Created(sign_in_token=TOKEN)))
-    async with store.claim(idempotency_key("bob", "m1")) as other:
+    async with store.claim(idempotency_key("bob", "m1", "replies")) as other:
         assert (other.found, other.remembered) == (Found.NEW, None)
-    assert idempotency_key("alice", None) is None
+    assert idempotency_key("alice", None, "replies") is None
+    # Nameless requests share no publisher: their keys are their reply queue's too.
+    assert idempotency_key(None, "m1", "billing.replies") != idempotency_key(None, "m1", "outsider.replies")
+    assert idempotency_key("alice", "m1", "a") == idempotency_key("alice", "m1", "b")
 
 
 async def test_store_serialises_claims_of_one_key_until_the_reply_is_delivered() -> None:
     """A second claim of a key waits until the first's reply is delivered, then sees its reply."""
     store = MemoryIdempotencyStore(60, 2**20)
-    key = idempotency_key(None, "m")
+    key = idempotency_key(None, "m", "replies")
     seen: list[object] = []
 
     async def second() -> None:
@@ -151,7 +154,7 @@ async def test_store_serialises_claims_of_one_key_until_the_reply_is_delivered()
 async def test_store_withdraws_an_undelivered_answer_and_keeps_a_delivered_one() -> None:
     """Withdraw frees the key for a fresh call; after delivery it keeps the answer; an unsettled one is taken over."""
     store = MemoryIdempotencyStore(60, 2**20)
-    key = idempotency_key("alice", "m1")
+    key = idempotency_key("alice", "m1", "replies")
     async with store.claim(key) as claim:
         await claim.remember(REQUEST, Created(sign_in_token=TOKEN), 60)
         assert await claim.withdraw() is True
@@ -169,7 +172,7 @@ async def test_store_withdraws_an_undelivered_answer_and_keeps_a_delivered_one()
 async def test_a_created_tokens_key_outlives_the_window_as_spent() -> None:
     """After the window, a created token's key is SPENT for the token's lifetime; a failure's is forgotten."""
     store = MemoryIdempotencyStore(0.05, 2**20)
-    created, failed = idempotency_key("alice", "c"), idempotency_key("alice", "f")
+    created, failed = idempotency_key("alice", "c", "replies"), idempotency_key("alice", "f", "replies")
     await remember(store, created, REQUEST, Created(sign_in_token=TOKEN), delivered=True)
     await remember(store, failed, REQUEST, _failed(0), delivered=True)
     await asyncio.sleep(0.1)  # wait-ok: the window's length is what is tested

@@ -8,6 +8,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from service import tracing
+from service.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -48,3 +49,47 @@ def test_off_nothing_is_injected_and_on_the_context_round_trips_through_headers(
     with tracing.span("worker", parent=context) as child:
         assert child is not None
         assert child.get_span_context().trace_id == made.get_span_context().trace_id
+
+
+@pytest.mark.parametrize(
+    ("environ", "refused"),
+    [
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_EXPORTER_OTLP_HEADERS": "api-key=s3"}, True),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://vendor.example/v1/traces",
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "a=b",
+            },
+            True,
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://vendor.example", "OTEL_EXPORTER_OTLP_HEADERS": "api-key=s3"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_EXPORTER_OTLP_HEADERS": "api-key=s3"}, False),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, False),  # no credentials to leak
+    ],
+)
+def test_the_exporters_headers_never_travel_in_clear_off_this_machine(
+    environ: dict[str, str],
+    refused: bool,  # noqa: FBT001
+) -> None:
+    if refused:
+        with pytest.raises(ConfigError, match="would send these headers in clear; use https://"):
+            tracing.configure_from_env(environ)
+        assert not tracing.enabled()
+    else:
+        assert tracing.configure_from_env(environ)
+
+
+def test_config_shows_the_otel_variables_with_their_headers_masked() -> None:
+    shown = tracing.shown_settings(
+        {
+            "OTEL_EXPORTER_OTLP_HEADERS": "api-key=s3cret,x-team=t0ken",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "https://u:pw@vendor.example?sig=abc",
+            "OTEL_SERVICE_NAME": "tokens",
+            "PATH": "/bin",
+        }
+    )
+    assert shown == [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://u:********@vendor.example/?sig=********"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=********,x-team=********"),
+        ("OTEL_SERVICE_NAME", "tokens"),
+    ]
