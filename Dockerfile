@@ -1,8 +1,8 @@
 # The worker's image: the locked dependencies installed by uv into a virtual environment in a
 # build stage, copied into a slim runtime that runs as a non-root user and holds no secret.
 #
-#   docker build -t sign-in-token-service .
-#   docker run --rm -e AMQP_URL=... -e CLERK_SECRET_KEY_FILE=/run/secrets/clerk ... sign-in-token-service
+#   docker build -t sign-in-token-service:0.1.0 .    # the project's version: the one tag (docs/operations.md)
+#   docker run --rm -e AMQP_URL=... -e CLERK_SECRET_KEY_FILE=/run/secrets/clerk ... sign-in-token-service:0.1.0
 #
 # tests/deploy/test_image_steps.py performs the build stage's steps on a machine without a
 # container engine (the same uv commands into a fresh directory), starts the entry point and

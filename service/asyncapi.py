@@ -8,7 +8,6 @@ another validates it with the official AsyncAPI parser.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Final, get_args
 
 import msgspec
@@ -17,17 +16,10 @@ from service import __version__
 from service.audit import AuditEvent
 from service.broker import DeadLetterReason
 from service.config import Settings
+from service.errors import BY_CODE
 from service.messages import JSON, MSGPACK, Reply, RevokeRequest, SignInTokenRequest
 
-ERROR_CODES: Final = (
-    "invalid_request",
-    "forbidden",
-    "deadline_exceeded",
-    "user_not_found",
-    "upstream_rejected",
-    "rate_limited",
-    "upstream_unavailable",
-)
+ERROR_CODES: Final = tuple(BY_CODE)
 DEAD_LETTER_REASONS: Final = get_args(DeadLetterReason)
 _SCHEMAS: Final = "#/components/schemas/"
 
@@ -266,8 +258,10 @@ def document() -> dict[str, Any]:
 
 
 def render() -> str:
-    """The document as YAML (JSON is valid YAML; stable key order, no extra dependency)."""
-    return json.dumps(document(), indent=2) + "\n"
+    """The document as YAML, keys in the order they were built (PyYAML, a development dependency)."""
+    import yaml  # noqa: PLC0415 - only the generator needs it, never the worker
+
+    return str(yaml.safe_dump(document(), sort_keys=False, allow_unicode=True, width=100))
 
 
 if __name__ == "__main__":

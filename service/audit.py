@@ -62,6 +62,13 @@ class Subject:
     user_id: str | None = None
     org_id: str | None = None
     expires_in_seconds: int | None = None
+    # The queue it came from, as metrics name it: ``revoke`` for a revocation (audited on ``lane``).
+    source: str | None = None
+
+    @property
+    def source_label(self) -> str:
+        """The lane label of its metrics: ``interactive``, ``bulk`` or ``revoke``."""
+        return self.source or self.lane.value
 
     def asks_for(self, request: CreateSignInTokenRequestBody) -> None:
         """Record what the request asks for (after decoding, and again once the policy filled it in)."""

@@ -161,6 +161,13 @@ def read_rows(path: Path) -> Iterator[Row | BadRow]:
             yield _row(reader.line_num, raw, seen)
 
 
+# How to fix an output path the tool may not or will not write (docs/operations.md has the container case).
+_OWN_DIRECTORY = (
+    "write the tokens to a directory this user owns (in a container: mount one, run as its owner with --user, "
+    "and work in it with -w)"
+)
+
+
 class BulkInputError(Exception):
     """The input file cannot be read as CSV with a header, or JSON lines; or an output path is unsafe."""
 
@@ -174,6 +181,11 @@ def open_private(path: Path, flags: int) -> int:
             msg = f"{path}: is a symbolic link; the tool writes tokens only to a file of its own"
             raise BulkInputError(msg) from None
         msg = f"{path}: {exc.strerror}"
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            msg = (
+                f"{Path(os.path.abspath(path))}: cannot be written ({exc.strerror}) by this process "  # noqa: PTH100
+                f"(uid {os.geteuid()}); {_OWN_DIRECTORY}"
+            )
         raise BulkInputError(msg) from None
     os.fchmod(descriptor, 0o600)  # an existing file too: it holds tokens
     return descriptor
@@ -202,11 +214,13 @@ def refuse_links(*paths: Path) -> None:
         except OSError as exc:
             msg = f"{absolute.parent}: {exc.strerror}"
             raise BulkInputError(msg) from None
-        shared = directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not directory.st_mode & stat.S_ISVTX
-        if directory.st_uid not in (me, 0) or shared:
+        if directory.st_uid not in (me, 0):
+            owner = directory.st_uid
+            msg = f"{path}: {absolute.parent} belongs to another user (uid {owner}, not {me}); {_OWN_DIRECTORY}"
+            raise BulkInputError(msg)
+        if directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not directory.st_mode & stat.S_ISVTX:
             msg = (
-                f"{path}: others can write in {absolute.parent} (they could swap the file for a link); "
-                "write the tokens to a directory of your own"
+                f"{path}: others can write in {absolute.parent} (they could swap the file for a link); {_OWN_DIRECTORY}"
             )
             raise BulkInputError(msg)
 

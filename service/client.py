@@ -91,6 +91,8 @@ from service.messages import (
 
 amqp_wire.install()
 log = structlog.get_logger(__name__)
+# How long a call waits for its reply by default (create, request, revoke): its x-deadline too.
+DEFAULT_TIMEOUT_SECONDS = 5.0
 # The service's broker user when neither ``service_user`` nor SERVICE_USER says otherwise.
 DEFAULT_SERVICE_USER = "sign-in-tokens"
 
@@ -300,7 +302,7 @@ class SignInTokenClient:
         expires_in_seconds: int | None = None,
         org_id: str | None = None,
         lane: Lane = Lane.INTERACTIVE,
-        timeout: float = 5.0,  # noqa: ASYNC109 - the call's deadline, sent to the service as x-deadline
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,  # noqa: ASYNC109 - the call's deadline, sent to the service as x-deadline
         message_id: str | None = None,
         msgpack: bool = False,
     ) -> SignInToken:
@@ -320,7 +322,7 @@ class SignInTokenClient:
         self,
         sign_in_token_id: str,
         *,
-        timeout: float = 5.0,  # noqa: ASYNC109 - the call's deadline, sent to the service as x-deadline
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,  # noqa: ASYNC109 - the call's deadline, sent to the service as x-deadline
         message_id: str | None = None,
     ) -> SignInToken:
         """Revoke a token this caller received (an impersonation that ended early); the token, status ``revoked``.
@@ -345,7 +347,7 @@ class SignInTokenClient:
         expires_in_seconds: int | None = None,
         org_id: str | None = None,
         lane: Lane = Lane.INTERACTIVE,
-        timeout: float = 30.0,  # noqa: ASYNC109 - the call's deadline, sent to the service as x-deadline
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,  # noqa: ASYNC109 - the call's deadline, sent to the service as x-deadline
         message_id: str | None = None,
         msgpack: bool = False,
     ) -> Reply:

@@ -8,9 +8,11 @@ into typed values; what fails is reported as one line naming the variable.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import math
+import os
 import re
 import socket
 from collections.abc import Callable, Mapping
@@ -317,6 +319,9 @@ def read_key_file(path: str) -> str:
         return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         msg = f"CLERK_SECRET_KEY_FILE: cannot read {path}: {exc.strerror}"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            uid = os.geteuid()
+            msg += f" (this process runs as uid {uid}: give it the file, e.g. chown {uid} FILE && chmod 0400 FILE)"
         raise ConfigError(msg) from None
 
 

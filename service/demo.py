@@ -68,6 +68,7 @@ async def _environment(
     environ = dict(os.environ)
     environ.update({k.upper(): v for k, v in options.items()})
     environ.setdefault("HTTP_PORT", "0")
+    environ.setdefault("HTTP_HOST", "127.0.0.1")  # the demo serves nobody but this machine
     environ.setdefault("LOG_LEVEL", "warning")
     if replicas > 1 and not environ.get("REDIS_URL"):
         say(f"{replicas} replicas and no REDIS_URL: starting a private Redis for the rate limit and the store…")

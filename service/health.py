@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Literal, TypeVar, get_args
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 
-from service.errors import ConfigError
+from service.errors import BY_CODE, ConfigError
+from service.lanes import REVOKE, Lane
 
 # A `_created` series holds a Unix timestamp under a counter's name (requests_created
 # reads like a token count); nothing here needs it.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 M = TypeVar("M", bound=MetricWrapperBase)
+# Why a token may be live with nobody known to hold it (sign_in_tokens_unsettled_tokens_total).
+UnsettledReason = Literal[
+    "reply_refused_after_unknown_fate", "fate_unknown_at_stop", "stopped_before_stored", "revocation_failed"
+]
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -35,7 +40,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "sign_in_tokens_requests",
-            "Requests answered or dead-lettered, by lane and outcome (created or error code).",
+            "Requests answered or dead-lettered, by lane (interactive, bulk, revoke) and outcome (created, revoked, "
+            "an error code, dead_lettered).",
             ["lane", "outcome"],
             registry=r,
         )
@@ -47,7 +53,7 @@ class Metrics:
             registry=r,
         )
         self.retries = Counter("sign_in_tokens_retries", "Upstream retries after a failure.", ["lane"], registry=r)
-        self.in_flight = Gauge("sign_in_tokens_in_flight", "Requests being processed.", ["lane"], registry=r)
+        self.in_flight = Gauge("sign_in_tokens_in_flight", "Requests being processed, by lane.", ["lane"], registry=r)
         self.dedup_hits = Counter("sign_in_tokens_dedup_hits", "Answers from the idempotency store.", registry=r)
         self.revoked = Counter(
             "sign_in_tokens_revoked",
@@ -102,6 +108,31 @@ class Metrics:
         self.idempotency_entries = Gauge(
             "sign_in_tokens_idempotency_store_entries", "Answers held in the idempotency store.", registry=r
         )
+
+        self._start_at_zero()
+
+    def _start_at_zero(self) -> None:
+        """Every series of a known label set, from the start: the first request of a kind is an increase.
+
+        (A series that appears at 1 has no increase over a range that begins before it: the first
+        dead letter after a start would never fire ``SignInTokensDeadLettersGrowing``.)
+        """
+        failures = (*BY_CODE, "dead_lettered")
+        for lane in Lane:
+            self.labelled(self.in_flight, lane.value)
+            self.labelled(self.retries, lane.value)
+            for outcome in ("created", *failures):
+                self.labelled(self.requests, lane.value, outcome)
+        self.labelled(self.in_flight, REVOKE)
+        self.labelled(self.retries, REVOKE)
+        for outcome in ("revoked", *failures):
+            self.labelled(self.requests, REVOKE, outcome)
+        for reason in get_args(UnsettledReason):
+            self.labelled(self.unsettled, reason)
+
+    def count_unsettled(self, reason: UnsettledReason) -> None:
+        """One more token whose holder cannot be known, for ``reason``."""
+        self.labelled(self.unsettled, reason).inc()
 
     def labelled(self, metric: M, *values: str) -> M:
         """``metric.labels(*values)``, looked up once: every message counts, and ``labels`` locks and checks."""

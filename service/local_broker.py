@@ -35,7 +35,8 @@ _STOP_TIMEOUT_SECONDS = 30.0
 
 # Plugins off (faster boot); quorum queue counters refreshed every 500 ms so
 # `rabbitmqctl list_queues` is current within a test's patience.
-_ADVANCED_CONFIG = "[{rabbit, [{quorum_tick_interval, 500}]}].\n"
+# The Erlang distribution listener binds to loopback too (by default it takes every address).
+_ADVANCED_CONFIG = "[{kernel, [{inet_dist_use_interface, {127,0,0,1}}]},\n {rabbit, [{quorum_tick_interval, 500}]}].\n"
 
 
 def free_port() -> int:
@@ -113,6 +114,11 @@ class LocalBroker(LocalServer):
     def url(self) -> str:
         """The AMQP URL of this node."""
         return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+
+    @property
+    def pid(self) -> int | None:
+        """The node's process id (the VM itself), while it runs."""
+        return self._process.pid if self._process is not None and self._process.poll() is None else None
 
     def amqps_url(self, query: str = "") -> str:
         """The amqps URL of this node's TLS listener (``localhost``, the name its certificate holds)."""

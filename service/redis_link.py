@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple
 
@@ -67,6 +68,7 @@ class RedisLink:
         )
         self.purpose = purpose
         self.available = True
+        self.answered_at = time.monotonic()
         self._batch: list[_Queued] = []
         self._sending: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -178,6 +180,11 @@ class RedisLink:
         if not self.available:
             log.info("redis_available", used_for=self.purpose)
         self.available = True
+        self.answered_at = time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds since Redis last answered this link (an idle worker asks it now and then: ``check``)."""
+        return time.monotonic() - self.answered_at
 
     def _raise_if_untrusted(self, exc: BaseException) -> None:
         """ConfigError when ``exc`` is a TLS certificate that did not verify."""

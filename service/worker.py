@@ -96,6 +96,8 @@ log = structlog.get_logger(__name__)
 
 # While Redis is away, how often the worker asks it again.
 _REDIS_WATCH_SECONDS: Final = 0.5
+# How long a link to Redis may stay quiet before the worker asks Redis whether it is there.
+_REDIS_IDLE_CHECK_SECONDS: Final = 5.0
 _PERSISTENT: Final = 2
 # Waits before an order to revoke is published again (about 1.5 s in all), then the token is revoked at once.
 _ORDER_RETRY_SECONDS: Final = (0.1, 0.2, 0.4, 0.8)
@@ -359,7 +361,7 @@ class Worker:
             token_id = reply.sign_in_token.id
             if left.published:
                 # Its reply was published and its confirm lost: the caller may hold it.
-                self.metrics.labelled(self.metrics.unsettled, "fate_unknown_at_stop").inc()
+                self.metrics.count_unsettled("fate_unknown_at_stop")
                 log.warning("token_fate_unknown", sign_in_token_id=token_id, reason="fate_unknown_at_stop")
                 continue
             store.forget(left.key)
@@ -429,7 +431,9 @@ class Worker:
         policy = self.policy  # this request's rules, whatever a reload does meanwhile
         # A revocation goes to Clerk as an interactive call, and is audited on that lane.
         lane = source if isinstance(source, Lane) else Lane.INTERACTIVE
-        subject = Subject(envelope.publisher, lane, envelope.correlation_id, envelope.message_id)
+        subject = Subject(
+            envelope.publisher, lane, envelope.correlation_id, envelope.message_id, source=source_label(source)
+        )
         if not policy.knows(envelope.publisher):
             # A caller with no rules gets nothing, wherever its reply_to points: not even a refusal.
             await self._dead_letter(message, subject, "forbidden_caller", ("refused", "forbidden"))
@@ -561,7 +565,7 @@ class Worker:
         except asyncio.CancelledError:
             # Stopped past the grace period while Redis was away: the token was made and cannot be stored.
             if isinstance(reply, Created):
-                self.metrics.labelled(self.metrics.unsettled, "stopped_before_stored").inc()
+                self.metrics.count_unsettled("stopped_before_stored")
                 log.error(  # noqa: TRY400 - a stop, not a defect: no traceback
                     "token_fate_unknown", sign_in_token_id=reply.sign_in_token.id, reason="stopped_before_stored"
                 )
@@ -583,7 +587,7 @@ class Worker:
             return await self._attempt(body, deadline, subject, hold)
 
         async def backoff(seconds: float) -> None:
-            self.metrics.labelled(self.metrics.retries, subject.lane.value).inc()
+            self.metrics.labelled(self.metrics.retries, subject.source_label).inc()
             await self._sleep_unless_stopping(seconds)
 
         token, attempts = await self.retry.run(attempt, deadline=deadline, sleep=backoff, on_retry=_log_retry)
@@ -671,7 +675,7 @@ class Worker:
             return
         await claim.delivered()
         await self._ack(message)
-        self.metrics.labelled(self.metrics.requests, subject.lane.value, outcome_of(reply)).inc()
+        self.metrics.labelled(self.metrics.requests, subject.source_label, outcome_of(reply)).inc()
         log.info("replied", reply_to=envelope.reply_to, **reply_log_fields(reply))
 
     async def _grant(self, token_id: str, subject: Subject) -> None:
@@ -740,7 +744,7 @@ class Worker:
                 log.info("token_kept", sign_in_token_id=reply.sign_in_token.id, reason="a copy of this request got it")
             elif claim.found is Found.UNSETTLED:
                 # The copy that made it stopped before it knew its reply's fate: it may have arrived.
-                self.metrics.labelled(self.metrics.unsettled, "reply_refused_after_unknown_fate").inc()
+                self.metrics.count_unsettled("reply_refused_after_unknown_fate")
                 log.warning("token_fate_unknown", sign_in_token_id=reply.sign_in_token.id)
         await self._dead_letter(message, subject, "reply_refused")
 
@@ -761,7 +765,7 @@ class Worker:
             await self._return(message, "dead_letter_failed")
             return
         await self._ack(message)
-        self.metrics.labelled(self.metrics.requests, subject.lane.value, "dead_lettered").inc()
+        self.metrics.labelled(self.metrics.requests, subject.source_label, "dead_lettered").inc()
         log.warning("dead_lettered", reason=reason)
 
     async def _revoke(self, token_id: str, subject: Subject, reason: str) -> None:
@@ -798,7 +802,7 @@ class Worker:
         try:
             await self._revoke_at_clerk(token_id)
         except (ServiceError, asyncio.CancelledError) as exc:
-            self.metrics.labelled(self.metrics.unsettled, "revocation_failed").inc()
+            self.metrics.count_unsettled("revocation_failed")
             log.error(  # noqa: TRY400 - a traceback could carry the token
                 "revoke_failed", sign_in_token_id=token_id, reason=type(exc).__name__
             )
@@ -957,11 +961,16 @@ class Worker:
     # -- pauses --------------------------------------------------------------
 
     async def _watch_redis(self, links: list[RedisLink]) -> None:
-        """Pause consumption while any link to Redis fails; ask the failed ones until they answer."""
+        """Pause consumption while any link to Redis fails; ask the failed ones until they answer.
+
+        A link with nothing to send is asked too (PING) once it has been quiet for
+        ``_REDIS_IDLE_CHECK_SECONDS``: an idle worker notices Redis is gone (not ready, and the
+        alert on ``idempotency_store_available``) before a request finds out.
+        """
         while not self.stopping.is_set():
             await asyncio.sleep(_REDIS_WATCH_SECONDS)
             for link in links:
-                if not link.available:
+                if not link.available or link.idle_for() >= _REDIS_IDLE_CHECK_SECONDS:
                     await link.check()
             if all(link.available for link in links):
                 if "redis_unavailable" in self._paused:

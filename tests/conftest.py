@@ -251,6 +251,7 @@ async def client(
         amqp_url,
         request_queue=queue_names["REQUEST_QUEUE"],
         bulk_queue=queue_names["BULK_QUEUE"],
+        revoke_queue=queue_names["REVOKE_QUEUE"],
         replies="queue",
         name=f"client-{request.node.name}",
     ) as token_client:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import msgspec
 
+from service import cli
+from service.broker import declared_queues
 from service.config import FIELDS, Settings, env_name
 
 ROOT = Path(__file__).parents[2]
@@ -39,3 +41,35 @@ def test_the_configuration_page_has_every_setting_with_its_default() -> None:
             continue
         shown = f"{default:g}" if isinstance(default, float) else str(default)
         assert shown in rows[env_name(field.name)], (field.name, rows[env_name(field.name)])
+
+
+def test_the_topology_table_names_every_queue_the_workers_declare() -> None:
+    page = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
+    table = page.split("## Topology", 1)[1].split("\n## ", 1)[0]
+    defaults = Settings()
+    declared = set(declared_queues(defaults)) | {defaults.audit_archive}
+    named = {env_name(f) for f in FIELDS if isinstance(getattr(defaults, f), str) and getattr(defaults, f) in declared}
+    assert len(named) == len(declared)
+    for name in named:
+        assert f"`{name}`" in table, name
+
+
+def test_the_commands_said_to_take_every_setting_do_and_no_other() -> None:
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    sentence = page.split("an option of the commands that", 1)[1].split("(`AMQP_URL`", 1)[0]
+    said = set(re.findall(r"`([a-z-]+)`", sentence))
+    taking = {
+        name
+        for name, command in cli.main.commands.items()  # type: ignore[attr-defined]
+        if any("--amqp-url" in getattr(option, "opts", ()) for option in command.params)
+    }
+    assert said == taking
+    assert "SIGHUP** reloads the policy file" in page
+
+
+def test_every_warning_and_error_the_code_logs_is_in_the_operators_table() -> None:
+    logs = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8").split("## Logs", 1)[1]
+    code = "\n".join(path.read_text(encoding="utf-8") for path in (ROOT / "service").rglob("*.py"))
+    events = set(re.findall(r'log\.(?:warning|error|critical|exception)\(\s*"([a-z_]+)"', code))
+    assert len(events) > 30
+    assert {event for event in events if f"`{event}`" not in logs} == set()

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import aiohttp
+import asyncio
 
+import aiohttp
+import pytest
+
+from service import worker as worker_module
 from service.client import SignInTokenClient
+from service.local_redis import LocalRedis
 from service.worker import Worker
+from tests.conftest import WorkerFactory, wait_until
 
 
 async def get(worker: Worker, path: str) -> tuple[int, str, str]:
@@ -49,3 +55,47 @@ async def test_metrics_have_no_created_timestamps_and_show_the_store_size(
     assert float(size.split()[1]) > 1000
     assert "upstream_available" in text
     assert '"broker_unblocked": true' in (await get(worker, "/readyz"))[2]
+
+
+async def test_every_known_series_starts_at_zero(worker: Worker) -> None:
+    """The first dead letter after a start is an increase: its series is there, at 0, before it."""
+    _, _, text = await get(worker, "/metrics")
+    for lane in ("interactive", "bulk", "revoke"):
+        assert f'sign_in_tokens_requests_total{{lane="{lane}",outcome="dead_lettered"}} 0.0' in text
+        assert f'sign_in_tokens_requests_total{{lane="{lane}",outcome="forbidden"}} 0.0' in text
+        assert f'sign_in_tokens_in_flight{{lane="{lane}"}} 0.0' in text
+        assert f'sign_in_tokens_retries_total{{lane="{lane}"}} 0.0' in text
+    assert 'sign_in_tokens_requests_total{lane="bulk",outcome="created"} 0.0' in text
+    assert 'sign_in_tokens_requests_total{lane="revoke",outcome="revoked"} 0.0' in text
+    for reason in ("reply_refused_after_unknown_fate", "stopped_before_stored", "revocation_failed"):
+        assert f'sign_in_tokens_unsettled_tokens_total{{reason="{reason}"}} 0.0' in text
+
+
+async def test_a_revocation_is_counted_on_the_revoke_lane(worker: Worker, client: SignInTokenClient) -> None:
+    """One label set for revocations: lane="revoke" in the requests counter as in the in-flight gauge."""
+    token = await client.create("user_r")
+    await client.revoke(token.id)
+    _, _, text = await get(worker, "/metrics")
+    assert 'sign_in_tokens_requests_total{lane="revoke",outcome="revoked"} 1.0' in text
+    assert 'sign_in_tokens_requests_total{lane="interactive",outcome="created"} 1.0' in text
+    assert 'lane="interactive",outcome="revoked"' not in text
+
+
+async def test_an_idle_worker_notices_redis_is_gone_and_comes_back(
+    start_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing to do, the worker asks Redis now and then: not ready while it is gone, ready when it is back."""
+    monkeypatch.setattr(worker_module, "_REDIS_IDLE_CHECK_SECONDS", 1.0)
+    async with LocalRedis() as server:
+        worker = await start_worker(REDIS_URL=server.url)
+        assert (await get(worker, "/readyz"))[0] == 200
+        await asyncio.to_thread(server.stop)
+        await wait_until(lambda: not worker.readiness()["idempotency_store_available"], what="Redis missed")
+        status, _, body = await get(worker, "/readyz")
+        assert status == 503
+        assert '"idempotency_store_available": false' in body
+        _, _, text = await get(worker, "/metrics")
+        assert 'sign_in_tokens_check{check="idempotency_store_available"} 0.0' in text
+        await server.start()
+        await wait_until(lambda: all(worker.readiness().values()), what="ready again")
+        assert (await get(worker, "/readyz"))[0] == 200

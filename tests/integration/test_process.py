@@ -317,3 +317,47 @@ def test_processes_without_redis_is_one_line_and_exit_2() -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "REDIS_URL" in lines[0]
+
+
+async def test_the_fake_clerk_command_serves_clerk_s_api_until_stopped() -> None:
+    """`sign-in-tokens fake-clerk --port P`, as the README shows it: a token for its default key, 401 for another, SIGTERM ends it."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "fake-clerk",
+        "--port",
+        str(port),
+        env=base_env(),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}/v1/sign_in_tokens"
+    try:
+        async with aiohttp.ClientSession() as http:
+            answers: list[int] = []
+
+            async def answered() -> bool:
+                try:
+                    async with http.post(
+                        url, json={"user_id": "user_1"}, headers={"Authorization": "Bearer sk_test_fake"}
+                    ) as r:
+                        answers.append(r.status)
+                        return True
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            deadline = asyncio.get_running_loop().time() + 30
+            while not await answered():
+                assert asyncio.get_running_loop().time() < deadline, "the fake Clerk never listened"
+                await asyncio.sleep(0.1)  # wait-ok: the poll interval of a condition wait
+            async with http.post(
+                url, json={"user_id": "user_1"}, headers={"Authorization": "Bearer sk_test_other"}
+            ) as r:
+                answers.append(r.status)
+        assert answers == [200, 401]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 15)
+    assert process.returncode == 0, (await process.stderr.read()).decode() if process.stderr else ""
