@@ -27,8 +27,8 @@ import psutil
 from drain import ROOT, plotted, preload, queue_names, spawn
 from rate_limit import KEY, LIMIT, RESULTS, WINDOW_SECONDS, worker_env
 
-from service.fake_clerk import FakeClerk
-from service.local_broker import LocalBroker, free_port
+from service.local.fake_clerk import FakeClerk
+from service.local.rabbitmq import LocalBroker, free_port
 
 PLOT = ROOT / "docs" / "images" / "backlog.png"
 TARGET_MIB = 150

@@ -38,13 +38,14 @@ OWNERS = (
 STEPS = {
     "LaneConsumers._callback.<locals>.on_message": "dispatch: our consumer callback",
     "Worker._on_message": "dispatch: in-flight gauge, error handling",
-    "Worker.handle": "handle: log context, reply assembly",
+    "Pipeline.handle": "handle: log context, reply assembly",
+    "Pipeline._handle": "handle: log context, reply assembly",
     "Envelope.of": "read the envelope",
     "decode_request": "decode the request",
     "encode_clerk_body": "encode Clerk's body",
-    "Policy.check": "policy",
-    "Worker._answer": "handle: log context, reply assembly",
-    "Worker._answer_claimed": "handle: log context, reply assembly",
+    "Policy.admit": "policy",
+    "Issuing.answer": "handle: log context, reply assembly",
+    "Issuing._claimed": "handle: log context, reply assembly",
     "MemoryIdempotencyStore.claim": "idempotency claim",
     "RedisIdempotencyStore.claim": "idempotency claim",
     "MemoryIdempotencyStore.remember": "idempotency answer",
@@ -54,9 +55,9 @@ STEPS = {
     "LaneGate.turn": "lane gate",
     "ClerkClient._post": "Clerk call (aiohttp)",
     "ClerkClient.create": "Clerk call (aiohttp)",
-    "Worker._deliver": "reply: encode, log",
+    "Delivery.deliver": "reply: encode, log",
     "ReplyPublisher.publish": "reply: publish, confirm",
-    "Worker._ack": "ack",
+    "Settle.ack": "ack",
 }
 _FRAME = re.compile(r"^(?P<function>[^ ]+) \((?P<file>[^:]+)(:\d+)?\)$")
 

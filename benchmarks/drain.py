@@ -30,7 +30,7 @@ import aio_pika
 import aiohttp
 import psutil
 
-from service.local_broker import LocalBroker, free_port
+from service.local.rabbitmq import LocalBroker, free_port
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

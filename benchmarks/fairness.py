@@ -33,9 +33,9 @@ import aio_pika
 from drain import ROOT, plotted, preload, queue_names, spawn
 from rate_limit import KEY, LIMIT, RESULTS, WINDOW_SECONDS, worker_env
 
-from service.fake_clerk import FakeClerk
-from service.local_broker import LocalBroker, free_port
-from service.local_redis import LocalRedis
+from service.local.fake_clerk import FakeClerk
+from service.local.rabbitmq import LocalBroker, free_port
+from service.local.redis_server import LocalRedis
 
 PLOT = ROOT / "docs" / "images" / "fairness.png"
 REPLICAS = 3

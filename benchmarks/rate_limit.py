@@ -30,9 +30,9 @@ import aio_pika
 import aiohttp
 from drain import ROOT, plotted, preload, queue_names, spawn
 
-from service.fake_clerk import FakeClerk, FakeClerkStats
-from service.local_broker import LocalBroker, free_port
-from service.local_redis import LocalRedis
+from service.local.fake_clerk import FakeClerk, FakeClerkStats
+from service.local.rabbitmq import LocalBroker, free_port
+from service.local.redis_server import LocalRedis
 
 KEY = "sk_live_" + "b" * 32
 LIMIT = 1000

@@ -24,13 +24,14 @@ from collections.abc import Awaitable, Callable
 
 from drain import ROOT
 
-from service.dedup import IdempotencyStore, MemoryIdempotencyStore, idempotency_key
-from service.dedup._redis import RedisIdempotencyStore
-from service.lanes import Lane
-from service.local_redis import LocalRedis
-from service.messages import Created, SignInToken
-from service.ratelimit import MemoryWindow, Window
-from service.ratelimit._redis import RedisWindow
+from service.clerk.ratelimit import MemoryWindow, Window
+from service.clerk.ratelimit._redis import RedisWindow
+from service.contract.lanes import Lane
+from service.contract.messages import Created, SignInToken
+from service.local.redis_server import LocalRedis
+from service.state.dedup import IdempotencyStore, idempotency_key
+from service.state.dedup._redis import RedisIdempotencyStore
+from service.state.dedup.memory import MemoryIdempotencyStore
 
 RESULTS = ROOT / "benchmarks" / "results"
 TOKEN = Created(

@@ -26,8 +26,8 @@ from typing import Any
 from drain import ROOT, plotted
 from rate_limit import LIMIT, RESULTS, WINDOW_SECONDS, run_once
 
-from service.local_broker import LocalBroker
-from service.local_redis import LocalRedis
+from service.local.rabbitmq import LocalBroker
+from service.local.redis_server import LocalRedis
 
 PLOT = ROOT / "docs" / "images" / "shared_key.png"
 

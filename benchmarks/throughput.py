@@ -47,10 +47,10 @@ import aio_pika
 import psutil
 from drain import ROOT, preload, queue_names, wait_http
 
-from service.broker import lane_queue_arguments
+from service.amqp.topology import lane_queue_arguments
 from service.config import load_settings
-from service.local_broker import LocalBroker, free_port
-from service.local_redis import LocalRedis
+from service.local.rabbitmq import LocalBroker, free_port
+from service.local.redis_server import LocalRedis
 
 KEY = "sk_live_" + "t" * 32
 RESULTS = ROOT / "benchmarks" / "results"

@@ -39,10 +39,10 @@ from pathlib import Path
 
 import aiohttp
 
-from service.client import SignInTokenClient
-from service.config import broker_user
-from service.fake_clerk import FakeClerk
-from service.local_broker import LocalBroker, free_port
+from service.callers.client import SignInTokenClient
+from service.local.fake_clerk import FakeClerk
+from service.local.rabbitmq import LocalBroker, free_port
+from service.urls import broker_user
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]

@@ -23,17 +23,17 @@ import structlog
 import uvloop
 
 from service import tracing
-from service.broker import BrokerUnavailableError
+from service.amqp.broker import BrokerUnavailableError
 from service.config import FIELDS, Settings, env_name, load_settings, read_key_file
-from service.errors import ConfigError, ServiceError
-from service.lanes import Lane
+from service.contract.errors import ConfigError, ServiceError
+from service.contract.lanes import Lane
 from service.logs import SCRUBBER, configure_logging
 
-# The bulk tool's default silence before it gives up (service.bulk.REPLY_TIMEOUT_SECONDS, which imports aio-pika).
+# The bulk tool's default silence before it gives up (callers.bulk.REPLY_TIMEOUT_SECONDS; it imports aio-pika).
 REPLY_TIMEOUT_SECONDS = 120.0
 
 if TYPE_CHECKING:
-    from service.policy import Policy
+    from service.trust.policy import Policy
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_CONFIG = 2
@@ -130,10 +130,10 @@ def worker(processes: int, **options: Any) -> None:  # noqa: ANN401 - click pass
         if settings.redis_url is None:
             msg = "--processes above 1 needs REDIS_URL (the processes share the rate limit and idempotency store there)"
             fail(f"configuration error: {msg}", EXIT_CONFIG)
-        from service.processes import run_processes  # noqa: PLC0415
+        from service.worker.processes import run_processes  # noqa: PLC0415
 
         sys.exit(run_processes(processes, environ, settings.http_port, settings.shutdown_grace_seconds))
-    from service.worker import Worker, run_worker  # noqa: PLC0415 - keeps the other commands light
+    from service.worker.lifecycle import Worker, run_worker  # noqa: PLC0415 - keeps the other commands light
 
     running: list[Worker] = []
 
@@ -170,7 +170,7 @@ def fake_clerk(
     rate_window: float,
 ) -> None:
     """A local stand-in for Clerk's API (tests, demo, benchmarks)."""
-    from service.fake_clerk import FakeClerk, serve_forever  # noqa: PLC0415
+    from service.local.fake_clerk import FakeClerk, serve_forever  # noqa: PLC0415
 
     configure_logging()
     if secret_key_file is not None:
@@ -212,8 +212,8 @@ def request(
     if not math.isfinite(timeout) or timeout <= 0:
         fail(f"--timeout: expected a positive number of seconds, got {timeout}", EXIT_CONFIG)
     settings = _settings_or_exit(options_environ(options))
-    from service.client import ConnectionLostError, SignInTokenClient  # noqa: PLC0415
-    from service.messages import Created  # noqa: PLC0415
+    from service.callers.client import ConnectionLostError, SignInTokenClient  # noqa: PLC0415
+    from service.contract.messages import Created  # noqa: PLC0415
 
     async def ask(_: asyncio.Event) -> bool:
         async with SignInTokenClient(
@@ -287,14 +287,8 @@ def bulk(
 ) -> None:
     """Ask for a token for every row of INPUT (CSV with a user_id column, or .jsonl) on the bulk lane."""
     settings = _settings_or_exit(options_environ(options))
-    from service.bulk import (  # noqa: PLC0415
-        BulkInputError,
-        BulkRun,
-        BulkService,
-        default_outstanding,
-        failures_path_for,
-        report,
-    )
+    from service.callers.bulk import BulkRun, BulkService, default_outstanding, report  # noqa: PLC0415
+    from service.callers.bulk_files import BulkInputError, failures_path_for  # noqa: PLC0415
 
     failures = failures_path or failures_path_for(input_path, output_path)
     outstanding = max_outstanding or default_outstanding(settings.rate_limit, settings.clerk_rate_window_seconds)
@@ -342,7 +336,7 @@ def demo(
     **options: Any,  # noqa: ANN401
 ) -> None:
     """Run the whole service locally and send requests through it."""
-    from service.demo import run_demo  # noqa: PLC0415
+    from service.local.demo import run_demo  # noqa: PLC0415
 
     if (bulk_input is None) != (bulk_output is None):
         fail("--bulk FILE and -o OUTPUT go together", EXIT_CONFIG)
@@ -382,7 +376,7 @@ def show_config(**options: Any) -> None:  # noqa: ANN401
 
 def _policy_or_exit(settings: Settings) -> Policy:
     """The policy the settings give (POLICY_FILE read and checked), or one line on stderr and exit 2."""
-    from service.policy import policy_from_settings  # noqa: PLC0415
+    from service.trust.policy import policy_from_settings  # noqa: PLC0415
 
     try:
         return policy_from_settings(settings)

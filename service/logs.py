@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from service.amqp_wire import printable
+from service.amqp.wire import printable
 
 REDACTED = "[REDACTED]"
 _SECRET_PATTERNS = (

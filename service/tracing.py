@@ -29,8 +29,8 @@ from opentelemetry.trace import Span, SpanKind, Tracer, TracerProvider, get_curr
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from yarl import URL
 
-from service.config import MASK, is_loopback, masked_url
-from service.errors import ConfigError
+from service.contract.errors import ConfigError
+from service.urls import MASK, is_loopback, masked_url
 
 INSTRUMENTATION: Final = "sign-in-token-service"
 _ENV_SWITCHES: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER")

@@ -22,12 +22,13 @@ import pytest
 import redis.asyncio
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from service.client import SignInTokenClient
-from service.config import Settings, broker_user, load_settings
-from service.fake_clerk import FakeClerk
-from service.local_broker import LocalBroker
-from service.local_redis import LocalRedis
-from service.worker import Worker
+from service.callers.client import SignInTokenClient
+from service.config import Settings, load_settings
+from service.local.fake_clerk import FakeClerk
+from service.local.rabbitmq import LocalBroker
+from service.local.redis_server import LocalRedis
+from service.urls import broker_user
+from service.worker.lifecycle import Worker
 from tests import ledger
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from service.fake_clerk import FakeClerk
+from service.local.fake_clerk import FakeClerk
 
 _POLL_SECONDS = 0.05
 

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from service.local_broker import free_port
+from service.local.rabbitmq import free_port
 from tests import ledger
 from tests.conftest import SECRET_KEY
 

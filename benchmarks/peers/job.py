@@ -16,7 +16,7 @@ import signal
 import aiohttp
 import msgspec
 
-from service.messages import Created, CreateSignInTokenRequestBody, SignInToken
+from service.contract.messages import Created, CreateSignInTokenRequestBody, SignInToken
 
 PREFETCH = 256
 

@@ -8,17 +8,17 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from service.broker import audit_archive_arguments, declared_queues
+from service.amqp.definitions import AUDIT_ARCHIVE_MAX_BYTES, ROLES, VHOST, render
+from service.amqp.topology import audit_archive_arguments, declared_queues
 from service.config import Settings
-from service.definitions import AUDIT_ARCHIVE_MAX_BYTES, ROLES, VHOST, render
-from service.local_broker import LocalBroker
+from service.local.rabbitmq import LocalBroker
 from tests.integration.test_permissions import permission_rows
 
 DEFINITIONS = Path(__file__).parents[2] / "deploy" / "rabbitmq" / "definitions.json"
 
 
 def test_the_committed_file_is_the_generated_one() -> None:
-    """Regenerate with `uv run python -m service.definitions > deploy/rabbitmq/definitions.json` when this fails."""
+    """Regenerate with `uv run python -m service.amqp.definitions > deploy/rabbitmq/definitions.json` when this fails."""
     assert DEFINITIONS.read_text(encoding="utf-8") == render()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import msgspec
 
 from service import cli
-from service.broker import declared_queues
+from service.amqp.topology import declared_queues
 from service.config import FIELDS, Settings, env_name
 
 ROOT = Path(__file__).parents[2]

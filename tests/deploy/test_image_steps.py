@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from service.fake_clerk import FakeClerk
-from service.local_broker import free_port
+from service.local.fake_clerk import FakeClerk
+from service.local.rabbitmq import free_port
 from tests.conftest import SECRET_KEY
 
 ROOT = Path(__file__).parents[2]

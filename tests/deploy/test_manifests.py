@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from service.config import Settings, load_settings
-from service.policy import load_policy
+from service.trust.policy import load_policy
 
 ROOT = Path(__file__).parents[2]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -161,7 +161,7 @@ def test_the_manifests_agree_with_the_service(tmp_path: Path) -> None:
     }
     assert scaled["minReplicaCount"] == 2
     rules = of_kind("PrometheusRule")[0]["spec"]["groups"][0]["rules"]
-    metrics = (ROOT / "service" / "health.py").read_text()
+    metrics = (ROOT / "service" / "worker" / "health.py").read_text()
     for rule in rules:
         for name in ("sign_in_tokens_check", "sign_in_tokens_requests", "sign_in_tokens_rate_limit_waiting"):
             if name in rule["expr"]:

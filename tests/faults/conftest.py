@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from service.fake_clerk import FakeClerk
+from service.local.fake_clerk import FakeClerk
 from tests import ledger
 
 FIGURES: list[dict[str, Any]] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from service.fake_clerk import FakeClerk
+from service.local.fake_clerk import FakeClerk
 from tests.conftest import SECRET_KEY, wait_until
 from tests.faults.conftest import Figures
 from tests.ledger import Ledger

@@ -8,8 +8,8 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from service.fake_clerk import FakeClerk
-from service.local_broker import LocalBroker
+from service.local.fake_clerk import FakeClerk
+from service.local.rabbitmq import LocalBroker
 from tests.conftest import wait_until
 from tests.faults.conftest import Figures
 from tests.integration.test_blocked import CLEAR_ALARM, SET_ALARM

@@ -10,8 +10,8 @@ import aio_pika
 import pytest
 
 from service.config import load_settings
-from service.fake_clerk import FakeClerk
-from service.local_broker import LocalBroker
+from service.local.fake_clerk import FakeClerk
+from service.local.rabbitmq import LocalBroker
 from tests.conftest import wait_until
 from tests.faults.conftest import Figures
 from tests.ledger import Ledger

@@ -9,7 +9,7 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from yarl import URL
 
-from service.fake_clerk import FakeClerk
+from service.local.fake_clerk import FakeClerk
 from tests.conftest import wait_until
 from tests.faults.conftest import Figures
 from tests.faults.proxy import FaultyProxy

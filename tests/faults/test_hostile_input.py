@@ -14,8 +14,8 @@ import psutil
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from service.fake_clerk import FakeClerk
-from service.messages import Created, decode_reply
+from service.contract.messages import Created, decode_reply
+from service.local.fake_clerk import FakeClerk
 from tests import ledger
 from tests.conftest import wait_until
 from tests.faults.conftest import Figures

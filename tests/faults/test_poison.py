@@ -10,7 +10,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from service.fake_clerk import FakeClerk
+from service.local.fake_clerk import FakeClerk
 from tests.conftest import get_message, wait_until
 from tests.faults.conftest import Figures
 from tests.ledger import Ledger

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from service.fake_clerk import FakeClerk
-from service.local_redis import LocalRedis
+from service.local.fake_clerk import FakeClerk
+from service.local.redis_server import LocalRedis
 from tests.conftest import SECRET_KEY, wait_until
 from tests.faults.conftest import Figures
 from tests.ledger import Ledger

@@ -16,10 +16,12 @@ import pytest
 import redis.asyncio
 from aio_pika.abc import AbstractChannel
 
-from service.client import ConnectionLostError, SignInTokenClient
-from service.dedup import Found, MemoryIdempotencyStore, idempotency_key
-from service.fake_clerk import FakeClerk
-from service.messages import Created, Failed, SignInToken, decode_reply
+from service.callers.client import SignInTokenClient
+from service.callers.replies import ConnectionLostError
+from service.contract.messages import Created, Failed, SignInToken, decode_reply
+from service.local.fake_clerk import FakeClerk
+from service.state.dedup import Found, idempotency_key
+from service.state.dedup.memory import MemoryIdempotencyStore
 from tests.conftest import SECRET_KEY, WorkerFactory, get_message, wait_until
 from tests.faults.conftest import Figures
 from tests.faults.proxy import FaultyProxy

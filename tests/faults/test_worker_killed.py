@@ -10,7 +10,7 @@ import time
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from service.fake_clerk import FakeClerk
+from service.local.fake_clerk import FakeClerk
 from tests.conftest import wait_until
 from tests.faults.conftest import Figures
 from tests.ledger import Ledger

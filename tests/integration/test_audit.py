@@ -10,11 +10,11 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
 
-from service.client import SignInTokenClient
-from service.fake_clerk import FakeClerk
-from service.lanes import Lane
-from service.messages import Created
-from service.worker import Worker
+from service.callers.client import SignInTokenClient
+from service.contract.lanes import Lane
+from service.contract.messages import Created
+from service.local.fake_clerk import FakeClerk
+from service.worker.lifecycle import Worker
 from tests.conftest import WorkerFactory, get_message, queue_depth, wait_until
 
 FIELDS = {

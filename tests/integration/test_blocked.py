@@ -7,8 +7,8 @@ import asyncio
 import aio_pika
 import pytest
 
-from service.fake_clerk import FakeClerk
-from service.local_broker import LocalBroker
+from service.local.fake_clerk import FakeClerk
+from service.local.rabbitmq import LocalBroker
 from tests.conftest import WorkerFactory, wait_until
 from tests.workers import count_replies
 

@@ -7,9 +7,9 @@ import time
 import aio_pika
 import pytest
 
-from service.fake_clerk import FakeClerk
-from service.local_broker import LocalBroker
-from service.worker import Worker
+from service.local.fake_clerk import FakeClerk
+from service.local.rabbitmq import LocalBroker
+from service.worker.lifecycle import Worker
 from tests.conftest import SettingsFactory, wait_until
 
 pytestmark = pytest.mark.slow

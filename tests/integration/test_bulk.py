@@ -8,8 +8,8 @@ import signal
 import stat
 from pathlib import Path
 
-from service.bulk import reply_queue_name
-from service.fake_clerk import FakeClerk
+from service.callers.bulk import reply_queue_name
+from service.local.fake_clerk import FakeClerk
 from tests.conftest import wait_until
 from tests.ledger import Ledger
 from tests.workers import WorkerProcesses

@@ -8,20 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from service.client import (
-    ConnectionLostError,
+from service.callers.client import (
     ForbiddenError,
     InvalidRequestError,
-    NoReplyError,
     SignInToken,
     SignInTokenClient,
     SignInTokenError,
     UpstreamUnavailableError,
     UserNotFoundError,
 )
-from service.fake_clerk import FakeClerk, Fault
-from service.lanes import Lane
-from service.local_broker import LocalBroker
+from service.callers.replies import ConnectionLostError, NoReplyError
+from service.contract.lanes import Lane
+from service.local.fake_clerk import FakeClerk, Fault
+from service.local.rabbitmq import LocalBroker
 from tests.conftest import SettingsFactory, WorkerFactory, wait_until
 
 
@@ -136,7 +135,7 @@ async def test_a_lost_connection_fails_waiting_calls_at_once_and_the_client_reco
         with pytest.raises(ConnectionLostError, match="same message_id"):
             await asyncio.wait_for(waiting, 10)
         await node.start()
-        from service.worker import Worker  # noqa: PLC0415
+        from service.worker.lifecycle import Worker  # noqa: PLC0415
 
         worker = Worker(make_settings(amqp_url=node.url), name="client-reconnect-worker")
         await worker.start()

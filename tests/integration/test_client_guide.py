@@ -7,8 +7,8 @@ import re
 import sys
 from pathlib import Path
 
-from service.config import broker_user
-from service.fake_clerk import FakeClerk
+from service.local.fake_clerk import FakeClerk
+from service.urls import broker_user
 
 GUIDE = Path(__file__).parents[2] / "docs" / "client.md"
 

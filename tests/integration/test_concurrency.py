@@ -9,11 +9,11 @@ import aio_pika
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from service.client import SignInTokenClient
-from service.fake_clerk import FakeClerk
-from service.lanes import Lane
-from service.messages import Created
-from service.worker import Worker
+from service.callers.client import SignInTokenClient
+from service.contract.lanes import Lane
+from service.contract.messages import Created
+from service.local.fake_clerk import FakeClerk
+from service.worker.lifecycle import Worker
 from tests.conftest import WorkerFactory, wait_until
 
 

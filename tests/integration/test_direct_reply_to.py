@@ -8,8 +8,8 @@ import aio_pika
 import msgspec
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
-from service.fake_clerk import FakeClerk
-from service.worker import Worker
+from service.local.fake_clerk import FakeClerk
+from service.worker.lifecycle import Worker
 from tests.conftest import get_message, wait_until
 
 

@@ -9,11 +9,11 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from service.client import SignInTokenClient
-from service.fake_clerk import FakeClerk
-from service.local_broker import free_port
-from service.messages import ErrorDetail, Failed
-from service.worker import Worker
+from service.callers.client import SignInTokenClient
+from service.contract.messages import ErrorDetail, Failed
+from service.local.fake_clerk import FakeClerk
+from service.local.rabbitmq import free_port
+from service.worker.lifecycle import Worker
 from tests.conftest import WorkerFactory, get_message
 
 

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Settings, broker_user
-from service.fake_clerk import FakeClerk
-from service.policy import load_policy
+from service.config import Settings
+from service.local.fake_clerk import FakeClerk
+from service.trust.policy import load_policy
+from service.urls import broker_user
 from tests.conftest import WorkerFactory
 
 ROOT = Path(__file__).parents[2]

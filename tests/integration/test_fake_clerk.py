@@ -12,7 +12,7 @@ import yaml
 from clerk_backend_api import Clerk
 from openapi_schema_validator import OAS30Validator
 
-from service.fake_clerk import FakeClerk
+from service.local.fake_clerk import FakeClerk
 from tests.conftest import SECRET_KEY
 
 SPEC = yaml.safe_load((Path(__file__).parents[1] / "data" / "openapi-sign-in-tokens.yaml").read_text())

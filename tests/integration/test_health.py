@@ -7,10 +7,10 @@ import asyncio
 import aiohttp
 import pytest
 
-from service import worker as worker_module
-from service.client import SignInTokenClient
-from service.local_redis import LocalRedis
-from service.worker import Worker
+from service.callers.client import SignInTokenClient
+from service.local.redis_server import LocalRedis
+from service.worker import lifecycle as worker_module
+from service.worker.lifecycle import Worker
 from tests.conftest import WorkerFactory, wait_until
 
 

@@ -9,11 +9,11 @@ import msgspec
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from service.client import SignInTokenClient
+from service.callers.client import SignInTokenClient
 from service.config import Settings
-from service.fake_clerk import FakeClerk
-from service.messages import Created, Failed
-from service.worker import Worker
+from service.contract.messages import Created, Failed
+from service.local.fake_clerk import FakeClerk
+from service.worker.lifecycle import Worker
 from tests.conftest import SettingsFactory, WorkerFactory, get_message
 
 

@@ -22,10 +22,10 @@ import aiohttp
 import msgspec
 from aio_pika.abc import AbstractChannel
 
-from service.client import SignInTokenClient
-from service.fake_clerk import FakeClerk, Fault
-from service.lanes import Lane
-from service.messages import Created, Failed
+from service.callers.client import SignInTokenClient
+from service.contract.lanes import Lane
+from service.contract.messages import Created, Failed
+from service.local.fake_clerk import FakeClerk, Fault
 from tests.conftest import SECRET_KEY, queue_depth, wait_until
 from tests.workers import WorkerProcesses
 

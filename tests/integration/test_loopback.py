@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service import demo
-from service.local_broker import LocalBroker
+from service.local import demo
+from service.local.rabbitmq import LocalBroker
 
 _LISTEN = "0A"
 

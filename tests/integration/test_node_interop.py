@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config import broker_user
-from service.fake_clerk import FakeClerk
+from service.local.fake_clerk import FakeClerk
+from service.urls import broker_user
 
 NODE_DIR = Path(__file__).parents[1] / "interop" / "node"
 

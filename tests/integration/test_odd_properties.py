@@ -9,10 +9,10 @@ import pytest
 from aio_pika.abc import AbstractChannel
 from pamqp import commands as spec
 
-from service.amqp_wire import PAMQP_VERSION, installed_version
-from service.client import SignInTokenClient
-from service.fake_clerk import FakeClerk
-from service.worker import Worker
+from service.amqp.wire import PAMQP_VERSION, installed_version
+from service.callers.client import SignInTokenClient
+from service.local.fake_clerk import FakeClerk
+from service.worker.lifecycle import Worker
 from tests.conftest import wait_until
 from tests.workers import Replies
 

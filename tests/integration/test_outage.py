@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from service.client import SignInTokenClient
-from service.fake_clerk import FakeClerk
-from service.messages import Created, Failed
+from service.callers.client import SignInTokenClient
+from service.contract.messages import Created, Failed
+from service.local.fake_clerk import FakeClerk
 from tests.conftest import WorkerFactory, wait_until
 
 

@@ -22,12 +22,12 @@ import redis.asyncio
 import yaml
 from aiormq.exceptions import ChannelAccessRefused
 
-from service.bulk import BulkRun, BulkService
-from service.client import SignInTokenClient
+from service.callers.bulk import BulkRun, BulkService
+from service.callers.client import SignInTokenClient
 from service.config import load_settings
-from service.fake_clerk import FakeClerk
-from service.local_broker import LocalBroker
-from service.worker import Worker
+from service.local.fake_clerk import FakeClerk
+from service.local.rabbitmq import LocalBroker
+from service.worker.lifecycle import Worker
 from tests.conftest import SECRET_KEY, wait_until
 
 SECURITY_PAGE = Path(__file__).parents[2] / "docs" / "security.md"

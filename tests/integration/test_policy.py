@@ -16,8 +16,8 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from service.fake_clerk import FakeClerk
-from service.messages import Created, Failed, Reply, decode_reply
+from service.contract.messages import Created, Failed, Reply, decode_reply
+from service.local.fake_clerk import FakeClerk
 from tests.conftest import WorkerFactory, get_message, queue_depth, wait_until
 from tests.workers import WorkerProcesses
 

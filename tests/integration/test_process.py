@@ -15,10 +15,10 @@ import psutil
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from service.client import SignInTokenClient
-from service.fake_clerk import FakeClerk
-from service.local_broker import free_port
-from service.messages import Created
+from service.callers.client import SignInTokenClient
+from service.contract.messages import Created
+from service.local.fake_clerk import FakeClerk
+from service.local.rabbitmq import free_port
 from tests.conftest import SECRET_KEY, WorkerFactory, queue_depth, wait_until
 from tests.ledger import Ledger
 from tests.workers import Replies, WorkerProcess, WorkerProcesses, publish_requests, wait_ready

@@ -9,12 +9,12 @@ import aiohttp
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from service.errors import DeadlineExceededError
-from service.fake_clerk import FakeClerk, FakeClerkStats
-from service.lanes import Lane
-from service.local_broker import free_port
-from service.ratelimit import ClerkRateLimiter
-from service.ratelimit._redis import RedisWindow
+from service.clerk.ratelimit import ClerkRateLimiter
+from service.clerk.ratelimit._redis import RedisWindow
+from service.contract.errors import DeadlineExceededError
+from service.contract.lanes import Lane
+from service.local.fake_clerk import FakeClerk, FakeClerkStats
+from service.local.rabbitmq import free_port
 from tests.conftest import SECRET_KEY, WorkerFactory, wait_until
 from tests.ledger import Ledger
 from tests.workers import Replies, WorkerProcesses, publish_requests

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from service.local_broker import free_port
-from service.redis_link import REDIS_FAILURES, REDIS_TIMEOUT_SECONDS, RedisLink
+from service.local.rabbitmq import free_port
+from service.state.redis_link import REDIS_FAILURES, REDIS_TIMEOUT_SECONDS, RedisLink
 from tests.faults.proxy import FaultyProxy
 
 _ECHO = "return ARGV[1]"

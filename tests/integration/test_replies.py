@@ -6,10 +6,10 @@ import aio_pika
 import msgspec
 from aio_pika.abc import AbstractChannel
 
-from service.client import SignInTokenClient
-from service.fake_clerk import FakeClerk
-from service.messages import JSON, MSGPACK, Created
-from service.worker import Worker
+from service.callers.client import SignInTokenClient
+from service.contract.messages import JSON, MSGPACK, Created
+from service.local.fake_clerk import FakeClerk
+from service.worker.lifecycle import Worker
 from tests.conftest import get_message
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from service.client import SignInTokenClient
-from service.fake_clerk import FakeClerk
-from service.messages import Created
-from service.worker import Worker
+from service.callers.client import SignInTokenClient
+from service.contract.messages import Created
+from service.local.fake_clerk import FakeClerk
+from service.worker.lifecycle import Worker
 from tests.conftest import wait_until
 
 

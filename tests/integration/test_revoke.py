@@ -6,9 +6,9 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
 
-from service.client import ForbiddenError, InvalidRequestError, SignInTokenClient
-from service.fake_clerk import FakeClerk
-from service.messages import Failed, decode_reply
+from service.callers.client import ForbiddenError, InvalidRequestError, SignInTokenClient
+from service.contract.messages import Failed, decode_reply
+from service.local.fake_clerk import FakeClerk
 from tests.conftest import WorkerFactory, get_message
 
 

@@ -11,13 +11,13 @@ import redis.asyncio
 from aio_pika.abc import AbstractChannel
 from pamqp import commands as spec
 
-from service.client import SignInTokenClient
-from service.dedup import ClaimLostError, Found, Remembered, idempotency_key
-from service.dedup._redis import RedisIdempotencyStore
-from service.errors import DeadlineExceededError
-from service.fake_clerk import FakeClerk
-from service.local_broker import free_port
-from service.messages import Created, SignInToken
+from service.callers.client import SignInTokenClient
+from service.contract.errors import DeadlineExceededError
+from service.contract.messages import Created, SignInToken
+from service.local.fake_clerk import FakeClerk
+from service.local.rabbitmq import free_port
+from service.state.dedup import ClaimLostError, Found, Remembered, idempotency_key
+from service.state.dedup._redis import RedisIdempotencyStore
 from tests.conftest import WorkerFactory, wait_until
 from tests.ledger import Ledger
 from tests.workers import Replies, WorkerProcesses, publish_requests

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from service.client import SignInTokenClient
-from service.local_broker import LocalBroker, TlsListener
-from service.local_redis import LocalRedis
-from service.messages import Created
+from service.callers.client import SignInTokenClient
+from service.contract.messages import Created
+from service.local.rabbitmq import LocalBroker, TlsListener
+from service.local.redis_server import LocalRedis
 from tests.conftest import WorkerFactory
 from tests.workers import WorkerProcesses
 

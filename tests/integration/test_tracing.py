@@ -10,8 +10,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service import tracing
-from service.client import SignInTokenClient
-from service.fake_clerk import FakeClerk
+from service.callers.client import SignInTokenClient
+from service.local.fake_clerk import FakeClerk
 from tests.conftest import WorkerFactory, wait_until
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from service.client import SignInTokenClient
-from service.fake_clerk import FakeClerk
-from service.messages import Failed
-from service.worker import Worker
+from service.callers.client import SignInTokenClient
+from service.contract.messages import Failed
+from service.local.fake_clerk import FakeClerk
+from service.worker.lifecycle import Worker
 from tests.conftest import WorkerFactory, wait_until
 
 

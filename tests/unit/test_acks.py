@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.acks import _Run
+from service.amqp.acks import _Run
 
 
 def test_tags_finished_in_order_are_one_multiple_ack() -> None:

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from service.asyncapi import DEAD_LETTER_REASONS, ERROR_CODES, document, render
+from service.local.asyncapi import DEAD_LETTER_REASONS, ERROR_CODES, document, render
 
 DOC = Path(__file__).parents[2] / "docs" / "asyncapi.yaml"
 NODE_DIR = Path(__file__).parents[1] / "interop" / "node"
 
 
 def test_committed_asyncapi_matches_the_message_types() -> None:
-    """Regenerate with `uv run python -m service.asyncapi > docs/asyncapi.yaml` when this fails."""
+    """Regenerate with `uv run python -m service.local.asyncapi > docs/asyncapi.yaml` when this fails."""
     assert DOC.read_text() == render()
 
 

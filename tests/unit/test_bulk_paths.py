@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from service.bulk import BulkInputError, open_private, refuse_links
+from service.callers.bulk_files import BulkInputError, open_private, refuse_links
 from service.config import read_key_file
-from service.errors import ConfigError
+from service.contract.errors import ConfigError
 
 STRANGER = 54321
 NOBODY = 65534

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from service.config import effective, load_settings, masked_url
-from service.errors import ConfigError
+from service.config import effective, load_settings
+from service.contract.errors import ConfigError
+from service.urls import masked_url
 
 
 def test_defaults_are_the_contracts() -> None:

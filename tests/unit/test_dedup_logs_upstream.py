@@ -13,18 +13,19 @@ import msgspec
 import pytest
 import structlog
 
-from service.dedup import Found, IdempotencyKey, MemoryIdempotencyStore, Remembered, idempotency_key, pack, unpack
-from service.errors import (
+from service.clerk.upstream import error_for
+from service.contract.errors import (
     KeyRejectedError,
     RateLimitedError,
     UpstreamRejectedError,
     UpstreamUnavailableError,
     UserNotFoundError,
 )
-from service.fake_clerk import clerk_errors, make_jwt
+from service.contract.messages import Created, ErrorDetail, Failed, Reply, SignInToken, clerk_token_decoder
+from service.local.fake_clerk import clerk_errors, make_jwt
 from service.logs import REDACTED, Scrubber, configure_logging
-from service.messages import Created, ErrorDetail, Failed, Reply, SignInToken, clerk_token_decoder
-from service.upstream import error_for
+from service.state.dedup import Found, IdempotencyKey, Remembered, idempotency_key, pack, unpack
+from service.state.dedup.memory import MemoryIdempotencyStore
 
 TOKEN = SignInToken(
     object="sign_in_token", id="sit_1", status="pending", user_id="u", token="t", created_at=1, updated_at=1

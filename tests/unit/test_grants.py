@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 
-from service.grants import Grants
+from service.state.grants import Grants
 
 
 async def test_only_the_recorded_caller_is_its_holder_until_the_record_goes() -> None:

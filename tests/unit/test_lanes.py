@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.lanes import Lane, LaneGate
+from service.contract.lanes import Lane, LaneGate
 
 
 async def test_interactive_waiter_is_served_before_earlier_bulk_waiters() -> None:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.errors import InvalidRequestError
-from service.messages import (
+from service.contract.errors import InvalidRequestError
+from service.contract.messages import (
     JSON,
     MSGPACK,
     CreateSignInTokenRequestBody,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import ConfigError
-from service.policy import load_policy
+from service.contract.errors import ConfigError
+from service.trust.policy import load_policy
 
 CONTRACT_EXAMPLE = """
 protected_users = ["user_admin_*"]   # glob patterns: never a token for these, for anyone

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import ForbiddenError
-from service.lanes import Lane
-from service.messages import CreateSignInTokenRequestBody
-from service.policy import Policy, load_policy
+from service.contract.errors import ForbiddenError
+from service.contract.lanes import Lane
+from service.contract.messages import CreateSignInTokenRequestBody
+from service.trust.policy import Policy, load_policy
 from tests.unit.test_policy_file import CONTRACT_EXAMPLE, write
 
 Request = CreateSignInTokenRequestBody

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from service.errors import DeadlineExceededError
-from service.fake_clerk import FakeClerkStats
-from service.lanes import Lane
-from service.ratelimit import ClerkRateLimiter, MemoryWindow, burst, climbed, reserve
+from service.clerk.ratelimit import ClerkRateLimiter, MemoryWindow, burst, climbed, reserve
+from service.contract.errors import DeadlineExceededError
+from service.contract.lanes import Lane
+from service.local.fake_clerk import FakeClerkStats
 
 
 async def test_no_sliding_window_ever_holds_more_than_the_limit() -> None:

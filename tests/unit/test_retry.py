@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from service.errors import DeadlineExceededError, RateLimitedError, UpstreamUnavailableError, UserNotFoundError
-from service.retry import RetryPolicy, probe_delays
+from service.clerk.retry import RetryPolicy, probe_delays
+from service.contract.errors import DeadlineExceededError, RateLimitedError, UpstreamUnavailableError, UserNotFoundError
 
 
 class Script:

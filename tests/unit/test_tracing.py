@@ -8,7 +8,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from service import tracing
-from service.errors import ConfigError
+from service.contract.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,1 @@
+"""The broker: topology, consuming, publishing with confirms, the properties a message carries."""

@@ -1,0 +1,53 @@
+"""What the service reads from a request's AMQP properties and headers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiormq.abc import DeliveredMessage
+
+from service.contract.errors import InvalidRequestError
+from service.state.dedup import IdempotencyKey, idempotency_key
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A request's addressing: where the reply goes and whose request it is."""
+
+    reply_to: str
+    has_reply_to: bool
+    correlation_id: str | None
+    content_type: str | None
+    publisher: str | None
+    message_id: str | None
+    raw_deadline: object
+
+    @classmethod
+    def of(cls, message: DeliveredMessage, results_queue: str) -> Envelope:
+        """Read a message's envelope; replies without ``reply_to`` go to ``results_queue``."""
+        properties = message.header.properties
+        headers = properties.headers or {}
+        return cls(
+            reply_to=properties.reply_to or results_queue,
+            has_reply_to=bool(properties.reply_to),
+            correlation_id=properties.correlation_id or properties.message_id,
+            content_type=properties.content_type,
+            publisher=properties.user_id,
+            message_id=properties.message_id,
+            raw_deadline=headers.get("x-deadline"),
+        )
+
+    @property
+    def idempotency_key(self) -> IdempotencyKey | None:
+        """The key of this request in the idempotency store."""
+        return idempotency_key(self.publisher, self.message_id, self.reply_to)
+
+    def deadline(self) -> float | None:
+        """``x-deadline`` as Unix seconds, or None; InvalidRequestError when not an integer."""
+        value = self.raw_deadline
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            msg = "header x-deadline must be an integer (Unix epoch milliseconds)"
+            raise InvalidRequestError(msg)
+        return value / 1000.0

@@ -1,0 +1,1 @@
+"""What other teams run: the client library and the bulk tool."""

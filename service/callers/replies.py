@@ -1,0 +1,116 @@
+"""What a caller takes from a reply: only the service's, for this caller; a failure as the exception of its code."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from service.amqp.broker import CALLER_HEADER
+from service.contract.errors import (
+    BY_CODE,
+)
+from service.contract.errors import RequestError as SignInTokenError
+from service.contract.messages import (
+    Created,
+    ErrorDetail,
+    Failed,
+    Reply,
+    Revoked,
+    SignInToken,
+    decode_reply,
+)
+
+# The service's broker user when neither ``service_user`` nor SERVICE_USER says otherwise.
+DEFAULT_SERVICE_USER = "sign-in-tokens"
+
+
+class NoReplyError(TimeoutError):
+    """No reply within the call's timeout (its ``x-deadline`` has passed: no token will be created for it)."""
+
+
+class ConnectionLostError(ConnectionError):
+    """The connection to the broker was lost while the call waited; its reply can no longer arrive.
+
+    A retry with the same ``message_id`` is safe: the service answers it from its idempotency store.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedReply:
+    """A reply as it arrived."""
+
+    body: bytes
+    content_type: str | None
+    correlation_id: str | None
+    headers: dict[str, Any]
+    received_at: float
+
+    def decode(self) -> Reply:
+        """The typed reply."""
+        return decode_reply(self.body, self.content_type)
+
+
+# Whether a decoded reply answers what the call asked for (a token for the user it named).
+Accepts = Callable[[Reply], bool]
+
+
+def service_user_from(service_user: str | None) -> str:
+    """The broker user whose replies are accepted: ``service_user``, else env SERVICE_USER, else the default."""
+    return service_user or os.environ.get("SERVICE_USER") or DEFAULT_SERVICE_USER
+
+
+def forged_because(message: AbstractIncomingMessage, service_user: str, caller: str | None) -> str | None:
+    """Why ``message`` is not an authentic reply to ``caller`` from ``service_user``, or None when it is."""
+    if message.user_id != service_user:
+        return "not published by the service's broker user"
+    if (message.headers or {}).get(CALLER_HEADER) != (caller or ""):
+        return "a reply for another caller"
+    return None
+
+
+def for_user(user_id: str) -> Accepts:
+    """A created reply must carry a token for ``user_id``; a failure is taken as it comes."""
+    return lambda reply: not isinstance(reply, Created) or reply.sign_in_token.user_id == user_id
+
+
+def for_token(token_id: str) -> Accepts:
+    """A revoked reply must carry the token asked for."""
+    return lambda reply: not isinstance(reply, Revoked) or reply.sign_in_token.id == token_id
+
+
+async def reply_within(future: asyncio.Future[ReceivedReply], seconds: float) -> Reply:
+    """The reply, or NoReplyError after ``seconds``."""
+    try:
+        received = await asyncio.wait_for(future, seconds)
+    except TimeoutError:
+        msg = f"no reply within {seconds:g} s; the service does nothing for this request after its deadline"
+        raise NoReplyError(msg) from None
+    return received.decode()
+
+
+def error_of(detail: ErrorDetail) -> SignInTokenError:
+    """The exception for a failed reply: its code's class (the base for a code this client does not know)."""
+    error = BY_CODE.get(detail.code, SignInTokenError)(
+        detail.message,
+        upstream_status=detail.upstream_status,
+        upstream_code=detail.upstream_code,
+        clerk_trace_id=detail.clerk_trace_id,
+    )
+    error.code, error.retryable, error.attempts = detail.code, detail.retryable, detail.attempts
+    return error
+
+
+def token_or_raise(reply: Reply, expected: type[Created | Revoked]) -> SignInToken:
+    """The reply's token, or the SignInTokenError of its code."""
+    if isinstance(reply, Failed):
+        raise error_of(reply.error)
+    if not isinstance(reply, expected):
+        error = SignInTokenError(f"a {type(reply).__name__} reply to this call")
+        error.code = "unexpected_reply"
+        raise error
+    return reply.sign_in_token

@@ -1,0 +1,1 @@
+"""Clerk: its API's calls, retries, the circuit breaker, the rate window."""

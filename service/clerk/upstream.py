@@ -1,0 +1,274 @@
+"""ClerkClient: one aiohttp session to Clerk's Backend API, answers mapped to errors.
+
+Made once at start-up and closed at shutdown. Every call has a connect and a
+total timeout. A request's deadline does not shorten them: once a create is
+sent, Clerk may make the token however soon we stop listening, so the worker
+waits for the answer and revokes a token that comes too late.
+
+The client also keeps Clerk's last word on the secret key: a 401 refutes
+it; any other answer below 500 but 429 proves it (Clerk authenticates a call
+before it looks at the body).
+
+At shutdown (``stop_sending``) no call is sent any more: one waiting for
+its rate slot or its turn raises ShutdownRequestedError at once (its request,
+or its revocation order, goes back to its queue); one already sent runs to its
+answer. A create cut after it may have left (a timeout after the connection
+was made, a cancellation) is counted with ``on_cut``: Clerk may have made a
+token nobody will hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from types import MappingProxyType
+from typing import Final
+from urllib.parse import quote
+
+import aiohttp
+import msgspec
+from opentelemetry.trace import SpanKind
+
+from service import __version__, tracing
+from service.clerk.ratelimit import ClerkRateLimiter
+from service.config import Settings
+from service.contract.errors import (
+    DeadlineExceededError,
+    KeyRejectedError,
+    RateLimitedError,
+    RequestError,
+    ShutdownRequestedError,
+    UpstreamMalformedError,
+    UpstreamRejectedError,
+    UpstreamUnavailableError,
+    UserNotFoundError,
+)
+from service.contract.lanes import Lane, LaneGate
+from service.contract.messages import (
+    ClerkErrors,
+    SignInToken,
+    clerk_errors_decoder,
+    clerk_token_decoder,
+)
+
+Observe = Callable[[str, float], None]
+# Each call's span, named once: nothing is built per call while tracing is off.
+_SPAN_NAMES: Final = {op: f"clerk {op}" for op in ("create", "revoke", "probe")}
+_POST: Final = MappingProxyType({"http.request.method": "POST"})
+_JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json"}
+# Failures that surely came before the request left: no connection was made.
+_NOT_SENT: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
+class _TokenId(msgspec.Struct):
+    """Enough of a malformed 200 to find the token it may describe."""
+
+    id: str
+
+
+_token_id_decoder = msgspec.json.Decoder(_TokenId)
+
+
+def _token_id(body: bytes) -> str | None:
+    try:
+        return _token_id_decoder.decode(body).id
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds form), or None."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def _clerk_errors(body: bytes) -> ClerkErrors:
+    try:
+        return clerk_errors_decoder.decode(body)
+    except msgspec.DecodeError:
+        return ClerkErrors()
+
+
+def _error_class(status: int) -> type[RequestError]:
+    if status == 404:
+        return UserNotFoundError
+    if status == 429:
+        return RateLimitedError
+    if 400 <= status < 500:
+        return UpstreamRejectedError
+    return UpstreamUnavailableError
+
+
+def error_for(status: int, body: bytes, retry_after_header: str | None) -> RequestError | KeyRejectedError:
+    """Map a non-200 answer from Clerk to the error it means."""
+    if status == 401:
+        return KeyRejectedError("Clerk rejected the secret key (401)")
+    errors = _clerk_errors(body)
+    first = errors.errors[0] if errors.errors else None
+    return _error_class(status)(
+        (first.message if first else "") or f"Clerk answered HTTP {status}",
+        upstream_status=status,
+        upstream_code=first.code if first and first.code else None,
+        clerk_trace_id=errors.clerk_trace_id,
+        retry_after=parse_retry_after(retry_after_header),
+    )
+
+
+class ClerkClient:
+    """Creates and revokes sign-in tokens at Clerk."""
+
+    def __init__(
+        self, settings: Settings, observe: Observe | None = None, on_cut: Callable[[], None] | None = None
+    ) -> None:
+        """Remember where and how to call; the session is opened by ``start``.
+
+        ``observe(operation, seconds)`` is told the latency of each call Clerk answered
+        (``create``, ``revoke``, ``probe``), the wait for a rate slot not included.
+        ``on_cut()`` is told of each create cut after it may have been sent.
+        """
+        self._observe = observe
+        self._on_cut = on_cut
+        self._sending = True
+        self._base = settings.clerk_api_url.rstrip("/")
+        self._headers = {
+            **_JSON_HEADERS,
+            "Authorization": f"Bearer {settings.secret_key()}",
+            "Clerk-API-Version": settings.clerk_api_version,
+            "User-Agent": f"sign-in-token-service/{__version__}",
+        }
+        self._limit = settings.concurrency
+        # Turns for calls in flight, interactive first: at most UPSTREAM_CONCURRENCY at once.
+        self.gate = LaneGate(self._limit)
+        self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.request_timeout_seconds, connect=settings.connect_timeout_seconds
+        )
+        # Clerk's last word on the key: None until it has said anything.
+        self.key_accepted: bool | None = None
+        # Replicas with the same key share one limit in Redis; the key itself is not stored there.
+        self.limiter = ClerkRateLimiter(
+            settings.rate_limit, settings.clerk_rate_window_seconds, settings.redis_url, settings.key_id()
+        )
+
+    async def start(self) -> None:
+        """Open the one HTTP session."""
+        connector = aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers,
+            timeout=self._timeout,
+            raise_for_status=False,
+        )
+
+    def stop_sending(self) -> None:
+        """Shutdown: start no call from now on."""
+        self._sending = False
+        self.limiter.stop()
+
+    def _may_send(self) -> None:
+        if not self._sending:
+            raise ShutdownRequestedError("shutting down")
+
+    def _cut(self, operation: str) -> None:
+        if operation == "create" and self._on_cut is not None:
+            self._on_cut()
+
+    async def close(self) -> None:
+        """Close the session and its connections."""
+        await self.limiter.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _post(
+        self,
+        operation: str,
+        path: str,
+        body: bytes,
+        lane: Lane = Lane.INTERACTIVE,
+        deadline: float | None = None,
+    ) -> tuple[int, bytes, str | None]:
+        """One call, once the rate limiter gives it a slot and the gate a turn (revokes and probes as interactive).
+
+        The slot comes first: a request waiting under the rate limit holds no turn, so the turns
+        (UPSTREAM_CONCURRENCY, the connections) are only ever held by calls about to be sent.
+        """
+        if self._session is None:
+            msg = "ClerkClient.start() was not called"
+            raise RuntimeError(msg)
+        self._may_send()
+        with tracing.span("rate slot"):
+            await self.limiter.acquire(lane, deadline)
+        async with self.gate.turn(lane):
+            self._may_send()
+            if deadline is not None and time.time() >= deadline:
+                msg = "x-deadline passed while the request waited for its turn"
+                raise DeadlineExceededError(msg)
+            started = time.perf_counter()
+            with tracing.span(_SPAN_NAMES[operation], kind=SpanKind.CLIENT, attributes=_POST) as call:
+                try:
+                    async with self._session.post(self._base + path, data=body) as response:
+                        answer = response.status, await response.read(), response.headers.get("Retry-After")
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    if not isinstance(exc, _NOT_SENT):
+                        self._cut(operation)
+                    # The exception's text may name our URL; its type is enough and safe.
+                    msg = f"Clerk could not be reached: {type(exc).__name__}"
+                    raise UpstreamUnavailableError(msg) from None
+                except asyncio.CancelledError:
+                    self._cut(operation)
+                    raise
+                if call is not None:
+                    call.set_attribute("http.response.status_code", answer[0])
+        if self._observe is not None:
+            self._observe(operation, time.perf_counter() - started)
+        self._learn_key(answer[0])
+        return answer
+
+    def _learn_key(self, status: int) -> None:
+        if status == 401:
+            self.key_accepted = False
+        elif status < 500 and status != 429:
+            self.key_accepted = True
+
+    async def create(self, body: bytes, lane: Lane, deadline: float | None) -> SignInToken:
+        """Create a sign-in token from an encoded request body; raise the error Clerk's answer means.
+
+        The deadline bounds only the wait for a rate slot: a call once sent is not cut short.
+        """
+        status, answer, retry_after = await self._post("create", "/sign_in_tokens", body, lane, deadline)
+        if status == 429:
+            await self.limiter.on_429(parse_retry_after(retry_after) or 1.0)
+        if status != 200:
+            raise error_for(status, answer, retry_after)
+        try:
+            return clerk_token_decoder.decode(answer)
+        except msgspec.DecodeError:
+            msg = "Clerk answered 200 with a body that is not a SignInToken"
+            raise UpstreamMalformedError(msg, token_id=_token_id(answer), upstream_status=status) from None
+
+    async def probe(self) -> bool:
+        """Whether Clerk answers at all: a create it must refuse (422), so no token is made."""
+        status, _, _ = await self._post("probe", "/sign_in_tokens", b"{}")
+        return status < 500
+
+    async def revoke(self, token_id: str) -> SignInToken:
+        """Revoke a pending token; the token as Clerk returns it (status ``revoked``), or the error its answer means."""
+        status, body, retry_after = await self._post(
+            "revoke", f"/sign_in_tokens/{quote(token_id, safe='')}/revoke", b""
+        )
+        if status == 429:
+            await self.limiter.on_429(parse_retry_after(retry_after) or 1.0)
+        if status != 200:
+            raise error_for(status, body, retry_after)
+        try:
+            return clerk_token_decoder.decode(body)
+        except msgspec.DecodeError:
+            msg = "Clerk answered the revocation 200 with a body that is not a SignInToken"
+            raise UpstreamMalformedError(msg, token_id=None, upstream_status=status) from None

@@ -1,0 +1,317 @@
+"""Message types and their codecs, declared once and reused on every message.
+
+Requests arrive as JSON (``application/json`` or no content type) or
+MessagePack (``application/msgpack``), in the Python SDK's spelling
+(``user_id``) or the TypeScript SDK's (``userId``), one spelling a message.
+Replies are a tagged union on ``outcome``. Clerk's objects are decoded
+leniently (Clerk may add fields); our own inputs strictly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from service.contract.errors import InvalidRequestError
+
+JSON: Final = "application/json"
+MSGPACK: Final = "application/msgpack"
+_MSGPACK_ALIASES: Final = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
+
+UserId = Annotated[str, Meta(min_length=1, max_length=256)]
+OrgId = Annotated[str, Meta(min_length=1, max_length=256)]
+ExpiresIn = Annotated[int, Meta(ge=1)]
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of the structs we accept from callers.
+
+    ``forbid_unknown_fields`` so a typo (``expires_in_second``) is an error,
+    not a silent 30-day token; ``frozen`` because a decoded request is a fact;
+    ``kw_only`` so construction always names its fields.
+    """
+
+
+class SignInTokenRequest(Strict, frozen=True):
+    """A request as it travels, in either spelling; ``decode_request`` checks one is used."""
+
+    user_id: UserId | UnsetType = UNSET
+    expires_in_seconds: ExpiresIn | UnsetType | None = UNSET
+    org_id: OrgId | UnsetType | None = UNSET
+    user_id_camel: UserId | UnsetType = msgspec.field(default=UNSET, name="userId")
+    expires_in_seconds_camel: ExpiresIn | UnsetType | None = msgspec.field(
+        default=UNSET,
+        name="expiresInSeconds",
+    )
+    org_id_camel: OrgId | UnsetType | None = msgspec.field(default=UNSET, name="orgId")
+
+
+class CreateSignInTokenRequestBody(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The body of Clerk's ``POST /sign_in_tokens``, as the SDKs define it.
+
+    ``omit_defaults`` so an absent ``expires_in_seconds`` is not sent and
+    Clerk applies its own default.
+    """
+
+    user_id: str
+    expires_in_seconds: int | None = None
+    org_id: str | None = None
+
+
+class SignInToken(msgspec.Struct, kw_only=True):
+    """Clerk's SignInToken object; lenient, since Clerk may add fields."""
+
+    object: str
+    id: str
+    status: str
+    user_id: str
+    token: str
+    created_at: int
+    updated_at: int
+    url: str | None = None
+
+
+class ClerkError(msgspec.Struct, kw_only=True):
+    """One entry of Clerk's ``errors`` list."""
+
+    message: str = ""
+    long_message: str = ""
+    code: str = ""
+    meta: dict[str, Any] | None = None
+
+
+class ClerkErrors(msgspec.Struct, kw_only=True):
+    """Clerk's error body."""
+
+    errors: list[ClerkError] = msgspec.field(default_factory=list)
+    meta: dict[str, Any] | None = None
+    clerk_trace_id: str | None = None
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
+    """The ``error`` of a failed reply; Clerk's fields are null when it was not called."""
+
+    code: str
+    message: str
+    retryable: bool
+    upstream_status: int | None
+    upstream_code: str | None
+    clerk_trace_id: str | None
+    attempts: int
+
+
+class Created(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome", tag="created"):
+    """A token was created."""
+
+    sign_in_token: SignInToken
+
+
+class Revoked(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome", tag="revoked"):
+    """A revocation request was served: the token as Clerk returned it, its status ``revoked``."""
+
+    sign_in_token: SignInToken
+
+
+class Failed(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome", tag="failed"):
+    """No token (or no revocation): the error says why."""
+
+    error: ErrorDetail
+
+
+Reply = Created | Revoked | Failed
+Outcome = Literal["created", "revoked", "failed"]
+
+
+def outcome(reply: Reply) -> Outcome:
+    """The reply's ``outcome`` tag (also its ``x-outcome`` header)."""
+    if isinstance(reply, Created):
+        return "created"
+    return "revoked" if isinstance(reply, Revoked) else "failed"
+
+
+class RevokeRequest(Strict, frozen=True):
+    """A revocation request (``REVOKE_QUEUE``), in either spelling."""
+
+    sign_in_token_id: Annotated[str, Meta(min_length=1, max_length=256)] | UnsetType = UNSET
+    sign_in_token_id_camel: Annotated[str, Meta(min_length=1, max_length=256)] | UnsetType = msgspec.field(
+        default=UNSET, name="signInTokenId"
+    )
+
+
+class UndecodableError(Exception):
+    """The body is not a JSON or MessagePack object at all."""
+
+
+_json_request = msgspec.json.Decoder(SignInTokenRequest)
+_msgpack_request = msgspec.msgpack.Decoder(SignInTokenRequest)
+_json_revoke = msgspec.json.Decoder(RevokeRequest)
+_msgpack_revoke = msgspec.msgpack.Decoder(RevokeRequest)
+_json_any = msgspec.json.Decoder()
+_msgpack_any = msgspec.msgpack.Decoder()
+_json_reply_encoder = msgspec.json.Encoder()
+_msgpack_reply_encoder = msgspec.msgpack.Encoder()
+_json_reply_decoder: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)
+_msgpack_reply_decoder: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)
+clerk_token_decoder = msgspec.json.Decoder(SignInToken)
+clerk_errors_decoder = msgspec.json.Decoder(ClerkErrors)
+clerk_body_encoder = msgspec.json.Encoder()
+
+
+@functools.lru_cache(maxsize=256)
+def _media_type(content_type: str) -> tuple[str | None, str | None]:
+    """``(JSON or MSGPACK or None for another type, the charset parameter lowercased or None)``.
+
+    Type and subtype are case-insensitive and may carry parameters (RFC 9110, 8.3.1):
+    ``Application/JSON; charset="UTF-8"`` is JSON. Cached: callers send a handful of spellings.
+    """
+    kind, _, parameters = content_type.partition(";")
+    kind = kind.strip().lower()
+    charset = None
+    for parameter in parameters.split(";"):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+    if kind == JSON:
+        return JSON, charset
+    return (MSGPACK if kind in _MSGPACK_ALIASES else None), charset
+
+
+def media_type(content_type: str | None) -> str | None:
+    """The canonical type of a request's ``content_type``: JSON (also when absent), MSGPACK, or None (unsupported)."""
+    if not content_type or content_type == JSON:
+        return JSON
+    return _media_type(content_type)[0]
+
+
+def is_msgpack(content_type: str | None) -> bool:
+    """Whether ``content_type`` names MessagePack (with parameters or not, in any case)."""
+    return media_type(content_type) == MSGPACK
+
+
+def reply_content_type(request_content_type: str | None) -> str:
+    """The reply's content type: MessagePack for a MessagePack request, else JSON (none or an unknown one too)."""
+    return MSGPACK if is_msgpack(request_content_type) else JSON
+
+
+def _check_charset(content_type: str | None) -> None:
+    """InvalidRequestError for a charset parameter other than UTF-8 (both encodings are UTF-8 text inside)."""
+    if not content_type or content_type == JSON:
+        return
+    charset = _media_type(content_type)[1]
+    if charset is not None and charset != "utf-8":
+        msg = f"content_type charset {charset!r} is not supported; send UTF-8 (charset=utf-8) or no charset"
+        raise InvalidRequestError(msg)
+
+
+def _is_object(body: bytes, content_type: str | None) -> bool:
+    decoder = _msgpack_any if is_msgpack(content_type) else _json_any
+    try:
+        return isinstance(decoder.decode(body), dict)
+    except (msgspec.DecodeError, RecursionError, ValueError):
+        return False
+
+
+def _pick(snake: Any, camel: Any) -> Any:  # noqa: ANN401 - either spelling's value
+    return camel if snake is UNSET else snake
+
+
+def _one_spelling(wire: SignInTokenRequest) -> CreateSignInTokenRequestBody:
+    snake = (wire.user_id, wire.expires_in_seconds, wire.org_id)
+    camel = (wire.user_id_camel, wire.expires_in_seconds_camel, wire.org_id_camel)
+    if any(v is not UNSET for v in snake) and any(v is not UNSET for v in camel):
+        msg = "mixes snake_case and camelCase field names; use one spelling"
+        raise InvalidRequestError(msg)
+    user_id = _pick(wire.user_id, wire.user_id_camel)
+    if user_id is UNSET:
+        msg = "Object missing required field `user_id`"
+        raise InvalidRequestError(msg)
+    expires = _pick(wire.expires_in_seconds, wire.expires_in_seconds_camel)
+    org_id = _pick(wire.org_id, wire.org_id_camel)
+    return CreateSignInTokenRequestBody(
+        user_id=user_id,
+        expires_in_seconds=None if expires is UNSET else expires,
+        org_id=None if org_id is UNSET else org_id,
+    )
+
+
+def _decode_object(
+    body: bytes,
+    content_type: str | None,
+    decoders: tuple[msgspec.json.Decoder[Any], msgspec.msgpack.Decoder[Any]],
+    max_body_bytes: int,
+) -> Any:  # noqa: ANN401 - the decoders' struct
+    """Decode a body with the decoder of its content type.
+
+    Raises UndecodableError when the body is not an object in a supported
+    encoding, InvalidRequestError (naming the field) when it is an object
+    that breaks the contract.
+    """
+    kind = media_type(content_type)
+    if kind is None:
+        msg = f"unsupported content_type {content_type!r}; use {JSON} or {MSGPACK}"
+        raise UndecodableError(msg)
+    _check_charset(content_type)
+    if len(body) > max_body_bytes:
+        msg = f"body of {len(body)} bytes exceeds the limit of {max_body_bytes}"
+        raise UndecodableError(msg)
+    decoder = decoders[1] if kind == MSGPACK else decoders[0]
+    try:
+        return decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError, ValueError) as exc:
+        if not _is_object(body, content_type):
+            msg = "body is not a JSON or MessagePack object"
+            raise UndecodableError(msg) from None
+        raise InvalidRequestError(str(exc)) from None
+
+
+def decode_request(
+    body: bytes,
+    content_type: str | None,
+    *,
+    max_expires_in_seconds: int,
+    max_body_bytes: int,
+) -> CreateSignInTokenRequestBody:
+    """Decode and validate one request body (UndecodableError, InvalidRequestError: see ``_decode_object``)."""
+    wire: SignInTokenRequest = _decode_object(body, content_type, (_json_request, _msgpack_request), max_body_bytes)
+    request = _one_spelling(wire)
+    expires = request.expires_in_seconds
+    if expires is not None and expires > max_expires_in_seconds:
+        msg = f"Expected `int` <= {max_expires_in_seconds} - at `$.expires_in_seconds`"
+        raise InvalidRequestError(msg)
+    return request
+
+
+def decode_revoke(body: bytes, content_type: str | None, *, max_body_bytes: int) -> str:
+    """The ``sign_in_token_id`` of a revocation request (UndecodableError, InvalidRequestError as for a create)."""
+    wire: RevokeRequest = _decode_object(body, content_type, (_json_revoke, _msgpack_revoke), max_body_bytes)
+    snake, camel = wire.sign_in_token_id, wire.sign_in_token_id_camel
+    if snake is not UNSET and camel is not UNSET:
+        msg = "mixes snake_case and camelCase field names; use one spelling"
+        raise InvalidRequestError(msg)
+    token_id = camel if snake is UNSET else snake
+    if isinstance(token_id, UnsetType):
+        msg = "Object missing required field `sign_in_token_id`"
+        raise InvalidRequestError(msg)
+    return token_id
+
+
+def encode_reply(reply: Reply, content_type: str) -> bytes:
+    """Encode a reply in the given content type."""
+    if content_type == MSGPACK:
+        return _msgpack_reply_encoder.encode(reply)
+    return _json_reply_encoder.encode(reply)
+
+
+def decode_reply(body: bytes, content_type: str | None) -> Reply:
+    """Decode a reply (clients and tests)."""
+    if is_msgpack(content_type):
+        return _msgpack_reply_decoder.decode(body)
+    return _json_reply_decoder.decode(body)
+
+
+def encode_clerk_body(request: CreateSignInTokenRequestBody) -> bytes:
+    """The JSON body sent to Clerk."""
+    return clerk_body_encoder.encode(request)

@@ -1,0 +1,1 @@
+"""Stand-ins and generators for the tests, the demo and the docs."""

@@ -1,0 +1,243 @@
+"""The README's first command: the whole service on this machine, with traffic.
+
+With no ``AMQP_URL`` it starts a private RabbitMQ node; with no
+``CLERK_SECRET_KEY`` it serves the built-in fake Clerk and says so. It runs
+the worker, sends requests through it with a progress bar, prints a summary
+and one example reply with the token masked, and cleans up on exit and on
+Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import statistics
+import time
+from collections import Counter
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+from tqdm import tqdm
+
+from service.callers.bulk import BulkRun, BulkService, default_outstanding, report
+from service.callers.bulk_files import failures_path_for
+from service.callers.client import SignInTokenClient
+from service.callers.replies import ReceivedReply
+from service.config import Settings, load_settings
+from service.contract.messages import Created, Failed, Reply
+from service.local.fake_clerk import FakeClerk
+from service.local.rabbitmq import LocalBroker
+from service.local.redis_server import LocalRedis
+from service.logs import SCRUBBER, configure_logging
+from service.worker.lifecycle import Worker
+
+# Every UNKNOWN_EVERY-th demo request names a user the fake Clerk does not know.
+UNKNOWN_EVERY = 50
+# The built-in fake Clerk enforces a production key's limit: 1,000 calls in any 10 s.
+FAKE_RATE_LIMIT = 1000
+FAKE_RATE_WINDOW_SECONDS = 10.0
+
+
+def say(text: str) -> None:
+    """A line of the demo's narration."""
+    click.echo(f"demo: {text}", err=True)
+
+
+def mask(value: str) -> str:
+    """The start of a secret and a mark that the rest is hidden."""
+    return value[:12] + "…[masked]"
+
+
+def masked_reply(reply: Reply) -> str:
+    """A reply as JSON, with its token (and the URL that embeds it) masked."""
+    data = msgspec.to_builtins(reply)
+    token = data.get("sign_in_token")
+    if isinstance(token, dict):
+        token["token"] = mask(token["token"])
+        if token.get("url"):
+            token["url"] = mask(token["url"])
+    return msgspec.json.format(msgspec.json.encode(data)).decode()
+
+
+async def _environment(
+    stack: AsyncExitStack, options: dict[str, str], *, replicas: int
+) -> tuple[dict[str, str], FakeClerk | None]:
+    """The demo's environment, starting what is missing; and the fake Clerk, when it is one."""
+    environ = dict(os.environ)
+    environ.update({k.upper(): v for k, v in options.items()})
+    environ.setdefault("HTTP_PORT", "0")
+    environ.setdefault("HTTP_HOST", "127.0.0.1")  # the demo serves nobody but this machine
+    environ.setdefault("LOG_LEVEL", "warning")
+    if replicas > 1 and not environ.get("REDIS_URL"):
+        say(f"{replicas} replicas and no REDIS_URL: starting a private Redis for the rate limit and the store…")
+        redis_server = LocalRedis()
+        stack.push_async_callback(asyncio.to_thread, redis_server.cleanup)
+        await redis_server.start()
+        environ["REDIS_URL"] = redis_server.url
+        say(f"Redis up at 127.0.0.1:{redis_server.port}")
+    if not environ.get("AMQP_URL"):
+        say("no AMQP_URL: starting a private RabbitMQ node (about 5 s)…")
+        broker = LocalBroker()
+        stack.push_async_callback(asyncio.to_thread, broker.cleanup)
+        await broker.start()
+        environ["AMQP_URL"] = broker.url
+        say(f"RabbitMQ node up at 127.0.0.1:{broker.amqp_port}")
+    if not environ.get("CLERK_SECRET_KEY") and not environ.get("CLERK_SECRET_KEY_FILE"):
+        key = "sk_test_" + secrets.token_hex(16)
+        # A production key's limit, enforced as Clerk does, and the worker told it.
+        fake = FakeClerk(key, rate_limit=FAKE_RATE_LIMIT, rate_window_seconds=FAKE_RATE_WINDOW_SECONDS)
+        await fake.start()
+        stack.push_async_callback(fake.stop)
+        environ.update(CLERK_SECRET_KEY=key, CLERK_API_URL=fake.url)
+        environ.setdefault("CLERK_RATE_LIMIT", str(FAKE_RATE_LIMIT))
+        say(f"no CLERK_SECRET_KEY: using the built-in fake Clerk at {fake.url}")
+        return environ, fake
+    return environ, None
+
+
+def _user_ids(count: int, real_user: str | None) -> list[str]:
+    if real_user is not None:
+        return [real_user] * count
+    return [
+        f"unknown_{i:05d}" if i % UNKNOWN_EVERY == UNKNOWN_EVERY - 1 else f"user_demo_{i:05d}" for i in range(count)
+    ]
+
+
+async def _send_all(
+    client: SignInTokenClient, user_ids: list[str], stop: asyncio.Event
+) -> list[tuple[float, ReceivedReply]]:
+    """Send every request, wait for every reply (or ``stop``); return (latency, reply) pairs."""
+    results: list[tuple[float, ReceivedReply]] = []
+    with tqdm(total=len(user_ids), desc="replies", unit="req") as bar:
+
+        async def one(user_id: str) -> None:
+            started = time.monotonic()
+            future = await client.send(msgspec.json.encode({"user_id": user_id}))
+            reply = await future
+            results.append((reply.received_at - started, reply))
+            bar.update()
+
+        work: asyncio.Future[Any] = asyncio.gather(*(one(u) for u in user_ids))
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            say("interrupted: cleaning up")
+        stopped.cancel()
+        await asyncio.gather(work, stopped, return_exceptions=True)
+    return results
+
+
+def _answered(worker: Worker) -> float:
+    """How many requests a worker answered."""
+    return sum(
+        sample.value
+        for metric in worker.metrics.requests.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    )
+
+
+async def _counted(workers: list[Worker], total: int) -> None:
+    """Wait (5 s at most) until the workers' counters hold every reply: each counts a request once acked."""
+    for _ in range(500):
+        if sum(_answered(w) for w in workers) >= total:
+            return
+        await asyncio.sleep(0.01)
+
+
+def _summary(results: list[tuple[float, ReceivedReply]], elapsed: float) -> str:
+    replies = [r.decode() for _, r in results]
+    created = sum(isinstance(r, Created) for r in replies)
+    failures = Counter(r.error.code for r in replies if isinstance(r, Failed))
+    failed = ", ".join(f"{code}: {n}" for code, n in failures.most_common()) or "none"
+    latencies = sorted(seconds * 1000 for seconds, _ in results)
+    p50 = statistics.median(latencies)
+    p99 = statistics.quantiles(latencies, n=100)[98] if len(latencies) > 1 else p50
+    return (
+        f"{len(replies)} replies in {elapsed:.2f} s: {created} created, {sum(failures.values())} failed ({failed}); "
+        f"{created / elapsed:.0f} tokens/s; latency p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+    )
+
+
+async def run_demo(
+    options: dict[str, Any],
+    *,
+    count: int,
+    user_id: str | None,
+    stop: asyncio.Event,
+    replicas: int = 1,
+    bulk: tuple[Path, Path] | None = None,
+) -> None:
+    """Run the demo end to end, with ``replicas`` workers (sharing a Redis when more than one).
+
+    ``bulk``: onboard an input file into an output file with the bulk tool, instead of ``count`` requests.
+    """
+    configure_logging("console", "warning")
+    async with AsyncExitStack() as stack:
+        environ, fake = await _environment(stack, {k: str(v) for k, v in options.items()}, replicas=replicas)
+        if fake is None and user_id is None:
+            say("with a real CLERK_SECRET_KEY, pass --user-id USER to choose whose tokens to create")
+            return
+        settings: Settings = load_settings(environ)
+        configure_logging("console", settings.log_level)
+        SCRUBBER.add_secret(settings.secret_key())
+        # The client is closed after the worker has stopped (the stack unwinds in
+        # reverse), so no reply in flight finds its queue gone.
+        client = SignInTokenClient(
+            settings.amqp_url,
+            request_queue=settings.request_queue,
+            service_user=settings.broker_user,  # the demo runs everyone as one broker user
+            name="demo-client",
+        )
+        await client.connect()
+        stack.push_async_callback(client.close)
+        workers = [Worker(settings, name=f"demo-worker-{i}") for i in range(replicas)]
+        for worker in workers:
+            stack.push_async_callback(worker.shutdown)
+            await worker.start()
+        ports = ", ".join(str(w.health.port) for w in workers)
+        say(f"{replicas} worker(s) consuming {settings.request_queue!r}; /metrics on port(s) {ports}")
+        if bulk is not None:
+            await _onboard(settings, *bulk, stop)
+            return
+        say(f"sending {count} requests…")
+        started = time.monotonic()
+        results = await _send_all(client, _user_ids(count, None if fake is not None else user_id), stop)
+        if not results:
+            return
+        say(_summary(results, time.monotonic() - started))
+        if replicas > 1:
+            await _counted(workers, len(results))
+            shares = " / ".join(str(int(_answered(w))) for w in workers)
+            say(f"replies per replica: {shares}; rate limit and idempotency store shared through {settings.redis_url}")
+        if fake is not None:
+            busiest = fake.stats.busiest_window(settings.secret_key(), FAKE_RATE_WINDOW_SECONDS)
+            say(
+                f"fake Clerk: {fake.stats.rate_limited} calls answered 429; busiest {FAKE_RATE_WINDOW_SECONDS:g} s "
+                f"window {busiest} calls (limit {FAKE_RATE_LIMIT})"
+            )
+        example = next((r.decode() for _, r in results if isinstance(r.decode(), Created)), results[0][1].decode())
+        say("one reply, token masked:\n" + masked_reply(example))
+
+
+async def _onboard(settings: Settings, input_path: Path, output_path: Path, stop: asyncio.Event) -> None:
+    """The bulk tool, run against the demo's own service."""
+    failures = failures_path_for(input_path, output_path)
+    outstanding = default_outstanding(settings.rate_limit, settings.clerk_rate_window_seconds)
+    say(f"onboarding {input_path} on the bulk lane, at most {outstanding} outstanding…")
+    # The demo runs everyone as one broker user: the worker's replies come from the tool's own user.
+    user = settings.broker_user
+    async with BulkRun(
+        BulkService(settings.amqp_url, settings.bulk_queue, user, user),
+        input_path,
+        output_path,
+        failures,
+        outstanding,
+    ) as job:
+        summary = await job.run(stop)
+    say(report(summary, output_path, failures))

@@ -1,0 +1,1 @@
+"""What replicas share: idempotency claims and answers, grants, the links to Redis."""

@@ -1,0 +1,193 @@
+"""The audit trail: an event on AUDIT_EXCHANGE for every outcome, never the token or its URL.
+
+Each request's outcome (``created``, ``refused``, ``failed``) is published,
+with a publisher confirm, before its reply; the request is acknowledged
+only after both are confirmed, so a token never reaches a caller without a
+confirmed record of who got it. A token the service revoked (nobody could
+receive it, or Clerk answered after the deadline) is a ``revoked`` event.
+Routing key ``EVENT.LANE``; the exchange is a durable topic exchange the
+worker declares. Delivery is at least once: a request redelivered after a
+crash is recorded again, with the same ``message_id``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import aio_pika
+import msgspec
+from aio_pika.abc import AbstractRobustConnection
+from pamqp import commands as spec
+
+from service import tracing
+from service.amqp.broker import CHANNEL_FAILURES, ReplyRefusedError
+from service.amqp.publisher import ReplyPublisher
+from service.amqp.topology import declare_audit_exchange
+from service.amqp.wire import printable
+from service.config import Settings
+from service.contract.lanes import Lane
+from service.contract.messages import Created, CreateSignInTokenRequestBody, Reply, Revoked, outcome
+
+Event = Literal["created", "refused", "failed", "revoked"]
+# The codes of requests the policy turned away: ``refused``, not ``failed``.
+_REFUSALS: Final = frozenset({"forbidden"})
+
+
+class AuditEvent(msgspec.Struct, kw_only=True, frozen=True):
+    """One event, as contract v2 lays it out (every field present, null when unknown)."""
+
+    event: Event
+    caller: str | None
+    user_id: str | None
+    org_id: str | None
+    sign_in_token_id: str | None
+    expires_in_seconds: int | None
+    lane: str
+    correlation_id: str | None
+    message_id: str | None
+    code: str | None
+    at: str
+
+
+@dataclass(slots=True)
+class Subject:
+    """Whose request, for what: filled in as the request is read, then admitted."""
+
+    caller: str | None
+    lane: Lane
+    correlation_id: str | None
+    message_id: str | None
+    user_id: str | None = None
+    org_id: str | None = None
+    expires_in_seconds: int | None = None
+    # The queue it came from, as metrics name it: ``revoke`` for a revocation (audited on ``lane``).
+    source: str | None = None
+
+    @property
+    def source_label(self) -> str:
+        """The lane label of its metrics: ``interactive``, ``bulk`` or ``revoke``."""
+        return self.source or self.lane.value
+
+    def asks_for(self, request: CreateSignInTokenRequestBody) -> None:
+        """Record what the request asks for (after decoding, and again once the policy filled it in)."""
+        self.user_id = request.user_id
+        self.org_id = request.org_id
+        self.expires_in_seconds = request.expires_in_seconds
+
+    def event(self, event: Event, *, code: str | None = None, sign_in_token_id: str | None = None) -> AuditEvent:
+        """The event about this request, stamped now."""
+        return AuditEvent(
+            event=event,
+            caller=_text(self.caller),
+            user_id=self.user_id,
+            org_id=self.org_id,
+            sign_in_token_id=sign_in_token_id,
+            expires_in_seconds=self.expires_in_seconds,
+            lane=self.lane.value,
+            correlation_id=_text(self.correlation_id),
+            message_id=_text(self.message_id),
+            code=code,
+            at=_now(),
+        )
+
+
+class RevocationOrder(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A token made that nobody holds: revoke it at Clerk, then record it (REVOCATIONS_QUEUE, the worker's own).
+
+    ``subject``'s text fields are printable (UTF-8): the order is JSON.
+    """
+
+    sign_in_token_id: str
+    reason: str
+    subject: Subject
+
+
+_order_encoder = msgspec.json.Encoder()
+_order_decoder = msgspec.json.Decoder(RevocationOrder)
+
+
+def revocation_order(token_id: str, reason: str, subject: Subject) -> bytes:
+    """The order to revoke ``token_id``, encoded."""
+    printable_subject = Subject(
+        _text(subject.caller),
+        subject.lane,
+        _text(subject.correlation_id),
+        _text(subject.message_id),
+        subject.user_id,
+        subject.org_id,
+        subject.expires_in_seconds,
+    )
+    return _order_encoder.encode(RevocationOrder(token_id, reason, printable_subject))
+
+
+def read_revocation_order(body: bytes) -> RevocationOrder:
+    """An order ``revocation_order`` wrote (msgspec.DecodeError otherwise)."""
+    return _order_decoder.decode(body)
+
+
+def outcome_event(reply: Reply) -> tuple[Event, str | None, str | None]:
+    """The event of a reply: ``(event, code, sign_in_token_id)``."""
+    if isinstance(reply, Created | Revoked):
+        return outcome(reply), None, reply.sign_in_token.id
+    code = reply.error.code
+    return ("refused" if code in _REFUSALS else "failed"), code, None
+
+
+def _text(value: str | None) -> str | None:
+    r"""A property as JSON can carry it: octets that were not UTF-8 escaped (``\xff``)."""
+    return None if value is None else printable(value)
+
+
+def _now() -> str:
+    """UTC, milliseconds, ``Z``: ``2026-11-23T16:00:00.123Z``."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_encoder = msgspec.json.Encoder()
+_PERSISTENT: Final = int(aio_pika.DeliveryMode.PERSISTENT)
+
+
+class AuditTrail:
+    """Publishes events to the audit exchange, confirmed, on the reply publisher's channel."""
+
+    def __init__(self, connection: AbstractRobustConnection, publisher: ReplyPublisher, settings: Settings) -> None:
+        """Publish through ``publisher`` to AUDIT_EXCHANGE (declared again over ``connection`` when it fails)."""
+        self._connection = connection
+        self._publisher = publisher
+        self._settings = settings
+        self._exchange = settings.audit_exchange
+        # Whether the last event reached a queue (readiness: ``audit_routed``); true until one is returned.
+        self.routed = True
+
+    async def record(self, event: AuditEvent) -> None:
+        """Publish ``event``; return once a queue has it and the broker confirmed it, else raise.
+
+        Raises as ``ReplyPublisher.publish``: ReplyRefusedError when the event was returned (no
+        queue is bound to take it: it is not a record) or nacked.
+        """
+        headers: dict[str, Any] = {}
+        tracing.inject(headers)
+        properties = spec.Basic.Properties(
+            content_type="application/json",
+            delivery_mode=_PERSISTENT,
+            headers=headers or None,
+            message_id=uuid.uuid4().hex,  # a return is matched to its publish by it
+            user_id=self._publisher.service_user,
+        )
+        try:
+            await self._publisher.publish_event(
+                self._exchange, f"{event.event}.{event.lane}", _encoder.encode(event), properties
+            )
+        except ReplyRefusedError:
+            self.routed = False
+            raise
+        self.routed = True
+
+    async def repair(self) -> None:
+        """After a failed publish: declare the exchange and its archive again (an operator may have deleted them)."""
+        with contextlib.suppress(*CHANNEL_FAILURES, RuntimeError):
+            await declare_audit_exchange(self._connection, self._settings)

@@ -1,0 +1,275 @@
+"""Who may ask for a token, for whom, for how long, and where it may go.
+
+The caller is the AMQP ``user_id`` property, which RabbitMQ validates
+against the connection's user, so it cannot be forged. The rules come from
+one of three sources (``Policy.from_settings``):
+
+- ``POLICY_FILE`` (TOML, contracts v2 and v3): per caller, its lanes, the
+  longest ``expires_in_seconds`` (a request without one gets that maximum,
+  not Clerk's 30 days), whether it may set ``org_id``, and the queues a reply
+  may go to; ``protected_users`` never get a token; identified callers not
+  listed get ``[defaults]``, requests without a ``user_id`` property
+  ``[anonymous]``; a caller with neither has no rules. A listed caller with
+  ``lanes = []`` is refused everything (how a caller is cut off while
+  ``[defaults]`` exists);
+- ``ALLOWED_PUBLISHERS``, the short form: the callers listed may ask for
+  anything, anyone else has no rules (the two cannot be set together);
+- neither: anyone who can publish to the queues is served (the broker's
+  permissions are then the policy), and the worker warns at start.
+
+A caller with no rules gets nothing at all (``knows`` is false: the worker
+dead-letters its request, ``forbidden_caller``). A caller with rules is
+refused by ``ForbiddenError``, whose message names the rule it broke and
+says nothing of other callers' rules.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Final, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+from service.config import Settings
+from service.contract.errors import ConfigError, ForbiddenError
+from service.contract.lanes import Lane
+from service.contract.messages import CreateSignInTokenRequestBody as Request
+
+LaneName = Literal["interactive", "bulk"]
+Pattern = Annotated[str, Meta(min_length=1, max_length=255)]
+_PATH_IN_ERROR: Final = re.compile(r" - at `\$\.?(.*)`$")
+# What a caller writes for direct reply-to; the broker hands the worker ``amq.rabbitmq.reply-to.<suffix>``
+# (an entry for it matches that, and nothing else that merely starts the same).
+_DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
+_DIRECT_REPLY_TO_NAME: Final = _DIRECT_REPLY_TO + "."
+_ALL_LANES: Final[frozenset[LaneName]] = frozenset({"interactive", "bulk"})
+_NO_RULES: Final = "callers: {who} has no rules in the policy"
+
+
+class CallerRules(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """What one caller (or ``[defaults]``) may ask for; what is not said is not allowed."""
+
+    lanes: frozenset[LaneName]
+    max_expires_in_seconds: Annotated[int, Meta(ge=1, le=315_360_000)]
+    allow_org_id: bool = False
+    # Queue names, or globs (``support.replies.*``), a reply may go to.
+    reply_to: tuple[Pattern, ...]
+
+
+class PolicyFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The whole file: protected users, the rules for callers not listed and for nameless ones, and each caller's."""
+
+    protected_users: tuple[Pattern, ...] = ()
+    defaults: CallerRules | None = None
+    anonymous: CallerRules | None = None
+    callers: dict[Annotated[str, Meta(min_length=1, max_length=255)], CallerRules] = msgspec.field(default_factory=dict)
+
+    def rules_for(self, caller: str | None) -> CallerRules | None:
+        """The rules for ``caller`` (a validated ``user_id``): its own, ``[defaults]``, ``[anonymous]``; None: none."""
+        return _for_caller(self.callers, self.defaults, self.anonymous, caller)
+
+
+R = TypeVar("R")
+
+
+def _for_caller(callers: Mapping[str, R], defaults: R | None, anonymous: R | None, caller: str | None) -> R | None:
+    """A listed caller's own rules; an identified caller not listed gets ``defaults``; a nameless one ``anonymous``."""
+    return callers.get(caller, defaults) if caller else anonymous
+
+
+def _exceeds(wider: CallerRules, rules: CallerRules) -> bool:
+    """Whether ``wider`` allows anything ``rules`` does not (a lane, a lifetime, org_id, a reply queue)."""
+    return (
+        not wider.lanes <= rules.lanes
+        or wider.max_expires_in_seconds > rules.max_expires_in_seconds
+        or (wider.allow_org_id and not rules.allow_org_id)
+        or not set(wider.reply_to) <= set(rules.reply_to)
+    )
+
+
+def _matcher(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    """One regular expression for a list of globs (case-sensitive, as queue and user ids are); None for none."""
+    translated = [fnmatch.translate(p) for p in patterns]
+    return re.compile("|".join(f"(?:{t})" for t in translated)) if translated else None
+
+
+class _Compiled:
+    """One caller's rules with its reply_to globs compiled once."""
+
+    __slots__ = ("name", "reply_to", "rules")
+
+    def __init__(self, rules: CallerRules, name: str) -> None:
+        self.rules = rules
+        self.name = name
+        self.reply_to = _matcher(rules.reply_to)
+
+    def reply_allowed(self, queue: str) -> bool:
+        if self.reply_to is None:
+            return False
+        if queue.startswith(_DIRECT_REPLY_TO_NAME) and self.reply_to.fullmatch(_DIRECT_REPLY_TO):
+            return True
+        return self.reply_to.fullmatch(queue) is not None
+
+
+class Policy:
+    """The rules in force, checked between decoding and the upstream call."""
+
+    def __init__(self, file: PolicyFile | None, *, fill_expiry: bool = True) -> None:
+        """Apply ``file``; None serves everyone.
+
+        ``fill_expiry``: a request without ``expires_in_seconds`` gets its caller's maximum.
+        """
+        self.file = file
+        self._fill_expiry = fill_expiry
+        self._protected = _matcher(file.protected_users) if file else None
+        callers = file.callers if file else {}
+        self._callers = {name: _Compiled(rules, f"caller {name!r}") for name, rules in callers.items()}
+        self._defaults = _Compiled(file.defaults, "[defaults]") if file and file.defaults else None
+        self._anonymous = _Compiled(file.anonymous, "[anonymous]") if file and file.anonymous else None
+
+    @property
+    def open(self) -> bool:
+        """Whether everyone who can publish is served (no policy)."""
+        return self.file is None
+
+    @property
+    def refuses_nameless(self) -> bool:
+        """Whether a policy serves identified callers it does not list but no nameless one (worth a warning)."""
+        return self.file is not None and self.file.defaults is not None and self.file.anonymous is None
+
+    def wider_when_nameless(self) -> list[str]:
+        """Listed callers whose rules ``[anonymous]`` exceeds: each could get more by leaving out ``user_id``.
+
+        RabbitMQ names no publisher on a message without ``user_id``, so a listed caller that leaves
+        it out is served by ``[anonymous]``: cutting one off (``lanes = []``) or narrowing it holds
+        only as far as ``[anonymous]`` is narrower still, or the caller cannot publish at all.
+        """
+        anonymous = self.file.anonymous if self.file else None
+        if anonymous is None or self.file is None:
+            return []
+        return sorted(name for name, rules in self.file.callers.items() if _exceeds(anonymous, rules))
+
+    @classmethod
+    def from_publishers(cls, publishers: frozenset[str], max_expires_in_seconds: int) -> Policy:
+        """The short form: these callers may ask for anything, anyone else has no rules; empty: no policy."""
+        if not publishers:
+            return cls(None)
+        anything = CallerRules(
+            lanes=_ALL_LANES, max_expires_in_seconds=max_expires_in_seconds, allow_org_id=True, reply_to=("*",)
+        )
+        return cls(PolicyFile(callers=dict.fromkeys(publishers, anything)), fill_expiry=False)
+
+    def _rules(self, caller: str | None) -> _Compiled | None:
+        return _for_caller(self._callers, self._defaults, self._anonymous, caller)
+
+    def knows(self, caller: str | None) -> bool:
+        """Whether ``caller`` has rules (always, without a policy); one without gets nothing, not even a refusal."""
+        return self.file is None or self._rules(caller) is not None
+
+    def reply_allowed(self, caller: str | None, queue: str) -> bool:
+        """Whether a reply to ``caller`` may go to ``queue`` (never, for a caller without rules)."""
+        if self.file is None:
+            return True
+        rules = self._rules(caller)
+        return rules is not None and rules.reply_allowed(queue)
+
+    def _rules_or_refuse(self, caller: str | None) -> _Compiled:
+        """The caller's rules; ForbiddenError when it has none, or has been cut off (``lanes = []``)."""
+        rules = self._rules(caller)
+        if rules is None:
+            who = f"caller {caller!r}" if caller else "a request without a user_id property"
+            raise ForbiddenError(_NO_RULES.format(who=who))
+        if not rules.rules.lanes:
+            msg = f"lanes: {rules.name} may use no lane"
+            raise ForbiddenError(msg)
+        return rules
+
+    def may_revoke(self, caller: str | None) -> None:
+        """ForbiddenError unless ``caller`` may revoke through the queue: an identified caller that is not cut off."""
+        if not caller:
+            msg = "revocation: a request without a user_id property cannot revoke a token"
+            raise ForbiddenError(msg)
+        if self.file is not None:
+            self._rules_or_refuse(caller)
+
+    def admit(self, caller: str | None, lane: Lane, request: Request) -> Request:
+        """The request as it will be sent (its expiry filled in), or ForbiddenError naming the rule."""
+        if self.file is None:
+            return request
+        rules = self._rules_or_refuse(caller)
+        if self._protected is not None and self._protected.fullmatch(request.user_id):
+            msg = f"protected_users: no caller may get a sign-in token for user {request.user_id!r}"
+            raise ForbiddenError(msg)
+        allowed = rules.rules
+        if lane.value not in allowed.lanes:
+            msg = f"lanes: {rules.name} may not use the {lane.value} lane"
+            raise ForbiddenError(msg)
+        if request.org_id is not None and not allowed.allow_org_id:
+            msg = f"allow_org_id: {rules.name} may not set org_id"
+            raise ForbiddenError(msg)
+        expires = request.expires_in_seconds
+        maximum = allowed.max_expires_in_seconds
+        if expires is None:
+            if self._fill_expiry:
+                return msgspec.structs.replace(request, expires_in_seconds=maximum)
+        elif expires > maximum:
+            msg = f"max_expires_in_seconds: {rules.name} may ask for at most {maximum} seconds, not {expires}"
+            raise ForbiddenError(msg)
+        return request
+
+
+def load_policy(path: str) -> PolicyFile:
+    """Read and check the policy file; ConfigError names the file and the place in it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        msg = f"POLICY_FILE: cannot read {path}: {exc.strerror}"
+        raise ConfigError(msg) from None
+    except UnicodeDecodeError:
+        msg = f"POLICY_FILE: {path} is not UTF-8 text"
+        raise ConfigError(msg) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        msg = f"POLICY_FILE: {path} is not valid TOML: {exc}"
+        raise ConfigError(msg) from None
+    callers = raw.pop("callers", {})
+    if not isinstance(callers, dict):
+        msg = f"POLICY_FILE: {path} at callers: Expected a table of callers, got {type(callers).__name__}"
+        raise ConfigError(msg)
+    policy = _convert(raw, PolicyFile, path, "")
+    # One caller at a time, so that an error names the caller (msgspec names a mapping's keys "[...]").
+    rules = {name: _convert(table, CallerRules, path, f"callers.{name}") for name, table in callers.items()}
+    if any(not name or len(name) > 255 for name in rules):
+        msg = f"POLICY_FILE: {path} at callers: a caller's name must be 1 to 255 characters"
+        raise ConfigError(msg)
+    return msgspec.structs.replace(policy, callers=rules)
+
+
+T = TypeVar("T")
+
+
+def _convert(raw: object, type_: type[T], path: str, where: str) -> T:
+    """``raw`` as ``type_``; ConfigError naming the file and the place (``where``, then msgspec's path)."""
+    try:
+        return msgspec.convert(raw, type_, strict=True)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _PATH_IN_ERROR.search(message)
+        inner = match.group(1) if match else ""
+        place = ".".join(part for part in (where, inner) if part).replace(".[", "[")
+        reason = message[: match.start()] if match else message
+        msg = f"POLICY_FILE: {path}{f' at {place}' if place else ''}: {reason}"
+        raise ConfigError(msg) from None
+
+
+def policy_from_settings(settings: Settings) -> Policy:
+    """The policy the settings give: POLICY_FILE's, ALLOWED_PUBLISHERS' short form, or none."""
+    if settings.policy_file:
+        return Policy(load_policy(settings.policy_file))
+    return Policy.from_publishers(settings.publishers, settings.max_expires_in_seconds)

@@ -1,0 +1,378 @@
+"""The worker's lifecycle: start, stop, pause and resume, Redis watching, readiness.
+
+One message's path through the worker is ``pipeline.py``'s; this module builds what it needs and
+runs it for each delivery. A rejected key pauses the worker around a probe (``key_probe.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
+
+from service.amqp import broker, consumers, publisher, topology
+from service.clerk.breaker import UpstreamBreaker
+from service.clerk.retry import RetryPolicy
+from service.clerk.upstream import ClerkClient
+from service.config import SHUTDOWN_MARGIN_SECONDS, Settings
+from service.contract.errors import ConfigError, KeyRejectedError, ShutdownRequestedError
+from service.contract.lanes import Lane, Source, source_label
+from service.contract.messages import Created
+from service.state.dedup import IdempotencyStore, open_store
+from service.state.dedup.memory import MemoryIdempotencyStore
+from service.state.grants import Grants
+from service.trust.audit import AuditTrail, Subject
+from service.trust.policy import Policy, policy_from_settings
+from service.worker.health import HealthServer, Metrics
+from service.worker.key_probe import KeyProbe
+from service.worker.parts import Parts
+from service.worker.pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from service.state.redis_link import RedisLink
+
+log = structlog.get_logger(__name__)
+
+# While Redis is away, how often the worker asks it again.
+_REDIS_WATCH_SECONDS: Final = 0.5
+# How long a link to Redis may stay quiet before the worker asks Redis whether it is there.
+_REDIS_IDLE_CHECK_SECONDS: Final = 5.0
+
+
+class Worker:
+    """Consumes both lanes, answers each request exactly once while it stays up."""
+
+    def __init__(self, settings: Settings, *, name: str = "sign-in-token-worker") -> None:
+        """Build every part; nothing connects until ``start``."""
+        self.settings = settings
+        self.name = name
+        policy = policy_from_settings(settings)  # first: a bad file is the error a start reports
+        self.metrics = Metrics()
+        self.clerk = ClerkClient(settings, self._observe_upstream, self.metrics.ambiguous_creates.inc)
+        self.dedup: IdempotencyStore = open_store(settings)
+        for lane in Lane:
+            self.metrics.labelled(self.metrics.rate_limit_waiting, lane.value).set_function(
+                functools.partial(self.clerk.limiter.waiting, lane)
+            )
+        store = self.dedup
+        if isinstance(store, MemoryIdempotencyStore):  # Redis's memory is Redis's to report
+            self.metrics.idempotency_bytes.set_function(lambda: store.size_bytes)
+            self.metrics.idempotency_entries.set_function(lambda: len(store))
+        self.health = HealthServer(self.metrics, self.readiness, settings.http_host, settings.http_port)
+        self.stopping = asyncio.Event()
+        self.breaker = UpstreamBreaker(
+            threshold=settings.outage_failure_threshold,
+            hold_seconds=settings.outage_hold_seconds,
+            probe_max_interval_seconds=settings.probe_max_interval_seconds,
+            probe=self.clerk.probe,
+            on_open=lambda: self._pause("upstream_unavailable"),
+            on_close=lambda: self._resume("upstream_unavailable"),
+            stopping=self.stopping,
+        )
+        self.parts = Parts(
+            settings=settings,
+            metrics=self.metrics,
+            clerk=self.clerk,
+            retry=RetryPolicy(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_delay_seconds),
+            breaker=self.breaker,
+            dedup=self.dedup,
+            grants=Grants(self.dedup.redis, settings.key_id()),
+            policy=policy,
+            stopping=self.stopping,
+        )
+        self.pipeline = Pipeline(self.parts)
+        self.key_probe = KeyProbe(self.parts, self.pipeline, self._pause, self._resume)
+        self._paused: set[str] = set()
+        self._lost_at: float | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._consumers: consumers.LaneConsumers | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._redis_watch: asyncio.Task[None] | None = None
+
+    @property
+    def _publisher(self) -> publisher.ReplyPublisher | None:
+        """Where replies go out, once started (tests look at its channel)."""
+        return self.parts.publisher_or_none
+
+    @property
+    def policy(self) -> Policy:
+        """The rules in force (``reload_policy`` replaces them; a request keeps those it started with)."""
+        return self.parts.policy
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, declare the topology, open channels and start consuming."""
+        await self.health.start()
+        await self.clerk.start()
+        links = [link for link in (self.clerk.limiter.redis, self.dedup.redis) if link is not None]
+        for link in links:  # first: a certificate that does not verify stops the start (ConfigError)
+            await link.check(at_start=True)
+        self._connection = await broker.connect(self.settings, self.name)
+        self._connection.close_callbacks.add(self._on_connection_lost)
+        self._connection.reconnect_callbacks.add(self._on_reconnected)
+        await topology.declare_topology(self._connection, self.settings)
+        replies = publisher.ReplyPublisher(
+            self._connection,
+            self.settings.dead_letter_queue,
+            self.settings.confirm_timeout_seconds,
+            self.settings.broker_user,
+        )
+        await replies.open()
+        self.parts.publisher_or_none = replies
+        self.parts.audit_or_none = AuditTrail(self._connection, replies, self.settings)
+        self._consumers = consumers.LaneConsumers(self._connection, self.settings, self._on_message)
+        await self._consumers.open()
+        if links:
+            self._redis_watch = asyncio.create_task(self._watch_redis(links))
+            if not all(link.available for link in links):
+                await self._pause("redis_unavailable")
+        if not self._paused:
+            await self._consumers.resume()
+        limiter = self.clerk.limiter
+        log.info(
+            "worker_started",
+            http_port=self.health.port,
+            prefetch=self.settings.prefetch,
+            upstream_concurrency=self.settings.concurrency,
+        )
+        self._log_policy("policy_in_force")
+        if limiter.shared:
+            log.info("rate_limit_shared", calls=limiter.limit, window_seconds=limiter.window_seconds)
+        else:
+            log.warning(
+                "rate_limit_in_process",
+                calls=limiter.limit,
+                window_seconds=limiter.window_seconds,
+                assumes="this worker is the only one calling Clerk with this key; set REDIS_URL to share it",
+            )
+
+    def _log_policy(self, event: str) -> None:
+        file = self.policy.file
+        if self.policy.open:
+            log.warning(
+                "no_policy",
+                assumes="anyone who can publish to the request queues may ask for any user's token; set POLICY_FILE",
+            )
+        elif file is not None:
+            log.info(
+                event,
+                policy_file=self.settings.policy_file,
+                callers=len(file.callers),
+                defaults=file.defaults is not None,
+                anonymous=file.anonymous is not None,
+                protected_users=len(file.protected_users),
+            )
+        if self.policy.refuses_nameless:
+            log.warning(
+                "nameless_callers_refused",
+                reason="the policy has [defaults] but no [anonymous]: requests without a user_id property are "
+                "dead-lettered (forbidden_caller)",
+            )
+        wider = self.policy.wider_when_nameless()
+        if wider:
+            log.warning(
+                "anonymous_wider_than_callers",
+                callers=wider,
+                reason="[anonymous] allows these listed callers more than their own rules: a request without "
+                "user_id gets [anonymous]'s; narrow [anonymous], or take the callers' write permission away",
+            )
+
+    def reload_policy(self) -> bool:
+        """Read POLICY_FILE again (SIGHUP); a bad file keeps the policy in force and says why.
+
+        Requests already past the policy keep the decision they had; the next ones get the new rules.
+        """
+        if not self.settings.policy_file:
+            log.warning("policy_not_reloaded", reason="POLICY_FILE is not set")
+            return False
+        try:
+            self.parts.policy = policy_from_settings(self.settings)
+        except ConfigError as exc:
+            log.error("policy_reload_failed", reason=str(exc), action="keeping the policy in force")  # noqa: TRY400
+            return False
+        self._log_policy("policy_reloaded")
+        return True
+
+    def _observe_upstream(self, operation: str, seconds: float) -> None:
+        self.metrics.labelled(self.metrics.upstream_latency, operation).observe(seconds)
+
+    def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
+        # Called again at each failed reconnect attempt: one line for the loss, one for the return.
+        if self._lost_at is None and not self.stopping.is_set():
+            self._lost_at = time.monotonic()
+            log.warning("broker_connection_lost", reason=type(exc).__name__ if exc else None)
+
+    def _on_reconnected(self, _: object) -> None:
+        down = None if self._lost_at is None else round(time.monotonic() - self._lost_at, 1)
+        self._lost_at = None
+        log.info("broker_reconnected", down_seconds=down)
+
+    @property
+    def key_ok(self) -> bool:
+        """Whether Clerk's last word on the key accepted it (true until it has said anything)."""
+        return self.clerk.key_accepted is not False
+
+    def readiness(self) -> dict[str, bool]:
+        """The checks behind /readyz."""
+        connection = self._connection
+        return {
+            "connected": connection is not None and connection.connected.is_set(),
+            "broker_unblocked": connection is None or not broker.is_blocked(connection),
+            "consuming": self._consumers is not None and self._consumers.consuming,
+            "key_ok": self.key_ok,
+            "upstream_available": not self.breaker.is_open,
+            "rate_limit_available": self.clerk.limiter.available,
+            "idempotency_store_available": self.dedup.available,
+            "audit_routed": self.parts.audit_or_none is None or self.parts.audit_or_none.routed,
+        }
+
+    async def shutdown(self) -> None:
+        """Stop taking requests, finish or return those in flight, close everything.
+
+        No call to Clerk starts any more: a request that has not sent its create goes back to its
+        queue at once; one whose create was sent waits for Clerk's answer and delivers it (the
+        grace period covers a call: config checks it).
+        """
+        self.stopping.set()
+        self.clerk.stop_sending()
+        if self._consumers is not None:
+            await self._consumers.pause()
+        pending = {t for t in (*self._tasks, self.key_probe.task) if t is not None and not t.done()}
+        if pending:
+            grace = max(0.0, self.settings.shutdown_grace_seconds - SHUTDOWN_MARGIN_SECONDS)
+            _, late = await asyncio.wait(pending, timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        await self._settle_in_process_answers()
+        await self.breaker.close()
+        if self._redis_watch is not None:
+            self._redis_watch.cancel()
+            await asyncio.gather(self._redis_watch, return_exceptions=True)
+        if self._connection is not None:
+            # Whatever is still unacknowledged returns to its queue.
+            with contextlib.suppress(*broker.CHANNEL_FAILURES):
+                await self._connection.close()
+        await self.clerk.close()
+        await self.dedup.close()
+        await self.health.stop()
+        if self._connection is not None:
+            log.info("worker_stopped")
+
+    async def _settle_in_process_answers(self) -> None:
+        """At a stop, the in-process store's undelivered tokens die with it: revoke the unpublished, count the rest.
+
+        Their requests go back to their queues, and the next worker answers them with new tokens.
+        With REDIS_URL nothing is to do: an unsettled answer outlives the process, and the
+        redelivery sends it.
+        """
+        store = self.dedup
+        if not isinstance(store, MemoryIdempotencyStore) or self.parts.publisher_or_none is None:
+            return
+        for left in store.unsettled():
+            reply = left.remembered.reply
+            if not isinstance(reply, Created):
+                continue
+            token_id = reply.sign_in_token.id
+            if left.published:
+                # Its reply was published and its confirm lost: the caller may hold it.
+                self.metrics.count_unsettled("fate_unknown_at_stop")
+                log.warning("token_fate_unknown", sign_in_token_id=token_id, reason="fate_unknown_at_stop")
+                continue
+            store.forget(left.key)
+            subject = left.context
+            if not isinstance(subject, Subject):
+                subject = Subject(left.key[0] or None, Lane.INTERACTIVE, None, left.key[1])
+            await self.pipeline.revocations.order(token_id, subject, "stopped_before_delivery")
+
+    # -- each delivery -------------------------------------------------------
+
+    async def _on_message(self, message: DeliveredMessage, lane: Source) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        in_flight = self.metrics.labelled(self.metrics.in_flight, source_label(lane))
+        in_flight.inc()
+        try:
+            await self.pipeline.handle(message, lane)
+        except KeyRejectedError:
+            await self.key_probe.hold(message, lane)
+        except ShutdownRequestedError:
+            await self.pipeline.settle.give_back(message, "shutting_down")
+        except Exception as exc:  # noqa: BLE001 - a defect must not leave the request stuck
+            await self.pipeline.settle.after_defect(message, exc)
+        finally:
+            in_flight.dec()
+            if task is not None:
+                self._tasks.discard(task)
+
+    # -- pauses --------------------------------------------------------------
+
+    async def _watch_redis(self, links: list[RedisLink]) -> None:
+        """Pause consumption while any link to Redis fails; ask the failed ones until they answer.
+
+        A link with nothing to send is asked too (PING) once it has been quiet for
+        ``_REDIS_IDLE_CHECK_SECONDS``: an idle worker notices Redis is gone (not ready, and the
+        alert on ``idempotency_store_available``) before a request finds out.
+        """
+        while not self.stopping.is_set():
+            await asyncio.sleep(_REDIS_WATCH_SECONDS)
+            for link in links:
+                if not link.available or link.idle_for() >= _REDIS_IDLE_CHECK_SECONDS:
+                    await link.check()
+            if all(link.available for link in links):
+                if "redis_unavailable" in self._paused:
+                    await self._resume("redis_unavailable")
+            elif "redis_unavailable" not in self._paused:
+                await self._pause("redis_unavailable")
+
+    async def _pause(self, reason: str) -> None:
+        """Stop taking requests for ``reason`` (a rejected key, Clerk unavailable)."""
+        self._paused.add(reason)
+        if self._consumers is not None:
+            await self._consumers.pause()
+
+    async def _resume(self, reason: str) -> None:
+        """Take requests again once no reason to pause remains."""
+        self._paused.discard(reason)
+        if not self._paused and self._consumers is not None and not self.stopping.is_set():
+            await self._consumers.resume()
+
+
+async def run_worker(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    name: str = "sign-in-token-worker",
+    started: Callable[[Worker], object] | None = None,
+) -> None:
+    """Run a worker until ``stop`` is set, then shut it down within the grace period.
+
+    A stop during start-up (the broker still being retried) ends the start at once.
+    ``started`` is told of the worker once it exists (SIGHUP reloads its policy).
+    """
+    worker = Worker(settings, name=name)
+    if started is not None:
+        started(worker)
+    starting = asyncio.ensure_future(worker.start())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()
+            await stopped
+        else:
+            log.info("stopped_during_start")
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+    finally:
+        stopped.cancel()
+        await worker.shutdown()

@@ -1,0 +1,66 @@
+"""What one message's path uses, made once by the worker and shared by each step of the path.
+
+The worker (``lifecycle.py``) builds the parts and opens the broker's side at start; the steps of
+the pipeline (``pipeline.py``, ``issuing.py``, ``delivery.py``, ``revocations.py``,
+``settle.py``) each take the parts they need from here, and nothing of the lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+from service.amqp import publisher
+from service.amqp.acks import Acks
+from service.clerk.breaker import UpstreamBreaker
+from service.clerk.retry import RetryPolicy
+from service.clerk.upstream import ClerkClient
+from service.config import Settings
+from service.contract.errors import ShutdownRequestedError
+from service.state.dedup import IdempotencyStore
+from service.state.grants import Grants
+from service.trust.audit import AuditTrail
+from service.trust.policy import Policy
+from service.worker.health import Metrics
+
+_NOT_STARTED = "Worker.start() was not called"
+
+
+@dataclass
+class Parts:
+    """The worker's parts a message's path uses (the broker's two are set by the worker's start)."""
+
+    settings: Settings
+    metrics: Metrics
+    clerk: ClerkClient
+    retry: RetryPolicy
+    breaker: UpstreamBreaker
+    dedup: IdempotencyStore
+    grants: Grants
+    policy: Policy
+    stopping: asyncio.Event
+    acks: Acks = field(default_factory=Acks)
+    publisher_or_none: publisher.ReplyPublisher | None = None
+    audit_or_none: AuditTrail | None = None
+
+    @property
+    def publisher(self) -> publisher.ReplyPublisher:
+        """Replies, dead letters and revocation orders go out through it."""
+        if self.publisher_or_none is None:
+            raise RuntimeError(_NOT_STARTED)
+        return self.publisher_or_none
+
+    @property
+    def audit(self) -> AuditTrail:
+        """Where every outcome is recorded."""
+        if self.audit_or_none is None:
+            raise RuntimeError(_NOT_STARTED)
+        return self.audit_or_none
+
+    async def sleep_unless_stopping(self, seconds: float) -> None:
+        """Wait ``seconds``; ShutdownRequestedError as soon as the worker is told to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=seconds)
+        if self.stopping.is_set():
+            raise ShutdownRequestedError("shutting down")

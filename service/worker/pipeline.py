@@ -1,0 +1,108 @@
+"""One message's life: envelope → who asks → where the reply goes → the operation → audit → reply → ack.
+
+A request is acknowledged only after its audit event and its reply are confirmed by the broker,
+or after it has been dead-lettered. Anything that fails before then leaves it unacknowledged (or
+returns it to its queue), and the broker delivers it again; the idempotency store answers a
+redelivery with the same token.
+
+Each queue the worker consumes runs one operation (``Pipeline.issues``, ``Pipeline.answers``):
+creating a sign-in token on the two lanes, revoking one on REVOKE_QUEUE. The worker's own revocation orders
+(REVOCATIONS_QUEUE) are carried out by ``revocations.py``. The lifecycle around the pipeline
+(start, stop, pauses, the key probe) is ``lifecycle.py``'s.
+"""
+
+from __future__ import annotations
+
+from aiormq.abc import DeliveredMessage
+from opentelemetry.trace import SpanKind
+
+from service import tracing
+from service.amqp.envelope import Envelope
+from service.contract.errors import InvalidRequestError
+from service.contract.lanes import REVOCATIONS, REVOKE, Lane, Source, source_label
+from service.contract.messages import CreateSignInTokenRequestBody, UndecodableError
+from service.logs import bind_request
+from service.trust.audit import Subject
+from service.worker.delivery import Delivery, failed
+from service.worker.issuing import Issuing
+from service.worker.operations import Answers, Issues
+from service.worker.operations.revoke import RevokeSignInToken
+from service.worker.operations.sign_in_token import CreateSignInToken
+from service.worker.parts import Parts
+from service.worker.revocations import Revocations
+from service.worker.settle import Settle
+
+
+class Pipeline:
+    """Answer one request (a create, or a revocation), or dead-letter it; KeyRejectedError on a 401."""
+
+    def __init__(self, parts: Parts) -> None:
+        """The path's steps, each on ``parts``, and the operation of each queue."""
+        self.parts = parts
+        self.settle = Settle(parts)
+        self.revocations = Revocations(parts, self.settle)
+        self.delivery = Delivery(parts, self.settle, self.revocations)
+        self.issuing = Issuing(parts, self.delivery, self.revocations)
+        # The operation of each queue: one that issues a token, or one answered as it comes.
+        create = CreateSignInToken(parts.settings)
+        self.issues: dict[Source, Issues[CreateSignInTokenRequestBody]] = {Lane.INTERACTIVE: create, Lane.BULK: create}
+        self.answers: dict[Source, Answers] = {REVOKE: RevokeSignInToken(parts, self.revocations)}
+        self._own_queues = parts.settings.own_queues
+
+    async def handle(self, message: DeliveredMessage, source: Source) -> None:
+        """Answer one request; with tracing on, its span continues the caller's trace (``traceparent``)."""
+        if not tracing.enabled():
+            await self._handle(message, source)
+            return
+        with tracing.span(
+            "sign_in_tokens process",
+            parent=tracing.extract(message.header.properties.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation": "process",
+                "messaging.destination.name": message.routing_key or "",
+                "sign_in_tokens.lane": source_label(source),
+            },
+        ):
+            await self._handle(message, source)
+
+    async def _handle(self, message: DeliveredMessage, source: Source) -> None:
+        if source == REVOCATIONS:
+            await self.revocations.carry_out(message)
+            return
+        envelope = Envelope.of(message, self.parts.settings.results_queue)
+        bind_request(
+            correlation_id=envelope.correlation_id,
+            message_id=envelope.message_id,
+            publisher=envelope.publisher,
+            lane=source_label(source),
+        )
+        policy = self.parts.policy  # this request's rules, whatever a reload does meanwhile
+        # A revocation goes to Clerk as an interactive call, and is audited on that lane.
+        lane = source if isinstance(source, Lane) else Lane.INTERACTIVE
+        subject = Subject(
+            envelope.publisher, lane, envelope.correlation_id, envelope.message_id, source=source_label(source)
+        )
+        if not policy.knows(envelope.publisher):
+            # A caller with no rules gets nothing, wherever its reply_to points: not even a refusal.
+            await self.settle.dead_letter(message, subject, "forbidden_caller", ("refused", "forbidden"))
+            return
+        if envelope.reply_to in self._own_queues or not policy.reply_allowed(envelope.publisher, envelope.reply_to):
+            # Nothing goes to a queue the caller may not use (nor to one of the service's), not even a refusal.
+            await self.settle.dead_letter(message, subject, "forbidden_reply_to", ("refused", "forbidden"))
+            return
+        answers = self.answers.get(source)
+        try:
+            if answers is None:
+                await self.issuing.answer(message, envelope, subject, policy, self.issues[source])
+                return
+            reply = await answers.answer(message.body, envelope, subject, policy)
+        except UndecodableError as exc:
+            if not envelope.has_reply_to:
+                await self.settle.dead_letter(message, subject, "undecodable", ("failed", InvalidRequestError.code))
+                return
+            reply = failed(InvalidRequestError(str(exc)))
+        except InvalidRequestError as exc:
+            reply = failed(exc)
+        await self.delivery.deliver(message, envelope, reply, subject)
