@@ -14,9 +14,11 @@ ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never UV_PROJECT
 WORKDIR /src
 # The dependencies first: a layer that changes only with the lock file.
 COPY pyproject.toml uv.lock ./
-RUN uv sync --frozen --no-dev --no-install-project
+COPY clients/python/pyproject.toml clients/python/README.md ./clients/python/
+RUN uv sync --frozen --no-dev --no-install-workspace
 COPY README.md ./
 COPY service ./service
+COPY clients/python/src ./clients/python/src
 RUN uv sync --frozen --no-dev --no-editable
 
 FROM python:3.11-slim-bookworm

@@ -23,11 +23,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from drain import ROOT
+from sign_in_tokens_client.contract.lanes import Lane
+from sign_in_tokens_client.contract.messages import Created, SignInToken
 
 from service.clerk.ratelimit import MemoryWindow, Window
 from service.clerk.ratelimit._redis import RedisWindow
-from service.contract.lanes import Lane
-from service.contract.messages import Created, SignInToken
 from service.local.redis_server import LocalRedis
 from service.state.dedup import IdempotencyStore, idempotency_key
 from service.state.dedup._redis import RedisIdempotencyStore

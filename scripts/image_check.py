@@ -38,11 +38,11 @@ import tomllib
 from pathlib import Path
 
 import aiohttp
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.connection import broker_user
 
-from service.callers.client import SignInTokenClient
 from service.local.fake_clerk import FakeClerk
 from service.local.rabbitmq import LocalBroker, free_port
-from service.urls import broker_user
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]

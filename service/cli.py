@@ -21,12 +21,12 @@ import click
 import msgspec
 import structlog
 import uvloop
+from sign_in_tokens_client.connection import BrokerUnavailableError
+from sign_in_tokens_client.contract.errors import ConfigError, ServiceError
+from sign_in_tokens_client.contract.lanes import Lane
 
 from service import tracing
-from service.amqp.broker import BrokerUnavailableError
 from service.config import FIELDS, Settings, env_name, load_settings, read_key_file
-from service.contract.errors import ConfigError, ServiceError
-from service.contract.lanes import Lane
 from service.logs import SCRUBBER, configure_logging
 
 # The bulk tool's default silence before it gives up (callers.bulk.REPLY_TIMEOUT_SECONDS; it imports aio-pika).
@@ -212,8 +212,8 @@ def request(
     if not math.isfinite(timeout) or timeout <= 0:
         fail(f"--timeout: expected a positive number of seconds, got {timeout}", EXIT_CONFIG)
     settings = _settings_or_exit(options_environ(options))
-    from service.callers.client import ConnectionLostError, SignInTokenClient  # noqa: PLC0415
-    from service.contract.messages import Created  # noqa: PLC0415
+    from sign_in_tokens_client.client import ConnectionLostError, SignInTokenClient  # noqa: PLC0415
+    from sign_in_tokens_client.contract.messages import Created  # noqa: PLC0415
 
     async def ask(_: asyncio.Event) -> bool:
         async with SignInTokenClient(

@@ -21,10 +21,11 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import Meta
+from sign_in_tokens_client.connection import broker_user
+from sign_in_tokens_client.contract.errors import ConfigError
 from yarl import URL
 
-from service.contract.errors import ConfigError
-from service.urls import MASK, _check_redis_parameters, broker_user, check_clerk_url, check_tls, check_url, masked_url
+from service.urls import MASK, _check_redis_parameters, check_clerk_url, check_tls, check_url, masked_url
 
 QueueName = Annotated[str, Meta(min_length=1, max_length=255)]
 # Clerk's documented limits per 10 s: production and development instances.

@@ -18,8 +18,7 @@ from typing import Any
 
 import msgspec
 import structlog
-
-from service.amqp.wire import printable
+from sign_in_tokens_client.wire import printable
 
 REDACTED = "[REDACTED]"
 _SECRET_PATTERNS = (

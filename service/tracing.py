@@ -7,7 +7,8 @@ the Clerk call, the audit event, the reply), and writes the context into the
 reply's and the audit event's headers. Attributes name lanes, outcomes and
 attempts: never a token, its URL or the key.
 
-``configure_from_env`` turns it on when ``OTEL_EXPORTER_OTLP_ENDPOINT``,
+The spans themselves are the client library's (``sign_in_tokens_client.tracing``, which the
+service shares). ``configure_from_env`` turns it on when ``OTEL_EXPORTER_OTLP_ENDPOINT``,
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or ``OTEL_TRACES_EXPORTER`` (``otlp``,
 or ``console`` to print spans) is set; the exporter reads the rest of the
 ``OTEL_*`` variables itself (headers, timeouts, ``OTEL_SERVICE_NAME``,
@@ -17,50 +18,33 @@ or ``console`` to print spans) is set; the exporter reads the rest of the
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Mapping, MutableMapping
-from contextlib import AbstractContextManager
-from typing import Any, Final
+from collections.abc import Mapping
+from typing import Final
 
-from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import Span, SpanKind, Tracer, TracerProvider, get_current_span
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from sign_in_tokens_client.contract.errors import ConfigError
+from sign_in_tokens_client.tracing import INSTRUMENTATION, annotate, client_span, enabled, extract, inject, span, use
 from yarl import URL
 
-from service.contract.errors import ConfigError
 from service.urls import MASK, is_loopback, masked_url
 
-INSTRUMENTATION: Final = "sign-in-token-service"
+__all__ = [
+    "annotate",
+    "check_exporter",
+    "client_span",
+    "configure_from_env",
+    "enabled",
+    "extract",
+    "inject",
+    "shown_settings",
+    "span",
+    "use",
+]
+
 _ENV_SWITCHES: Final = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER")
 # The exporter's headers (often a vendor's API key), the traces' own first.
 _HEADERS: Final = ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
 _ENDPOINTS: Final = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
-_PROPAGATOR: Final = TraceContextTextMapPropagator()
-_tracer: Tracer | None = None
-
-
-class _HeaderGetter(Getter[Mapping[str, Any]]):
-    """Reads AMQP headers, whose values may arrive as bytes."""
-
-    def get(self, carrier: Mapping[str, Any], key: str) -> list[str] | None:
-        value = carrier.get(key)
-        if value is None:
-            return None
-        return [value.decode("utf-8", "replace") if isinstance(value, bytes | bytearray) else str(value)]
-
-    def keys(self, carrier: Mapping[str, Any]) -> list[str]:
-        return list(carrier)
-
-
-_GETTER: Final = _HeaderGetter()
-
-
-def use(provider: TracerProvider | None) -> None:
-    """Trace with ``provider`` (None: off)."""
-    global _tracer  # noqa: PLW0603 - one tracer for the process, set at start
-    _tracer = provider.get_tracer(INSTRUMENTATION) if provider is not None else None
 
 
 def check_exporter(environ: Mapping[str, str]) -> None:
@@ -117,50 +101,3 @@ def configure_from_env(environ: Mapping[str, str] = os.environ) -> bool:
     provider.add_span_processor(BatchSpanProcessor(exporter))
     use(provider)
     return True
-
-
-def enabled() -> bool:
-    """Whether spans are made."""
-    return _tracer is not None
-
-
-_OFF: Final[contextlib.nullcontext[None]] = contextlib.nullcontext()
-
-
-def span(
-    name: str,
-    *,
-    parent: Context | None = None,
-    kind: SpanKind = SpanKind.INTERNAL,
-    attributes: Mapping[str, str | int | bool] | None = None,
-) -> AbstractContextManager[Span | None]:
-    """A span (the current one's child, or ``parent``'s), current inside the block; None when tracing is off.
-
-    Off, the same do-nothing context manager every time: nothing is made per message.
-    """
-    if _tracer is None:
-        return _OFF
-    return _tracer.start_as_current_span(name, context=parent, kind=kind, attributes=attributes)
-
-
-def annotate(**attributes: str | int | bool | None) -> None:
-    """Set attributes on the current span (those that are None are left out)."""
-    if _tracer is None:
-        return
-    current = get_current_span()
-    for key, value in attributes.items():
-        if value is not None:
-            current.set_attribute(key, value)
-
-
-def extract(headers: Mapping[str, Any] | None) -> Context | None:
-    """The trace context a message's headers carry, or None."""
-    if _tracer is None or not headers or "traceparent" not in headers:
-        return None
-    return _PROPAGATOR.extract(headers, getter=_GETTER)
-
-
-def inject(headers: MutableMapping[str, Any]) -> None:
-    """Write the current trace context (``traceparent``, ``tracestate``) into ``headers``."""
-    if _tracer is not None:
-        _PROPAGATOR.inject(headers)

@@ -7,34 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+from sign_in_tokens_client.contract.errors import ConfigError
 from yarl import URL
 
-from service.contract.errors import ConfigError
-
 MASK = "********"
-
-
-# aiormq's user when AMQP_URL names none (and logs in with a password).
-_AMQP_DEFAULT_USER: Final = "guest"
-
-
-def broker_user(amqp_url: str, amqp_user: str | None = None) -> str:
-    """The broker user an AMQP URL logs in as: ``amqp_user``, else the URL's, else aiormq's default.
-
-    ConfigError when the URL logs in without a user name (``auth=external``) and none is given.
-    """
-    if amqp_user:
-        return amqp_user
-    url = URL(amqp_url)
-    if url.user:
-        return url.user
-    if url.query.get("auth", "").upper() == "EXTERNAL":
-        msg = (
-            "AMQP_USER: AMQP_URL logs in with auth=external (a client certificate): "
-            "set AMQP_USER to the broker user it maps to"
-        )
-        raise ConfigError(msg)
-    return _AMQP_DEFAULT_USER
 
 
 # redis-py hands every query parameter of REDIS_URL to its connections (ssl_ciphers=aNULL would take

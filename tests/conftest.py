@@ -21,13 +21,13 @@ import aio_pika
 import pytest
 import redis.asyncio
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.connection import broker_user
 
-from service.callers.client import SignInTokenClient
 from service.config import Settings, load_settings
 from service.local.fake_clerk import FakeClerk
 from service.local.rabbitmq import LocalBroker
 from service.local.redis_server import LocalRedis
-from service.urls import broker_user
 from service.worker.lifecycle import Worker
 from tests import ledger
 

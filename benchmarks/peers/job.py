@@ -15,8 +15,7 @@ import signal
 
 import aiohttp
 import msgspec
-
-from service.contract.messages import Created, CreateSignInTokenRequestBody, SignInToken
+from sign_in_tokens_client.contract.messages import Created, CreateSignInTokenRequestBody, SignInToken
 
 PREFETCH = 256
 

@@ -15,11 +15,11 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq.abc import DeliveredMessage
+from sign_in_tokens_client.connection import CHANNEL_FAILURES
+from sign_in_tokens_client.contract.lanes import Source, source_label
 
-from service.amqp.broker import CHANNEL_FAILURES
 from service.amqp.topology import lane_queue_names
 from service.config import Settings
-from service.contract.lanes import Source, source_label
 
 # What the consumers hand each delivery to, with the queue's source.
 OnMessage = Callable[[DeliveredMessage, Source], Coroutine[Any, Any, None]]

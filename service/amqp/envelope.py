@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiormq.abc import DeliveredMessage
+from sign_in_tokens_client.contract.errors import InvalidRequestError
 
-from service.contract.errors import InvalidRequestError
 from service.state.dedup import IdempotencyKey, idempotency_key
 
 

@@ -42,13 +42,12 @@ from aio_pika.exceptions import DeliveryError
 from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 from pamqp import commands as spec
+from sign_in_tokens_client import wire as amqp_wire
+from sign_in_tokens_client.connection import CALLER_HEADER, CHANNEL_FAILURES
 
 from service import tracing
-from service.amqp import wire as amqp_wire
 from service.amqp.broker import (
     BLOCKED_POLL_SECONDS,
-    CALLER_HEADER,
-    CHANNEL_FAILURES,
     ReplyFateUnknownError,
     ReplyRefusedError,
     is_blocked,

@@ -15,10 +15,10 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from sign_in_tokens_client.connection import CHANNEL_FAILURES
+from sign_in_tokens_client.contract.lanes import REVOCATIONS, REVOKE, Lane, Source
 
-from service.amqp.broker import CHANNEL_FAILURES
 from service.config import Settings
-from service.contract.lanes import REVOCATIONS, REVOKE, Lane, Source
 
 log = structlog.get_logger(__name__)
 

@@ -1,1 +1,1 @@
-"""What other teams run: the client library and the bulk tool."""
+"""What other teams run: the bulk tool (the client library is the sign_in_tokens_client distribution)."""

@@ -42,9 +42,11 @@ import aio_pika
 import msgspec
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from sign_in_tokens_client.connection import CHANNEL_FAILURES, open_connection
+from sign_in_tokens_client.contract.messages import JSON, Created, Failed, Reply, decode_reply, outcome
+from sign_in_tokens_client.replies import forged_because
 from tqdm import tqdm
 
-from service.amqp.broker import CHANNEL_FAILURES, open_connection
 from service.callers.bulk_files import (
     BadRow,
     BulkInputError,
@@ -55,8 +57,6 @@ from service.callers.bulk_files import (
     refuse_links,
     write_failures,
 )
-from service.callers.replies import forged_because
-from service.contract.messages import JSON, Created, Failed, Reply, decode_reply, outcome
 
 log = structlog.get_logger(__name__)
 

@@ -19,9 +19,13 @@ import time
 from collections.abc import Awaitable, Callable
 
 import structlog
+from sign_in_tokens_client.contract.errors import (
+    DeadlineExceededError,
+    ShutdownRequestedError,
+    UpstreamUnavailableError,
+)
 
 from service.clerk.retry import probe_delays
-from service.contract.errors import DeadlineExceededError, ShutdownRequestedError, UpstreamUnavailableError
 
 log = structlog.get_logger(__name__)
 

@@ -14,9 +14,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
+from sign_in_tokens_client.contract.errors import DeadlineExceededError, RateLimitedError, RequestError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
-
-from service.contract.errors import DeadlineExceededError, RateLimitedError, RequestError
 
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]

@@ -29,11 +29,7 @@ from urllib.parse import quote
 import aiohttp
 import msgspec
 from opentelemetry.trace import SpanKind
-
-from service import __version__, tracing
-from service.clerk.ratelimit import ClerkRateLimiter
-from service.config import Settings
-from service.contract.errors import (
+from sign_in_tokens_client.contract.errors import (
     DeadlineExceededError,
     KeyRejectedError,
     RateLimitedError,
@@ -44,13 +40,17 @@ from service.contract.errors import (
     UpstreamUnavailableError,
     UserNotFoundError,
 )
-from service.contract.lanes import Lane, LaneGate
-from service.contract.messages import (
+from sign_in_tokens_client.contract.lanes import Lane, LaneGate
+from sign_in_tokens_client.contract.messages import (
     ClerkErrors,
     SignInToken,
     clerk_errors_decoder,
     clerk_token_decoder,
 )
+
+from service import __version__, tracing
+from service.clerk.ratelimit import ClerkRateLimiter
+from service.config import Settings
 
 Observe = Callable[[str, float], None]
 # Each call's span, named once: nothing is built per call while tracing is off.

@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any, Final, get_args
 
 import msgspec
+from sign_in_tokens_client.contract.errors import BY_CODE
+from sign_in_tokens_client.contract.messages import JSON, MSGPACK, Reply, RevokeRequest, SignInTokenRequest
 
 from service import __version__
 from service.amqp.publisher import DeadLetterReason
 from service.config import Settings
-from service.contract.errors import BY_CODE
-from service.contract.messages import JSON, MSGPACK, Reply, RevokeRequest, SignInTokenRequest
 from service.trust.audit import AuditEvent
 
 ERROR_CODES: Final = tuple(BY_CODE)

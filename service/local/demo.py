@@ -21,14 +21,14 @@ from typing import Any
 
 import click
 import msgspec
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.messages import Created, Failed, Reply
+from sign_in_tokens_client.replies import ReceivedReply
 from tqdm import tqdm
 
 from service.callers.bulk import BulkRun, BulkService, default_outstanding, report
 from service.callers.bulk_files import failures_path_for
-from service.callers.client import SignInTokenClient
-from service.callers.replies import ReceivedReply
 from service.config import Settings, load_settings
-from service.contract.messages import Created, Failed, Reply
 from service.local.fake_clerk import FakeClerk
 from service.local.rabbitmq import LocalBroker
 from service.local.redis_server import LocalRedis

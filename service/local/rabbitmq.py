@@ -25,8 +25,7 @@ from types import TracebackType
 from typing import Self
 
 import aio_pika
-
-from service.contract.errors import ConfigError
+from sign_in_tokens_client.contract.errors import ConfigError
 
 _SERVER_PATHS = ("/usr/lib/rabbitmq/bin/rabbitmq-server", "/usr/sbin/rabbitmq-server")
 _CTL_TIMEOUT_SECONDS = 60.0

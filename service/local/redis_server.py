@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import redis.asyncio
+from sign_in_tokens_client.contract.errors import ConfigError
 
-from service.contract.errors import ConfigError
 from service.local.rabbitmq import LocalServer, TlsListener, free_port
 
 _BOOT_TIMEOUT_SECONDS = 30.0

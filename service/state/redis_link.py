@@ -35,8 +35,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
-
-from service.contract.errors import ConfigError, untrusted_certificate
+from sign_in_tokens_client.contract.errors import ConfigError, untrusted_certificate
 
 REDIS_TIMEOUT_SECONDS: Final = 2.0
 # While Redis is unreachable, how often a waiting caller asks again.

@@ -22,15 +22,16 @@ import aio_pika
 import msgspec
 from aio_pika.abc import AbstractRobustConnection
 from pamqp import commands as spec
+from sign_in_tokens_client.connection import CHANNEL_FAILURES
+from sign_in_tokens_client.contract.lanes import Lane
+from sign_in_tokens_client.contract.messages import Created, CreateSignInTokenRequestBody, Reply, Revoked, outcome
+from sign_in_tokens_client.wire import printable
 
 from service import tracing
-from service.amqp.broker import CHANNEL_FAILURES, ReplyRefusedError
+from service.amqp.broker import ReplyRefusedError
 from service.amqp.publisher import ReplyPublisher
 from service.amqp.topology import declare_audit_exchange
-from service.amqp.wire import printable
 from service.config import Settings
-from service.contract.lanes import Lane
-from service.contract.messages import Created, CreateSignInTokenRequestBody, Reply, Revoked, outcome
 
 Event = Literal["created", "refused", "failed", "revoked"]
 # The codes of requests the policy turned away: ``refused``, not ``failed``.

@@ -34,11 +34,11 @@ from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
+from sign_in_tokens_client.contract.errors import ConfigError, ForbiddenError
+from sign_in_tokens_client.contract.lanes import Lane
+from sign_in_tokens_client.contract.messages import CreateSignInTokenRequestBody as Request
 
 from service.config import Settings
-from service.contract.errors import ConfigError, ForbiddenError
-from service.contract.lanes import Lane
-from service.contract.messages import CreateSignInTokenRequestBody as Request
 
 LaneName = Literal["interactive", "bulk"]
 Pattern = Annotated[str, Meta(min_length=1, max_length=255)]

@@ -9,12 +9,20 @@ from __future__ import annotations
 import structlog
 from aiormq.abc import DeliveredMessage
 from opentelemetry.trace import SpanKind
+from sign_in_tokens_client.contract.errors import RequestError
+from sign_in_tokens_client.contract.messages import (
+    Created,
+    ErrorDetail,
+    Failed,
+    Reply,
+    encode_reply,
+    outcome,
+    reply_content_type,
+)
 
 from service import tracing
 from service.amqp import broker, publisher
 from service.amqp.envelope import Envelope
-from service.contract.errors import RequestError
-from service.contract.messages import Created, ErrorDetail, Failed, Reply, encode_reply, outcome, reply_content_type
 from service.state.dedup import NO_CLAIM, Claim, Found
 from service.state.redis_link import REDIS_FAILURES
 from service.trust.audit import Subject, outcome_event

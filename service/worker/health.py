@@ -14,9 +14,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
-
-from service.contract.errors import BY_CODE, ConfigError
-from service.contract.lanes import REVOKE, Lane
+from sign_in_tokens_client.contract.errors import BY_CODE, ConfigError
+from sign_in_tokens_client.contract.lanes import REVOKE, Lane
 
 # A `_created` series holds a Unix timestamp under a counter's name (requests_created
 # reads like a token count); nothing here needs it.

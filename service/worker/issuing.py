@@ -13,18 +13,18 @@ from typing import Literal
 
 import structlog
 from aiormq.abc import DeliveredMessage
-
-from service import tracing
-from service.amqp.envelope import Envelope
-from service.clerk.breaker import OutageHold
-from service.contract.errors import (
+from sign_in_tokens_client.contract.errors import (
     DeadlineExceededError,
     InvalidRequestError,
     RequestError,
     UpstreamMalformedError,
     UpstreamUnavailableError,
 )
-from service.contract.messages import Created, Reply, SignInToken
+from sign_in_tokens_client.contract.messages import Created, Reply, SignInToken
+
+from service import tracing
+from service.amqp.envelope import Envelope
+from service.clerk.breaker import OutageHold
 from service.logs import bind
 from service.state.dedup import UNRELATED, Claim, ClaimLostError, Found, Remembered
 from service.state.grants import CLERK_DEFAULT_LIFETIME_SECONDS

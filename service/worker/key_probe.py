@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiormq.abc import DeliveredMessage
+from sign_in_tokens_client.contract.errors import KeyRejectedError, ShutdownRequestedError, UpstreamUnavailableError
+from sign_in_tokens_client.contract.lanes import Source
 
 from service.clerk.retry import probe_delays
-from service.contract.errors import KeyRejectedError, ShutdownRequestedError, UpstreamUnavailableError
-from service.contract.lanes import Source
 from service.worker.parts import Parts
 from service.worker.pipeline import Pipeline
 

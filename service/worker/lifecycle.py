@@ -16,15 +16,16 @@ from typing import TYPE_CHECKING, Final
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
+from sign_in_tokens_client.connection import CHANNEL_FAILURES
+from sign_in_tokens_client.contract.errors import ConfigError, KeyRejectedError, ShutdownRequestedError
+from sign_in_tokens_client.contract.lanes import Lane, Source, source_label
+from sign_in_tokens_client.contract.messages import Created
 
 from service.amqp import broker, consumers, publisher, topology
 from service.clerk.breaker import UpstreamBreaker
 from service.clerk.retry import RetryPolicy
 from service.clerk.upstream import ClerkClient
 from service.config import SHUTDOWN_MARGIN_SECONDS, Settings
-from service.contract.errors import ConfigError, KeyRejectedError, ShutdownRequestedError
-from service.contract.lanes import Lane, Source, source_label
-from service.contract.messages import Created
 from service.state.dedup import IdempotencyStore, open_store
 from service.state.dedup.memory import MemoryIdempotencyStore
 from service.state.grants import Grants
@@ -259,7 +260,7 @@ class Worker:
             await asyncio.gather(self._redis_watch, return_exceptions=True)
         if self._connection is not None:
             # Whatever is still unacknowledged returns to its queue.
-            with contextlib.suppress(*broker.CHANNEL_FAILURES):
+            with contextlib.suppress(*CHANNEL_FAILURES):
                 await self._connection.close()
         await self.clerk.close()
         await self.dedup.close()

@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
+from sign_in_tokens_client.contract.errors import ShutdownRequestedError
+
 from service.amqp import publisher
 from service.amqp.acks import Acks
 from service.clerk.breaker import UpstreamBreaker
 from service.clerk.retry import RetryPolicy
 from service.clerk.upstream import ClerkClient
 from service.config import Settings
-from service.contract.errors import ShutdownRequestedError
 from service.state.dedup import IdempotencyStore
 from service.state.grants import Grants
 from service.trust.audit import AuditTrail

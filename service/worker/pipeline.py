@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from aiormq.abc import DeliveredMessage
 from opentelemetry.trace import SpanKind
+from sign_in_tokens_client.contract.errors import InvalidRequestError
+from sign_in_tokens_client.contract.lanes import REVOCATIONS, REVOKE, Lane, Source, source_label
+from sign_in_tokens_client.contract.messages import CreateSignInTokenRequestBody, UndecodableError
 
 from service import tracing
 from service.amqp.envelope import Envelope
-from service.contract.errors import InvalidRequestError
-from service.contract.lanes import REVOCATIONS, REVOKE, Lane, Source, source_label
-from service.contract.messages import CreateSignInTokenRequestBody, UndecodableError
 from service.logs import bind_request
 from service.trust.audit import Subject
 from service.worker.delivery import Delivery, failed

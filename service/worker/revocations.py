@@ -14,10 +14,10 @@ import msgspec
 import structlog
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
+from sign_in_tokens_client.contract.errors import RequestError, ServiceError, UpstreamRejectedError, UserNotFoundError
+from sign_in_tokens_client.contract.messages import JSON, SignInToken
 
 from service.amqp import broker
-from service.contract.errors import RequestError, ServiceError, UpstreamRejectedError, UserNotFoundError
-from service.contract.messages import JSON, SignInToken
 from service.logs import bind
 from service.trust.audit import Subject, read_revocation_order, revocation_order
 from service.worker.parts import Parts

@@ -11,6 +11,7 @@ import contextlib
 import structlog
 from aiormq.abc import DeliveredMessage
 from opentelemetry.trace import SpanKind
+from sign_in_tokens_client.connection import CHANNEL_FAILURES
 
 from service import tracing
 from service.amqp import broker, publisher
@@ -37,7 +38,7 @@ class Settle:
     async def give_back(self, message: DeliveredMessage, reason: str) -> None:
         """Give the request back to its queue (the broker does so anyway if the channel died)."""
         log.info("returned_to_queue", reason=reason)
-        with contextlib.suppress(*broker.CHANNEL_FAILURES):
+        with contextlib.suppress(*CHANNEL_FAILURES):
             await message.channel.basic_nack(message.delivery_tag or 0, requeue=True)
             self.parts.acks.settled(message)
 

@@ -80,6 +80,7 @@ def perform(build: list[tuple[str, str]], mapped: Mapping, base: Path) -> list[s
 
 
 def copy(source: Path, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)  # as COPY makes the folders it writes into
     if source.is_dir():
         shutil.copytree(source, destination, ignore=shutil.ignore_patterns("__pycache__"))
     else:
@@ -122,3 +123,22 @@ async def test_the_build_stage_performed_here_gives_an_entry_point_that_passes_t
     finally:
         if worker.returncode is None:
             worker.kill()
+
+
+def test_every_file_the_build_stage_copies_is_in_the_build_context() -> None:
+    """.dockerignore leaves out everything but what it names again: each COPY source must be named."""
+    kept = [
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.startswith("!")
+    ]
+    build, _ = stages((ROOT / "Dockerfile").read_text(encoding="utf-8"))
+    copied = [
+        source
+        for instruction, arguments in build
+        if instruction == "COPY" and not arguments.startswith("--from")
+        for source in arguments.split()[:-1]
+    ]
+    assert copied
+    for source in copied:
+        assert any(source.rstrip("/") == k or source.startswith(f"{k}/") for k in kept), source

@@ -13,8 +13,8 @@ import msgspec
 import psutil
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from sign_in_tokens_client.contract.messages import Created, decode_reply
 
-from service.contract.messages import Created, decode_reply
 from service.local.fake_clerk import FakeClerk
 from tests import ledger
 from tests.conftest import wait_until

@@ -15,10 +15,10 @@ import aio_pika
 import pytest
 import redis.asyncio
 from aio_pika.abc import AbstractChannel
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.messages import Created, Failed, SignInToken, decode_reply
+from sign_in_tokens_client.replies import ConnectionLostError
 
-from service.callers.client import SignInTokenClient
-from service.callers.replies import ConnectionLostError
-from service.contract.messages import Created, Failed, SignInToken, decode_reply
 from service.local.fake_clerk import FakeClerk
 from service.state.dedup import Found, idempotency_key
 from service.state.dedup.memory import MemoryIdempotencyStore

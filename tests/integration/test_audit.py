@@ -9,10 +9,10 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.lanes import Lane
+from sign_in_tokens_client.contract.messages import Created
 
-from service.callers.client import SignInTokenClient
-from service.contract.lanes import Lane
-from service.contract.messages import Created
 from service.local.fake_clerk import FakeClerk
 from service.worker.lifecycle import Worker
 from tests.conftest import WorkerFactory, get_message, queue_depth, wait_until

@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from service.callers.client import (
+from sign_in_tokens_client.client import (
     ForbiddenError,
     InvalidRequestError,
     SignInToken,
@@ -17,8 +16,9 @@ from service.callers.client import (
     UpstreamUnavailableError,
     UserNotFoundError,
 )
-from service.callers.replies import ConnectionLostError, NoReplyError
-from service.contract.lanes import Lane
+from sign_in_tokens_client.contract.lanes import Lane
+from sign_in_tokens_client.replies import ConnectionLostError, NoReplyError
+
 from service.local.fake_clerk import FakeClerk, Fault
 from service.local.rabbitmq import LocalBroker
 from tests.conftest import SettingsFactory, WorkerFactory, wait_until

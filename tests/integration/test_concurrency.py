@@ -8,10 +8,10 @@ from collections import Counter
 import aio_pika
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.lanes import Lane
+from sign_in_tokens_client.contract.messages import Created
 
-from service.callers.client import SignInTokenClient
-from service.contract.lanes import Lane
-from service.contract.messages import Created
 from service.local.fake_clerk import FakeClerk
 from service.worker.lifecycle import Worker
 from tests.conftest import WorkerFactory, wait_until

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.messages import Failed
 
 from service.amqp.publisher import _AbsentMessageId
 from service.amqp.topology import declare_topology
-from service.callers.client import SignInTokenClient
-from service.contract.messages import Failed
 from service.local.fake_clerk import FakeClerk
 from service.worker.lifecycle import Worker
 from tests.conftest import SettingsFactory, get_message, wait_until

@@ -8,9 +8,9 @@ from pathlib import Path
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.messages import ErrorDetail, Failed
 
-from service.callers.client import SignInTokenClient
-from service.contract.messages import ErrorDetail, Failed
 from service.local.fake_clerk import FakeClerk
 from service.local.rabbitmq import free_port
 from service.worker.lifecycle import Worker

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sign_in_tokens_client.connection import broker_user
 
 from service.config import Settings
 from service.local.fake_clerk import FakeClerk
 from service.trust.policy import load_policy
-from service.urls import broker_user
 from tests.conftest import WorkerFactory
 
 ROOT = Path(__file__).parents[2]

@@ -6,8 +6,8 @@ import asyncio
 
 import aiohttp
 import pytest
+from sign_in_tokens_client.client import SignInTokenClient
 
-from service.callers.client import SignInTokenClient
 from service.local.redis_server import LocalRedis
 from service.worker import lifecycle as worker_module
 from service.worker.lifecycle import Worker

@@ -8,10 +8,10 @@ import aio_pika
 import msgspec
 import pytest
 from aio_pika.abc import AbstractChannel
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.messages import Created, Failed
 
-from service.callers.client import SignInTokenClient
 from service.config import Settings
-from service.contract.messages import Created, Failed
 from service.local.fake_clerk import FakeClerk
 from service.worker.lifecycle import Worker
 from tests.conftest import SettingsFactory, WorkerFactory, get_message

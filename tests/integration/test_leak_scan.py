@@ -21,10 +21,10 @@ import aio_pika
 import aiohttp
 import msgspec
 from aio_pika.abc import AbstractChannel
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.lanes import Lane
+from sign_in_tokens_client.contract.messages import Created, Failed
 
-from service.callers.client import SignInTokenClient
-from service.contract.lanes import Lane
-from service.contract.messages import Created, Failed
 from service.local.fake_clerk import FakeClerk, Fault
 from tests.conftest import SECRET_KEY, queue_depth, wait_until
 from tests.workers import WorkerProcesses

@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from sign_in_tokens_client.connection import broker_user
 
 from service.local.fake_clerk import FakeClerk
-from service.urls import broker_user
 
 NODE_DIR = Path(__file__).parents[1] / "interop" / "node"
 

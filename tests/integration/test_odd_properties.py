@@ -8,9 +8,9 @@ import msgspec
 import pytest
 from aio_pika.abc import AbstractChannel
 from pamqp import commands as spec
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.wire import PAMQP_VERSION, installed_version
 
-from service.amqp.wire import PAMQP_VERSION, installed_version
-from service.callers.client import SignInTokenClient
 from service.local.fake_clerk import FakeClerk
 from service.worker.lifecycle import Worker
 from tests.conftest import wait_until

@@ -21,9 +21,9 @@ import pytest
 import redis.asyncio
 import yaml
 from aiormq.exceptions import ChannelAccessRefused
+from sign_in_tokens_client.client import SignInTokenClient
 
 from service.callers.bulk import BulkRun, BulkService
-from service.callers.client import SignInTokenClient
 from service.config import load_settings
 from service.local.fake_clerk import FakeClerk
 from service.local.rabbitmq import LocalBroker

@@ -15,8 +15,8 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from sign_in_tokens_client.contract.messages import Created, Failed, Reply, decode_reply
 
-from service.contract.messages import Created, Failed, Reply, decode_reply
 from service.local.fake_clerk import FakeClerk
 from tests.conftest import WorkerFactory, get_message, queue_depth, wait_until
 from tests.workers import WorkerProcesses

@@ -14,9 +14,9 @@ import aiohttp
 import psutil
 import pytest
 from aio_pika.abc import AbstractChannel
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.messages import Created
 
-from service.callers.client import SignInTokenClient
-from service.contract.messages import Created
 from service.local.fake_clerk import FakeClerk
 from service.local.rabbitmq import free_port
 from tests.conftest import SECRET_KEY, WorkerFactory, queue_depth, wait_until

@@ -8,11 +8,11 @@ import time
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractChannel
+from sign_in_tokens_client.contract.errors import DeadlineExceededError
+from sign_in_tokens_client.contract.lanes import Lane
 
 from service.clerk.ratelimit import ClerkRateLimiter
 from service.clerk.ratelimit._redis import RedisWindow
-from service.contract.errors import DeadlineExceededError
-from service.contract.lanes import Lane
 from service.local.fake_clerk import FakeClerk, FakeClerkStats
 from service.local.rabbitmq import free_port
 from tests.conftest import SECRET_KEY, WorkerFactory, wait_until

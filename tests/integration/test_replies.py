@@ -5,9 +5,9 @@ from __future__ import annotations
 import aio_pika
 import msgspec
 from aio_pika.abc import AbstractChannel
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.messages import JSON, MSGPACK, Created
 
-from service.callers.client import SignInTokenClient
-from service.contract.messages import JSON, MSGPACK, Created
 from service.local.fake_clerk import FakeClerk
 from service.worker.lifecycle import Worker
 from tests.conftest import get_message

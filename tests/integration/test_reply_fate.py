@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from service.callers.client import SignInTokenClient
-from service.contract.messages import Created
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.messages import Created
+
 from service.local.fake_clerk import FakeClerk
 from service.worker.lifecycle import Worker
 from tests.conftest import wait_until

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
-from service.callers.client import SignInTokenClient
-from service.contract.messages import Created, Failed
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.messages import Created, Failed
+
 from service.local.fake_clerk import FakeClerk
 from service.worker.lifecycle import Worker
 from tests.conftest import WorkerFactory

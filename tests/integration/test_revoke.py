@@ -5,9 +5,9 @@ from __future__ import annotations
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel
+from sign_in_tokens_client.client import ForbiddenError, InvalidRequestError, SignInTokenClient
+from sign_in_tokens_client.contract.messages import Failed, decode_reply
 
-from service.callers.client import ForbiddenError, InvalidRequestError, SignInTokenClient
-from service.contract.messages import Failed, decode_reply
 from service.local.fake_clerk import FakeClerk
 from tests.conftest import WorkerFactory, get_message
 

@@ -10,10 +10,10 @@ import pytest
 import redis.asyncio
 from aio_pika.abc import AbstractChannel
 from pamqp import commands as spec
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.errors import DeadlineExceededError
+from sign_in_tokens_client.contract.messages import Created, SignInToken
 
-from service.callers.client import SignInTokenClient
-from service.contract.errors import DeadlineExceededError
-from service.contract.messages import Created, SignInToken
 from service.local.fake_clerk import FakeClerk
 from service.local.rabbitmq import free_port
 from service.state.dedup import ClaimLostError, Found, Remembered, idempotency_key

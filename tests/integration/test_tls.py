@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import trustme
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.messages import Created
 
-from service.callers.client import SignInTokenClient
-from service.contract.messages import Created
 from service.local.rabbitmq import LocalBroker, TlsListener
 from service.local.redis_server import LocalRedis
 from tests.conftest import WorkerFactory

@@ -8,9 +8,9 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sign_in_tokens_client.client import SignInTokenClient
 
 from service import tracing
-from service.callers.client import SignInTokenClient
 from service.local.fake_clerk import FakeClerk
 from tests.conftest import WorkerFactory, wait_until
 

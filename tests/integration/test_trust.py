@@ -18,11 +18,11 @@ import msgspec
 import pytest
 from aio_pika.abc import AbstractChannel
 from aiormq.exceptions import ChannelPreconditionFailed
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.messages import Created, Failed, decode_reply
 
 from service.callers.bulk import BulkRun, BulkService, reply_queue_name
 from service.callers.bulk_files import _message_id
-from service.callers.client import SignInTokenClient
-from service.contract.messages import Created, Failed, decode_reply
 from service.local.fake_clerk import FakeClerk
 from tests.conftest import WorkerFactory, get_message, queue_depth, wait_until
 from tests.integration.test_policy import edit

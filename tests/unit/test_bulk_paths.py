@@ -8,10 +8,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from sign_in_tokens_client.contract.errors import ConfigError
 
 from service.callers.bulk_files import BulkInputError, open_private, refuse_links
 from service.config import read_key_file
-from service.contract.errors import ConfigError
 
 STRANGER = 54321
 NOBODY = 65534

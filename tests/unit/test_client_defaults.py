@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-from service.callers.client import DEFAULT_TIMEOUT_SECONDS, SignInTokenClient
+from sign_in_tokens_client.client import DEFAULT_TIMEOUT_SECONDS, SignInTokenClient
 
 
 def test_create_request_and_revoke_wait_as_long_by_default() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from sign_in_tokens_client.contract.errors import ConfigError
 
 from service.config import effective, load_settings
-from service.contract.errors import ConfigError
 from service.urls import masked_url
 
 

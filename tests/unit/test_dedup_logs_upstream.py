@@ -12,16 +12,23 @@ from collections.abc import Callable, Iterator
 import msgspec
 import pytest
 import structlog
-
-from service.clerk.upstream import error_for
-from service.contract.errors import (
+from sign_in_tokens_client.contract.errors import (
     KeyRejectedError,
     RateLimitedError,
     UpstreamRejectedError,
     UpstreamUnavailableError,
     UserNotFoundError,
 )
-from service.contract.messages import Created, ErrorDetail, Failed, Reply, SignInToken, clerk_token_decoder
+from sign_in_tokens_client.contract.messages import (
+    Created,
+    ErrorDetail,
+    Failed,
+    Reply,
+    SignInToken,
+    clerk_token_decoder,
+)
+
+from service.clerk.upstream import error_for
 from service.local.fake_clerk import clerk_errors, make_jwt
 from service.logs import REDACTED, Scrubber, configure_logging
 from service.state.dedup import Found, IdempotencyKey, Remembered, idempotency_key, pack, unpack

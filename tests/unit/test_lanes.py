@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.contract.lanes import Lane, LaneGate
+from sign_in_tokens_client.contract.lanes import Lane, LaneGate
 
 
 async def test_interactive_waiter_is_served_before_earlier_bulk_waiters() -> None:

@@ -8,9 +8,8 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from service.contract.errors import InvalidRequestError
-from service.contract.messages import (
+from sign_in_tokens_client.contract.errors import InvalidRequestError
+from sign_in_tokens_client.contract.messages import (
     JSON,
     MSGPACK,
     CreateSignInTokenRequestBody,

@@ -6,8 +6,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from sign_in_tokens_client.contract.errors import ConfigError
 
-from service.contract.errors import ConfigError
 from service.trust.policy import load_policy
 
 CONTRACT_EXAMPLE = """

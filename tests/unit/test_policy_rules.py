@@ -6,10 +6,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from sign_in_tokens_client.contract.errors import ForbiddenError
+from sign_in_tokens_client.contract.lanes import Lane
+from sign_in_tokens_client.contract.messages import CreateSignInTokenRequestBody
 
-from service.contract.errors import ForbiddenError
-from service.contract.lanes import Lane
-from service.contract.messages import CreateSignInTokenRequestBody
 from service.trust.policy import Policy, load_policy
 from tests.unit.test_policy_file import CONTRACT_EXAMPLE, write
 

@@ -6,10 +6,10 @@ import asyncio
 import time
 
 import pytest
+from sign_in_tokens_client.contract.errors import DeadlineExceededError
+from sign_in_tokens_client.contract.lanes import Lane
 
 from service.clerk.ratelimit import ClerkRateLimiter, MemoryWindow, burst, climbed, reserve
-from service.contract.errors import DeadlineExceededError
-from service.contract.lanes import Lane
 from service.local.fake_clerk import FakeClerkStats
 
 

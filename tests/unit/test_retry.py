@@ -6,9 +6,14 @@ import itertools
 import time
 
 import pytest
+from sign_in_tokens_client.contract.errors import (
+    DeadlineExceededError,
+    RateLimitedError,
+    UpstreamUnavailableError,
+    UserNotFoundError,
+)
 
 from service.clerk.retry import RetryPolicy, probe_delays
-from service.contract.errors import DeadlineExceededError, RateLimitedError, UpstreamUnavailableError, UserNotFoundError
 
 
 class Script:

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
+from sign_in_tokens_client.contract.errors import ConfigError
 
 from service import tracing
-from service.contract.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)

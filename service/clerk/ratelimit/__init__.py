@@ -47,9 +47,8 @@ from collections import deque
 from typing import TYPE_CHECKING, Final, Protocol
 
 import structlog
-
-from service.contract.errors import DeadlineExceededError, ShutdownRequestedError
-from service.contract.lanes import Lane
+from sign_in_tokens_client.contract.errors import DeadlineExceededError, ShutdownRequestedError
+from sign_in_tokens_client.contract.lanes import Lane
 
 if TYPE_CHECKING:
     from service.state.redis_link import RedisLink

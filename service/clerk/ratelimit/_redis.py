@@ -25,9 +25,9 @@ import math
 import uuid
 
 import structlog
+from sign_in_tokens_client.contract.lanes import Lane
 
 from service.clerk.ratelimit import BURST_SLICES, CLIMB, CUT, PACE_HEADROOM, RESERVE, WAITER_TTL_SECONDS
-from service.contract.lanes import Lane
 from service.state.redis_link import REDIS_FAILURES, REDIS_RETRY_SECONDS, RedisLink
 
 log = structlog.get_logger(__name__)

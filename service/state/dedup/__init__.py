@@ -55,9 +55,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 
 import msgspec
-
-from service.contract.errors import ServiceError
-from service.contract.messages import Created, Reply
+from sign_in_tokens_client.contract.errors import ServiceError
+from sign_in_tokens_client.contract.messages import Created, Reply
 
 if TYPE_CHECKING:
     from service.config import Settings

@@ -47,9 +47,9 @@ from typing import Any, Final
 
 import redis
 import structlog
+from sign_in_tokens_client.contract.errors import DeadlineExceededError
+from sign_in_tokens_client.contract.messages import Created, Failed, Reply
 
-from service.contract.errors import DeadlineExceededError
-from service.contract.messages import Created, Failed, Reply
 from service.state.dedup import (
     Claim,
     ClaimLostError,

@@ -10,8 +10,8 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, NamedTuple
 
 from cachetools import TTLCache
+from sign_in_tokens_client.contract.messages import Created, Reply
 
-from service.contract.messages import Created, Reply
 from service.state.dedup import (
     ENTRY_OVERHEAD_BYTES,
     EXPIRY_BITS,

@@ -18,10 +18,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
+    from sign_in_tokens_client.contract.lanes import Lane
+    from sign_in_tokens_client.contract.messages import CreateSignInTokenRequestBody, Reply, SignInToken
+
     from service.amqp.envelope import Envelope
     from service.clerk.upstream import ClerkClient
-    from service.contract.lanes import Lane
-    from service.contract.messages import CreateSignInTokenRequestBody, Reply, SignInToken
     from service.trust.audit import Subject
     from service.trust.policy import Policy
 

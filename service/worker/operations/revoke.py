@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from service.contract.errors import ForbiddenError, RequestError
-from service.contract.messages import Reply, Revoked, decode_revoke
+from sign_in_tokens_client.contract.errors import ForbiddenError, RequestError
+from sign_in_tokens_client.contract.messages import Reply, Revoked, decode_revoke
+
 from service.logs import bind
 from service.worker.delivery import failed
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from service.clerk.upstream import ClerkClient
-from service.config import Settings
-from service.contract.lanes import Lane
-from service.contract.messages import (
+from sign_in_tokens_client.contract.lanes import Lane
+from sign_in_tokens_client.contract.messages import (
     Created,
     CreateSignInTokenRequestBody,
     Reply,
@@ -13,6 +11,9 @@ from service.contract.messages import (
     decode_request,
     encode_clerk_body,
 )
+
+from service.clerk.upstream import ClerkClient
+from service.config import Settings
 from service.trust.policy import Policy
 
 

@@ -47,6 +47,7 @@ without raising on a failed one (the demo and the tests use them).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -54,15 +55,34 @@ from typing import Any, Literal, NamedTuple, Self
 
 import aio_pika
 import msgspec
-import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from aio_pika.exceptions import DeliveryError
-from opentelemetry.trace import SpanKind
 
-from service import tracing
-from service.amqp import wire as amqp_wire
-from service.amqp.broker import CHANNEL_FAILURES, DIRECT_REPLY_TO, open_connection
-from service.callers.replies import (
+from sign_in_tokens_client import tracing
+from sign_in_tokens_client import wire as amqp_wire
+from sign_in_tokens_client.connection import CHANNEL_FAILURES, DIRECT_REPLY_TO, broker_user, open_connection
+from sign_in_tokens_client.contract.errors import (
+    DeadlineExceededError,
+    ForbiddenError,
+    InvalidRequestError,
+    RateLimitedError,
+    UpstreamRejectedError,
+    UpstreamUnavailableError,
+    UserNotFoundError,
+)
+from sign_in_tokens_client.contract.errors import RequestError as SignInTokenError
+from sign_in_tokens_client.contract.lanes import Lane
+from sign_in_tokens_client.contract.messages import (
+    JSON,
+    MSGPACK,
+    Created,
+    Reply,
+    Revoked,
+    SignInToken,
+    decode_reply,
+    outcome,
+)
+from sign_in_tokens_client.replies import (
     Accepts,
     ConnectionLostError,
     NoReplyError,
@@ -74,31 +94,9 @@ from service.callers.replies import (
     service_user_from,
     token_or_raise,
 )
-from service.contract.errors import (
-    DeadlineExceededError,
-    ForbiddenError,
-    InvalidRequestError,
-    RateLimitedError,
-    UpstreamRejectedError,
-    UpstreamUnavailableError,
-    UserNotFoundError,
-)
-from service.contract.errors import RequestError as SignInTokenError
-from service.contract.lanes import Lane
-from service.contract.messages import (
-    JSON,
-    MSGPACK,
-    Created,
-    Reply,
-    Revoked,
-    SignInToken,
-    decode_reply,
-    outcome,
-)
-from service.urls import broker_user
 
 amqp_wire.install()
-log = structlog.get_logger(__name__)
+log = logging.getLogger(__name__)
 # How long a call waits for its reply by default (create, request, revoke): its x-deadline too.
 DEFAULT_TIMEOUT_SECONDS = 5.0
 
@@ -236,7 +234,10 @@ class SignInTokenClient:
                 reason = None if waiting.accepts(reply) else "a token for another request"
         if reason is not None:
             # The call keeps waiting for the service's own reply.
-            log.warning("forged_reply_dropped", reason=reason, correlation_id=correlation_id, user_id=message.user_id)
+            log.warning(
+                "forged_reply_dropped",
+                extra={"reason": reason, "correlation_id": correlation_id, "user_id": message.user_id},
+            )
             return
         del self._pending[correlation_id]
         waiting.future.set_result(
@@ -284,7 +285,7 @@ class SignInTokenClient:
         Only the caller the token was given to may revoke it: anyone else gets ForbiddenError.
         """
         body = msgspec.json.encode({"sign_in_token_id": sign_in_token_id})
-        with tracing.span("sign_in_tokens revoke", kind=SpanKind.CLIENT):
+        with tracing.client_span("sign_in_tokens revoke"):
             future = await self.send(
                 body,
                 queue=self._revoke_queue,
@@ -312,9 +313,7 @@ class SignInTokenClient:
         if org_id is not None:
             fields["org_id"] = org_id
         encode = msgspec.msgpack.encode if msgpack else msgspec.json.encode
-        with tracing.span(
-            "sign_in_tokens create", kind=SpanKind.CLIENT, attributes={"sign_in_tokens.lane": lane.value}
-        ):
+        with tracing.client_span("sign_in_tokens create", {"sign_in_tokens.lane": lane.value}):
             future = await self.send(
                 encode(fields),
                 lane=lane,

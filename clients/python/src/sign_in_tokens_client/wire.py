@@ -12,7 +12,7 @@ is returned, until the queue's delivery limit dead-letters them unanswered.
 
 ``install`` replaces pamqp's codecs for short strings, tables and
 timestamps, for the pamqp version this module was written against
-(``PAMQP_VERSION``, pinned in pyproject.toml; a test fails on any other):
+(``PAMQP_VERSION``, pinned in the service's pyproject.toml; a test fails on any other):
 
 - short strings (every string property) and field-table names decode with
   ``surrogateescape`` and encode the same way, so the original octets
@@ -124,7 +124,13 @@ def _encode_field_table(value: common.FieldTable) -> bytes:
 
 
 def install() -> None:
-    """Make pamqp read (and write back) any properties RabbitMQ accepts; idempotent."""
+    """Make pamqp read (and write back) any properties RabbitMQ accepts; idempotent.
+
+    Only on the pamqp this was written for: another version is left as it is (strict), as plain
+    aio-pika reads (the service pins this one; the client library alone does not).
+    """
+    if installed_version() != PAMQP_VERSION:
+        return
     decode.METHODS["shortstr"] = _short_str
     decode.METHODS["timestamp"] = _timestamp
     decode.METHODS["table"] = _field_table

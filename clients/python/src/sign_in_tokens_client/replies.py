@@ -10,12 +10,12 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from service.amqp.broker import CALLER_HEADER
-from service.contract.errors import (
+from sign_in_tokens_client.connection import CALLER_HEADER
+from sign_in_tokens_client.contract.errors import (
     BY_CODE,
 )
-from service.contract.errors import RequestError as SignInTokenError
-from service.contract.messages import (
+from sign_in_tokens_client.contract.errors import RequestError as SignInTokenError
+from sign_in_tokens_client.contract.messages import (
     Created,
     ErrorDetail,
     Failed,

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from service.contract.errors import InvalidRequestError
+from sign_in_tokens_client.contract.errors import InvalidRequestError
 
 JSON: Final = "application/json"
 MSGPACK: Final = "application/msgpack"

@@ -46,7 +46,7 @@ class ConfigError(ServiceError):
 class RequestError(ServiceError):
     """One request ends in a ``failed`` reply with this error's code.
 
-    The client library raises the same classes for a failed reply (``service.callers.client``, where
+    The client library raises the same classes for a failed reply (``sign_in_tokens_client.client``, where
     this one is ``SignInTokenError``): there ``code`` and ``retryable`` are the reply's own.
     """
 
