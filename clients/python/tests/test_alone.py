@@ -44,3 +44,17 @@ def test_the_public_names_are_the_documented_ones() -> None:
         "ConnectionLostError",
         "Lane",
     } <= set(sign_in_tokens_client.__all__)
+
+
+def test_the_user_in_the_url_wins_over_amqp_user() -> None:
+    from sign_in_tokens_client.connection import broker_user  # noqa: PLC0415
+
+    assert broker_user("amqp://billing:pw@rabbit/", "svc-worker") == "billing"
+    assert broker_user("amqps://rabbit/?auth=external", "O=client,CN=billing") == "O=client,CN=billing"
+    assert broker_user("amqp://rabbit/") == "guest"
+
+
+def test_connection_failures_are_public_names() -> None:
+    import sign_in_tokens_client  # noqa: PLC0415
+
+    assert {"BrokerUnavailableError", "ConfigError"} <= set(sign_in_tokens_client.__all__)

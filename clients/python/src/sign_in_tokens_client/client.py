@@ -60,8 +60,15 @@ from aio_pika.exceptions import DeliveryError
 
 from sign_in_tokens_client import tracing
 from sign_in_tokens_client import wire as amqp_wire
-from sign_in_tokens_client.connection import CHANNEL_FAILURES, DIRECT_REPLY_TO, broker_user, open_connection
+from sign_in_tokens_client.connection import (
+    CHANNEL_FAILURES,
+    DIRECT_REPLY_TO,
+    BrokerUnavailableError,
+    broker_user,
+    open_connection,
+)
 from sign_in_tokens_client.contract.errors import (
+    ConfigError,
     DeadlineExceededError,
     ForbiddenError,
     InvalidRequestError,
@@ -102,6 +109,8 @@ DEFAULT_TIMEOUT_SECONDS = 5.0
 
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
+    "BrokerUnavailableError",
+    "ConfigError",
     "ConnectionLostError",
     "DeadlineExceededError",
     "ForbiddenError",

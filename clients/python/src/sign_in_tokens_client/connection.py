@@ -36,15 +36,17 @@ def broker_address(url: str) -> str:
 
 
 def broker_user(amqp_url: str, amqp_user: str | None = None) -> str:
-    """The broker user an AMQP URL logs in as: ``amqp_user``, else the URL's, else aiormq's default.
+    """The broker user an AMQP URL logs in as: the URL's, else ``amqp_user``, else aiormq's default.
 
-    ConfigError when the URL logs in without a user name (``auth=external``) and none is given.
+    ``amqp_user`` (AMQP_USER) names the user only where the URL names none (``auth=external``, a
+    client certificate): RabbitMQ refuses a ``user_id`` other than the connection's own.
+    ConfigError when the URL logs in with ``auth=external`` and none is given.
     """
-    if amqp_user:
-        return amqp_user
     url = URL(amqp_url)
     if url.user:
         return url.user
+    if amqp_user:
+        return amqp_user
     if url.query.get("auth", "").upper() == "EXTERNAL":
         msg = (
             "AMQP_USER: AMQP_URL logs in with auth=external (a client certificate): "

@@ -31,6 +31,8 @@ gives a form safe for logs and JSON.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import logging
 import struct
 from importlib import metadata
 from typing import Final
@@ -130,6 +132,7 @@ def install() -> None:
     aio-pika reads (the service pins this one; the client library alone does not).
     """
     if installed_version() != PAMQP_VERSION:
+        _not_patched()
         return
     decode.METHODS["shortstr"] = _short_str
     decode.METHODS["timestamp"] = _timestamp
@@ -139,6 +142,14 @@ def install() -> None:
     encode._string = _encode_string  # noqa: SLF001 - short and long strings both go through it
     encode.field_table = _encode_field_table
     encode.METHODS["table"] = _encode_field_table
+
+
+@functools.cache
+def _not_patched() -> None:
+    """Say once that pamqp reads strictly here: an odd property from any publisher drops the connection."""
+    logging.getLogger(__name__).warning(
+        "pamqp_not_patched", extra={"pamqp": installed_version(), "written_for": PAMQP_VERSION}
+    )
 
 
 def installed_version() -> str:
