@@ -23,6 +23,8 @@ import msgspec
 from msgspec import Meta
 from sign_in_tokens_client.connection import broker_user
 from sign_in_tokens_client.contract.errors import ConfigError
+from sign_in_tokens_client.contract.lanes import BULK_QUEUE, REQUEST_QUEUE, REVOKE_QUEUE
+from sign_in_tokens_client.replies import DEFAULT_SERVICE_USER
 from yarl import URL
 
 from service.urls import MASK, _check_redis_parameters, check_clerk_url, check_tls, check_url, masked_url
@@ -73,7 +75,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # the worker's replies carry it as their user_id, a client's requests as theirs.
     amqp_user: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
     # The service's broker user: the request and bulk commands accept only replies it published.
-    service_user: Annotated[str, Meta(min_length=1, max_length=255)] = "sign-in-tokens"
+    service_user: Annotated[str, Meta(min_length=1, max_length=255)] = DEFAULT_SERVICE_USER
     clerk_api_url: str = "https://api.clerk.com/v1"
     clerk_secret_key: Secret | None = None
     clerk_api_version: str = "2025-11-10"
@@ -82,9 +84,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     clerk_rate_window_seconds: Annotated[float, Meta(gt=0, le=3600)] = 10.0
     # Unset: the rate limit is this process's alone.
     redis_url: str | None = None
-    request_queue: QueueName = "sign_in_tokens.create"
-    bulk_queue: QueueName = "sign_in_tokens.create.bulk"
-    revoke_queue: QueueName = "sign_in_tokens.revoke"
+    request_queue: QueueName = REQUEST_QUEUE
+    bulk_queue: QueueName = BULK_QUEUE
+    revoke_queue: QueueName = REVOKE_QUEUE
     # The worker's own: tokens made that nobody holds, each revoked at Clerk before its order is acked.
     revocations_queue: QueueName = "sign_in_tokens.revocations"
     results_queue: QueueName = "sign_in_tokens.results"

@@ -34,6 +34,7 @@ from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
+from sign_in_tokens_client.connection import DIRECT_REPLY_TO
 from sign_in_tokens_client.contract.errors import ConfigError, ForbiddenError
 from sign_in_tokens_client.contract.lanes import Lane
 from sign_in_tokens_client.contract.messages import CreateSignInTokenRequestBody as Request
@@ -45,8 +46,7 @@ Pattern = Annotated[str, Meta(min_length=1, max_length=255)]
 _PATH_IN_ERROR: Final = re.compile(r" - at `\$\.?(.*)`$")
 # What a caller writes for direct reply-to; the broker hands the worker ``amq.rabbitmq.reply-to.<suffix>``
 # (an entry for it matches that, and nothing else that merely starts the same).
-_DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
-_DIRECT_REPLY_TO_NAME: Final = _DIRECT_REPLY_TO + "."
+DIRECT_REPLY_TO_NAME: Final = DIRECT_REPLY_TO + "."
 _ALL_LANES: Final[frozenset[LaneName]] = frozenset({"interactive", "bulk"})
 _NO_RULES: Final = "callers: {who} has no rules in the policy"
 
@@ -111,7 +111,7 @@ class _Compiled:
     def reply_allowed(self, queue: str) -> bool:
         if self.reply_to is None:
             return False
-        if queue.startswith(_DIRECT_REPLY_TO_NAME) and self.reply_to.fullmatch(_DIRECT_REPLY_TO):
+        if queue.startswith(DIRECT_REPLY_TO_NAME) and self.reply_to.fullmatch(DIRECT_REPLY_TO):
             return True
         return self.reply_to.fullmatch(queue) is not None
 

@@ -78,7 +78,7 @@ from sign_in_tokens_client.contract.errors import (
     UserNotFoundError,
 )
 from sign_in_tokens_client.contract.errors import RequestError as SignInTokenError
-from sign_in_tokens_client.contract.lanes import Lane
+from sign_in_tokens_client.contract.lanes import BULK_QUEUE, REQUEST_QUEUE, REVOKE_QUEUE, Lane
 from sign_in_tokens_client.contract.messages import (
     JSON,
     MSGPACK,
@@ -140,9 +140,9 @@ class SignInTokenClient:
         self,
         amqp_url: str,
         *,
-        request_queue: str = "sign_in_tokens.create",
-        bulk_queue: str = "sign_in_tokens.create.bulk",
-        revoke_queue: str = "sign_in_tokens.revoke",
+        request_queue: str = REQUEST_QUEUE,
+        bulk_queue: str = BULK_QUEUE,
+        revoke_queue: str = REVOKE_QUEUE,
         replies: Literal["direct", "queue"] = "direct",
         reply_queue_prefix: str | None = None,
         service_user: str | None = None,

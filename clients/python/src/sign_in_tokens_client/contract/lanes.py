@@ -16,6 +16,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final, Literal
 
+# The queues callers publish to, by default (the service's REQUEST_QUEUE, BULK_QUEUE, REVOKE_QUEUE).
+REQUEST_QUEUE: Final = "sign_in_tokens.create"
+BULK_QUEUE: Final = "sign_in_tokens.create.bulk"
+REVOKE_QUEUE: Final = "sign_in_tokens.revoke"
+
 
 class Lane(enum.Enum):
     """Which queue a request came from; the order is the order of service."""
