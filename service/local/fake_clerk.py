@@ -2,7 +2,8 @@
 
 It answers as shared/clerk/ describes Clerk: ``POST /v1/sign_in_tokens``
 and ``POST /v1/sign_in_tokens/{id}/revoke`` with a SignInToken or a
-ClerkErrors body. Its fake world:
+ClerkErrors body; actor tokens (impersonation) are ``fake_clerk_actors.py``'s,
+behind the same key, faults and rate limit. Its fake world:
 
 - a user exists when its id starts with ``user_``; others get 404;
 - an ``org_id`` must start with ``org_``, else 403 (not a member);
@@ -23,8 +24,6 @@ tests and benchmarks can count tokens and check the limit.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import math
 import random
 import secrets
@@ -36,9 +35,10 @@ from typing import Any
 
 from aiohttp import web
 
-PREFIX = "/v1"
+from service.local.clerk_answers import PREFIX, USER_PREFIX, clerk_errors, make_jwt, reply
+from service.local.fake_clerk_actors import ActorTokens
+
 _JSON = "application/json"
-_USER_PREFIX = "user_"
 _ORG_PREFIX = "org_"
 
 
@@ -91,27 +91,6 @@ class FakeClerkStats:
         return sum(n - 1 for n in self.created_per_user.values())
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def make_jwt(user_id: str, token_id: str, expires_in: int) -> str:
-    """A JWT-shaped token (RS256 header, random signature): the shape, not a real signature."""
-    now = int(time.time())
-    header = {"alg": "RS256", "typ": "JWT", "kid": "ins_fake"}
-    payload = {"sub": user_id, "sid": token_id, "iat": now, "nbf": now, "exp": now + expires_in}
-    parts = (json.dumps(header).encode(), json.dumps(payload).encode(), secrets.token_bytes(256))
-    return ".".join(_b64(p) for p in parts)
-
-
-def clerk_errors(code: str, message: str, long_message: str | None = None, **meta: Any) -> dict[str, Any]:  # noqa: ANN401
-    """A ClerkErrors body."""
-    error: dict[str, Any] = {"message": message, "long_message": long_message or message, "code": code}
-    if meta:
-        error["meta"] = meta
-    return {"errors": [error], "clerk_trace_id": secrets.token_hex(16)}
-
-
 class FakeClerk:
     """The fake API server; construct, ``start``, point CLERK_API_URL at ``url``."""
 
@@ -140,6 +119,8 @@ class FakeClerk:
         # Awaited with each create's body before it is answered: a fault hook for tests.
         self.on_create: Callable[[dict[str, Any]], Awaitable[None]] | None = None
         self.stats = FakeClerkStats()
+        # Actor tokens (impersonation): their own endpoints, records and allowance.
+        self.actors = ActorTokens(self)
         self._random = random.Random(seed)  # noqa: S311 - fault injection, not crypto
         self._windows: dict[str, deque[float]] = {}
         self._runner: web.AppRunner | None = None
@@ -163,6 +144,7 @@ class FakeClerk:
         app = web.Application()
         app.router.add_post(f"{PREFIX}/sign_in_tokens", self._create)
         app.router.add_post(f"{PREFIX}/sign_in_tokens/{{token_id}}/revoke", self._revoke)
+        self.actors.add_routes(app)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -182,10 +164,8 @@ class FakeClerk:
 
     # -- request handling ----------------------------------------------------
 
-    def _reply(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
-        return web.json_response(body, status=status, headers=headers)
-
-    def _key(self, request: web.Request) -> str | None:
+    def key_of(self, request: web.Request) -> str | None:
+        """The bearer key of ``request`` when the fake accepts it, else None."""
         auth = request.headers.get("Authorization", "")
         key = auth.removeprefix("Bearer ").strip()
         return key if auth.startswith("Bearer ") and key in self.accepted_keys else None
@@ -207,13 +187,13 @@ class FakeClerk:
         self.stats.accepted_by_agent.setdefault(agent, []).append(now)
         return None
 
-    def _limited(self, key: str, agent: str) -> web.Response | None:
+    def limited(self, key: str, agent: str) -> web.Response | None:
         """A 429 when ``key`` is at its limit (the call then does not count)."""
         resets_in = self._over_limit(key, agent)
         if resets_in is None:
             return None
         body = clerk_errors("too_many_requests", "Too many requests", ResetsIn=round(resets_in, 3))
-        return self._reply(429, body, {"Retry-After": str(max(1, math.ceil(resets_in)))})
+        return reply(429, body, {"Retry-After": str(max(1, math.ceil(resets_in)))})
 
     def _fault_response(self, fault: Fault, request: web.Request) -> web.Response:
         if fault.drop_connection:
@@ -222,28 +202,28 @@ class FakeClerk:
             raise web.HTTPServiceUnavailable
         headers = {"Retry-After": str(math.ceil(fault.retry_after))} if fault.retry_after is not None else None
         code = {429: "too_many_requests", 401: "authentication_invalid"}.get(fault.status, "internal_clerk_error")
-        return self._reply(fault.status, clerk_errors(code, f"Injected fault {fault.status}"), headers)
+        return reply(fault.status, clerk_errors(code, f"Injected fault {fault.status}"), headers)
 
-    async def _guard(self, request: web.Request) -> web.Response | None:
+    async def guard(self, request: web.Request) -> web.Response | None:
         """The answers that come before the body is looked at: faults, auth, limits."""
         if self.latency_seconds:
             await asyncio.sleep(self.latency_seconds)
         if self.faults:
             return self._fault_response(self.faults.popleft(), request)
-        key = self._key(request)
+        key = self.key_of(request)
         if key is None:
-            return self._reply(401, clerk_errors("authentication_invalid", "Invalid authentication"))
-        limited = self._limited(key, request.headers.get("User-Agent", ""))
+            return reply(401, clerk_errors("authentication_invalid", "Invalid authentication"))
+        limited = self.limited(key, request.headers.get("User-Agent", ""))
         if limited is not None:
             return limited
         if self.error_rate and self._random.random() < self.error_rate:
-            return self._reply(503, clerk_errors("service_unavailable", "Service unavailable"))
+            return reply(503, clerk_errors("service_unavailable", "Service unavailable"))
         return None
 
     async def _create(self, request: web.Request) -> web.Response:
         self.stats.create_calls += 1
         self.stats.create_call_times.append(time.monotonic())
-        refused = await self._guard(request)
+        refused = await self.guard(request)
         if refused is not None:
             return refused
         try:
@@ -253,22 +233,22 @@ class FakeClerk:
         self.stats.last_params = params if isinstance(params, dict) else None
         invalid = _invalid_params(params)
         if invalid is not None:
-            return self._reply(422, invalid)
+            return reply(422, invalid)
         if self.on_create is not None:
             await self.on_create(params)
         user_id: str = params["user_id"]
-        if not user_id.startswith(_USER_PREFIX):
-            return self._reply(404, clerk_errors("resource_not_found", "not found", f"User {user_id} not found"))
+        if not user_id.startswith(USER_PREFIX):
+            return reply(404, clerk_errors("resource_not_found", "not found", f"User {user_id} not found"))
         org_id = params.get("org_id")
         if org_id is not None and not org_id.startswith(_ORG_PREFIX):
-            return self._reply(403, clerk_errors("authorization_invalid", "Not a member of the organization"))
+            return reply(403, clerk_errors("authorization_invalid", "Not a member of the organization"))
         token = self._issue(user_id, params.get("expires_in_seconds") or 2_592_000)
         if self.answer_delay_seconds:
             await asyncio.sleep(self.answer_delay_seconds)
         if self.malformed_next:
             self.malformed_next -= 1
-            return self._reply(200, {"object": "sign_in_token", "id": token["id"], "status": "pending"})
-        return self._reply(200, token)
+            return reply(200, {"object": "sign_in_token", "id": token["id"], "status": "pending"})
+        return reply(200, token)
 
     def _issue(self, user_id: str, expires_in: int) -> dict[str, Any]:
         token_id = "sit_" + secrets.token_hex(12)
@@ -290,22 +270,22 @@ class FakeClerk:
 
     async def _revoke(self, request: web.Request) -> web.Response:
         self.stats.revoke_calls += 1
-        key = self._key(request)
+        key = self.key_of(request)
         if key is None:
-            return self._reply(401, clerk_errors("authentication_invalid", "Invalid authentication"))
-        limited = self._limited(key, request.headers.get("User-Agent", ""))
+            return reply(401, clerk_errors("authentication_invalid", "Invalid authentication"))
+        limited = self.limited(key, request.headers.get("User-Agent", ""))
         if limited is not None:
             return limited
         token_id = request.match_info["token_id"]
         obj = self.stats.tokens.get(token_id)
         if obj is None:
-            return self._reply(404, clerk_errors("resource_not_found", "not found"))
+            return reply(404, clerk_errors("resource_not_found", "not found"))
         if obj["status"] != "pending":
-            return self._reply(400, clerk_errors("sign_in_token_cannot_be_revoked_code", "cannot be revoked"))
+            return reply(400, clerk_errors("sign_in_token_cannot_be_revoked_code", "cannot be revoked"))
         obj["status"] = "revoked"
         obj["updated_at"] = int(time.time() * 1000)
         self.stats.revoked.add(token_id)
-        return self._reply(200, obj)
+        return reply(200, obj)
 
 
 def _invalid_params(params: object) -> dict[str, Any] | None:

@@ -29,7 +29,7 @@ from sign_in_tokens_client.contract.messages import (
 )
 
 from service.clerk.upstream import error_for
-from service.local.fake_clerk import clerk_errors, make_jwt
+from service.local.clerk_answers import clerk_errors, make_jwt
 from service.logs import REDACTED, Scrubber, configure_logging
 from service.state.dedup import Found, IdempotencyKey, Remembered, idempotency_key, pack, unpack
 from service.state.dedup.memory import MemoryIdempotencyStore

@@ -1,0 +1,138 @@
+"""The stand-in Clerk's actor tokens (impersonation): ``POST /v1/actor_tokens`` and its revoke.
+
+It answers as shared/clerk/ describes Clerk: an ActorToken (``object`` "actor_token", the
+``actor`` object copied in whole, a JWT whose ``act`` claim is that object) or a ClerkErrors
+body. The fake world of sign-in tokens holds here too: a wrong key is 401, a user exists when
+its id starts with ``user_`` (else 404), a body that breaks the spec's schema is 422, and the rate
+limit counts these calls with the others. ``impersonations_left`` stands for the plan's
+allowance (free plans get 5 a month): at 0 a create is answered 402, as Clerk does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from service.local.clerk_answers import PREFIX, USER_PREFIX, clerk_errors, make_jwt, reply
+
+if TYPE_CHECKING:
+    from service.local.fake_clerk import FakeClerk
+
+# Clerk's defaults when the body leaves them out (the spec's).
+DEFAULT_EXPIRES_IN_SECONDS = 3_600
+DEFAULT_SESSION_MAX_DURATION_SECONDS = 1_800
+_FIELDS = frozenset({"user_id", "actor", "expires_in_seconds", "session_max_duration_in_seconds"})
+
+
+class ActorTokens:
+    """The actor-token endpoints of one fake Clerk, and what they made and revoked."""
+
+    def __init__(self, clerk: FakeClerk) -> None:
+        """Answer behind ``clerk``'s guard (faults, key, rate limit)."""
+        self.clerk = clerk
+        self.create_calls = 0
+        self.revoke_calls = 0
+        self.tokens: dict[str, dict[str, Any]] = {}
+        self.revoked: set[str] = set()
+        # What each create asked for (its session's longest life is not in the ActorToken).
+        self.sessions_max_seconds: dict[str, int] = {}
+        # The plan's impersonation allowance: None, unlimited; 0, every create is 402.
+        self.impersonations_left: int | None = None
+
+    def add_routes(self, app: web.Application) -> None:
+        """Serve the two endpoints on ``app``."""
+        app.router.add_post(f"{PREFIX}/actor_tokens", self._create)
+        app.router.add_post(f"{PREFIX}/actor_tokens/{{actor_token_id}}/revoke", self._revoke)
+
+    async def _create(self, request: web.Request) -> web.Response:
+        self.create_calls += 1
+        refused = await self.clerk.guard(request)
+        if refused is not None:
+            return refused
+        try:
+            params = await request.json()
+        except ValueError:
+            params = None
+        invalid = _invalid_params(params)
+        if invalid is not None:
+            return reply(422, invalid)
+        user_id: str = params["user_id"]
+        if not user_id.startswith(USER_PREFIX):
+            return reply(404, clerk_errors("resource_not_found", "not found", f"User {user_id} not found"))
+        if self.impersonations_left is not None:
+            if self.impersonations_left <= 0:
+                message = "You have reached your plan's limit of impersonations"
+                return reply(402, clerk_errors("payment_required", "Payment required", message))
+            self.impersonations_left -= 1
+        expires_in = params.get("expires_in_seconds") or DEFAULT_EXPIRES_IN_SECONDS
+        token = self._issue(user_id, params["actor"], expires_in)
+        session = params.get("session_max_duration_in_seconds") or DEFAULT_SESSION_MAX_DURATION_SECONDS
+        self.sessions_max_seconds[token["id"]] = session
+        if self.clerk.answer_delay_seconds:
+            await asyncio.sleep(self.clerk.answer_delay_seconds)
+        return reply(200, token)
+
+    def _issue(self, user_id: str, actor: dict[str, Any], expires_in: int) -> dict[str, Any]:
+        token_id = "act_" + secrets.token_hex(12)
+        token = make_jwt(user_id, token_id, expires_in, act=actor)
+        now_ms = int(time.time() * 1000)
+        obj = {
+            "object": "actor_token",
+            "id": token_id,
+            "status": "pending",
+            "user_id": user_id,
+            "actor": actor,
+            "token": token,
+            "url": f"https://accounts.fake-clerk.test/v1/tickets/accept?ticket={token}",
+            "created_at": now_ms,
+            "updated_at": now_ms,
+        }
+        self.tokens[token_id] = obj
+        return obj
+
+    async def _revoke(self, request: web.Request) -> web.Response:
+        self.revoke_calls += 1
+        key = self.clerk.key_of(request)
+        if key is None:
+            return reply(401, clerk_errors("authentication_invalid", "Invalid authentication"))
+        limited = self.clerk.limited(key, request.headers.get("User-Agent", ""))
+        if limited is not None:
+            return limited
+        obj = self.tokens.get(request.match_info["actor_token_id"])
+        if obj is None:
+            return reply(404, clerk_errors("resource_not_found", "not found"))
+        if obj["status"] != "pending":
+            return reply(400, clerk_errors("actor_token_cannot_be_revoked", "cannot be revoked"))
+        obj["status"] = "revoked"
+        obj["updated_at"] = int(time.time() * 1000)
+        self.revoked.add(obj["id"])
+        return reply(200, obj)
+
+
+def _invalid_params(params: object) -> dict[str, Any] | None:
+    """A 422 body when the create body breaks the spec's schema, else None."""
+    if not isinstance(params, dict):
+        return clerk_errors("form_param_missing", "user_id is missing", "user_id must be included")
+    unknown = set(params) - _FIELDS
+    if unknown:
+        name = min(unknown)
+        return clerk_errors("form_param_unknown", f"{name} is not a valid parameter", param_name=name)
+    user_id = params.get("user_id")
+    if not isinstance(user_id, str) or not user_id:
+        return clerk_errors(
+            "form_param_missing", "user_id is missing", "user_id must be included", param_name="user_id"
+        )
+    actor = params.get("actor")
+    if not isinstance(actor, dict) or not isinstance(actor.get("sub"), str) or not actor["sub"]:
+        return clerk_errors(
+            "form_param_missing", "actor.sub is missing", "actor must include a sub", param_name="actor"
+        )
+    for name in ("expires_in_seconds", "session_max_duration_in_seconds"):
+        value = params.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            return clerk_errors("form_param_value_invalid", "is invalid", param_name=name)
+    return None
