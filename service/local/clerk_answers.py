@@ -41,3 +41,27 @@ def clerk_errors(code: str, message: str, long_message: str | None = None, **met
     if meta:
         error["meta"] = meta
     return {"errors": [error], "clerk_trace_id": secrets.token_hex(16)}
+
+
+def invalid_body(params: object, fields: frozenset[str]) -> dict[str, Any] | None:
+    """A 422 body when a create body is no object, has a field not in ``fields``, or no ``user_id``."""
+    if not isinstance(params, dict):
+        return clerk_errors("form_param_missing", "user_id is missing", "user_id must be included")
+    unknown = set(params) - fields
+    if unknown:
+        name = min(unknown)
+        return clerk_errors("form_param_unknown", f"{name} is not a valid parameter", param_name=name)
+    user_id = params.get("user_id")
+    if not isinstance(user_id, str) or not user_id:
+        return clerk_errors(
+            "form_param_missing", "user_id is missing", "user_id must be included", param_name="user_id"
+        )
+    return None
+
+
+def invalid_seconds(params: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """A 422 body when ``params[name]`` is given and is not a whole number of seconds, 1 or more."""
+    value = params.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        return clerk_errors("form_param_value_invalid", "is invalid", param_name=name)
+    return None

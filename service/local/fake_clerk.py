@@ -35,7 +35,15 @@ from typing import Any
 
 from aiohttp import web
 
-from service.local.clerk_answers import PREFIX, USER_PREFIX, clerk_errors, make_jwt, reply
+from service.local.clerk_answers import (
+    PREFIX,
+    USER_PREFIX,
+    clerk_errors,
+    invalid_body,
+    invalid_seconds,
+    make_jwt,
+    reply,
+)
 from service.local.fake_clerk_actors import ActorTokens
 
 _JSON = "application/json"
@@ -290,24 +298,14 @@ class FakeClerk:
 
 def _invalid_params(params: object) -> dict[str, Any] | None:
     """A 422 body when the create body breaks Clerk's schema, else None."""
-    if not isinstance(params, dict):
-        return clerk_errors("form_param_missing", "user_id is missing", "user_id must be included")
-    unknown = set(params) - {"user_id", "expires_in_seconds", "org_id"}
-    if unknown:
-        name = min(unknown)
-        return clerk_errors("form_param_unknown", f"{name} is not a valid parameter", param_name=name)
-    user_id = params.get("user_id")
-    if not isinstance(user_id, str) or not user_id:
-        return clerk_errors(
-            "form_param_missing", "user_id is missing", "user_id must be included", param_name="user_id"
-        )
-    expires = params.get("expires_in_seconds")
-    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, int) or expires < 1):
-        return clerk_errors("form_param_value_invalid", "is invalid", param_name="expires_in_seconds")
+    invalid = invalid_body(params, frozenset({"user_id", "expires_in_seconds", "org_id"}))
+    if invalid is not None or not isinstance(params, dict):
+        return invalid
+    expires = invalid_seconds(params, "expires_in_seconds")
     org_id = params.get("org_id")
-    if org_id is not None and not isinstance(org_id, str):
+    if expires is None and org_id is not None and not isinstance(org_id, str):
         return clerk_errors("form_param_value_invalid", "is invalid", param_name="org_id")
-    return None
+    return expires
 
 
 async def serve_forever(clerk: FakeClerk, host: str, port: int, stop: asyncio.Event) -> None:

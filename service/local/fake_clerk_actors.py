@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from service.local.clerk_answers import PREFIX, USER_PREFIX, clerk_errors, make_jwt, reply
+from service.local.clerk_answers import (
+    PREFIX,
+    USER_PREFIX,
+    clerk_errors,
+    invalid_body,
+    invalid_seconds,
+    make_jwt,
+    reply,
+)
 
 if TYPE_CHECKING:
     from service.local.fake_clerk import FakeClerk
@@ -115,24 +123,12 @@ class ActorTokens:
 
 def _invalid_params(params: object) -> dict[str, Any] | None:
     """A 422 body when the create body breaks the spec's schema, else None."""
-    if not isinstance(params, dict):
-        return clerk_errors("form_param_missing", "user_id is missing", "user_id must be included")
-    unknown = set(params) - _FIELDS
-    if unknown:
-        name = min(unknown)
-        return clerk_errors("form_param_unknown", f"{name} is not a valid parameter", param_name=name)
-    user_id = params.get("user_id")
-    if not isinstance(user_id, str) or not user_id:
-        return clerk_errors(
-            "form_param_missing", "user_id is missing", "user_id must be included", param_name="user_id"
-        )
+    invalid = invalid_body(params, _FIELDS)
+    if invalid is not None or not isinstance(params, dict):
+        return invalid
     actor = params.get("actor")
     if not isinstance(actor, dict) or not isinstance(actor.get("sub"), str) or not actor["sub"]:
         return clerk_errors(
             "form_param_missing", "actor.sub is missing", "actor must include a sub", param_name="actor"
         )
-    for name in ("expires_in_seconds", "session_max_duration_in_seconds"):
-        value = params.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            return clerk_errors("form_param_value_invalid", "is invalid", param_name=name)
-    return None
+    return invalid_seconds(params, "expires_in_seconds") or invalid_seconds(params, "session_max_duration_in_seconds")
