@@ -218,12 +218,9 @@ class FakeClerk:
             await asyncio.sleep(self.latency_seconds)
         if self.faults:
             return self._fault_response(self.faults.popleft(), request)
-        key = self.key_of(request)
-        if key is None:
-            return reply(401, clerk_errors("authentication_invalid", "Invalid authentication"))
-        limited = self.limited(key, request.headers.get("User-Agent", ""))
-        if limited is not None:
-            return limited
+        refused = self.admit(request)
+        if refused is not None:
+            return refused
         if self.error_rate and self._random.random() < self.error_rate:
             return reply(503, clerk_errors("service_unavailable", "Service unavailable"))
         return None
@@ -278,21 +275,32 @@ class FakeClerk:
 
     async def _revoke(self, request: web.Request) -> web.Response:
         self.stats.revoke_calls += 1
+        token_id = request.match_info["token_id"]
+        return self.revoke(
+            request, self.stats.tokens.get(token_id), self.stats.revoked, "sign_in_token_cannot_be_revoked_code"
+        )
+
+    def admit(self, request: web.Request) -> web.Response | None:
+        """401 for a key the fake does not accept, 429 for one at its limit; None: the call counts."""
         key = self.key_of(request)
         if key is None:
             return reply(401, clerk_errors("authentication_invalid", "Invalid authentication"))
-        limited = self.limited(key, request.headers.get("User-Agent", ""))
-        if limited is not None:
-            return limited
-        token_id = request.match_info["token_id"]
-        obj = self.stats.tokens.get(token_id)
+        return self.limited(key, request.headers.get("User-Agent", ""))
+
+    def revoke(
+        self, request: web.Request, obj: dict[str, Any] | None, revoked: set[str], cannot_code: str
+    ) -> web.Response:
+        """Revoke ``obj`` as Clerk does: 200 if pending, 400 (``cannot_code``) if not, 404 if unknown."""
+        refused = self.admit(request)
+        if refused is not None:
+            return refused
         if obj is None:
             return reply(404, clerk_errors("resource_not_found", "not found"))
         if obj["status"] != "pending":
-            return reply(400, clerk_errors("sign_in_token_cannot_be_revoked_code", "cannot be revoked"))
+            return reply(400, clerk_errors(cannot_code, "cannot be revoked"))
         obj["status"] = "revoked"
         obj["updated_at"] = int(time.time() * 1000)
-        self.stats.revoked.add(token_id)
+        revoked.add(obj["id"])
         return reply(200, obj)
 
 

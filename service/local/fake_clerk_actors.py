@@ -104,21 +104,8 @@ class ActorTokens:
 
     async def _revoke(self, request: web.Request) -> web.Response:
         self.revoke_calls += 1
-        key = self.clerk.key_of(request)
-        if key is None:
-            return reply(401, clerk_errors("authentication_invalid", "Invalid authentication"))
-        limited = self.clerk.limited(key, request.headers.get("User-Agent", ""))
-        if limited is not None:
-            return limited
         obj = self.tokens.get(request.match_info["actor_token_id"])
-        if obj is None:
-            return reply(404, clerk_errors("resource_not_found", "not found"))
-        if obj["status"] != "pending":
-            return reply(400, clerk_errors("actor_token_cannot_be_revoked", "cannot be revoked"))
-        obj["status"] = "revoked"
-        obj["updated_at"] = int(time.time() * 1000)
-        self.revoked.add(obj["id"])
-        return reply(200, obj)
+        return self.clerk.revoke(request, obj, self.revoked, "actor_token_cannot_be_revoked")
 
 
 def _invalid_params(params: object) -> dict[str, Any] | None:
