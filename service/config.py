@@ -23,7 +23,7 @@ import msgspec
 from msgspec import Meta
 from sign_in_tokens_client.connection import broker_user
 from sign_in_tokens_client.contract.errors import ConfigError
-from sign_in_tokens_client.contract.lanes import BULK_QUEUE, REQUEST_QUEUE, REVOKE_QUEUE
+from sign_in_tokens_client.contract.lanes import BULK_QUEUE, IMPERSONATION_QUEUE, REQUEST_QUEUE, REVOKE_QUEUE
 from sign_in_tokens_client.replies import DEFAULT_SERVICE_USER
 from yarl import URL
 
@@ -86,6 +86,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     redis_url: str | None = None
     request_queue: QueueName = REQUEST_QUEUE
     bulk_queue: QueueName = BULK_QUEUE
+    impersonation_queue: QueueName = IMPERSONATION_QUEUE
     revoke_queue: QueueName = REVOKE_QUEUE
     # The worker's own: tokens made that nobody holds, each revoked at Clerk before its order is acked.
     revocations_queue: QueueName = "sign_in_tokens.revocations"
@@ -174,6 +175,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         queues = (
             self.request_queue,
             self.bulk_queue,
+            self.impersonation_queue,
             self.revoke_queue,
             self.revocations_queue,
             self.dead_letter_queue,

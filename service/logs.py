@@ -25,7 +25,12 @@ _SECRET_PATTERNS = (
     re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),  # a JWT
     re.compile(r"\bsk_(?:live|test)_[A-Za-z0-9]+"),  # a Clerk secret key
 )
-_SECRET_KEYS = frozenset({"token", "sign_in_token", "secret", "secret_key", "authorization", "url"})
+_SECRET_KEYS = frozenset({"token", "sign_in_token", "actor_token", "secret", "secret_key", "authorization", "url"})
+
+
+def token_field(kind: str, token_id: str | None) -> dict[str, str | None]:
+    """A token's id as a log line names it: ``sign_in_token_id`` or ``actor_token_id``."""
+    return {f"{kind}_id": token_id}
 
 
 class Scrubber:

@@ -1,6 +1,6 @@
 """The token ledger: every token the stand-in Clerk made has exactly one fate.
 
-Each token made is either delivered to exactly one caller (and left live) or
+Each token made (a sign-in token or an actor token) is either delivered to exactly one caller (and left live) or
 revoked (and delivered to nobody). The one cost allowed beyond that is a
 create cut after it was sent (a SIGKILL mid-call, or a timeout after the
 request left), which a test counts and bounds with ``cut``. Every reply to
@@ -58,10 +58,18 @@ class Ledger:
         if message_id:
             self.tokens_by_message[caller, message_id].add(token_id)
 
+    def made(self) -> dict[str, dict[str, object]]:
+        """Every token the stand-in Clerk made, of both kinds (sign-in and actor tokens), by id."""
+        return {**self.clerk.stats.tokens, **self.clerk.actors.tokens}
+
+    def revoked(self) -> set[str]:
+        """Every token the stand-in Clerk revoked, of both kinds."""
+        return self.clerk.stats.revoked | self.clerk.actors.revoked
+
     def figures(self) -> LedgerFigures:
         """The ledger as it stands now."""
-        made = set(self.clerk.stats.tokens)
-        revoked = self.clerk.stats.revoked
+        made = set(self.made())
+        revoked = self.revoked()
         delivered = {token for token, callers in self.receivers.items() if callers}
         return LedgerFigures(
             made=len(made),
@@ -98,8 +106,8 @@ class Ledger:
         if figures.message_ids_with_two_tokens > reissued:
             problems.append(f"{figures.message_ids_with_two_tokens} message_id(s) answered with different tokens")
         if figures.orphans > cut:
-            made = self.clerk.stats.tokens
-            orphans = sorted(set(made) - set(self.receivers) - self.clerk.stats.revoked)
+            made = self.made()
+            orphans = sorted(set(made) - set(self.receivers) - self.revoked())
             users = ", ".join(f"{made[t]['user_id']} ({t})" for t in orphans[:5])
             problems.append(f"{figures.orphans} live token(s) nobody holds (allowed: {cut}): {users}")
         self.last = {**figures.as_dict(), "cut_allowed": cut}

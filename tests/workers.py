@@ -172,7 +172,8 @@ class Replies:
         headers = message.headers or {}
         outcome = str(headers.get("x-outcome"))
         if outcome == "created":
-            token_id = json.loads(message.body)["sign_in_token"]["id"]
+            body = json.loads(message.body)
+            token_id = (body.get("sign_in_token") or body["actor_token"])["id"]
             self.tokens.setdefault(correlation_id, set()).add(token_id)
             book = ledger.current()
             if book is not None:

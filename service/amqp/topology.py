@@ -16,7 +16,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from sign_in_tokens_client.connection import CHANNEL_FAILURES
-from sign_in_tokens_client.contract.lanes import REVOCATIONS, REVOKE, Lane, Source
+from sign_in_tokens_client.contract.lanes import IMPERSONATE, REVOCATIONS, REVOKE, Lane, Source
 
 from service.config import Settings
 
@@ -38,10 +38,14 @@ def lane_queue_arguments(settings: Settings) -> dict[str, Any]:
 
 
 def lane_queue_names(settings: Settings) -> dict[Source, str]:
-    """The queue of each lane, the callers' revocations' and the worker's own orders: what the worker consumes."""
+    """The queue of each lane, of impersonations, of the callers' revocations and of the worker's own orders.
+
+    What the worker consumes, and declares alike.
+    """
     return {
         Lane.INTERACTIVE: settings.request_queue,
         Lane.BULK: settings.bulk_queue,
+        IMPERSONATE: settings.impersonation_queue,
         REVOKE: settings.revoke_queue,
         REVOCATIONS: settings.revocations_queue,
     }

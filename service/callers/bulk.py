@@ -43,8 +43,8 @@ import msgspec
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from sign_in_tokens_client.connection import CHANNEL_FAILURES, open_connection
-from sign_in_tokens_client.contract.messages import JSON, Created, Failed, Reply, decode_reply, outcome
-from sign_in_tokens_client.replies import forged_because
+from sign_in_tokens_client.contract.messages import JSON, Failed, Reply, decode_reply, outcome
+from sign_in_tokens_client.replies import for_user, forged_because
 from tqdm import tqdm
 
 from service.callers.bulk_files import (
@@ -281,7 +281,7 @@ class BulkRun:
             except msgspec.DecodeError:
                 reason = "not a reply the service writes"
             else:
-                if isinstance(reply, Created) and reply.sign_in_token.user_id != row.user_id:
+                if not for_user(row.user_id)(reply):
                     reason = "a token for another user"
         if reason is not None:
             log.warning("forged_reply_dropped", reason=reason, line=row.line, user_id=message.user_id)
@@ -303,7 +303,7 @@ class BulkRun:
             if isinstance(reply, Failed):
                 entry.update(outcome="failed", error=msgspec.to_builtins(reply.error))
             else:
-                entry.update(outcome=outcome(reply), sign_in_token=msgspec.to_builtins(reply.sign_in_token))
+                entry.update(outcome=outcome(reply), sign_in_token=msgspec.to_builtins(reply.token_object))
             output.write(entry)
             if key in self._holding:
                 self._holding.discard(key)

@@ -43,7 +43,9 @@ from sign_in_tokens_client.contract.errors import (
 from sign_in_tokens_client.contract.lanes import Lane, LaneGate
 from sign_in_tokens_client.contract.messages import (
     ClerkErrors,
-    SignInToken,
+    Kind,
+    Token,
+    clerk_actor_token_decoder,
     clerk_errors_decoder,
     clerk_token_decoder,
 )
@@ -59,6 +61,13 @@ _POST: Final = MappingProxyType({"http.request.method": "POST"})
 _JSON_HEADERS: Final = {"Content-Type": "application/json", "Accept": "application/json"}
 # Failures that surely came before the request left: no connection was made.
 _NOT_SENT: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+# Where each kind of token is made (and revoked, under ``/{id}/revoke``), and how Clerk's answer reads.
+_PATHS: Final[dict[Kind, str]] = {"sign_in_token": "/sign_in_tokens", "actor_token": "/actor_tokens"}
+_DECODERS: Final[dict[Kind, Callable[[bytes], Token]]] = {
+    "sign_in_token": clerk_token_decoder.decode,
+    "actor_token": clerk_actor_token_decoder.decode,
+}
+_NAMES: Final[dict[Kind, str]] = {"sign_in_token": "SignInToken", "actor_token": "ActorToken"}
 
 
 class _TokenId(msgspec.Struct):
@@ -121,7 +130,7 @@ def error_for(status: int, body: bytes, retry_after_header: str | None) -> Reque
 
 
 class ClerkClient:
-    """Creates and revokes sign-in tokens at Clerk."""
+    """Creates and revokes tokens at Clerk: sign-in tokens, and actor tokens (impersonation)."""
 
     def __init__(
         self, settings: Settings, observe: Observe | None = None, on_cut: Callable[[], None] | None = None
@@ -237,38 +246,35 @@ class ClerkClient:
         elif status < 500 and status != 429:
             self.key_accepted = True
 
-    async def create(self, body: bytes, lane: Lane, deadline: float | None) -> SignInToken:
-        """Create a sign-in token from an encoded request body; raise the error Clerk's answer means.
+    async def create(self, kind: Kind, body: bytes, lane: Lane, deadline: float | None) -> Token:
+        """Create a token of ``kind`` from an encoded request body; raise the error Clerk's answer means.
 
         The deadline bounds only the wait for a rate slot: a call once sent is not cut short.
         """
-        status, answer, retry_after = await self._post("create", "/sign_in_tokens", body, lane, deadline)
+        status, answer, retry_after = await self._post("create", _PATHS[kind], body, lane, deadline)
+        return await self._token(kind, status, answer, retry_after, "")
+
+    async def _token(self, kind: Kind, status: int, answer: bytes, retry_after: str | None, what: str) -> Token:
+        """The token of a 200, or the error another answer means (a 429 slows the limiter first)."""
         if status == 429:
             await self.limiter.on_429(parse_retry_after(retry_after) or 1.0)
         if status != 200:
             raise error_for(status, answer, retry_after)
         try:
-            return clerk_token_decoder.decode(answer)
+            return _DECODERS[kind](answer)
         except msgspec.DecodeError:
-            msg = "Clerk answered 200 with a body that is not a SignInToken"
-            raise UpstreamMalformedError(msg, token_id=_token_id(answer), upstream_status=status) from None
+            msg = f"Clerk answered {what}200 with a body that is not a {_NAMES[kind]}"
+            # A revocation's malformed answer names nothing to revoke again.
+            token_id = _token_id(answer) if not what else None
+            raise UpstreamMalformedError(msg, token_id=token_id, upstream_status=status) from None
 
     async def probe(self) -> bool:
         """Whether Clerk answers at all: a create it must refuse (422), so no token is made."""
         status, _, _ = await self._post("probe", "/sign_in_tokens", b"{}")
         return status < 500
 
-    async def revoke(self, token_id: str) -> SignInToken:
+    async def revoke(self, kind: Kind, token_id: str) -> Token:
         """Revoke a pending token; the token as Clerk returns it (status ``revoked``), or the error its answer means."""
-        status, body, retry_after = await self._post(
-            "revoke", f"/sign_in_tokens/{quote(token_id, safe='')}/revoke", b""
-        )
-        if status == 429:
-            await self.limiter.on_429(parse_retry_after(retry_after) or 1.0)
-        if status != 200:
-            raise error_for(status, body, retry_after)
-        try:
-            return clerk_token_decoder.decode(body)
-        except msgspec.DecodeError:
-            msg = "Clerk answered the revocation 200 with a body that is not a SignInToken"
-            raise UpstreamMalformedError(msg, token_id=None, upstream_status=status) from None
+        path = f"{_PATHS[kind]}/{quote(token_id, safe='')}/revoke"
+        status, body, retry_after = await self._post("revoke", path, b"")
+        return await self._token(kind, status, body, retry_after, "the revocation ")

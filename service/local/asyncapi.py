@@ -12,7 +12,14 @@ from typing import Any, Final, get_args
 
 import msgspec
 from sign_in_tokens_client.contract.errors import BY_CODE
-from sign_in_tokens_client.contract.messages import JSON, MSGPACK, Reply, RevokeRequest, SignInTokenRequest
+from sign_in_tokens_client.contract.messages import (
+    JSON,
+    MSGPACK,
+    ActorTokenRequest,
+    Reply,
+    RevokeRequest,
+    SignInTokenRequest,
+)
 
 from service import __version__
 from service.amqp.publisher import DeadLetterReason
@@ -51,13 +58,26 @@ _AMQP_PROPERTIES: Final = {
 def _schemas() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The payload schemas, as AsyncAPI schema objects, and the components they refer to."""
     refs, components = msgspec.json.schema_components(
-        [SignInTokenRequest, RevokeRequest, Reply, AuditEvent], ref_template=_SCHEMAS + "{name}"
+        [SignInTokenRequest, ActorTokenRequest, RevokeRequest, Reply, AuditEvent], ref_template=_SCHEMAS + "{name}"
     )
-    names = ("request", "revoke", "reply", "audit")
+    names = ("request", "impersonate", "revoke", "reply", "audit")
     payloads = dict(zip(names, refs, strict=True))
-    # Either spelling of the one required field.
+    # Either spelling of the required fields.
     components["SignInTokenRequest"]["oneOf"] = [{"required": ["user_id"]}, {"required": ["userId"]}]
-    components["RevokeRequest"]["oneOf"] = [{"required": ["sign_in_token_id"]}, {"required": ["signInTokenId"]}]
+    actor = components["ActorTokenRequest"]
+    actor["required"] = ["actor"]
+    actor["oneOf"] = [{"required": ["user_id"]}, {"required": ["userId"]}]
+    actor["properties"]["actor"]["description"] = (
+        "The impersonator: sub (its user id) required; another key only when the caller's actor_keys lists "
+        "it; iss and sid never (Clerk sets them)."
+    )
+    actor["properties"]["actor"]["required"] = ["sub"]
+    components["RevokeRequest"]["oneOf"] = [
+        {"required": [name]} for name in ("sign_in_token_id", "signInTokenId", "actor_token_id", "actorTokenId")
+    ]
+    # Exactly one token in a created or revoked reply.
+    for carries in ("Created", "Revoked"):
+        components[carries]["oneOf"] = [{"required": ["sign_in_token"]}, {"required": ["actor_token"]}]
     components["ErrorDetail"]["properties"]["code"]["enum"] = list(ERROR_CODES)
     _discriminators_as_names(payloads)
     _discriminators_as_names(components)
@@ -98,7 +118,8 @@ def _messages(payloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
         },
     }
     reply = {
-        "summary": "The reply: created with Clerk's SignInToken, revoked, or failed with one of seven codes.",
+        "summary": "The reply: created with Clerk's SignInToken (or ActorToken, for an impersonation), revoked, "
+        "or failed with one of seven codes.",
         "headers": {
             "type": "object",
             "required": ["x-outcome", "x-caller"],
@@ -133,10 +154,16 @@ def _messages(payloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
         }
 
     create = "Ask for one sign-in token: user_id (or userId) required, expires_in_seconds and org_id optional."
-    revoke = "Revoke a token this caller was given: sign_in_token_id (or signInTokenId)."
+    impersonate = (
+        "Ask for one actor token (impersonation): user_id (or userId) and actor required, expires_in_seconds and "
+        "session_max_duration_in_seconds optional (absent: the caller's maxima)."
+    )
+    revoke = "Revoke a token this caller was given: sign_in_token_id or actor_token_id (or their camelCase)."
     return {
         "CreateRequestJson": request(create, payloads["request"], JSON),
         "CreateRequestMsgpack": request(create, payloads["request"], MSGPACK),
+        "ImpersonateRequestJson": request(impersonate, payloads["impersonate"], JSON),
+        "ImpersonateRequestMsgpack": request(impersonate, payloads["impersonate"], MSGPACK),
         "RevokeRequestJson": request(revoke, payloads["revoke"], JSON),
         "RevokeRequestMsgpack": request(revoke, payloads["revoke"], MSGPACK),
         "ReplyJson": {**reply, "contentType": JSON},
@@ -179,6 +206,11 @@ def document() -> dict[str, Any]:
     channels: dict[str, Any] = {
         "interactive": _queue(defaults.request_queue, "The interactive lane (REQUEST_QUEUE).", requests),
         "bulk": _queue(defaults.bulk_queue, "The bulk lane (BULK_QUEUE), served after the interactive one.", requests),
+        "impersonate": _queue(
+            defaults.impersonation_queue,
+            "Impersonations (IMPERSONATION_QUEUE): actor tokens, at the interactive lane's priority.",
+            {"json": "ImpersonateRequestJson", "msgpack": "ImpersonateRequestMsgpack"},
+        ),
         "revoke": _queue(
             defaults.revoke_queue,
             "Revocations (REVOKE_QUEUE), served only for the caller the token was given to.",
@@ -230,6 +262,9 @@ def document() -> dict[str, Any]:
     operations = {
         "createToken": operation("send", "interactive", "Ask for a token; a person is waiting.", reply=True),
         "createTokenBulk": operation("send", "bulk", "Ask for a token from a batch job.", reply=True),
+        "impersonate": operation(
+            "send", "impersonate", "Ask for an actor token: log in as a user, the impersonator named.", reply=True
+        ),
         "revokeToken": operation("send", "revoke", "Revoke a token this caller received.", reply=True),
         "receiveResults": operation("receive", "results", "Read replies of requests sent without reply_to."),
         "receiveDeadLetters": operation("receive", "deadLetters", "Inspect requests that could not be answered."),

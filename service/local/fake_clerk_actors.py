@@ -48,6 +48,8 @@ class ActorTokens:
         self.revoked: set[str] = set()
         # What each create asked for (its session's longest life is not in the ActorToken).
         self.sessions_max_seconds: dict[str, int] = {}
+        # The last create's body, as Clerk read it.
+        self.last_params: dict[str, Any] | None = None
         # The plan's impersonation allowance: None, unlimited; 0, every create is 402.
         self.impersonations_left: int | None = None
 
@@ -65,6 +67,7 @@ class ActorTokens:
             params = await request.json()
         except ValueError:
             params = None
+        self.last_params = params if isinstance(params, dict) else None
         invalid = _invalid_params(params)
         if invalid is not None:
             return reply(422, invalid)

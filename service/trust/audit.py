@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
 import aio_pika
@@ -24,7 +24,14 @@ from aio_pika.abc import AbstractRobustConnection
 from pamqp import commands as spec
 from sign_in_tokens_client.connection import CHANNEL_FAILURES
 from sign_in_tokens_client.contract.lanes import Lane
-from sign_in_tokens_client.contract.messages import Created, CreateSignInTokenRequestBody, Reply, Revoked, outcome
+from sign_in_tokens_client.contract.messages import (
+    CreateActorTokenRequestBody,
+    CreateSignInTokenRequestBody,
+    Failed,
+    Kind,
+    Reply,
+    outcome,
+)
 from sign_in_tokens_client.wire import printable
 
 from service import tracing
@@ -39,13 +46,21 @@ _REFUSALS: Final = frozenset({"forbidden"})
 
 
 class AuditEvent(msgspec.Struct, kw_only=True, frozen=True):
-    """One event, as contract v2 lays it out (every field present, null when unknown)."""
+    """One event, as contracts v2 and v3 lay it out (every field present, null when unknown).
+
+    ``kind``: ``sign_in_token`` or ``actor_token``; an impersonation names its ``actor`` (not a
+    secret) and its ``actor_sub``, and its token's id is ``actor_token_id``.
+    """
 
     event: Event
+    kind: Kind
     caller: str | None
     user_id: str | None
+    actor_sub: str | None
+    actor: dict[str, str] | None
     org_id: str | None
     sign_in_token_id: str | None
+    actor_token_id: str | None
     expires_in_seconds: int | None
     lane: str
     correlation_id: str | None
@@ -65,28 +80,39 @@ class Subject:
     user_id: str | None = None
     org_id: str | None = None
     expires_in_seconds: int | None = None
-    # The queue it came from, as metrics name it: ``revoke`` for a revocation (audited on ``lane``).
+    # The queue it came from, as metrics name it: ``impersonate`` or ``revoke`` (audited on ``lane``).
     source: str | None = None
+    # The kind of token it is about, and for an impersonation its actor.
+    kind: Kind = "sign_in_token"
+    actor: dict[str, str] | None = None
 
     @property
     def source_label(self) -> str:
-        """The lane label of its metrics: ``interactive``, ``bulk`` or ``revoke``."""
+        """The lane label of its metrics: ``interactive``, ``bulk``, ``impersonate`` or ``revoke``."""
         return self.source or self.lane.value
 
-    def asks_for(self, request: CreateSignInTokenRequestBody) -> None:
+    def asks_for(self, request: CreateSignInTokenRequestBody | CreateActorTokenRequestBody) -> None:
         """Record what the request asks for (after decoding, and again once the policy filled it in)."""
         self.user_id = request.user_id
-        self.org_id = request.org_id
         self.expires_in_seconds = request.expires_in_seconds
+        if isinstance(request, CreateActorTokenRequestBody):
+            self.kind, self.actor = "actor_token", request.actor
+        else:
+            self.org_id = request.org_id
 
-    def event(self, event: Event, *, code: str | None = None, sign_in_token_id: str | None = None) -> AuditEvent:
-        """The event about this request, stamped now."""
+    def event(self, event: Event, *, code: str | None = None, token_id: str | None = None) -> AuditEvent:
+        """The event about this request (and ``token_id``, of its kind), stamped now."""
+        actor = self.kind == "actor_token"
         return AuditEvent(
             event=event,
+            kind=self.kind,
             caller=_text(self.caller),
             user_id=self.user_id,
+            actor_sub=self.actor.get("sub") if self.actor else None,
+            actor=self.actor,
             org_id=self.org_id,
-            sign_in_token_id=sign_in_token_id,
+            sign_in_token_id=None if actor else token_id,
+            actor_token_id=token_id if actor else None,
             expires_in_seconds=self.expires_in_seconds,
             lane=self.lane.value,
             correlation_id=_text(self.correlation_id),
@@ -99,10 +125,12 @@ class Subject:
 class RevocationOrder(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A token made that nobody holds: revoke it at Clerk, then record it (REVOCATIONS_QUEUE, the worker's own).
 
-    ``subject``'s text fields are printable (UTF-8): the order is JSON.
+    The token's kind is its ``subject``'s (a sign-in token in an order without one: earlier
+    versions'); its id keeps the name earlier versions' orders give it. ``subject``'s text fields
+    are printable (UTF-8): the order is JSON.
     """
 
-    sign_in_token_id: str
+    token_id: str = msgspec.field(name="sign_in_token_id")
     reason: str
     subject: Subject
 
@@ -113,14 +141,12 @@ _order_decoder = msgspec.json.Decoder(RevocationOrder)
 
 def revocation_order(token_id: str, reason: str, subject: Subject) -> bytes:
     """The order to revoke ``token_id``, encoded."""
-    printable_subject = Subject(
-        _text(subject.caller),
-        subject.lane,
-        _text(subject.correlation_id),
-        _text(subject.message_id),
-        subject.user_id,
-        subject.org_id,
-        subject.expires_in_seconds,
+    printable_subject = replace(
+        subject,
+        caller=_text(subject.caller),
+        correlation_id=_text(subject.correlation_id),
+        message_id=_text(subject.message_id),
+        source=None,
     )
     return _order_encoder.encode(RevocationOrder(token_id, reason, printable_subject))
 
@@ -131,9 +157,9 @@ def read_revocation_order(body: bytes) -> RevocationOrder:
 
 
 def outcome_event(reply: Reply) -> tuple[Event, str | None, str | None]:
-    """The event of a reply: ``(event, code, sign_in_token_id)``."""
-    if isinstance(reply, Created | Revoked):
-        return outcome(reply), None, reply.sign_in_token.id
+    """The event of a reply: ``(event, code, token_id)``."""
+    if not isinstance(reply, Failed):
+        return outcome(reply), None, reply.token_object.id
     code = reply.error.code
     return ("refused" if code in _REFUSALS else "failed"), code, None
 

@@ -11,7 +11,11 @@ one of three sources (``Policy.from_settings``):
   listed get ``[defaults]``, requests without a ``user_id`` property
   ``[anonymous]``; a caller with neither has no rules. A listed caller with
   ``lanes = []`` is refused everything (how a caller is cut off while
-  ``[defaults]`` exists);
+  ``[defaults]`` exists). Impersonation (contract v3, actor tokens): whom a
+  caller may impersonate (``impersonate``), as which actor (``actors``, with
+  ``actor_keys`` beside ``sub``), for how long (``max_impersonation_seconds``,
+  ``max_session_seconds``: a request without them gets these maxima, not
+  Clerk's defaults); absent, none; never under ``[anonymous]``;
 - ``ALLOWED_PUBLISHERS``, the short form: the callers listed may ask for
   anything, anyone else has no rules (the two cannot be set together);
 - neither: anyone who can publish to the queues is served (the broker's
@@ -37,11 +41,14 @@ from msgspec import Meta
 from sign_in_tokens_client.connection import DIRECT_REPLY_TO
 from sign_in_tokens_client.contract.errors import ConfigError, ForbiddenError
 from sign_in_tokens_client.contract.lanes import Lane
+from sign_in_tokens_client.contract.messages import CLERK_ACTOR_KEYS, ActorKey, CreateActorTokenRequestBody
 from sign_in_tokens_client.contract.messages import CreateSignInTokenRequestBody as Request
 
 from service.config import Settings
 
-LaneName = Literal["interactive", "bulk"]
+# The queues a caller may use: the two lanes of sign-in tokens, and impersonation (which also
+# needs the ``impersonate`` key; alone, it lets a caller impersonate and ask for no sign-in token).
+LaneName = Literal["interactive", "bulk", "impersonate"]
 Pattern = Annotated[str, Meta(min_length=1, max_length=255)]
 _PATH_IN_ERROR: Final = re.compile(r" - at `\$\.?(.*)`$")
 # What a caller writes for direct reply-to; the broker hands the worker ``amq.rabbitmq.reply-to.<suffix>``
@@ -49,6 +56,7 @@ _PATH_IN_ERROR: Final = re.compile(r" - at `\$\.?(.*)`$")
 DIRECT_REPLY_TO_NAME: Final = DIRECT_REPLY_TO + "."
 _ALL_LANES: Final[frozenset[LaneName]] = frozenset({"interactive", "bulk"})
 _NO_RULES: Final = "callers: {who} has no rules in the policy"
+Seconds = Annotated[int, Meta(ge=1, le=315_360_000)]
 
 
 class CallerRules(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -59,6 +67,13 @@ class CallerRules(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     allow_org_id: bool = False
     # Queue names, or globs (``support.replies.*``), a reply may go to.
     reply_to: tuple[Pattern, ...]
+    # Impersonation (actor tokens): globs of the users it may impersonate, and of the actors
+    # (``actor.sub``) it may name; the actor's keys it may set beside ``sub``; both lifetimes' caps.
+    impersonate: tuple[Pattern, ...] = ()
+    actors: tuple[Pattern, ...] = ()
+    actor_keys: tuple[ActorKey, ...] = ()
+    max_impersonation_seconds: Seconds = 600
+    max_session_seconds: Seconds = 1_800
 
 
 class PolicyFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -99,14 +114,16 @@ def _matcher(patterns: Iterable[str]) -> re.Pattern[str] | None:
 
 
 class _Compiled:
-    """One caller's rules with its reply_to globs compiled once."""
+    """One caller's rules with its globs compiled once."""
 
-    __slots__ = ("name", "reply_to", "rules")
+    __slots__ = ("actors", "impersonate", "name", "reply_to", "rules")
 
     def __init__(self, rules: CallerRules, name: str) -> None:
         self.rules = rules
         self.name = name
         self.reply_to = _matcher(rules.reply_to)
+        self.impersonate = _matcher(rules.impersonate)
+        self.actors = _matcher(rules.actors)
 
     def reply_allowed(self, queue: str) -> bool:
         if self.reply_to is None:
@@ -222,6 +239,40 @@ class Policy:
             raise ForbiddenError(msg)
         return request
 
+    def admit_actor(self, caller: str | None, request: CreateActorTokenRequestBody) -> CreateActorTokenRequestBody:
+        """The impersonation as it will be sent (both lifetimes filled in), or ForbiddenError naming the rule."""
+        if self.file is None or not self._fill_expiry:
+            msg = "impersonate: impersonation needs a POLICY_FILE saying who may impersonate whom"
+            raise ForbiddenError(msg)
+        rules = self._rules_or_refuse(caller)
+        user_id, sub = request.user_id, request.actor_sub
+        if self._protected is not None and self._protected.fullmatch(user_id):
+            msg = f"protected_users: no caller may impersonate user {user_id!r}"
+            raise ForbiddenError(msg)
+        if rules.impersonate is None or not rules.impersonate.fullmatch(user_id):
+            msg = f"impersonate: {rules.name} may not impersonate user {user_id!r}"
+            raise ForbiddenError(msg)
+        if rules.actors is None or not rules.actors.fullmatch(sub):
+            msg = f"actors: {rules.name} may not name actor {sub!r}"
+            raise ForbiddenError(msg)
+        allowed = rules.rules
+        for key in sorted(request.actor.keys() - {"sub", *allowed.actor_keys}):
+            msg = f"actor_keys: {rules.name} may not set the actor's {key!r}"
+            raise ForbiddenError(msg)
+        expires = _capped(request.expires_in_seconds, allowed.max_impersonation_seconds, "impersonation", rules.name)
+        session = _capped(request.session_max_duration_in_seconds, allowed.max_session_seconds, "session", rules.name)
+        return msgspec.structs.replace(request, expires_in_seconds=expires, session_max_duration_in_seconds=session)
+
+
+def _capped(asked: int | None, maximum: int, what: str, name: str) -> int:
+    """``asked``, or ``maximum`` when absent; ForbiddenError above it (``max_{what}_seconds`` names the rule)."""
+    if asked is None:
+        return maximum
+    if asked > maximum:
+        msg = f"max_{what}_seconds: {name} may ask for at most {maximum} seconds, not {asked}"
+        raise ForbiddenError(msg)
+    return asked
+
 
 def load_policy(path: str) -> PolicyFile:
     """Read and check the policy file; ConfigError names the file and the place in it."""
@@ -248,6 +299,15 @@ def load_policy(path: str) -> PolicyFile:
     if any(not name or len(name) > 255 for name in rules):
         msg = f"POLICY_FILE: {path} at callers: a caller's name must be 1 to 255 characters"
         raise ConfigError(msg)
+    if policy.anonymous is not None and policy.anonymous.impersonate:
+        msg = f"POLICY_FILE: {path} at anonymous.impersonate: a caller without a name may never impersonate"
+        raise ConfigError(msg)
+    tables = {"defaults": policy.defaults, **{f"callers.{name}": table for name, table in rules.items()}}
+    for where, table in tables.items():
+        clerks = [key for key in (table.actor_keys if table else ()) if key in (*CLERK_ACTOR_KEYS, "sub")]
+        if clerks:
+            msg = f"POLICY_FILE: {path} at {where}.actor_keys: {clerks[0]!r} is not a key a caller sets beside sub"
+            raise ConfigError(msg)
     return msgspec.structs.replace(policy, callers=rules)
 
 

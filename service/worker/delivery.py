@@ -23,6 +23,7 @@ from sign_in_tokens_client.contract.messages import (
 from service import tracing
 from service.amqp import broker, publisher
 from service.amqp.envelope import Envelope
+from service.logs import token_field
 from service.state.dedup import NO_CLAIM, Claim, Found
 from service.state.redis_link import REDIS_FAILURES
 from service.trust.audit import Subject, outcome_event
@@ -56,7 +57,7 @@ def outcome_of(reply: Reply) -> str:
 def reply_log_fields(reply: Reply) -> dict[str, object]:
     """What a ``replied`` line says of a reply: for a failure, everything to quote to Clerk's support."""
     if not isinstance(reply, Failed):
-        return {"outcome": outcome(reply), "sign_in_token_id": reply.sign_in_token.id}
+        return {"outcome": outcome(reply), **token_field(reply.kind, reply.token_object.id)}
     error = reply.error
     return {
         "outcome": error.code,
@@ -93,10 +94,10 @@ class Delivery:
         """
         parts, settle = self.parts, self.settle
         event, code, token_id = outcome_event(reply)
-        if not await settle.record(subject.event(event, code=code, sign_in_token_id=token_id)):
+        if not await settle.record(subject.event(event, code=code, token_id=token_id)):
             if isinstance(reply, Created) and settle.last_delivery(message) and await claim.withdraw():
                 # The broker dead-letters it at its next return: its token would reach nobody, unrecorded.
-                await self.revocations.order(reply.sign_in_token.id, subject, "unrecorded")
+                await self.revocations.order(reply.token_object.id, subject, "unrecorded")
             await settle.give_back(message, "audit_event_unconfirmed")
             return
         content_type = reply_content_type(envelope.content_type)
@@ -108,7 +109,7 @@ class Delivery:
             caller=envelope.publisher,
         )
         if isinstance(reply, Created):
-            await self._grant(reply.sign_in_token.id, subject)
+            await self._grant(reply.token_object.id, subject)
         if tracing.enabled():
             tracing.annotate(**{"sign_in_tokens.outcome": outcome_of(reply)})
         claim.publishing()
@@ -131,10 +132,10 @@ class Delivery:
     async def _grant(self, token_id: str, subject: Subject) -> None:
         """Record who receives the token (before it is sent, so its revocation can follow at once)."""
         try:
-            await self.parts.grants.record(token_id, subject.caller, subject.expires_in_seconds)
+            await self.parts.grants.record(subject.kind, token_id, subject.caller, subject.expires_in_seconds)
         except REDIS_FAILURES as exc:
             # The caller gets its token all the same; revoking it through the queue will be refused.
-            log.warning("grant_not_recorded", sign_in_token_id=token_id, reason=type(exc).__name__)
+            log.warning("grant_not_recorded", reason=type(exc).__name__, **token_field(subject.kind, token_id))
 
     async def _refused(
         self,
@@ -154,12 +155,13 @@ class Delivery:
         """
         log.warning("reply_refused", reply_to=envelope.reply_to, from_idempotency_store=not mine)
         if isinstance(reply, Created):
+            token_id = reply.token_object.id
             if mine and await claim.withdraw():
-                await self.revocations.order(reply.sign_in_token.id, subject, "reply_refused")
+                await self.revocations.order(token_id, subject, "reply_refused")
             elif mine:
-                log.info("token_kept", sign_in_token_id=reply.sign_in_token.id, reason="a copy of this request got it")
+                log.info("token_kept", reason="a copy of this request got it", **token_field(reply.kind, token_id))
             elif claim.found is Found.UNSETTLED:
                 # The copy that made it stopped before it knew its reply's fate: it may have arrived.
                 self.parts.metrics.count_unsettled("reply_refused_after_unknown_fate")
-                log.warning("token_fate_unknown", sign_in_token_id=reply.sign_in_token.id)
+                log.warning("token_fate_unknown", **token_field(reply.kind, token_id))
         await self.settle.dead_letter(message, subject, "reply_refused")

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from sign_in_tokens_client.contract.errors import BY_CODE, ConfigError
-from sign_in_tokens_client.contract.lanes import REVOKE, Lane
+from sign_in_tokens_client.contract.lanes import IMPERSONATE, REVOKE, Lane
 
 # A `_created` series holds a Unix timestamp under a counter's name (requests_created
 # reads like a token count); nothing here needs it.
@@ -117,11 +117,11 @@ class Metrics:
         dead letter after a start would never fire ``SignInTokensDeadLettersGrowing``.)
         """
         failures = (*BY_CODE, "dead_lettered")
-        for lane in Lane:
-            self.labelled(self.in_flight, lane.value)
-            self.labelled(self.retries, lane.value)
+        for lane in (*(lane.value for lane in Lane), IMPERSONATE):
+            self.labelled(self.in_flight, lane)
+            self.labelled(self.retries, lane)
             for outcome in ("created", *failures):
-                self.labelled(self.requests, lane.value, outcome)
+                self.labelled(self.requests, lane, outcome)
         self.labelled(self.in_flight, REVOKE)
         self.labelled(self.retries, REVOKE)
         for outcome in ("revoked", *failures):

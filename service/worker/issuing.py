@@ -20,12 +20,12 @@ from sign_in_tokens_client.contract.errors import (
     UpstreamMalformedError,
     UpstreamUnavailableError,
 )
-from sign_in_tokens_client.contract.messages import Created, Reply, SignInToken
+from sign_in_tokens_client.contract.messages import Created, Reply, Token, created
 
 from service import tracing
 from service.amqp.envelope import Envelope
 from service.clerk.breaker import OutageHold
-from service.logs import bind
+from service.logs import bind, token_field
 from service.state.dedup import UNRELATED, Claim, ClaimLostError, Found, Remembered
 from service.state.grants import CLERK_DEFAULT_LIFETIME_SECONDS
 from service.trust.audit import Subject
@@ -104,7 +104,11 @@ class Issuing:
         await self.delivery.settle.give_back(message, "idempotency_key_contended")
 
     def _stored(self, remembered: Remembered, body: bytes) -> tuple[Reply, bool]:
-        """The answer the store holds for this key, when it answered this very request; whether it did."""
+        """The answer the store holds for this key, when it answered this very request; whether it did.
+
+        The request is Clerk's body, and an actor token's always names its actor, a sign-in
+        token's never: one kind's key never answers a request for the other.
+        """
         if remembered.request != body:
             msg = "message_id was already used for a different request; use a new message_id for each request"
             return failed(InvalidRequestError(msg)), False
@@ -138,7 +142,7 @@ class Issuing:
                 return reply, "other"
             await self._remember(claim, body, reply, subject)
             return reply, "made"
-        reply = operation.reply(token)
+        reply = created(token)
         await self._remember(claim, body, reply, subject)
         return reply, "made"
 
@@ -152,18 +156,20 @@ class Issuing:
             if isinstance(reply, Created):
                 self.parts.metrics.count_unsettled("stopped_before_stored")
                 log.error(  # noqa: TRY400 - a stop, not a defect: no traceback
-                    "token_fate_unknown", sign_in_token_id=reply.sign_in_token.id, reason="stopped_before_stored"
+                    "token_fate_unknown",
+                    reason="stopped_before_stored",
+                    **token_field(reply.kind, reply.token_object.id),
                 )
             raise
         except ClaimLostError:
             log.warning("idempotency_claim_lost", action="answering with the stored answer; revoking this token")
             if isinstance(reply, Created):
-                await self.revocations.order(reply.sign_in_token.id, subject, "claim_lost")
+                await self.revocations.order(reply.token_object.id, subject, "claim_lost")
             raise
 
     async def _create(
         self, body: bytes, deadline: float | None, subject: Subject, operation: Issues[RequestT]
-    ) -> SignInToken:
+    ) -> Token:
         """Call Clerk, retrying transient failures; raise the final RequestError."""
         parts = self.parts
         if deadline is not None and time.time() >= deadline:
@@ -171,7 +177,7 @@ class Issuing:
             raise DeadlineExceededError(msg)
         hold = parts.breaker.hold()
 
-        async def attempt() -> SignInToken:
+        async def attempt() -> Token:
             return await self._attempt(body, deadline, subject, hold, operation)
 
         async def backoff(seconds: float) -> None:
@@ -179,14 +185,14 @@ class Issuing:
             await parts.sleep_unless_stopping(seconds)
 
         token, attempts = await parts.retry.run(attempt, deadline=deadline, sleep=backoff, on_retry=_log_retry)
-        bind(sign_in_token_id=token.id, attempts=attempts)
+        bind(attempts=attempts, **token_field(operation.kind, token.id))
         if tracing.enabled():
             tracing.annotate(**{"sign_in_tokens.attempts": attempts})
         return token
 
     async def _attempt(
         self, body: bytes, deadline: float | None, subject: Subject, hold: OutageHold, operation: Issues[RequestT]
-    ) -> SignInToken:
+    ) -> Token:
         """One attempt: wait out an outage, take a turn, call; a token that comes too late is revoked."""
         await self.parts.breaker.wait_closed(deadline, hold)
         token = await self._call(body, subject, deadline, operation)
@@ -196,13 +202,11 @@ class Issuing:
             raise DeadlineExceededError(msg, upstream_status=200)
         return token
 
-    async def _call(
-        self, body: bytes, subject: Subject, deadline: float | None, operation: Issues[RequestT]
-    ) -> SignInToken:
+    async def _call(self, body: bytes, subject: Subject, deadline: float | None, operation: Issues[RequestT]) -> Token:
         """One call at Clerk, its answer told to the breaker."""
         breaker = self.parts.breaker
         try:
-            token = await operation.call(self.parts.clerk, body, subject.lane, deadline)
+            token = await self.parts.clerk.create(operation.kind, body, subject.lane, deadline)
         except UpstreamMalformedError as exc:
             breaker.record_success()  # Clerk answered; it is not down
             if exc.token_id is not None:

@@ -26,6 +26,7 @@ from service.clerk.breaker import UpstreamBreaker
 from service.clerk.retry import RetryPolicy
 from service.clerk.upstream import ClerkClient
 from service.config import SHUTDOWN_MARGIN_SECONDS, Settings
+from service.logs import token_field
 from service.state.dedup import IdempotencyStore, open_store
 from service.state.dedup.memory import MemoryIdempotencyStore
 from service.state.grants import Grants
@@ -282,16 +283,16 @@ class Worker:
             reply = left.remembered.reply
             if not isinstance(reply, Created):
                 continue
-            token_id = reply.sign_in_token.id
+            token_id = reply.token_object.id
             if left.published:
                 # Its reply was published and its confirm lost: the caller may hold it.
                 self.metrics.count_unsettled("fate_unknown_at_stop")
-                log.warning("token_fate_unknown", sign_in_token_id=token_id, reason="fate_unknown_at_stop")
+                log.warning("token_fate_unknown", reason="fate_unknown_at_stop", **token_field(reply.kind, token_id))
                 continue
             store.forget(left.key)
             subject = left.context
             if not isinstance(subject, Subject):
-                subject = Subject(left.key[0] or None, Lane.INTERACTIVE, None, left.key[1])
+                subject = Subject(left.key[0] or None, Lane.INTERACTIVE, None, left.key[1], kind=reply.kind)
             await self.pipeline.revocations.order(token_id, subject, "stopped_before_delivery")
 
     # -- each delivery -------------------------------------------------------

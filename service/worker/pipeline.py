@@ -6,18 +6,21 @@ returns it to its queue), and the broker delivers it again; the idempotency stor
 redelivery with the same token.
 
 Each queue the worker consumes runs one operation (``Pipeline.issues``, ``Pipeline.answers``):
-creating a sign-in token on the two lanes, revoking one on REVOKE_QUEUE. The worker's own revocation orders
+creating a sign-in token on the two lanes, an actor token on IMPERSONATION_QUEUE, revoking either
+on REVOKE_QUEUE. The worker's own revocation orders
 (REVOCATIONS_QUEUE) are carried out by ``revocations.py``. The lifecycle around the pipeline
 (start, stop, pauses, the key probe) is ``lifecycle.py``'s.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiormq.abc import DeliveredMessage
 from opentelemetry.trace import SpanKind
 from sign_in_tokens_client.contract.errors import InvalidRequestError
-from sign_in_tokens_client.contract.lanes import REVOCATIONS, REVOKE, Lane, Source, source_label
-from sign_in_tokens_client.contract.messages import CreateSignInTokenRequestBody, UndecodableError
+from sign_in_tokens_client.contract.lanes import IMPERSONATE, REVOCATIONS, REVOKE, Lane, Source, source_label
+from sign_in_tokens_client.contract.messages import UndecodableError
 
 from service import tracing
 from service.amqp.envelope import Envelope
@@ -26,7 +29,8 @@ from service.trust.audit import Subject
 from service.worker.delivery import Delivery, failed
 from service.worker.issuing import Issuing
 from service.worker.operations import Answers, Issues
-from service.worker.operations.revoke import RevokeSignInToken
+from service.worker.operations.actor_token import CreateActorToken
+from service.worker.operations.revoke import RevokeToken
 from service.worker.operations.sign_in_token import CreateSignInToken
 from service.worker.parts import Parts
 from service.worker.revocations import Revocations
@@ -34,7 +38,7 @@ from service.worker.settle import Settle
 
 
 class Pipeline:
-    """Answer one request (a create, or a revocation), or dead-letter it; KeyRejectedError on a 401."""
+    """Answer one request (a create, an impersonation, a revocation), or dead-letter it; KeyRejectedError on a 401."""
 
     def __init__(self, parts: Parts) -> None:
         """The path's steps, each on ``parts``, and the operation of each queue."""
@@ -45,8 +49,13 @@ class Pipeline:
         self.issuing = Issuing(parts, self.delivery, self.revocations)
         # The operation of each queue: one that issues a token, or one answered as it comes.
         create = CreateSignInToken(parts.settings)
-        self.issues: dict[Source, Issues[CreateSignInTokenRequestBody]] = {Lane.INTERACTIVE: create, Lane.BULK: create}
-        self.answers: dict[Source, Answers] = {REVOKE: RevokeSignInToken(parts, self.revocations)}
+        # Each operation reads its own kind of request (Any: the table holds both kinds of operation).
+        self.issues: dict[Source, Issues[Any]] = {
+            Lane.INTERACTIVE: create,
+            Lane.BULK: create,
+            IMPERSONATE: CreateActorToken(parts.settings),
+        }
+        self.answers: dict[Source, Answers] = {REVOKE: RevokeToken(parts, self.revocations)}
         self._own_queues = parts.settings.own_queues
 
     async def handle(self, message: DeliveredMessage, source: Source) -> None:
@@ -79,10 +88,15 @@ class Pipeline:
             lane=source_label(source),
         )
         policy = self.parts.policy  # this request's rules, whatever a reload does meanwhile
-        # A revocation goes to Clerk as an interactive call, and is audited on that lane.
+        # An impersonation or a revocation goes to Clerk as an interactive call, and is audited on that lane.
         lane = source if isinstance(source, Lane) else Lane.INTERACTIVE
         subject = Subject(
-            envelope.publisher, lane, envelope.correlation_id, envelope.message_id, source=source_label(source)
+            envelope.publisher,
+            lane,
+            envelope.correlation_id,
+            envelope.message_id,
+            source=source_label(source),
+            kind="actor_token" if source == IMPERSONATE else "sign_in_token",
         )
         if not policy.knows(envelope.publisher):
             # A caller with no rules gets nothing, wherever its reply_to points: not even a refusal.

@@ -15,10 +15,10 @@ import structlog
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from sign_in_tokens_client.contract.errors import RequestError, ServiceError, UpstreamRejectedError, UserNotFoundError
-from sign_in_tokens_client.contract.messages import JSON, SignInToken
+from sign_in_tokens_client.contract.messages import JSON, Kind, Token
 
 from service.amqp import broker
-from service.logs import bind
+from service.logs import bind, token_field
 from service.trust.audit import Subject, read_revocation_order, revocation_order
 from service.worker.parts import Parts
 from service.worker.settle import Settle
@@ -41,8 +41,10 @@ class Revocations:
     async def order(self, token_id: str, subject: Subject, reason: str) -> None:
         """Order the revocation of a token nobody holds: a message on REVOCATIONS_QUEUE, confirmed.
 
-        If the broker will not take the order, the token is revoked here at once instead.
+        The token is of ``subject``'s kind. If the broker will not take the order, the token is
+        revoked here at once instead.
         """
+        named = token_field(subject.kind, token_id)
         settings = self.parts.settings
         properties = spec.Basic.Properties(
             content_type=JSON, delivery_mode=_PERSISTENT, message_id=token_id, user_id=settings.broker_user
@@ -53,23 +55,23 @@ class Revocations:
                 await self.parts.publisher.publish(body, properties, settings.revocations_queue)
             except (broker.ReplyRefusedError, broker.ReplyFateUnknownError) as exc:
                 if wait is None:
-                    log.warning("revocation_not_ordered", sign_in_token_id=token_id, reason=str(exc))
+                    log.warning("revocation_not_ordered", reason=str(exc), **named)
                     await self.now(token_id, subject)
                     return
                 # A channel reopening (an error closed it, the connection came back): at a stop too.
                 await asyncio.sleep(wait)
             else:
-                log.info("revocation_ordered", sign_in_token_id=token_id, reason=reason)
+                log.info("revocation_ordered", reason=reason, **named)
                 return
 
     async def now(self, token_id: str, subject: Subject) -> None:
         """Revoke a token at Clerk and record it; a failure is logged and counted, not raised."""
         try:
-            await self.at_clerk(token_id)
+            await self.at_clerk(subject.kind, token_id)
         except (ServiceError, asyncio.CancelledError) as exc:
             self.parts.metrics.count_unsettled("revocation_failed")
             log.error(  # noqa: TRY400 - a traceback could carry the token
-                "revoke_failed", sign_in_token_id=token_id, reason=type(exc).__name__
+                "revoke_failed", reason=type(exc).__name__, **token_field(subject.kind, token_id)
             )
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -82,9 +84,10 @@ class Revocations:
         The event cannot hold anything back (nothing would revoke the token again): one the broker
         never confirms is logged at error, in its place.
         """
-        log.warning("token_revoked", sign_in_token_id=token_id)
-        if not await self.settle.record(subject.event("revoked", sign_in_token_id=token_id)):
-            log.error("audit_event_lost", audit_event="revoked", sign_in_token_id=token_id)
+        named = token_field(subject.kind, token_id)
+        log.warning("token_revoked", **named)
+        if not await self.settle.record(subject.event("revoked", token_id=token_id)):
+            log.error("audit_event_lost", audit_event="revoked", **named)
 
     async def carry_out(self, message: DeliveredMessage) -> None:
         """Carry out one order from REVOCATIONS_QUEUE: revoke at Clerk, record, then acknowledge.
@@ -105,9 +108,9 @@ class Revocations:
             log.error("revocation_order_unreadable")  # noqa: TRY400 - nothing was raised to show
             await self.settle.ack(message)
             return
-        bind(sign_in_token_id=order.sign_in_token_id, reason=order.reason)
+        bind(reason=order.reason, **token_field(order.subject.kind, order.token_id))
         try:
-            await self.at_clerk(order.sign_in_token_id)
+            await self.at_clerk(order.subject.kind, order.token_id)
         except (UserNotFoundError, UpstreamRejectedError) as exc:
             # Used meanwhile (accepted), revoked already, or unknown to Clerk: no live token is left to revoke.
             log.warning("revocation_needless", upstream_status=exc.upstream_status, upstream_code=exc.upstream_code)
@@ -117,15 +120,15 @@ class Revocations:
             await self.settle.give_back(message, "revocation_delayed")
             return
         else:
-            await self.revoked(order.sign_in_token_id, order.subject)
+            await self.revoked(order.token_id, order.subject)
         await self.settle.ack(message)
 
-    async def at_clerk(self, token_id: str) -> SignInToken:
+    async def at_clerk(self, kind: Kind, token_id: str) -> Token:
         """Revoke ``token_id`` at Clerk, retrying transient failures (a stop returns its order or request)."""
         parts = self.parts
 
-        async def attempt() -> SignInToken:
-            return await parts.clerk.revoke(token_id)
+        async def attempt() -> Token:
+            return await parts.clerk.revoke(kind, token_id)
 
         token, _ = await parts.retry.run(attempt, deadline=None, sleep=parts.sleep_unless_stopping)
         parts.metrics.revoked.inc()

@@ -157,6 +157,7 @@ def test_the_manifests_agree_with_the_service(tmp_path: Path) -> None:
     assert {t["metadata"]["queueName"] for t in scaled["triggers"]} == {
         defaults.request_queue,
         defaults.bulk_queue,
+        defaults.impersonation_queue,
         defaults.revoke_queue,
     }
     assert scaled["minReplicaCount"] == 2

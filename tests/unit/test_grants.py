@@ -9,26 +9,36 @@ from service.state.grants import Grants
 
 async def test_only_the_recorded_caller_is_its_holder_until_the_record_goes() -> None:
     grants = Grants(None, "key", max_entries=3)
-    await grants.record("sit_1", "portal", 300)
-    await grants.record("sit_2", None, 300)
-    assert await grants.received_by("sit_1", "portal")
-    assert not await grants.received_by("sit_1", "billing")
-    assert not await grants.received_by("sit_1", None)
-    assert await grants.received_by("sit_2", None)
-    assert not await grants.received_by("sit_never", "portal")
+    await grants.record("sign_in_token", "sit_1", "portal", 300)
+    await grants.record("sign_in_token", "sit_2", None, 300)
+    assert await grants.received_by("sign_in_token", "sit_1", "portal")
+    assert not await grants.received_by("sign_in_token", "sit_1", "billing")
+    assert not await grants.received_by("sign_in_token", "sit_1", None)
+    assert await grants.received_by("sign_in_token", "sit_2", None)
+    assert not await grants.received_by("sign_in_token", "sit_never", "portal")
     for n in range(3, 6):
-        await grants.record(f"sit_{n}", "portal", 300)
-    assert not await grants.received_by("sit_1", "portal")  # the oldest went first
-    assert await grants.received_by("sit_5", "portal")
+        await grants.record("sign_in_token", f"sit_{n}", "portal", 300)
+    assert not await grants.received_by("sign_in_token", "sit_1", "portal")  # the oldest went first
+    assert await grants.received_by("sign_in_token", "sit_5", "portal")
+
+
+async def test_an_id_given_as_the_other_kind_names_no_grant() -> None:
+    """An actor token's grant answers only as an actor token's, a sign-in token's only as a sign-in token's."""
+    grants = Grants(None, "key")
+    await grants.record("actor_token", "act_1", "portal", 300)
+    await grants.record("sign_in_token", "sit_1", "portal", 300)
+    assert await grants.received_by("actor_token", "act_1", "portal")
+    assert not await grants.received_by("sign_in_token", "act_1", "portal")
+    assert not await grants.received_by("actor_token", "sit_1", "portal")
 
 
 async def test_an_expired_record_no_longer_answers() -> None:
     grants = Grants(None, "key")
-    await grants.record("sit_1", "portal", 1)
-    assert await grants.received_by("sit_1", "portal")
+    await grants.record("sign_in_token", "sit_1", "portal", 1)
+    assert await grants.received_by("sign_in_token", "sit_1", "portal")
     # The expiry is whole monotonic seconds: a lifetime already over reads as gone.
-    await grants.record("sit_2", "portal", -10)
-    assert not await grants.received_by("sit_2", "portal")
+    await grants.record("sign_in_token", "sit_2", "portal", -10)
+    assert not await grants.received_by("sign_in_token", "sit_2", "portal")
 
 
 async def test_an_entry_costs_two_integers_not_its_strings() -> None:
@@ -36,7 +46,7 @@ async def test_an_entry_costs_two_integers_not_its_strings() -> None:
     tracemalloc.start()
     try:
         for n in range(50_000):
-            await grants.record(f"sit_{n:024x}", "support-portal", 300)
+            await grants.record("sign_in_token", f"sit_{n:024x}", "support-portal", 300)
         size, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

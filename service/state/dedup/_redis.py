@@ -205,7 +205,7 @@ class RedisMixupError(redis.RedisError):
 def _tag(reply: Reply) -> str:
     """What tells one answer from another under a key: a created token's id, else the error's code."""
     if isinstance(reply, Created):
-        return reply.sign_in_token.id
+        return reply.token_object.id
     return reply.error.code if isinstance(reply, Failed) else type(reply).__name__
 
 

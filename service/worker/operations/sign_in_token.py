@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from sign_in_tokens_client.contract.lanes import Lane
 from sign_in_tokens_client.contract.messages import (
-    Created,
     CreateSignInTokenRequestBody,
-    Reply,
-    SignInToken,
+    Kind,
     decode_request,
     encode_clerk_body,
 )
 
-from service.clerk.upstream import ClerkClient
 from service.config import Settings
 from service.trust.policy import Policy
 
 
 class CreateSignInToken:
     """A sign-in token for a user: its body in either spelling, JSON or MessagePack."""
+
+    kind: Final[Kind] = "sign_in_token"
 
     def __init__(self, settings: Settings) -> None:
         """Decode within ``settings``' limits (body size, longest lifetime)."""
@@ -42,11 +43,3 @@ class CreateSignInToken:
     def clerk_body(self, request: CreateSignInTokenRequestBody) -> bytes:
         """Clerk's JSON body."""
         return encode_clerk_body(request)
-
-    async def call(self, clerk: ClerkClient, body: bytes, lane: Lane, deadline: float | None) -> SignInToken:
-        """``POST /sign_in_tokens``."""
-        return await clerk.create(body, lane, deadline)
-
-    def reply(self, token: SignInToken) -> Reply:
-        """``{"outcome": "created", "sign_in_token": ...}``."""
-        return Created(sign_in_token=token)

@@ -40,6 +40,10 @@ queue as routing key) and its reply matched by ``correlation_id``.
   safe. The connection reconnects by itself (about a second after the broker
   is back).
 
+``impersonate`` asks for an actor token (Clerk's impersonation: the session it opens names the
+impersonator in its ``act`` claim) on IMPERSONATION_QUEUE, under the same rules;
+``revoke_actor_token`` revokes one.
+
 The lower-level ``send`` and ``request`` return the raw and the typed reply
 without raising on a failed one (the demo and the tests use them).
 """
@@ -78,11 +82,13 @@ from sign_in_tokens_client.contract.errors import (
     UserNotFoundError,
 )
 from sign_in_tokens_client.contract.errors import RequestError as SignInTokenError
-from sign_in_tokens_client.contract.lanes import BULK_QUEUE, REQUEST_QUEUE, REVOKE_QUEUE, Lane
+from sign_in_tokens_client.contract.lanes import BULK_QUEUE, IMPERSONATION_QUEUE, REQUEST_QUEUE, REVOKE_QUEUE, Lane
 from sign_in_tokens_client.contract.messages import (
     JSON,
     MSGPACK,
+    ActorToken,
     Created,
+    Kind,
     Reply,
     Revoked,
     SignInToken,
@@ -109,6 +115,7 @@ DEFAULT_TIMEOUT_SECONDS = 5.0
 
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
+    "ActorToken",
     "BrokerUnavailableError",
     "ConfigError",
     "ConnectionLostError",
@@ -142,6 +149,7 @@ class SignInTokenClient:
         *,
         request_queue: str = REQUEST_QUEUE,
         bulk_queue: str = BULK_QUEUE,
+        impersonation_queue: str = IMPERSONATION_QUEUE,
         revoke_queue: str = REVOKE_QUEUE,
         replies: Literal["direct", "queue"] = "direct",
         reply_queue_prefix: str | None = None,
@@ -160,6 +168,7 @@ class SignInTokenClient:
         """
         self._url = amqp_url
         self._queues = {Lane.INTERACTIVE: request_queue, Lane.BULK: bulk_queue}
+        self._impersonation_queue = impersonation_queue
         self._revoke_queue = revoke_queue
         self._user_id = broker_user(amqp_url, amqp_user or os.environ.get("AMQP_USER"))
         self._service_user = service_user_from(service_user)
@@ -280,7 +289,43 @@ class SignInTokenClient:
             message_id=message_id,
             msgpack=msgpack,
         )
-        return token_or_raise(reply, Created)
+        return token_or_raise(reply, Created, SignInToken)
+
+    async def impersonate(
+        self,
+        user_id: str,
+        *,
+        actor_sub: str,
+        actor: dict[str, str] | None = None,
+        expires_in_seconds: int | None = None,
+        session_max_duration_in_seconds: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,  # noqa: ASYNC109 - the call's deadline, sent to the service as x-deadline
+        message_id: str | None = None,
+        msgpack: bool = False,
+    ) -> ActorToken:
+        """An actor token: ``actor_sub`` (the impersonator's user id) logs in as ``user_id``.
+
+        ``actor``: more keys of the actor object (each must be in the caller's ``actor_keys``);
+        both lifetimes default to the caller's maximum in the policy. Raises as ``create`` does.
+        """
+        fields: dict[str, Any] = {"user_id": user_id, "actor": {**(actor or {}), "sub": actor_sub}}
+        if expires_in_seconds is not None:
+            fields["expires_in_seconds"] = expires_in_seconds
+        if session_max_duration_in_seconds is not None:
+            fields["session_max_duration_in_seconds"] = session_max_duration_in_seconds
+        encode = msgspec.msgpack.encode if msgpack else msgspec.json.encode
+        with tracing.client_span("sign_in_tokens impersonate"):
+            future = await self.send(
+                encode(fields),
+                queue=self._impersonation_queue,
+                content_type=MSGPACK if msgpack else JSON,
+                message_id=message_id,
+                deadline_ms=_deadline_ms(timeout),
+                accepts=for_user(user_id, "actor_token"),
+            )
+            reply = await reply_within(future, timeout)
+            tracing.annotate(**{"sign_in_tokens.outcome": outcome(reply)})
+            return token_or_raise(reply, Created, ActorToken)
 
     async def revoke(
         self,
@@ -289,20 +334,35 @@ class SignInTokenClient:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,  # noqa: ASYNC109 - the call's deadline, sent to the service as x-deadline
         message_id: str | None = None,
     ) -> SignInToken:
-        """Revoke a token this caller received (an impersonation that ended early); the token, status ``revoked``.
+        """Revoke a sign-in token this caller received; the token, status ``revoked``.
 
         Only the caller the token was given to may revoke it: anyone else gets ForbiddenError.
         """
-        body = msgspec.json.encode({"sign_in_token_id": sign_in_token_id})
+        reply = await self._revoke("sign_in_token", sign_in_token_id, timeout, message_id)
+        return token_or_raise(reply, Revoked, SignInToken)
+
+    async def revoke_actor_token(
+        self,
+        actor_token_id: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,  # noqa: ASYNC109 - the call's deadline, sent to the service as x-deadline
+        message_id: str | None = None,
+    ) -> ActorToken:
+        """Revoke an actor token this caller received (an impersonation called off before it was used)."""
+        reply = await self._revoke("actor_token", actor_token_id, timeout, message_id)
+        return token_or_raise(reply, Revoked, ActorToken)
+
+    async def _revoke(self, kind: Kind, token_id: str, seconds: float, message_id: str | None) -> Reply:
+        body = msgspec.json.encode({f"{kind}_id": token_id})
         with tracing.client_span("sign_in_tokens revoke"):
             future = await self.send(
                 body,
                 queue=self._revoke_queue,
                 message_id=message_id,
-                deadline_ms=_deadline_ms(timeout),
-                accepts=for_token(sign_in_token_id),
+                deadline_ms=_deadline_ms(seconds),
+                accepts=for_token(token_id, kind),
             )
-            return token_or_raise(await reply_within(future, timeout), Revoked)
+            return await reply_within(future, seconds)
 
     async def request(
         self,

@@ -6,7 +6,7 @@ import asyncio
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -16,14 +16,18 @@ from sign_in_tokens_client.contract.errors import (
 )
 from sign_in_tokens_client.contract.errors import RequestError as SignInTokenError
 from sign_in_tokens_client.contract.messages import (
+    ActorToken,
     Created,
     ErrorDetail,
     Failed,
+    Kind,
     Reply,
     Revoked,
     SignInToken,
     decode_reply,
 )
+
+T = TypeVar("T", SignInToken, ActorToken)
 
 # The service's broker user when neither ``service_user`` nor SERVICE_USER says otherwise.
 DEFAULT_SERVICE_USER = "sign-in-tokens"
@@ -73,14 +77,16 @@ def forged_because(message: AbstractIncomingMessage, service_user: str, caller: 
     return None
 
 
-def for_user(user_id: str) -> Accepts:
-    """A created reply must carry a token for ``user_id``; a failure is taken as it comes."""
-    return lambda reply: not isinstance(reply, Created) or reply.sign_in_token.user_id == user_id
+def for_user(user_id: str, kind: Kind = "sign_in_token") -> Accepts:
+    """A created reply must carry a token of ``kind`` for ``user_id``; a failure is taken as it comes."""
+    return lambda reply: (
+        not isinstance(reply, Created) or (reply.kind == kind and reply.token_object.user_id == user_id)
+    )
 
 
-def for_token(token_id: str) -> Accepts:
+def for_token(token_id: str, kind: Kind = "sign_in_token") -> Accepts:
     """A revoked reply must carry the token asked for."""
-    return lambda reply: not isinstance(reply, Revoked) or reply.sign_in_token.id == token_id
+    return lambda reply: not isinstance(reply, Revoked) or (reply.kind == kind and reply.token_object.id == token_id)
 
 
 async def reply_within(future: asyncio.Future[ReceivedReply], seconds: float) -> Reply:
@@ -105,12 +111,13 @@ def error_of(detail: ErrorDetail) -> SignInTokenError:
     return error
 
 
-def token_or_raise(reply: Reply, expected: type[Created | Revoked]) -> SignInToken:
-    """The reply's token, or the SignInTokenError of its code."""
+def token_or_raise(reply: Reply, expected: type[Created | Revoked], kind: type[T]) -> T:
+    """The reply's token (a ``kind``), or the SignInTokenError of its code."""
     if isinstance(reply, Failed):
         raise error_of(reply.error)
-    if not isinstance(reply, expected):
+    token = reply.token_object if isinstance(reply, expected) else None
+    if not isinstance(token, kind):
         error = SignInTokenError(f"a {type(reply).__name__} reply to this call")
         error.code = "unexpected_reply"
         raise error
-    return reply.sign_in_token
+    return token

@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final, Literal
 
-# The queues callers publish to, by default (the service's REQUEST_QUEUE, BULK_QUEUE, REVOKE_QUEUE).
+# The queues callers publish to, by default (the service's REQUEST_QUEUE, BULK_QUEUE, IMPERSONATION_QUEUE,
+# REVOKE_QUEUE).
 REQUEST_QUEUE: Final = "sign_in_tokens.create"
 BULK_QUEUE: Final = "sign_in_tokens.create.bulk"
+IMPERSONATION_QUEUE: Final = "sign_in_tokens.impersonate"
 REVOKE_QUEUE: Final = "sign_in_tokens.revoke"
 
 
@@ -29,15 +31,17 @@ class Lane(enum.Enum):
     BULK = "bulk"
 
 
-# The third queue the worker consumes: revocations (REVOKE_QUEUE), served at Clerk as interactive calls.
+# The other queues the worker consumes, each served at Clerk as interactive calls: impersonations
+# (IMPERSONATION_QUEUE), revocations (REVOKE_QUEUE), and the worker's own orders to revoke tokens
+# nobody holds (REVOCATIONS_QUEUE).
+IMPERSONATE: Final = "impersonate"
 REVOKE: Final = "revoke"
-# The fourth: the worker's own orders to revoke tokens nobody holds (REVOCATIONS_QUEUE).
 REVOCATIONS: Final = "revocations"
-Source = Lane | Literal["revoke", "revocations"]
+Source = Lane | Literal["impersonate", "revoke", "revocations"]
 
 
 def source_label(source: Source) -> str:
-    """A source's name in metrics and logs: ``interactive``, ``bulk`` or ``revoke``."""
+    """A source's name in metrics and logs: ``interactive``, ``bulk``, ``impersonate`` or ``revoke``."""
     return source.value if isinstance(source, Lane) else source
 
 

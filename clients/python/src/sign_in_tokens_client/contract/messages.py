@@ -3,14 +3,15 @@
 Requests arrive as JSON (``application/json`` or no content type) or
 MessagePack (``application/msgpack``), in the Python SDK's spelling
 (``user_id``) or the TypeScript SDK's (``userId``), one spelling a message.
-Replies are a tagged union on ``outcome``. Clerk's objects are decoded
-leniently (Clerk may add fields); our own inputs strictly.
+Replies are a tagged union on ``outcome``; a ``created`` or ``revoked`` reply carries one token,
+a sign-in token (``sign_in_token``) or an actor token (``actor_token``, impersonation). Clerk's
+objects are decoded leniently (Clerk may add fields); our own inputs strictly.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeAlias
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
@@ -24,6 +25,16 @@ _MSGPACK_ALIASES: Final = frozenset({MSGPACK, "application/x-msgpack", "applicat
 UserId = Annotated[str, Meta(min_length=1, max_length=256)]
 OrgId = Annotated[str, Meta(min_length=1, max_length=256)]
 ExpiresIn = Annotated[int, Meta(ge=1)]
+# An actor object: ``sub`` and at most 15 more string keys, each value a string.
+ActorKey = Annotated[str, Meta(min_length=1, max_length=64)]
+ActorValue = Annotated[str, Meta(min_length=1, max_length=256)]
+Actor = Annotated[dict[ActorKey, ActorValue], Meta(min_length=1, max_length=16)]
+# The actor keys Clerk sets itself in the session's ``act`` claim: a caller never does.
+CLERK_ACTOR_KEYS: Final = ("iss", "sid")
+
+# The two kinds of token: a sign-in token opens an ordinary session, an actor token an impersonated one.
+Kind: TypeAlias = Literal["sign_in_token", "actor_token"]
+KINDS: Final[tuple[Kind, ...]] = ("sign_in_token", "actor_token")
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -61,6 +72,34 @@ class CreateSignInTokenRequestBody(msgspec.Struct, frozen=True, kw_only=True, om
     org_id: str | None = None
 
 
+class ActorTokenRequest(Strict, frozen=True):
+    """An impersonation request (IMPERSONATION_QUEUE) as it travels, in either spelling."""
+
+    user_id: UserId | UnsetType = UNSET
+    actor: Actor | UnsetType = UNSET
+    expires_in_seconds: ExpiresIn | UnsetType | None = UNSET
+    session_max_duration_in_seconds: ExpiresIn | UnsetType | None = UNSET
+    user_id_camel: UserId | UnsetType = msgspec.field(default=UNSET, name="userId")
+    expires_in_seconds_camel: ExpiresIn | UnsetType | None = msgspec.field(default=UNSET, name="expiresInSeconds")
+    session_max_duration_in_seconds_camel: ExpiresIn | UnsetType | None = msgspec.field(
+        default=UNSET, name="sessionMaxDurationInSeconds"
+    )
+
+
+class CreateActorTokenRequestBody(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The body of Clerk's ``POST /actor_tokens`` (the policy fills in both lifetimes before it is sent)."""
+
+    user_id: str
+    actor: dict[str, str]
+    expires_in_seconds: int | None = None
+    session_max_duration_in_seconds: int | None = None
+
+    @property
+    def actor_sub(self) -> str:
+        """The impersonator: the actor's ``sub``."""
+        return self.actor["sub"]
+
+
 class SignInToken(msgspec.Struct, kw_only=True):
     """Clerk's SignInToken object; lenient, since Clerk may add fields."""
 
@@ -72,6 +111,28 @@ class SignInToken(msgspec.Struct, kw_only=True):
     created_at: int
     updated_at: int
     url: str | None = None
+
+
+class ActorToken(msgspec.Struct, kw_only=True):
+    """Clerk's ActorToken object (impersonation): a SignInToken's fields and the ``actor``; lenient."""
+
+    object: str
+    id: str
+    status: str
+    user_id: str
+    actor: dict[str, Any]
+    token: str
+    created_at: int
+    updated_at: int
+    url: str | None = None
+
+
+Token: TypeAlias = SignInToken | ActorToken
+
+
+def kind_of(token: Token) -> Kind:
+    """Which kind ``token`` is."""
+    return "actor_token" if isinstance(token, ActorToken) else "sign_in_token"
 
 
 class ClerkError(msgspec.Struct, kw_only=True):
@@ -103,16 +164,49 @@ class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int
 
 
-class Created(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome", tag="created"):
-    """A token was created."""
+class _Carries(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A reply that carries one token, of either kind: exactly one of the two fields is set."""
 
-    sign_in_token: SignInToken
+    sign_in_token: SignInToken | None = None
+    actor_token: ActorToken | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a reply with neither token, or both (a decode error for a reply read off the wire)."""
+        if (self.sign_in_token is None) == (self.actor_token is None):
+            msg = "a reply carries exactly one of `sign_in_token` and `actor_token`"
+            raise ValueError(msg)
+
+    @property
+    def token_object(self) -> Token:
+        """The token it carries, of either kind."""
+        if self.actor_token is not None:
+            return self.actor_token
+        if self.sign_in_token is not None:
+            return self.sign_in_token
+        raise AssertionError  # __post_init__ made sure one is set
+
+    @property
+    def kind(self) -> Kind:
+        """The kind of token it carries."""
+        return "sign_in_token" if self.actor_token is None else "actor_token"
 
 
-class Revoked(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome", tag="revoked"):
+class Created(_Carries, frozen=True, kw_only=True, tag_field="outcome", tag="created"):
+    """A token was created: ``sign_in_token``, or ``actor_token`` for an impersonation."""
+
+
+class Revoked(_Carries, frozen=True, kw_only=True, tag_field="outcome", tag="revoked"):
     """A revocation request was served: the token as Clerk returned it, its status ``revoked``."""
 
-    sign_in_token: SignInToken
+
+def created(token: Token) -> Created:
+    """The ``created`` reply carrying ``token``."""
+    return Created(actor_token=token) if isinstance(token, ActorToken) else Created(sign_in_token=token)
+
+
+def revoked(token: Token) -> Revoked:
+    """The ``revoked`` reply carrying ``token``."""
+    return Revoked(actor_token=token) if isinstance(token, ActorToken) else Revoked(sign_in_token=token)
 
 
 class Failed(msgspec.Struct, frozen=True, kw_only=True, tag_field="outcome", tag="failed"):
@@ -132,13 +226,16 @@ def outcome(reply: Reply) -> Outcome:
     return "revoked" if isinstance(reply, Revoked) else "failed"
 
 
-class RevokeRequest(Strict, frozen=True):
-    """A revocation request (``REVOKE_QUEUE``), in either spelling."""
+TokenId = Annotated[str, Meta(min_length=1, max_length=256)]
 
-    sign_in_token_id: Annotated[str, Meta(min_length=1, max_length=256)] | UnsetType = UNSET
-    sign_in_token_id_camel: Annotated[str, Meta(min_length=1, max_length=256)] | UnsetType = msgspec.field(
-        default=UNSET, name="signInTokenId"
-    )
+
+class RevokeRequest(Strict, frozen=True):
+    """A revocation request (``REVOKE_QUEUE``), in either spelling: one token of either kind."""
+
+    sign_in_token_id: TokenId | UnsetType = UNSET
+    actor_token_id: TokenId | UnsetType = UNSET
+    sign_in_token_id_camel: TokenId | UnsetType = msgspec.field(default=UNSET, name="signInTokenId")
+    actor_token_id_camel: TokenId | UnsetType = msgspec.field(default=UNSET, name="actorTokenId")
 
 
 class UndecodableError(Exception):
@@ -147,6 +244,8 @@ class UndecodableError(Exception):
 
 _json_request = msgspec.json.Decoder(SignInTokenRequest)
 _msgpack_request = msgspec.msgpack.Decoder(SignInTokenRequest)
+_json_actor_request = msgspec.json.Decoder(ActorTokenRequest)
+_msgpack_actor_request = msgspec.msgpack.Decoder(ActorTokenRequest)
 _json_revoke = msgspec.json.Decoder(RevokeRequest)
 _msgpack_revoke = msgspec.msgpack.Decoder(RevokeRequest)
 _json_any = msgspec.json.Decoder()
@@ -156,6 +255,7 @@ _msgpack_reply_encoder = msgspec.msgpack.Encoder()
 _json_reply_decoder: msgspec.json.Decoder[Reply] = msgspec.json.Decoder(Reply)
 _msgpack_reply_decoder: msgspec.msgpack.Decoder[Reply] = msgspec.msgpack.Decoder(Reply)
 clerk_token_decoder = msgspec.json.Decoder(SignInToken)
+clerk_actor_token_decoder = msgspec.json.Decoder(ActorToken)
 clerk_errors_decoder = msgspec.json.Decoder(ClerkErrors)
 clerk_body_encoder = msgspec.json.Encoder()
 
@@ -218,16 +318,25 @@ def _pick(snake: Any, camel: Any) -> Any:  # noqa: ANN401 - either spelling's va
     return camel if snake is UNSET else snake
 
 
-def _one_spelling(wire: SignInTokenRequest) -> CreateSignInTokenRequestBody:
-    snake = (wire.user_id, wire.expires_in_seconds, wire.org_id)
-    camel = (wire.user_id_camel, wire.expires_in_seconds_camel, wire.org_id_camel)
+def _check_one_spelling(snake: tuple[Any, ...], camel: tuple[Any, ...]) -> None:
     if any(v is not UNSET for v in snake) and any(v is not UNSET for v in camel):
         msg = "mixes snake_case and camelCase field names; use one spelling"
         raise InvalidRequestError(msg)
-    user_id = _pick(wire.user_id, wire.user_id_camel)
-    if user_id is UNSET:
-        msg = "Object missing required field `user_id`"
+
+
+def _required(value: Any, name: str) -> Any:  # noqa: ANN401 - the field's value
+    if value is UNSET:
+        msg = f"Object missing required field `{name}`"
         raise InvalidRequestError(msg)
+    return value
+
+
+def _one_spelling(wire: SignInTokenRequest) -> CreateSignInTokenRequestBody:
+    _check_one_spelling(
+        (wire.user_id, wire.expires_in_seconds, wire.org_id),
+        (wire.user_id_camel, wire.expires_in_seconds_camel, wire.org_id_camel),
+    )
+    user_id = _required(_pick(wire.user_id, wire.user_id_camel), "user_id")
     expires = _pick(wire.expires_in_seconds, wire.expires_in_seconds_camel)
     org_id = _pick(wire.org_id, wire.org_id_camel)
     return CreateSignInTokenRequestBody(
@@ -284,18 +393,48 @@ def decode_request(
     return request
 
 
-def decode_revoke(body: bytes, content_type: str | None, *, max_body_bytes: int) -> str:
-    """The ``sign_in_token_id`` of a revocation request (UndecodableError, InvalidRequestError as for a create)."""
+def decode_actor_request(body: bytes, content_type: str | None, *, max_body_bytes: int) -> CreateActorTokenRequestBody:
+    """Decode and check an impersonation request (UndecodableError, InvalidRequestError as for a create)."""
+    wire: ActorTokenRequest = _decode_object(
+        body, content_type, (_json_actor_request, _msgpack_actor_request), max_body_bytes
+    )
+    _check_one_spelling(
+        (wire.user_id, wire.expires_in_seconds, wire.session_max_duration_in_seconds),
+        (wire.user_id_camel, wire.expires_in_seconds_camel, wire.session_max_duration_in_seconds_camel),
+    )
+    user_id = _required(_pick(wire.user_id, wire.user_id_camel), "user_id")
+    actor: dict[str, str] = _required(wire.actor, "actor")
+    if "sub" not in actor:
+        msg = "Object missing required field `sub` - at `$.actor`"
+        raise InvalidRequestError(msg)
+    for key in CLERK_ACTOR_KEYS:
+        if key in actor:
+            msg = f"`{key}` is set by Clerk in the session's act claim, never by a caller - at `$.actor.{key}`"
+            raise InvalidRequestError(msg)
+    expires = _pick(wire.expires_in_seconds, wire.expires_in_seconds_camel)
+    session = _pick(wire.session_max_duration_in_seconds, wire.session_max_duration_in_seconds_camel)
+    return CreateActorTokenRequestBody(
+        user_id=user_id,
+        actor=actor,
+        expires_in_seconds=None if expires is UNSET else expires,
+        session_max_duration_in_seconds=None if session is UNSET else session,
+    )
+
+
+def decode_revoke(body: bytes, content_type: str | None, *, max_body_bytes: int) -> tuple[Kind, str]:
+    """The token a revocation request names: its kind and id (UndecodableError, InvalidRequestError as for a create)."""
     wire: RevokeRequest = _decode_object(body, content_type, (_json_revoke, _msgpack_revoke), max_body_bytes)
-    snake, camel = wire.sign_in_token_id, wire.sign_in_token_id_camel
-    if snake is not UNSET and camel is not UNSET:
-        msg = "mixes snake_case and camelCase field names; use one spelling"
+    _check_one_spelling(
+        (wire.sign_in_token_id, wire.actor_token_id), (wire.sign_in_token_id_camel, wire.actor_token_id_camel)
+    )
+    sign_in = _pick(wire.sign_in_token_id, wire.sign_in_token_id_camel)
+    actor = _pick(wire.actor_token_id, wire.actor_token_id_camel)
+    if sign_in is not UNSET and actor is not UNSET:
+        msg = "names two tokens; send `sign_in_token_id` or `actor_token_id`, not both"
         raise InvalidRequestError(msg)
-    token_id = camel if snake is UNSET else snake
-    if isinstance(token_id, UnsetType):
-        msg = "Object missing required field `sign_in_token_id`"
-        raise InvalidRequestError(msg)
-    return token_id
+    if actor is not UNSET:
+        return "actor_token", actor
+    return "sign_in_token", _required(sign_in, "sign_in_token_id")
 
 
 def encode_reply(reply: Reply, content_type: str) -> bytes:
@@ -312,6 +451,6 @@ def decode_reply(body: bytes, content_type: str | None) -> Reply:
     return _json_reply_decoder.decode(body)
 
 
-def encode_clerk_body(request: CreateSignInTokenRequestBody) -> bytes:
+def encode_clerk_body(request: CreateSignInTokenRequestBody | CreateActorTokenRequestBody) -> bytes:
     """The JSON body sent to Clerk."""
     return clerk_body_encoder.encode(request)
