@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -99,6 +99,7 @@ def queue_names(tag: str) -> dict[str, str]:
     return {
         "REQUEST_QUEUE": f"{tag}.create",
         "BULK_QUEUE": f"{tag}.bulk",
+        "IMPERSONATION_QUEUE": f"{tag}.impersonate",
         "RESULTS_QUEUE": f"{tag}.results",
         "DEAD_LETTER_QUEUE": f"{tag}.dead",
     }
@@ -120,14 +121,30 @@ def plotted(path: Path, title: str) -> Iterator[Axes]:
     fig.savefig(path, dpi=100)
 
 
+def sign_in_body(n: int) -> bytes:
+    """The ``n``-th request for a sign-in token."""
+    return b'{"user_id": "user_%d"}' % n
+
+
+def actor_body(n: int) -> bytes:
+    """The ``n``-th request for an actor token: an agent logs in as a user."""
+    return b'{"user_id": "user_%d", "actor": {"sub": "user_agent_1"}}' % n
+
+
 async def preload(
     amqp_url: str,
     queue: str,
     reply_queue: str,
     count: int,
     arguments: dict[str, Any] | None = None,
+    *,
+    body: Callable[[int], bytes] = sign_in_body,
+    user_id: str | None = None,
 ) -> None:
-    """Publish ``count`` requests, confirmed in batches, to ``queue`` (quorum unless ``arguments`` say more)."""
+    """Publish ``count`` requests, confirmed in batches, to ``queue`` (quorum unless ``arguments`` say more).
+
+    ``body``: the n-th request's body; ``user_id``: the publisher named on each (the connection's user).
+    """
     connection = await aio_pika.connect(amqp_url)
     channel = await connection.channel()
     await channel.declare_queue(queue, durable=True, arguments=arguments or {"x-queue-type": "quorum"})
@@ -137,7 +154,7 @@ async def preload(
         await asyncio.gather(
             *(
                 channel.default_exchange.publish(
-                    aio_pika.Message(b'{"user_id": "user_%d"}' % i, correlation_id=str(i), reply_to=reply_queue),
+                    aio_pika.Message(body(i), correlation_id=str(i), reply_to=reply_queue, user_id=user_id),
                     queue,
                 )
                 for i in range(start, min(start + batch, count))

@@ -4,7 +4,9 @@ Contenders: the naive aio-pika worker and the FastStream subscriber of
 ``benchmarks/peers/``, the service with default settings (info logging to a
 pipe, metrics, quorum queues, the in-process idempotency store), the service
 with REDIS_URL (shared rate limit set far above the load, shared idempotency
-store), and the service as two processes (``worker --processes 2``).
+store), the service as two processes (``worker --processes 2``), and the
+service draining actor tokens (impersonations on IMPERSONATION_QUEUE, under a
+policy that allows them) beside its sign-in token drain under the same policy.
 
 For each Clerk latency (the fake Clerk in its own process) and each round,
 every contender in turn, the order rotated each round:
@@ -18,8 +20,10 @@ every contender in turn, the order rotated each round:
 
     uv run python benchmarks/throughput.py                     # 20,000 requests, 0 and 50 ms, 3 rounds
     uv run python benchmarks/throughput.py -n 5000 --rounds 1 --latency-ms 0 --only service --only naive
+    uv run python benchmarks/throughput.py --kinds -n 10000 --rounds 5 --latency-ms 0   # actor beside sign-in tokens
 
-Writes benchmarks/results/throughput.json and docs/images/throughput.png.
+Writes benchmarks/results/throughput.json and docs/images/throughput.png (``--kinds``:
+throughput-kinds.json and docs/images/throughput-kinds.png).
 With AMQP_URL set it uses that broker (the broker's CPU is then not read).
 """
 
@@ -45,7 +49,8 @@ from typing import Any
 
 import aio_pika
 import psutil
-from drain import ROOT, preload, queue_names, wait_http
+from drain import ROOT, actor_body, preload, queue_names, sign_in_body, wait_http
+from sign_in_tokens_client.connection import broker_user
 
 from service.amqp.topology import lane_queue_arguments
 from service.config import load_settings
@@ -59,6 +64,15 @@ PEERS = ROOT / "benchmarks" / "peers"
 POLL_SECONDS = 0.02
 SERVICE = (sys.executable, "-m", "service")
 WORKER = (*SERVICE, "worker")
+# The policy of the two contenders that compare the kinds of token: any caller, either kind.
+POLICY = """\
+[defaults]
+lanes = ["interactive", "bulk"]
+max_expires_in_seconds = 3600
+reply_to = ["*"]
+impersonate = ["user_*"]
+actors = ["user_agent_*"]
+"""
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,20 @@ class Contender:
     service: bool = False
     # Where it runs from: another tree of the service (``--baseline``) is imported from its own directory.
     cwd: Path = ROOT
+    # What it is asked for: sign-in tokens on REQUEST_QUEUE, or actor tokens on IMPERSONATION_QUEUE;
+    # under a policy (``POLICY``, each request naming its publisher) or none.
+    kind: str = "sign_in_token"
+    policy: bool = False
+
+    @property
+    def queue(self) -> str:
+        """The variable of the queue it drains."""
+        return "IMPERSONATION_QUEUE" if self.kind == "actor_token" else "REQUEST_QUEUE"
+
+    @property
+    def body(self) -> Callable[[int], bytes]:
+        """The n-th request's body."""
+        return actor_body if self.kind == "actor_token" else sign_in_body
 
 
 CONTENDERS = {
@@ -81,6 +109,11 @@ CONTENDERS = {
     "service-redis": Contender("service + Redis", [*WORKER], redis=True, service=True),
     # More than one process shares the limit and the idempotency store through Redis.
     "service-2p": Contender("service, 2 processes", [*WORKER, "--processes", "2"], redis=True, service=True),
+    # The two kinds of token, side by side, under the same policy.
+    "service-policy": Contender("service, sign-in tokens, policy", [*WORKER], service=True, policy=True),
+    "service-actor": Contender(
+        "service, actor tokens, policy", [*WORKER], service=True, policy=True, kind="actor_token"
+    ),
 }
 
 
@@ -160,10 +193,18 @@ def percentile(values: list[float], q: float) -> float:
 class Solo:
     """Requests one at a time, each round trip timed."""
 
-    def __init__(self, channel: aio_pika.abc.AbstractChannel, queue: str) -> None:
-        """Publish to ``queue`` on ``channel``; replies to an exclusive queue of our own."""
+    def __init__(
+        self,
+        channel: aio_pika.abc.AbstractChannel,
+        queue: str,
+        body: Callable[[int], bytes] = sign_in_body,
+        user_id: str | None = None,
+    ) -> None:
+        """Publish ``body(n)`` as ``user_id`` to ``queue`` on ``channel``; replies to an exclusive queue of our own."""
         self.channel = channel
         self.queue = queue
+        self.body = body
+        self.user_id = user_id
         self.pending: dict[str, asyncio.Future[float]] = {}
 
     async def run(self, count: int) -> list[float]:
@@ -184,10 +225,11 @@ class Solo:
             started = time.perf_counter()
             await self.channel.default_exchange.publish(
                 aio_pika.Message(
-                    b'{"user_id": "user_solo_%d"}' % i,
+                    self.body(1_000_000 + i),
                     correlation_id=correlation_id,
                     message_id=correlation_id,
                     reply_to=replies.name,
+                    user_id=self.user_id,
                 ),
                 self.queue,
             )
@@ -215,9 +257,13 @@ async def drain(
     reply_queue = f"{tag}.replies"
     settings = load_settings({**queues, "CLERK_SECRET_KEY": KEY})
     connection = await aio_pika.connect(amqp_url)
+    # Under a policy each request names its publisher (RabbitMQ checks it): the connection's user.
+    user_id = broker_user(amqp_url) if contender.policy else None
+    queue = queues[contender.queue]
     async with connection:
         channel = await connection.channel()
-        await preload(amqp_url, queues["REQUEST_QUEUE"], reply_queue, requests, lane_queue_arguments(settings))
+        arguments = lane_queue_arguments(settings)
+        await preload(amqp_url, queue, reply_queue, requests, arguments, body=contender.body, user_id=user_id)
         worker = subprocess.Popen(  # noqa: S603, ASYNC220 - our own scripts, started once a run
             contender.command,
             env={**env, **queues, "HTTP_PORT": str(free_port())},
@@ -240,7 +286,7 @@ async def drain(
             for sampler in spy:
                 sampler.send_signal(signal.SIGINT)
                 await asyncio.to_thread(sampler.wait, 60)
-            solo_ms = await Solo(channel, queues["REQUEST_QUEUE"]).run(solo)
+            solo_ms = await Solo(channel, queue, contender.body, user_id).run(solo)
         finally:
             worker.terminate()
             try:
@@ -338,8 +384,9 @@ def summary(runs: list[Run]) -> dict[str, dict[str, Any]]:
 
 def table(medians: dict[str, dict[str, Any]], baseline: str) -> Iterator[str]:
     """Markdown rows, with ratios to ``baseline`` at the same latency."""
+    ratio = "x naive" if baseline == "naive" else "x sign-in"
     yield (
-        "| Clerk latency | worker | tokens/s | x naive | worker CPU µs/token | x naive | broker CPU µs/token "
+        f"| Clerk latency | worker | tokens/s | {ratio} | worker CPU µs/token | {ratio} | broker CPU µs/token "
         "| alone p50 / p99 (ms) | added p50 (ms) | peak RSS (MiB) |"
     )
     yield "|---|---|---|---|---|---|---|---|---|---|"
@@ -391,7 +438,7 @@ def save(
 ) -> None:
     """Write the JSON and the plot; a before-and-after run is kept beside the comparison with the peers."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "throughput-baseline" if args.baseline else "throughput"
+    stem = "throughput-baseline" if args.baseline else "throughput-kinds" if args.kinds else "throughput"
     (RESULTS / f"{stem}.json").write_text(
         json.dumps({"args": vars(args), "medians": medians, "runs": [asdict(run) for run in runs]}, indent=2)
     )
@@ -419,8 +466,8 @@ def add_baseline(revision: str, tree: Path, *, redis: bool) -> list[str]:
     return ["baseline", "baseline-redis"]
 
 
-async def main() -> None:
-    """Run every round, print the table, write the JSON and the plot."""
+def parse_args() -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--requests", type=int, default=20_000)
     parser.add_argument("--solo", type=int, default=100, help="requests one at a time after each drain")
@@ -434,19 +481,32 @@ async def main() -> None:
         help="py-spy each drain into benchmarks/results/profile/ (figures then include its cost: not for the table)",
     )
     parser.add_argument(
+        "--kinds",
+        action="store_true",
+        help="the two kinds of token side by side (sign-in and actor tokens, under one policy), saved as "
+        "throughput-kinds.json and .png",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="REV",
         help="also run the service as of git revision REV (its package exported to a temp dir): before and after, "
         "interleaved in one run",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+async def main() -> None:
+    """Run every round, print the table, write the JSON and the plot."""
+    args = parse_args()
     latencies = args.latency_ms or [0.0, 50.0]
-    chosen = args.only or list(CONTENDERS)
+    chosen = args.only or (["service-policy", "service-actor"] if args.kinds else list(CONTENDERS))
     runs: list[Run] = []
     async with AsyncExitStack() as stack:
         if args.baseline:
             tree = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             chosen.extend(add_baseline(args.baseline, tree, redis="service-redis" in chosen))
+        policy = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "policy.toml"
+        policy.write_text(POLICY)
         amqp_url = os.environ.get("AMQP_URL")
         local = None
         if not amqp_url:
@@ -493,7 +553,11 @@ async def main() -> None:
                 order = chosen[round_ % len(chosen) :] + chosen[: round_ % len(chosen)]
                 for name in order:
                     contender = CONTENDERS[name]
-                    env = {**base_env, **({"REDIS_URL": redis_url} if contender.redis else {})}
+                    env = {
+                        **base_env,
+                        **({"REDIS_URL": redis_url} if contender.redis else {}),
+                        **({"POLICY_FILE": str(policy)} if contender.policy else {}),
+                    }
                     profile = RESULTS / "profile" / f"{name}-{latency:g}ms.txt" if args.profile else None
                     tokens, seconds, cpu, broker_cpu, rss, solo = await drain(
                         amqp_url, contender, env, args.requests, args.solo, broker, args.timeout, profile
@@ -507,7 +571,7 @@ async def main() -> None:
                     )
             clerk.terminate()
     medians = summary(runs)
-    print("\n".join(table(medians, "naive")))
+    print("\n".join(table(medians, "service-policy" if args.kinds else "naive")))
     if args.profile:
         print("profiles in", RESULTS / "profile", "(benchmarks/breakdown.py reads them); figures not saved")
         return

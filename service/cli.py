@@ -33,6 +33,9 @@ from service.logs import SCRUBBER, configure_logging
 REPLY_TIMEOUT_SECONDS = 120.0
 
 if TYPE_CHECKING:
+    from sign_in_tokens_client.client import SignInTokenClient
+    from sign_in_tokens_client.contract.messages import Reply
+
     from service.trust.policy import Policy
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -209,30 +212,101 @@ def request(
     **options: Any,  # noqa: ANN401
 ) -> None:
     """Publish one request, wait for its reply, print it (exit 1 when it failed)."""
+    settings = _settings_or_exit(options_environ(options))
+    lane = Lane.BULK if bulk else Lane.INTERACTIVE
+    _ask_and_print(
+        settings,
+        lambda client: client.request(
+            user_id,
+            expires_in_seconds=expires_in,
+            org_id=org_id,
+            lane=lane,
+            msgpack=msgpack,
+            timeout=timeout,
+            message_id=message_id,
+        ),
+        timeout,
+        message_id,
+    )
+
+
+@main.command()
+@click.argument("user_id")
+@click.option("--actor", "actor_sub", required=True, metavar="AGENT", help="The impersonator's user id (actor.sub).")
+@click.option(
+    "--actor-key",
+    "actor_keys",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Another key of the actor object (the caller's actor_keys must list it); repeatable.",
+)
+@click.option("--expires-in", type=click.IntRange(min=1), default=None, help="Seconds the token stays valid.")
+@click.option(
+    "--session-max", type=click.IntRange(min=1), default=None, help="Seconds the impersonated session may last."
+)
+@click.option("--msgpack", is_flag=True, help="Send MessagePack instead of JSON.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for the reply.")
+@click.option("--message-id", default=None, help="The request's idempotency key (a rerun with it gets the same token).")
+@settings_options
+def impersonate(
+    user_id: str,
+    actor_sub: str,
+    actor_keys: tuple[str, ...],
+    expires_in: int | None,
+    session_max: int | None,
+    msgpack: bool,
+    timeout: float,
+    message_id: str | None,
+    **options: Any,  # noqa: ANN401
+) -> None:
+    """Ask for one actor token (AGENT logs in as USER_ID), print the reply (exit 1 when it failed)."""
+    actor = {}
+    for pair in actor_keys:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            fail(f"--actor-key: expected KEY=VALUE, got {pair!r}", EXIT_CONFIG)
+        actor[key] = value
+    settings = _settings_or_exit(options_environ(options))
+    _ask_and_print(
+        settings,
+        lambda client: client.request_impersonation(
+            user_id,
+            actor_sub=actor_sub,
+            actor=actor,
+            expires_in_seconds=expires_in,
+            session_max_duration_in_seconds=session_max,
+            msgpack=msgpack,
+            timeout=timeout,
+            message_id=message_id,
+        ),
+        timeout,
+        message_id,
+    )
+
+
+def _ask_and_print(
+    settings: Settings,
+    ask: Callable[[SignInTokenClient], Coroutine[Any, Any, Reply]],
+    timeout: float,
+    message_id: str | None,
+) -> None:
+    """Send one request with ``ask``, print its reply; exit 1 unless a token was created."""
     if not math.isfinite(timeout) or timeout <= 0:
         fail(f"--timeout: expected a positive number of seconds, got {timeout}", EXIT_CONFIG)
-    settings = _settings_or_exit(options_environ(options))
     from sign_in_tokens_client.client import ConnectionLostError, SignInTokenClient  # noqa: PLC0415
     from sign_in_tokens_client.contract.messages import Created  # noqa: PLC0415
 
-    async def ask(_: asyncio.Event) -> bool:
+    async def go(_: asyncio.Event) -> bool:
         async with SignInTokenClient(
             settings.amqp_url,
             request_queue=settings.request_queue,
             bulk_queue=settings.bulk_queue,
+            impersonation_queue=settings.impersonation_queue,
             service_user=settings.service_user,
             amqp_user=settings.amqp_user,
         ) as client:
             try:
-                reply = await client.request(
-                    user_id,
-                    expires_in_seconds=expires_in,
-                    org_id=org_id,
-                    lane=Lane.BULK if bulk else Lane.INTERACTIVE,
-                    msgpack=msgpack,
-                    timeout=timeout,
-                    message_id=message_id,
-                )
+                reply = await ask(client)
             except TimeoutError:
                 fail(f"no reply within {timeout:g} s (is a worker running?)")
             except ConnectionLostError as exc:
@@ -240,7 +314,7 @@ def request(
         click.echo(msgspec.json.format(msgspec.json.encode(reply)).decode())
         return isinstance(reply, Created)
 
-    if not run(ask):
+    if not run(go):
         sys.exit(1)
 
 
@@ -326,6 +400,16 @@ def bulk(
     help="Instead of --count requests: onboard this CSV or .jsonl file with `bulk` (needs -o).",
 )
 @click.option("-o", "--output", "bulk_output", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--impersonate",
+    "actor",
+    is_flag=False,
+    flag_value="user_demo_agent_1",
+    default=None,
+    metavar="[AGENT]",
+    help="Instead of --count requests: AGENT (the fake Clerk's support agent by default) logs in as "
+    "--user-id (a demo customer by default) with an actor token.",
+)
 @settings_options
 def demo(
     count: int,
@@ -333,6 +417,7 @@ def demo(
     replicas: int,
     bulk_input: Path | None,
     bulk_output: Path | None,
+    actor: str | None,
     **options: Any,  # noqa: ANN401
 ) -> None:
     """Run the whole service locally and send requests through it."""
@@ -342,7 +427,13 @@ def demo(
         fail("--bulk FILE and -o OUTPUT go together", EXIT_CONFIG)
     explicit = {k: v for k, v in options.items() if v is not None}
     bulk = (bulk_input, bulk_output) if bulk_input is not None and bulk_output is not None else None
-    run(lambda stop: run_demo(explicit, count=count, user_id=user_id, stop=stop, replicas=replicas, bulk=bulk))
+    if actor is not None and bulk is not None:
+        fail("--impersonate and --bulk are two demos: choose one", EXIT_CONFIG)
+    run(
+        lambda stop: run_demo(
+            explicit, count=count, user_id=user_id, stop=stop, replicas=replicas, bulk=bulk, actor=actor
+        )
+    )
 
 
 @main.command("config")

@@ -281,6 +281,17 @@ def _check_http_host(host: str) -> None:
             raise ConfigError(msg) from None
 
 
+_QUEUE_FIELDS: Final = (
+    "request_queue",
+    "bulk_queue",
+    "impersonation_queue",
+    "revoke_queue",
+    "revocations_queue",
+    "results_queue",
+    "dead_letter_queue",
+)
+
+
 def _check_grace(settings: Settings) -> None:
     """The grace period must cover one Clerk call: one cut short would leave its token with nobody."""
     needed = settings.request_timeout_seconds + SHUTDOWN_MARGIN_SECONDS
@@ -308,6 +319,17 @@ def _check_holds(settings: Settings) -> None:
         raise ConfigError(msg)
 
 
+def _check_queues_distinct(settings: Settings) -> None:
+    """Each queue the service uses is its own: one shared by two would mix their messages."""
+    seen: dict[str, str] = {}
+    for field in _QUEUE_FIELDS:
+        name = getattr(settings, field)
+        if name in seen:
+            msg = f"{env_name(field)}: {name!r} is already {env_name(seen[name])}; each queue needs a name of its own"
+            raise ConfigError(msg)
+        seen[name] = field
+
+
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Build Settings from ``environ``; raise ConfigError with one clear line."""
     try:
@@ -330,6 +352,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     _check_http_host(settings.http_host)
     _check_grace(settings)
     _check_holds(settings)
+    _check_queues_distinct(settings)
     if settings.policy_file and settings.publishers:
         msg = "ALLOWED_PUBLISHERS: cannot be used with POLICY_FILE; list those callers under [callers] in the file"
         raise ConfigError(msg)

@@ -4,25 +4,31 @@ With no ``AMQP_URL`` it starts a private RabbitMQ node; with no
 ``CLERK_SECRET_KEY`` it serves the built-in fake Clerk and says so. It runs
 the worker, sends requests through it with a progress bar, prints a summary
 and one example reply with the token masked, and cleans up on exit and on
-Ctrl-C.
+Ctrl-C. With ``--impersonate`` it shows an impersonation instead: a support
+agent's actor token for a customer, the session's ``act`` claim naming the
+agent, the audit trail it leaves, and the token called off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import secrets
 import statistics
+import tempfile
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import click
 import msgspec
-from sign_in_tokens_client.client import SignInTokenClient
-from sign_in_tokens_client.contract.messages import Created, Failed, Reply
+from sign_in_tokens_client.client import SignInTokenClient, SignInTokenError
+from sign_in_tokens_client.contract.messages import Created, Failed, Reply, created, revoked
 from sign_in_tokens_client.replies import ReceivedReply
 from tqdm import tqdm
 
@@ -40,6 +46,21 @@ UNKNOWN_EVERY = 50
 # The built-in fake Clerk enforces a production key's limit: 1,000 calls in any 10 s.
 FAKE_RATE_LIMIT = 1000
 FAKE_RATE_WINDOW_SECONDS = 10.0
+# Whom the demo's support agent logs in as, with the fake Clerk.
+DEMO_CUSTOMER = "user_demo_customer"
+# Without a POLICY_FILE, ``--impersonate`` runs under this one: impersonation needs a policy.
+DEMO_POLICY = """\
+# The demo's policy: its one broker user may do everything, impersonation included.
+[defaults]
+lanes = ["interactive", "bulk"]
+max_expires_in_seconds = 2592000
+reply_to = ["amq.rabbitmq.reply-to"]
+impersonate = ["*"]
+actors = ["*"]
+actor_keys = ["email"]
+max_impersonation_seconds = 300
+max_session_seconds = 1800
+"""
 
 
 def say(text: str) -> None:
@@ -55,7 +76,7 @@ def mask(value: str) -> str:
 def masked_reply(reply: Reply) -> str:
     """A reply as JSON, with its token (and the URL that embeds it) masked."""
     data = msgspec.to_builtins(reply)
-    token = data.get("sign_in_token")
+    token = data.get("sign_in_token") or data.get("actor_token")
     if isinstance(token, dict):
         token["token"] = mask(token["token"])
         if token.get("url"):
@@ -172,10 +193,12 @@ async def run_demo(
     stop: asyncio.Event,
     replicas: int = 1,
     bulk: tuple[Path, Path] | None = None,
+    actor: str | None = None,
 ) -> None:
     """Run the demo end to end, with ``replicas`` workers (sharing a Redis when more than one).
 
     ``bulk``: onboard an input file into an output file with the bulk tool, instead of ``count`` requests.
+    ``actor``: show ``actor`` impersonating ``user_id`` (an actor token) instead.
     """
     configure_logging("console", "warning")
     async with AsyncExitStack() as stack:
@@ -183,6 +206,12 @@ async def run_demo(
         if fake is None and user_id is None:
             say("with a real CLERK_SECRET_KEY, pass --user-id USER to choose whose tokens to create")
             return
+        if actor is not None and not environ.get("POLICY_FILE"):
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="sign-in-tokens-demo-"))
+            policy = Path(directory) / "policy.toml"
+            policy.write_text(DEMO_POLICY, encoding="utf-8")
+            environ["POLICY_FILE"] = str(policy)
+            say(f"impersonation needs a policy: the demo's is {policy} (its one user may impersonate anyone)")
         settings: Settings = load_settings(environ)
         configure_logging("console", settings.log_level)
         SCRUBBER.add_secret(settings.secret_key())
@@ -191,6 +220,8 @@ async def run_demo(
         client = SignInTokenClient(
             settings.amqp_url,
             request_queue=settings.request_queue,
+            impersonation_queue=settings.impersonation_queue,
+            revoke_queue=settings.revoke_queue,
             service_user=settings.broker_user,  # the demo runs everyone as one broker user
             name="demo-client",
         )
@@ -204,6 +235,9 @@ async def run_demo(
         say(f"{replicas} worker(s) consuming {settings.request_queue!r}; /metrics on port(s) {ports}")
         if bulk is not None:
             await _onboard(settings, *bulk, stop)
+            return
+        if actor is not None:
+            await _impersonate(client, settings, user_id or DEMO_CUSTOMER, actor)
             return
         say(f"sending {count} requests…")
         started = time.monotonic()
@@ -241,3 +275,40 @@ async def _onboard(settings: Settings, input_path: Path, output_path: Path, stop
     ) as job:
         summary = await job.run(stop)
     say(report(summary, output_path, failures))
+
+
+def _act_claim(token: str) -> object:
+    """The ``act`` claim of a JWT's payload (not secret: it names the impersonator), or None."""
+    try:
+        payload = token.split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))).get("act")
+    except (IndexError, ValueError, AttributeError):
+        return None
+
+
+async def _impersonate(client: SignInTokenClient, settings: Settings, user_id: str, actor: str) -> None:
+    """An agent logs in as a customer: the actor token, its act claim, its audit events, then called off."""
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        trail = await channel.declare_queue(exclusive=True)
+        await trail.bind(settings.audit_exchange, "#")
+        say(f"{actor} asks to log in as {user_id}: an actor token, on {settings.impersonation_queue!r}…")
+        started = time.monotonic()
+        try:
+            token = await client.impersonate(user_id, actor_sub=actor)
+        except (SignInTokenError, TimeoutError) as exc:
+            say(f"refused: {exc}")
+            return
+        milliseconds = (time.monotonic() - started) * 1000
+        say(f"actor token in {milliseconds:.1f} ms, token masked:\n" + masked_reply(created(token)))
+        act = _act_claim(token.token)
+        if act is not None:
+            say(f"the session it opens names the agent in its act claim: {json.dumps(act)}")
+        gone = await client.revoke_actor_token(token.id)
+        say(f"the agent is done before using it: revoked, {gone.id} is {gone.status!r}\n" + masked_reply(revoked(gone)))
+        say("the audit trail (AUDIT_EXCHANGE), never the token:")
+        for _ in range(2):
+            event = await trail.get(timeout=5, fail=False)
+            if event is None:
+                break
+            say(f"  {event.routing_key}: {event.body.decode()}")

@@ -241,7 +241,7 @@ class Policy:
 
     def admit_actor(self, caller: str | None, request: CreateActorTokenRequestBody) -> CreateActorTokenRequestBody:
         """The impersonation as it will be sent (both lifetimes filled in), or ForbiddenError naming the rule."""
-        if self.file is None or not self._fill_expiry:
+        if self.file is None:
             msg = "impersonate: impersonation needs a POLICY_FILE saying who may impersonate whom"
             raise ForbiddenError(msg)
         rules = self._rules_or_refuse(caller)

@@ -74,6 +74,8 @@ class Issuing:
             request = operation.decode(message.body, envelope.content_type)
         bind(user_id=request.user_id)
         subject.asks_for(request)
+        if subject.actor is not None:  # the impersonator: not a secret, and what an operator searches for
+            bind(actor_sub=subject.actor["sub"])
         try:
             deadline = envelope.deadline()
             with tracing.span("policy"):

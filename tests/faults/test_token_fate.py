@@ -7,15 +7,18 @@ ways a token could be left with two holders or none, and ends with the token led
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import aio_pika
 import pytest
 import redis.asyncio
 from aio_pika.abc import AbstractChannel
 from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.connection import broker_user
 from sign_in_tokens_client.contract.messages import Created, Failed, SignInToken, decode_reply
 from sign_in_tokens_client.replies import ConnectionLostError
 
@@ -31,17 +34,33 @@ from tests.workers import Replies, WorkerProcesses, publish_requests
 pytestmark = pytest.mark.slow
 
 
-async def _publish(channel: AbstractChannel, queue: str, message_id: str, reply_to: str, user: str) -> None:
+async def _publish(
+    channel: AbstractChannel, queue: str, message_id: str, reply_to: str, user: str, *, caller: str | None = None
+) -> None:
+    """A request for ``user``: a sign-in token, or with ``caller`` (its publisher) an actor token."""
+    body = {"user_id": user} if caller is None else {"user_id": user, "actor": {"sub": "user_agent_1"}}
     await channel.default_exchange.publish(
         aio_pika.Message(
-            b'{"user_id": "%s"}' % user.encode(),
+            json.dumps(body).encode(),
             message_id=message_id,
             correlation_id=message_id,
             reply_to=reply_to,
+            user_id=caller,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         ),
         queue,
     )
+
+
+# Lets any identified caller impersonate: the actor-token cases.
+IMPERSONATION_POLICY = """
+[defaults]
+lanes = ["interactive"]
+max_expires_in_seconds = 600
+reply_to = ["*"]
+impersonate = ["user_*"]
+actors = ["user_agent_*"]
+"""
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -102,34 +121,54 @@ async def test_a_client_retry_after_a_lost_connection_gets_a_token_that_stays_li
     assert fake_clerk.stats.tokens[token.id]["status"] == "pending"
 
 
+@pytest.mark.parametrize("kind", ["sign_in_token", "actor_token"])
 async def test_a_replica_paused_past_its_lease_answers_with_the_fenced_token_and_revokes_its_own(
+    kind: str,
     worker_processes: WorkerProcesses,
     fake_clerk: FakeClerk,
     redis_url: str,
+    amqp_url: str,
     channel: AbstractChannel,
     replies: Replies,
     queue_names: dict[str, str],
     token_ledger: Ledger,
     figures: Figures,
+    tmp_path: Path,
 ) -> None:
-    """Replica A is stopped (SIGSTOP) past its claim's lease mid-call; B answers the copy; A resumes: one token for the id."""
+    """Replica A is stopped (SIGSTOP) past its claim's lease mid-call; B answers the copy; A resumes: one token for the id.
+
+    For either kind of token: an actor token made twice is revoked at /actor_tokens as a sign-in token is.
+    """
     fake_clerk.answer_delay_seconds = 1.5
     env = {"REDIS_URL": redis_url, "IDEMPOTENCY_LEASE_SECONDS": "1"}
+    queue, caller, calls = queue_names["REQUEST_QUEUE"], None, lambda: fake_clerk.stats.create_calls
+    if kind == "actor_token":
+        policy = tmp_path / "policy.toml"
+        policy.write_text(IMPERSONATION_POLICY)
+        env["POLICY_FILE"] = str(policy)
+        queue, caller, calls = (
+            queue_names["IMPERSONATION_QUEUE"],
+            broker_user(amqp_url),
+            lambda: fake_clerk.actors.create_calls,
+        )
     replica_a = await worker_processes.start(**env, PREFETCH="1")  # the copy must go to B, not wait in A's buffer
-    await _publish(channel, queue_names["REQUEST_QUEUE"], "paused-1", replies.queue, "user_paused")
-    await wait_until(lambda: fake_clerk.stats.create_calls == 1, what="A's call at Clerk")
+    await _publish(channel, queue, "paused-1", replies.queue, "user_paused", caller=caller)
+    await wait_until(lambda: calls() == 1, what="A's call at Clerk")
     replica_a.process.send_signal(signal.SIGSTOP)
     try:
         await worker_processes.start(**env)
-        await _publish(channel, queue_names["REQUEST_QUEUE"], "paused-1", replies.queue, "user_paused")
+        await _publish(channel, queue, "paused-1", replies.queue, "user_paused", caller=caller)
         await wait_until(lambda: replies.answered == 1, timeout=20, what="B's answer")
     finally:
         replica_a.process.send_signal(signal.SIGCONT)
     await wait_until(lambda: replies.per_request["paused-1"] == 2, timeout=20, what="A's answer")
     ledger = await token_ledger.balanced()
-    figures.record("replica paused past its lease", **ledger.as_dict())
+    figures.record(f"replica paused past its lease ({kind})", **ledger.as_dict())
     assert replies.tokens_per_request() == {1}
+    assert replies.outcomes == {"created": 2}
     assert (ledger.made, ledger.revoked) == (2, 1)
+    if kind == "actor_token":
+        assert len(fake_clerk.actors.revoked) == 1
     assert "Traceback" not in worker_processes.logs()
 
 

@@ -343,6 +343,7 @@ async def test_only_the_caller_given_an_actor_token_revokes_it(
     key, event = got[-1]
     assert key == "revoked.interactive"
     assert (event["kind"], event["actor_token_id"], event["caller"]) == ("actor_token", token.id, "support-portal")
+    assert (event["actor_sub"], event["user_id"]) == ("user_agent_1", "user_1")
     await token_ledger.balanced()
 
 

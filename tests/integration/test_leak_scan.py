@@ -1,8 +1,8 @@
 """The leak scan: a whole session with debug logging, then every place a secret could leak, searched.
 
-The session runs a worker process through success (JSON and MessagePack, both lanes), every error
-code, retries, a rejected key and its recovery, a reply nobody can receive (the token revoked), a
-token Clerk answered malformed (revoked), a refused reply_to and an undecodable request (dead
+The session runs a worker process through success (JSON and MessagePack, both lanes, an actor
+token), every error code (a spent impersonation allowance among them), retries, a rejected key and its recovery, a reply nobody can receive (the token revoked), a
+token Clerk answered malformed (revoked), an actor token nobody can receive (revoked), a refused reply_to and an undecodable request (dead
 letters). Then its log, its metrics, every audit event and every dead-lettered message are searched
 for every token, token URL and key value the session produced. None may be found.
 """
@@ -37,6 +37,8 @@ lanes = ["interactive", "bulk"]
 max_expires_in_seconds = 3600
 allow_org_id = true
 reply_to = ["{prefix}.*", "amq_*", "no.such.queue"]
+impersonate = ["user_*"]
+actors = ["user_agent_*"]
 """
 
 
@@ -91,6 +93,11 @@ async def test_a_full_session_leaves_no_token_url_or_key_anywhere_but_the_replie
     await ask(b'{"user_id": "user_a"}')
     await ask(b'{"userId": "user_b", "expiresInSeconds": 60}', lane=Lane.BULK)
     await ask(msgspec.msgpack.encode({"user_id": "user_c"}), content_type="application/msgpack")
+    # An actor token, and a spent allowance (402).
+    actor = await client.impersonate("user_n", actor_sub="user_agent_1")
+    fake_clerk.actors.impersonations_left = 0
+    await ask(b'{"user_id": "user_o", "actor": {"sub": "user_agent_1"}}', queue=queue_names["IMPERSONATION_QUEUE"])
+    fake_clerk.actors.impersonations_left = None
     # Every error code.
     await ask(b'{"user_id": "user_d", "expires_in_second": 60}')  # invalid_request
     await ask(b'{"user_id": "user_admin_1"}')  # forbidden
@@ -119,6 +126,12 @@ async def test_a_full_session_leaves_no_token_url_or_key_anywhere_but_the_replie
         aio_pika.Message(b'{"user_id": "user_l"}', reply_to="no.such.queue", user_id="guest"),
         queue_names["REQUEST_QUEUE"],
     )
+    await channel.default_exchange.publish(
+        aio_pika.Message(
+            b'{"user_id": "user_p", "actor": {"sub": "user_agent_1"}}', reply_to="no.such.queue", user_id="guest"
+        ),
+        queue_names["IMPERSONATION_QUEUE"],
+    )
     # A reply_to outside the policy, and an undecodable request without reply_to: dead letters.
     await channel.default_exchange.publish(
         aio_pika.Message(b'{"user_id": "user_m"}', reply_to="amq.gen-elsewhere", user_id="guest"),
@@ -128,19 +141,21 @@ async def test_a_full_session_leaves_no_token_url_or_key_anywhere_but_the_replie
         aio_pika.Message(b"\x00 junk", user_id="guest"), queue_names["REQUEST_QUEUE"]
     )
     await wait_until(lambda: len(fake_clerk.stats.revoked) == 2, what="two tokens revoked")
+    await wait_until(lambda: len(fake_clerk.actors.revoked) == 1, what="the undeliverable actor token revoked")
 
     deadline = time.monotonic() + 10
-    while await queue_depth(channel, queue_names["DEAD_LETTER_QUEUE"]) < 3:
-        assert time.monotonic() < deadline, "three dead letters within 10 s"
+    while await queue_depth(channel, queue_names["DEAD_LETTER_QUEUE"]) < 4:
+        assert time.monotonic() < deadline, "four dead letters within 10 s"
         await asyncio.sleep(0.05)  # wait-ok: the poll interval of a condition wait
     assert {"created", "invalid_request", "forbidden", "deadline_exceeded", "user_not_found"} <= set(outcomes)
     assert {"upstream_rejected", "rate_limited", "upstream_unavailable"} <= set(outcomes)
 
     # The search.
     secrets = {SECRET_KEY}
-    for token in fake_clerk.stats.tokens.values():
+    for token in [*fake_clerk.stats.tokens.values(), *fake_clerk.actors.tokens.values()]:
         secrets |= {token["token"], token["url"], token["token"].split(".")[2]}
     assert len(fake_clerk.stats.tokens) == 7  # users a, b, c, i, j, k, l
+    assert set(fake_clerk.actors.tokens) == {actor.id, *fake_clerk.actors.revoked}  # users n and p
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{worker.port}/metrics") as response:
         metrics = await response.text()
     assert await worker_processes.stop(worker, sig=signal.SIGTERM) == 0
@@ -152,9 +167,9 @@ async def test_a_full_session_leaves_no_token_url_or_key_anywhere_but_the_replie
     }
     assert places["audit events"].count('"event":') >= 15
     # What was searched holds the session: a line for each reply, the revocations, the key's rejection.
-    assert places["log"].count('"event":"replied"') == 13
-    assert places["log"].count('"event":"token_revoked"') == 2
-    assert "sign_in_tokens_revoked_total 2.0" in places["metrics"]
+    assert places["log"].count('"event":"replied"') == 15
+    assert places["log"].count('"event":"token_revoked"') == 3
+    assert "sign_in_tokens_revoked_total 3.0" in places["metrics"]
     found = {place: [s[:12] for s in secrets if s in text] for place, text in places.items()}
     assert found == {place: [] for place in places}
     await exchange.delete()

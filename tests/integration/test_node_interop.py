@@ -1,5 +1,7 @@
 """A Node.js caller (amqplib, @msgpack/msgpack) gets its tokens: camelCase, direct reply-to, x-deadline, charsets.
 
+And an actor token, asked for in camelCase on IMPERSONATION_QUEUE.
+
 Its packages are installed by scripts/setup (``npm ci``) when ``node`` is on the machine; without
 ``node`` or without them, the test is skipped and says why.
 """
@@ -15,13 +17,27 @@ import pytest
 from sign_in_tokens_client.connection import broker_user
 
 from service.local.fake_clerk import FakeClerk
+from tests.conftest import WorkerFactory
 
 NODE_DIR = Path(__file__).parents[1] / "interop" / "node"
 
 
+POLICY = """
+[defaults]
+lanes = ["interactive"]
+max_expires_in_seconds = 300
+reply_to = ["amq.rabbitmq.reply-to"]
+impersonate = ["user_*"]
+actors = ["user_*_agent"]
+"""
+
+
 async def test_a_nodejs_caller_gets_its_tokens(
-    worker: object, amqp_url: str, queue_names: dict[str, str], fake_clerk: FakeClerk
+    start_worker: WorkerFactory, amqp_url: str, queue_names: dict[str, str], fake_clerk: FakeClerk, tmp_path: Path
 ) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    await start_worker(policy_file=str(policy))
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed: the Node.js interoperability test needs Node.js 20")
@@ -33,6 +49,7 @@ async def test_a_nodejs_caller_gets_its_tokens(
         env={
             "AMQP_URL": amqp_url,
             "REQUEST_QUEUE": queue_names["REQUEST_QUEUE"],
+            "IMPERSONATION_QUEUE": queue_names["IMPERSONATION_QUEUE"],
             "SERVICE_USER": broker_user(amqp_url),
         },
         stdout=asyncio.subprocess.PIPE,
@@ -42,7 +59,7 @@ async def test_a_nodejs_caller_gets_its_tokens(
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, stderr.decode()
     replies = {r["correlationId"]: r for r in map(json.loads, stdout.decode().splitlines())}
-    assert set(replies) == {"ts-json", "ts-json-caps", "ts-msgpack", "ts-latin1"}
+    assert set(replies) == {"ts-json", "ts-json-caps", "ts-msgpack", "ts-latin1", "ts-impersonate"}
     for name, user in (
         ("ts-json", "user_ts_json"),
         ("ts-json-caps", "user_ts_caps"),
@@ -59,3 +76,11 @@ async def test_a_nodejs_caller_gets_its_tokens(
         "content_type charset 'iso-8859-1' is not supported; send UTF-8 (charset=utf-8) or no charset",
     )
     assert fake_clerk.stats.create_calls == 3
+    actor = replies["ts-impersonate"]
+    assert actor["outcome"] == "created", actor
+    assert (actor["body"]["actor_token"]["user_id"], actor["body"]["actor_token"]["actor"]) == (
+        "user_ts_customer",
+        {"sub": "user_ts_agent"},
+    )
+    assert fake_clerk.actors.last_params is not None
+    assert fake_clerk.actors.last_params["session_max_duration_in_seconds"] == 600

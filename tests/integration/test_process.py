@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import psutil
@@ -148,6 +151,59 @@ async def test_request_command_prints_the_reply(
     missing = await asyncio.to_thread(run_cli, "request", "nobody", env=env)
     assert missing.returncode == 1
     assert '"code": "user_not_found"' in missing.stdout
+
+
+async def test_impersonate_command_prints_the_actor_token(
+    start_worker: WorkerFactory, amqp_url: str, queue_names: dict[str, str], tmp_path: Path
+) -> None:
+    """`sign-in-tokens impersonate USER --actor AGENT`: the actor token, exit 0; refused, the reply and exit 1."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        '[defaults]\nlanes = ["impersonate"]\nmax_expires_in_seconds = 60\nreply_to = ["amq.rabbitmq.reply-to"]\n'
+        'impersonate = ["user_*"]\nactors = ["user_agent_*"]\nactor_keys = ["email"]\n'
+    )
+    await start_worker(policy_file=str(policy))
+    env = {**base_env(), "AMQP_URL": amqp_url, **queue_names}
+    args = ("impersonate", "user_cli", "--actor", "user_agent_1", "--actor-key", "email=a@example.com")
+    created = await asyncio.to_thread(run_cli, *args, "--session-max", "300", env=env)
+    assert created.returncode == 0, created.stderr
+    reply = json.loads(created.stdout)
+    assert (reply["outcome"], reply["actor_token"]["actor"]) == (
+        "created",
+        {"sub": "user_agent_1", "email": "a@example.com"},
+    )
+    refused = await asyncio.to_thread(run_cli, "impersonate", "user_cli", "--actor", "someone", env=env)
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout)["error"]["code"] == "forbidden"
+    bad = await asyncio.to_thread(run_cli, "impersonate", "user_cli", "--actor", "a", "--actor-key", "email", env=env)
+    assert (bad.returncode, bad.stderr.count("\n")) == (2, 1)
+    assert "--actor-key: expected KEY=VALUE" in bad.stderr
+
+
+async def test_the_demo_shows_an_impersonation(amqp_url: str, queue_names: dict[str, str]) -> None:
+    """`demo --impersonate`: the actor token (masked), its act claim, revoked, and its two audit events."""
+    prefix = queue_names["REQUEST_QUEUE"].split(".")[0]
+    env = {
+        **base_env(),
+        "AMQP_URL": amqp_url,
+        **queue_names,
+        "AUDIT_EXCHANGE": f"{prefix}.audit",
+        "AUDIT_ARCHIVE_QUEUE": "none",
+        "POLICY_FILE": "",
+    }
+    shown = await asyncio.to_thread(run_cli, "demo", "--impersonate", env=env)
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stderr
+    assert "user_demo_agent_1 asks to log in as user_demo_customer" in out
+    assert 'act claim: {"sub": "user_demo_agent_1"}' in out
+    assert "is 'revoked'" in out
+    events = [json.loads(line.split(": ", 2)[2]) for line in out.splitlines() if line.startswith("demo:   ")]
+    assert [(e["event"], e["kind"], e["actor_sub"]) for e in events] == [
+        ("created", "actor_token", "user_demo_agent_1"),
+        ("revoked", "actor_token", "user_demo_agent_1"),
+    ]
+    assert re.search(r"eyJ[\w-]+\.[\w-]+\.", out) is None  # no whole JWT: the token is masked
+    assert '"token": "eyJhbGciOiAi…[masked]"' in out
 
 
 def test_http_port_in_use_is_one_line_and_exit_2() -> None:

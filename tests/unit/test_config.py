@@ -19,6 +19,10 @@ def test_defaults_are_the_contracts() -> None:
         "https://api.clerk.com/v1",
     )
     assert (settings.request_queue, settings.bulk_queue) == ("sign_in_tokens.create", "sign_in_tokens.create.bulk")
+    assert (settings.impersonation_queue, settings.revoke_queue) == (
+        "sign_in_tokens.impersonate",
+        "sign_in_tokens.revoke",
+    )
     assert (settings.results_queue, settings.dead_letter_queue) == ("sign_in_tokens.results", "sign_in_tokens.dead")
     assert (settings.http_port, settings.max_attempts, settings.shutdown_grace_seconds) == (8080, 5, 25.0)
     assert (settings.startup_timeout_seconds, settings.idempotency_window_seconds) == (60.0, 600.0)
@@ -43,6 +47,11 @@ def test_key_file_is_read_and_never_printed(tmp_path: Path) -> None:
         ({"CLERK_API_URL": "ftp://x"}, "CLERK_API_URL"),
         ({"CLERK_SECRET_KEY": "sk test"}, "CLERK_SECRET_KEY"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        (
+            {"IMPERSONATION_QUEUE": "sign_in_tokens.create"},
+            "IMPERSONATION_QUEUE: 'sign_in_tokens.create' is already REQUEST_QUEUE; each queue needs a name of its own",
+        ),
+        ({"RESULTS_QUEUE": "q", "DEAD_LETTER_QUEUE": "q"}, "DEAD_LETTER_QUEUE: 'q' is already RESULTS_QUEUE"),
     ],
 )
 def test_bad_values_name_their_variable(env: dict[str, str], message: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sign_in_tokens_client.contract.errors import ForbiddenError, RequestError
-from sign_in_tokens_client.contract.messages import Reply, decode_revoke, revoked
+from sign_in_tokens_client.contract.messages import ActorToken, Reply, decode_revoke, revoked
 
 from service.logs import bind, token_field
 from service.worker.delivery import failed
@@ -45,4 +45,6 @@ class RevokeToken:
         except RequestError as exc:
             return failed(exc)
         subject.user_id = token.user_id
+        if isinstance(token, ActorToken):  # its impersonator, for the audit trail (not a secret)
+            subject.actor = {key: str(value) for key, value in token.actor.items()}
         return revoked(token)

@@ -1,5 +1,6 @@
 // A caller from the TypeScript world, as a new user would write one: amqplib, direct reply-to,
-// camelCase bodies, an x-deadline from Date.now(), JSON with a charset and MessagePack.
+// camelCase bodies, an x-deadline from Date.now(), JSON with a charset and MessagePack, and an
+// impersonation (an actor token) in camelCase on IMPERSONATION_QUEUE.
 // A reply is taken only when the service's broker user published it (userId, which RabbitMQ
 // checks) for this caller (header x-caller): anything else is dropped as forged.
 // Prints one JSON line a reply: {"correlationId", "contentType", "outcome", "body"}.
@@ -8,6 +9,7 @@ import { decode, encode } from "@msgpack/msgpack";
 
 const url = process.env.AMQP_URL;
 const queue = process.env.REQUEST_QUEUE ?? "sign_in_tokens.create";
+const impersonationQueue = process.env.IMPERSONATION_QUEUE ?? "sign_in_tokens.impersonate";
 const REPLY_TO = "amq.rabbitmq.reply-to";
 const SERVICE_USER = process.env.SERVICE_USER ?? "sign-in-tokens";
 const ME = decodeURIComponent(new URL(url).username || "guest");
@@ -32,6 +34,19 @@ const requests = [
     correlationId: "ts-latin1",
     contentType: "application/json; charset=iso-8859-1",
     body: Buffer.from(JSON.stringify({ userId: "user_ts_latin1" })),
+  },
+  {
+    correlationId: "ts-impersonate",
+    queue: impersonationQueue,
+    contentType: "application/json",
+    body: Buffer.from(
+      JSON.stringify({
+        userId: "user_ts_customer",
+        actor: { sub: "user_ts_agent" },
+        expiresInSeconds: 60,
+        sessionMaxDurationInSeconds: 600,
+      }),
+    ),
   },
 ];
 
@@ -62,7 +77,7 @@ await channel.consume(
 );
 for (const request of requests) {
   pending.set(request.correlationId, request);
-  channel.sendToQueue(queue, request.body, {
+  channel.sendToQueue(request.queue ?? queue, request.body, {
     contentType: request.contentType,
     correlationId: request.correlationId,
     messageId: request.correlationId,

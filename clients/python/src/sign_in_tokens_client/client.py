@@ -308,6 +308,31 @@ class SignInTokenClient:
         ``actor``: more keys of the actor object (each must be in the caller's ``actor_keys``);
         both lifetimes default to the caller's maximum in the policy. Raises as ``create`` does.
         """
+        reply = await self.request_impersonation(
+            user_id,
+            actor_sub=actor_sub,
+            actor=actor,
+            expires_in_seconds=expires_in_seconds,
+            session_max_duration_in_seconds=session_max_duration_in_seconds,
+            timeout=timeout,
+            message_id=message_id,
+            msgpack=msgpack,
+        )
+        return token_or_raise(reply, Created, ActorToken)
+
+    async def request_impersonation(
+        self,
+        user_id: str,
+        *,
+        actor_sub: str,
+        actor: dict[str, str] | None = None,
+        expires_in_seconds: int | None = None,
+        session_max_duration_in_seconds: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,  # noqa: ASYNC109 - the call's deadline, sent to the service as x-deadline
+        message_id: str | None = None,
+        msgpack: bool = False,
+    ) -> Reply:
+        """Ask for one actor token and return the typed reply, failed or not (``impersonate`` raises instead)."""
         fields: dict[str, Any] = {"user_id": user_id, "actor": {**(actor or {}), "sub": actor_sub}}
         if expires_in_seconds is not None:
             fields["expires_in_seconds"] = expires_in_seconds
@@ -325,7 +350,7 @@ class SignInTokenClient:
             )
             reply = await reply_within(future, timeout)
             tracing.annotate(**{"sign_in_tokens.outcome": outcome(reply)})
-            return token_or_raise(reply, Created, ActorToken)
+            return reply
 
     async def revoke(
         self,
