@@ -67,7 +67,7 @@ _DECODERS: Final[dict[Kind, Callable[[bytes], Token]]] = {
     "sign_in_token": clerk_token_decoder.decode,
     "actor_token": clerk_actor_token_decoder.decode,
 }
-_NAMES: Final[dict[Kind, str]] = {"sign_in_token": "SignInToken", "actor_token": "ActorToken"}
+_NAMES: Final[dict[Kind, str]] = {"sign_in_token": "a SignInToken", "actor_token": "an ActorToken"}
 
 
 class _TokenId(msgspec.Struct):
@@ -263,7 +263,7 @@ class ClerkClient:
         try:
             return _DECODERS[kind](answer)
         except msgspec.DecodeError:
-            msg = f"Clerk answered {what}200 with a body that is not a {_NAMES[kind]}"
+            msg = f"Clerk answered {what}200 with a body that is not {_NAMES[kind]}"
             # A revocation's malformed answer names nothing to revoke again.
             token_id = _token_id(answer) if not what else None
             raise UpstreamMalformedError(msg, token_id=token_id, upstream_status=status) from None

@@ -85,6 +85,9 @@ class ActorTokens:
         self.sessions_max_seconds[token["id"]] = session
         if self.clerk.answer_delay_seconds:
             await asyncio.sleep(self.clerk.answer_delay_seconds)
+        if self.clerk.malformed_next:  # a 200 that is not an ActorToken, for a token that exists
+            self.clerk.malformed_next -= 1
+            return reply(200, {"object": "actor_token", "id": token["id"], "status": "pending"})
         return reply(200, token)
 
     def _issue(self, user_id: str, actor: dict[str, Any], expires_in: int) -> dict[str, Any]:

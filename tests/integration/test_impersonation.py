@@ -6,6 +6,7 @@ impersonate customers as its agents, billing may not impersonate at all.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -22,13 +23,14 @@ from sign_in_tokens_client.client import (
     ForbiddenError,
     SignInTokenClient,
     UpstreamRejectedError,
+    UpstreamUnavailableError,
     UserNotFoundError,
 )
 from sign_in_tokens_client.contract.messages import Created, Failed, Reply, decode_reply
 
 from service.local.fake_clerk import FakeClerk, Fault
 from service.worker.lifecycle import Worker
-from tests.conftest import WorkerFactory, get_message, queue_depth, wait_until
+from tests.conftest import SECRET_KEY, WorkerFactory, get_message, queue_depth, wait_until
 from tests.ledger import Ledger
 
 POLICY = """
@@ -297,7 +299,10 @@ async def test_without_a_policy_file_impersonation_is_forbidden(
 async def test_clerks_answers_a_spent_allowance_402_is_not_retried_others_as_for_creates(
     impersonating: Worker, callers: dict[str, SignInTokenClient], fake_clerk: FakeClerk, token_ledger: Ledger
 ) -> None:
-    """402 upstream_rejected (once, remembered under its key); 404 user_not_found; a 503 and a 429 retried."""
+    """402 upstream_rejected (once, remembered under its key); 404 user_not_found; a 503 and a 429 retried.
+
+    And a malformed 200 (its token revoked), a rejected key (the request held until the key works).
+    """
     outsider = callers["outsider"]
     fake_clerk.actors.impersonations_left = 0
     for _ in range(2):
@@ -314,6 +319,18 @@ async def test_clerks_answers_a_spent_allowance_402_is_not_retried_others_as_for
     token = await outsider.impersonate("user_1", actor_sub="agent_1")
     token_ledger.delivered(token.id, "outsider")
     assert fake_clerk.actors.create_calls == 5
+    # A 200 that is not an ActorToken: upstream_unavailable, and the token it names revoked at /actor_tokens.
+    fake_clerk.malformed_next = 1
+    with pytest.raises(UpstreamUnavailableError, match="with a body that is not an ActorToken"):
+        await outsider.impersonate("user_2", actor_sub="agent_1")
+    await wait_until(lambda: len(fake_clerk.actors.revoked) == 1, what="the malformed answer's token revoked")
+    # A rejected key holds the impersonation, as it holds a create, until the key works again.
+    fake_clerk.accepted_keys = {"sk_test_someone_elses"}
+    held = asyncio.create_task(outsider.impersonate("user_3", actor_sub="agent_1", timeout=30))
+    await wait_until(lambda: not impersonating.key_ok, what="the key rejected")
+    fake_clerk.accepted_keys = {SECRET_KEY}
+    held_token = await held
+    token_ledger.delivered(held_token.id, "outsider")
     await token_ledger.balanced()
 
 
