@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import aio_pika
 import pytest
 import redis.asyncio
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from sign_in_tokens_client.client import SignInTokenClient
 from sign_in_tokens_client.connection import broker_user
 
@@ -302,3 +303,39 @@ def worker_processes(
     pool = WorkerProcesses(tmp_path, worker_env(amqp_url, fake_clerk.url, queue_names))
     yield pool
     pool.kill_all()
+
+
+@pytest.fixture
+async def connections(caller_urls: dict[str, str]) -> AsyncIterator[dict[str, AbstractRobustConnection]]:
+    """A connection as each caller."""
+    opened = {name: await aio_pika.connect_robust(url) for name, url in caller_urls.items()}
+    yield opened
+    for connection in opened.values():
+        await connection.close()
+
+
+@pytest.fixture
+def audit_exchange(queue_names: dict[str, str]) -> str:
+    """The audit exchange of the test."""
+    return f"{queue_names['REQUEST_QUEUE']}.audit"
+
+
+@pytest.fixture
+async def audit_queue(channel: AbstractChannel, audit_exchange: str) -> AsyncIterator[AbstractQueue]:
+    """A queue bound to every event of the test's audit exchange (declared here first, as an operator would)."""
+    exchange = await channel.declare_exchange(audit_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    queue = await channel.declare_queue(f"{audit_exchange}.all", exclusive=True)
+    await queue.bind(exchange, "#")
+    yield queue
+    await queue.delete(if_unused=False, if_empty=False)
+    await exchange.delete()
+
+
+async def events(queue: AbstractQueue, count: int) -> list[tuple[str, dict[str, Any]]]:
+    """The next ``count`` events on ``queue``: routing key and body."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    for _ in range(count):
+        message = await get_message(queue.channel, queue.name)
+        assert message.content_type == "application/json"
+        found.append((str(message.routing_key), json.loads(message.body)))
+    return found

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
-import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from sign_in_tokens_client.client import SignInTokenClient
 from sign_in_tokens_client.contract.lanes import Lane
@@ -15,39 +13,12 @@ from sign_in_tokens_client.contract.messages import Created
 
 from service.local.fake_clerk import FakeClerk
 from service.worker.lifecycle import Worker
-from tests.conftest import WorkerFactory, get_message, queue_depth, wait_until
+from tests.conftest import WorkerFactory, events, get_message, queue_depth, wait_until
 
 FIELDS = {
     "event", "kind", "caller", "user_id", "actor_sub", "actor", "org_id", "sign_in_token_id", "actor_token_id",
     "expires_in_seconds", "lane", "correlation_id", "message_id", "code", "at",
 }  # fmt: skip
-
-
-@pytest.fixture
-def audit_exchange(queue_names: dict[str, str]) -> str:
-    """The audit exchange of the test."""
-    return f"{queue_names['REQUEST_QUEUE']}.audit"
-
-
-@pytest.fixture
-async def audit_queue(channel: AbstractChannel, audit_exchange: str) -> AsyncIterator[AbstractQueue]:
-    """A queue bound to every event of the test's audit exchange (declared here first, as an operator would)."""
-    exchange = await channel.declare_exchange(audit_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await channel.declare_queue(f"{audit_exchange}.all", exclusive=True)
-    await queue.bind(exchange, "#")
-    yield queue
-    await queue.delete(if_unused=False, if_empty=False)
-    await exchange.delete()
-
-
-async def events(queue: AbstractQueue, count: int) -> list[tuple[str, dict[str, Any]]]:
-    """The next ``count`` events on ``queue``: routing key and body."""
-    found: list[tuple[str, dict[str, Any]]] = []
-    for _ in range(count):
-        message = await get_message(queue.channel, queue.name)
-        assert message.content_type == "application/json"
-        found.append((str(message.routing_key), json.loads(message.body)))
-    return found
 
 
 async def test_every_outcome_is_an_event_with_the_contracts_fields_and_never_the_token(

@@ -30,7 +30,7 @@ from sign_in_tokens_client.contract.messages import Created, Failed, Reply, deco
 
 from service.local.fake_clerk import FakeClerk, Fault
 from service.worker.lifecycle import Worker
-from tests.conftest import SECRET_KEY, WorkerFactory, get_message, queue_depth, wait_until
+from tests.conftest import SECRET_KEY, WorkerFactory, events, get_message, queue_depth, wait_until
 from tests.ledger import Ledger
 
 POLICY = """
@@ -73,22 +73,6 @@ def policy(tmp_path: Path, queue_names: dict[str, str]) -> str:
 
 
 @pytest.fixture
-def audit_exchange(queue_names: dict[str, str]) -> str:
-    return f"{prefix_of(queue_names)}.audit"
-
-
-@pytest.fixture
-async def audit_queue(channel: AbstractChannel, audit_exchange: str) -> AsyncIterator[AbstractQueue]:
-    """Every event of the test's audit exchange."""
-    exchange = await channel.declare_exchange(audit_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await channel.declare_queue(f"{audit_exchange}.all", exclusive=True)
-    await queue.bind(exchange, "#")
-    yield queue
-    await queue.delete(if_unused=False, if_empty=False)
-    await exchange.delete()
-
-
-@pytest.fixture
 async def impersonating(
     start_worker: WorkerFactory, policy: str, audit_exchange: str, audit_queue: AbstractQueue
 ) -> Worker:
@@ -118,14 +102,6 @@ async def callers(
         await client.close()
 
 
-@pytest.fixture
-async def connections(caller_urls: dict[str, str]) -> AsyncIterator[dict[str, AbstractRobustConnection]]:
-    opened = {name: await aio_pika.connect_robust(url) for name, url in caller_urls.items()}
-    yield opened
-    for connection in opened.values():
-        await connection.close()
-
-
 async def publish(
     connections: dict[str, AbstractRobustConnection],
     queue_names: dict[str, str],
@@ -145,14 +121,6 @@ async def publish(
     await channel.close()
     assert got.headers["x-outcome"] in {"created", "failed"}
     return decode_reply(got.body, got.content_type)
-
-
-async def events(queue: AbstractQueue, count: int) -> list[tuple[str, dict[str, Any]]]:
-    found = []
-    for _ in range(count):
-        message = await get_message(queue.channel, queue.name)
-        found.append((str(message.routing_key), json.loads(message.body)))
-    return found
 
 
 def claims(jwt: str) -> dict[str, Any]:

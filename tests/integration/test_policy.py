@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +55,6 @@ def edit(path: str, old: str, new: str) -> None:
 
 
 Ask = Callable[..., Awaitable[Reply | None]]
-
-
-@pytest.fixture
-async def connections(caller_urls: dict[str, str]) -> AsyncIterator[dict[str, AbstractRobustConnection]]:
-    """A connection as each caller."""
-    opened = {name: await aio_pika.connect_robust(url) for name, url in caller_urls.items()}
-    yield opened
-    for connection in opened.values():
-        await connection.close()
 
 
 @pytest.fixture
