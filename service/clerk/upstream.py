@@ -261,12 +261,16 @@ class ClerkClient:
         if status != 200:
             raise error_for(status, answer, retry_after)
         try:
-            return _DECODERS[kind](answer)
+            token = _DECODERS[kind](answer)
         except msgspec.DecodeError:
+            token = None
+        # A create's answer must hold the token; a revocation's may leave it out (Clerk's spec).
+        if token is None or (not what and not token.token):
             msg = f"Clerk answered {what}200 with a body that is not {_NAMES[kind]}"
             # A revocation's malformed answer names nothing to revoke again.
             token_id = _token_id(answer) if not what else None
-            raise UpstreamMalformedError(msg, token_id=token_id, upstream_status=status) from None
+            raise UpstreamMalformedError(msg, token_id=token_id, upstream_status=status)
+        return token
 
     async def probe(self) -> bool:
         """Whether Clerk answers at all: a create it must refuse (422), so no token is made."""

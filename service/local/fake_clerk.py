@@ -124,6 +124,8 @@ class FakeClerk:
         self.faults: deque[Fault] = deque()
         # Creates still to answer 200 with a body that is not a SignInToken (the token is made all the same).
         self.malformed_next = 0
+        # Revocations answered without the token's secret (``token`` and ``url``: optional in Clerk's spec).
+        self.revoke_without_secret = False
         # Awaited with each create's body before it is answered: a fault hook for tests.
         self.on_create: Callable[[dict[str, Any]], Awaitable[None]] | None = None
         self.stats = FakeClerkStats()
@@ -301,6 +303,8 @@ class FakeClerk:
         obj["status"] = "revoked"
         obj["updated_at"] = int(time.time() * 1000)
         revoked.add(obj["id"])
+        if self.revoke_without_secret:
+            return reply(200, {k: v for k, v in obj.items() if k not in {"token", "url"}})
         return reply(200, obj)
 
 

@@ -46,8 +46,9 @@ from sign_in_tokens_client.contract.messages import CreateSignInTokenRequestBody
 
 from service.config import Settings
 
-# The queues a caller may use: the two lanes of sign-in tokens, and impersonation (which also
-# needs the ``impersonate`` key; alone, it lets a caller impersonate and ask for no sign-in token).
+# The queues a caller may use: the two lanes of sign-in tokens, and impersonation. Impersonation is
+# served at the interactive lane: a caller with "interactive" or "impersonate" impersonates whom its
+# ``impersonate`` key names; "impersonate" alone gives impersonation and no sign-in token.
 LaneName = Literal["interactive", "bulk", "impersonate"]
 Pattern = Annotated[str, Meta(min_length=1, max_length=255)]
 _PATH_IN_ERROR: Final = re.compile(r" - at `\$\.?(.*)`$")
@@ -55,6 +56,10 @@ _PATH_IN_ERROR: Final = re.compile(r" - at `\$\.?(.*)`$")
 # (an entry for it matches that, and nothing else that merely starts the same).
 DIRECT_REPLY_TO_NAME: Final = DIRECT_REPLY_TO + "."
 _ALL_LANES: Final[frozenset[LaneName]] = frozenset({"interactive", "bulk"})
+# Impersonation is served at the interactive lane: a caller of either lane below may be allowed it.
+_IMPERSONATION_LANES: Final[frozenset[LaneName]] = frozenset({"interactive", "impersonate"})
+# The keys of impersonation: never in ``[anonymous]`` (a caller without a name never impersonates).
+_IMPERSONATION_KEYS: Final = ("impersonate", "actors", "actor_keys", "max_impersonation_seconds", "max_session_seconds")
 _NO_RULES: Final = "callers: {who} has no rules in the policy"
 Seconds = Annotated[int, Meta(ge=1, le=315_360_000)]
 
@@ -245,6 +250,9 @@ class Policy:
             msg = "impersonate: impersonation needs a POLICY_FILE saying who may impersonate whom"
             raise ForbiddenError(msg)
         rules = self._rules_or_refuse(caller)
+        if not _IMPERSONATION_LANES & rules.rules.lanes:
+            msg = f"lanes: {rules.name} may not impersonate (its lanes have neither interactive nor impersonate)"
+            raise ForbiddenError(msg)
         user_id, sub = request.user_id, request.actor_sub
         if self._protected is not None and self._protected.fullmatch(user_id):
             msg = f"protected_users: no caller may impersonate user {user_id!r}"
@@ -299,9 +307,11 @@ def load_policy(path: str) -> PolicyFile:
     if any(not name or len(name) > 255 for name in rules):
         msg = f"POLICY_FILE: {path} at callers: a caller's name must be 1 to 255 characters"
         raise ConfigError(msg)
-    if policy.anonymous is not None and policy.anonymous.impersonate:
-        msg = f"POLICY_FILE: {path} at anonymous.impersonate: a caller without a name may never impersonate"
-        raise ConfigError(msg)
+    anonymous = raw.get("anonymous")
+    for key in _IMPERSONATION_KEYS:
+        if isinstance(anonymous, dict) and key in anonymous:
+            msg = f"POLICY_FILE: {path} at anonymous.{key}: a caller without a name may never impersonate"
+            raise ConfigError(msg)
     tables = {"defaults": policy.defaults, **{f"callers.{name}": table for name, table in rules.items()}}
     for where, table in tables.items():
         clerks = [key for key in (table.actor_keys if table else ()) if key in (*CLERK_ACTOR_KEYS, "sub")]

@@ -11,6 +11,7 @@ import asyncio
 import time
 from typing import Literal
 
+import msgspec
 import structlog
 from aiormq.abc import DeliveredMessage
 from sign_in_tokens_client.contract.errors import (
@@ -39,6 +40,10 @@ log = structlog.get_logger(__name__)
 
 # What a reply is to its key's answer: the request made it, read it from the store, or neither.
 Role = Literal["made", "stored", "other"]
+# What a key's answer is remembered with: the request as the caller asked it (before the policy
+# filled anything in), its objects' keys sorted. So a copy sent after a reload of the policy, or with
+# its actor's keys in another order, is the same request and gets the same answer.
+_asked = msgspec.json.Encoder(order="deterministic")
 
 
 def _log_retry(attempt: int, error: BaseException | None, wait_seconds: float) -> None:
@@ -73,6 +78,7 @@ class Issuing:
         with tracing.span("decode"):
             request = operation.decode(message.body, envelope.content_type)
         bind(user_id=request.user_id)
+        asked = _asked.encode(request)
         subject.asks_for(request)
         if subject.actor is not None:  # the impersonator: not a secret, and what an operator searches for
             bind(actor_sub=subject.actor["sub"])
@@ -91,12 +97,12 @@ class Issuing:
             try:
                 async with self.parts.dedup.claim(envelope.idempotency_key, deadline) as claim:
                     try:
-                        reply, role = await self._claimed(claim, body, deadline, subject, operation)
+                        reply, role = await self._claimed(claim, asked, body, deadline, subject, operation)
                     except ClaimLostError as lost:
                         if lost.answer is None:
                             continue
                         # Delivered already by the request that holds the key: sent again, settled by nobody here.
-                        reply, role = self._stored(lost.answer, body)[0], "other"
+                        reply, role = self._stored(lost.answer, asked, body)[0], "other"
                     settles = claim if role != "other" else UNRELATED
                     await deliver(message, envelope, reply, subject, settles, mine=role == "made")
                     return
@@ -105,13 +111,14 @@ class Issuing:
                 return
         await self.delivery.settle.give_back(message, "idempotency_key_contended")
 
-    def _stored(self, remembered: Remembered, body: bytes) -> tuple[Reply, bool]:
+    def _stored(self, remembered: Remembered, asked: bytes, body: bytes) -> tuple[Reply, bool]:
         """The answer the store holds for this key, when it answered this very request; whether it did.
 
-        The request is Clerk's body, and an actor token's always names its actor, a sign-in
-        token's never: one kind's key never answers a request for the other.
+        The request is as it was asked (``_asked``; Clerk's body in answers stored by earlier
+        versions). An actor token's always names its actor, a sign-in token's never: one kind's key
+        never answers a request for the other.
         """
-        if remembered.request != body:
+        if remembered.request not in (asked, body):
             msg = "message_id was already used for a different request; use a new message_id for each request"
             return failed(InvalidRequestError(msg)), False
         self.parts.metrics.dedup_hits.inc()
@@ -119,7 +126,13 @@ class Issuing:
         return remembered.reply, True
 
     async def _claimed(
-        self, claim: Claim, body: bytes, deadline: float | None, subject: Subject, operation: Issues[RequestT]
+        self,
+        claim: Claim,
+        asked: bytes,
+        body: bytes,
+        deadline: float | None,
+        subject: Subject,
+        operation: Issues[RequestT],
     ) -> tuple[Reply, Role]:
         """The reply while this request holds its key, and what it is to the key's answer.
 
@@ -134,7 +147,7 @@ class Issuing:
             )
             return failed(InvalidRequestError(msg)), "other"
         if claim.remembered is not None:
-            reply, same = self._stored(claim.remembered, body)
+            reply, same = self._stored(claim.remembered, asked, body)
             return reply, "stored" if same else "other"
         try:
             token = await self._create(body, deadline, subject, operation)
@@ -142,17 +155,17 @@ class Issuing:
             reply = failed(exc)
             if not exc.final:
                 return reply, "other"
-            await self._remember(claim, body, reply, subject)
+            await self._remember(claim, asked, reply, subject)
             return reply, "made"
         reply = created(token)
-        await self._remember(claim, body, reply, subject)
+        await self._remember(claim, asked, reply, subject)
         return reply, "made"
 
-    async def _remember(self, claim: Claim, body: bytes, reply: Reply, subject: Subject) -> None:
+    async def _remember(self, claim: Claim, asked: bytes, reply: Reply, subject: Subject) -> None:
         """Store the answer under the claim; if the claim was lost, revoke this request's token and raise."""
         lifetime = subject.expires_in_seconds or CLERK_DEFAULT_LIFETIME_SECONDS
         try:
-            await claim.remember(body, reply, lifetime, subject)
+            await claim.remember(asked, reply, lifetime, subject)
         except asyncio.CancelledError:
             # Stopped past the grace period while Redis was away: the token was made and cannot be stored.
             if isinstance(reply, Created):

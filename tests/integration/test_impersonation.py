@@ -31,6 +31,7 @@ from sign_in_tokens_client.contract.messages import Created, Failed, Reply, deco
 from service.local.fake_clerk import FakeClerk, Fault
 from service.worker.lifecycle import Worker
 from tests.conftest import SECRET_KEY, WorkerFactory, events, get_message, queue_depth, wait_until
+from tests.integration.test_policy import edit
 from tests.ledger import Ledger
 
 POLICY = """
@@ -320,8 +321,14 @@ async def test_only_the_caller_given_an_actor_token_revokes_it(
     with pytest.raises(ForbiddenError, match=r"actor token .* was not given to this caller"):
         await portal.revoke_actor_token(sign_in.id)
     assert fake_clerk.actors.revoke_calls == 0
+    fake_clerk.revoke_without_secret = True  # Clerk's spec lets its answer leave the token out
     revoked = await portal.revoke_actor_token(token.id)
-    assert (revoked.id, revoked.status, revoked.actor) == (token.id, "revoked", {"sub": "user_agent_1"})
+    assert (revoked.id, revoked.status, revoked.actor, revoked.token) == (
+        token.id,
+        "revoked",
+        {"sub": "user_agent_1"},
+        "",
+    )
     assert fake_clerk.actors.revoked == {token.id}
     token_ledger.delivered(sign_in.id, "support-portal")
     got = await events(audit_queue, 6)
@@ -448,4 +455,49 @@ async def test_both_kinds_share_the_fleets_rate_limit(
     assert fake_clerk.stats.rate_limited <= 1  # a call reaches Clerk a little after its slot (test_rate_limit)
     assert elapsed >= 3  # 40 calls at 10 a second, both kinds and both workers together
     assert await queue_depth(channel, queue_names["DEAD_LETTER_QUEUE"]) == 0
+    await token_ledger.balanced()
+
+
+async def test_a_copy_after_a_policy_reload_or_with_its_actor_keys_reordered_gets_the_same_token(
+    impersonating: Worker,
+    connections: dict[str, AbstractRobustConnection],
+    queue_names: dict[str, str],
+    policy: str,
+    fake_clerk: FakeClerk,
+    token_ledger: Ledger,
+) -> None:
+    """The key's answer is kept with the request as asked: a narrower cap since, or another key order, is the same request."""
+    first = await publish(
+        connections,
+        queue_names,
+        b'{"user_id": "user_1", "actor": {"sub": "user_agent_1", "email": "a@x"}}',
+        message_id="k",
+    )
+    assert isinstance(first, Created)
+    sign_in = await publish(connections, queue_names, b'{"user_id": "user_2"}', queue="REQUEST_QUEUE", message_id="s")
+    reordered = await publish(
+        connections,
+        queue_names,
+        b'{"user_id": "user_1", "actor": {"email": "a@x", "sub": "user_agent_1"}}',
+        message_id="k",
+    )
+    edit(policy, "max_impersonation_seconds = 120", "max_impersonation_seconds = 90")
+    edit(policy, "max_expires_in_seconds = 300", "max_expires_in_seconds = 200")
+    assert impersonating.reload_policy()
+    reloaded = await publish(
+        connections,
+        queue_names,
+        b'{"user_id": "user_1", "actor": {"sub": "user_agent_1", "email": "a@x"}}',
+        message_id="k",
+    )
+    sign_in_again = await publish(
+        connections, queue_names, b'{"user_id": "user_2"}', queue="REQUEST_QUEUE", message_id="s"
+    )
+    assert reordered == first
+    assert reloaded == first
+    assert sign_in_again == sign_in  # a sign-in token's copy too: its expiry was filled in under the old cap
+    assert (fake_clerk.actors.create_calls, fake_clerk.stats.create_calls) == (1, 1)
+    assert isinstance(sign_in, Created)
+    token_ledger.delivered(first.token_object.id, "support-portal")
+    token_ledger.delivered(sign_in.token_object.id, "support-portal")
     await token_ledger.balanced()

@@ -108,6 +108,11 @@ def test_either_spelling_and_messagepack_decode_to_clerks_body() -> None:
             "$.session_max_duration_in_seconds",
         ),
         (b'{"userId": "user_1", "actor": {"sub": "a"}, "expires_in_seconds": 60}', "one spelling"),
+        # The actor lands in the session's act claim and the audit trail: no control characters, no odd keys.
+        (b'{"user_id": "user_1", "actor": {"sub": "user_agent_1\\nuser_boss"}}', "$.actor"),
+        (b'{"user_id": "user_1", "actor": {"sub": "user_agent_1 user_boss"}}', "$.actor.sub"),
+        (b'{"user_id": "user_1", "actor": {"sub": "a", "email": "a@x\\u0000"}}', "$.actor"),
+        (b'{"user_id": "user_1", "actor": {"sub": "a", "e mail": "x"}}', "$.actor"),
     ],
 )
 def test_a_bad_body_is_invalid_request_naming_the_field(body: bytes, named: str) -> None:
@@ -129,9 +134,13 @@ def test_a_revocation_names_one_token_of_either_kind() -> None:
         (b'{"sign_in_token_id": "sit_1", "actor_token_id": "act_1"}', "not both"),
         (b'{"actorTokenId": "act_1", "sign_in_token_id": "sit_1"}', "one spelling"),
         (b"{}", "`sign_in_token_id`"),
+        # Not a Clerk id: an actor token's grant can never be named through the other kind's field.
+        (b'{"sign_in_token_id": "actor_token:act_1"}', "$.sign_in_token_id"),
+        (b'{"actor_token_id": "act 1"}', "$.actor_token_id"),
     ):
-        with pytest.raises(InvalidRequestError, match=named):
+        with pytest.raises(InvalidRequestError) as raised:
             decode_revoke(body, None, max_body_bytes=4096)
+        assert named in raised.value.message
 
 
 def _actor_token() -> ActorToken:
@@ -266,6 +275,16 @@ def test_without_a_policy_file_no_one_impersonates() -> None:
             "at callers.support-portal.max_session_seconds: Expected `int` >= 1",
         ),
         (POLICY.replace('actors = ["user_agent_*"]', 'actors = "user_agent_*"'), "at callers.support-portal.actors"),
+        (
+            POLICY
+            + '\n[anonymous]\nlanes = ["interactive"]\nmax_expires_in_seconds = 60\nreply_to = ["x"]\nimpersonate = []\n',
+            "at anonymous.impersonate: a caller without a name may never impersonate",
+        ),
+        (
+            POLICY
+            + '\n[anonymous]\nlanes = ["interactive"]\nmax_expires_in_seconds = 60\nreply_to = ["x"]\nactor_keys = ["iss"]\n',
+            "at anonymous.actor_keys: a caller without a name may never impersonate",
+        ),
     ],
 )
 def test_a_bad_impersonation_rule_is_one_line_naming_the_place(tmp_path: Path, text: str, expected: str) -> None:
@@ -274,3 +293,33 @@ def test_a_bad_impersonation_rule_is_one_line_naming_the_place(tmp_path: Path, t
         load_policy(path)
     assert expected in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_the_client_takes_an_actor_token_only_for_the_user_and_the_actor_it_asked_for() -> None:
+    """A reply naming another impersonator (a forged or misrouted one) is not the call's."""
+    from sign_in_tokens_client.replies import for_user  # noqa: PLC0415
+
+    accepts = for_user("user_1", "actor_token", "user_agent_1")
+    assert accepts(created(_actor_token()))
+    other = msgspec.structs.replace(_actor_token(), actor={"sub": "user_boss"})
+    assert not accepts(created(other))
+    assert not accepts(created(msgspec.structs.replace(_actor_token(), user_id="user_2")))
+    token = SignInToken(
+        object="sign_in_token", id="sit_1", status="pending", user_id="user_1", token="t", created_at=1, updated_at=1
+    )
+    assert not accepts(created(token))
+
+
+def test_a_bulk_only_caller_impersonates_no_one(tmp_path: Path) -> None:
+    """Impersonation is served at the interactive lane: a caller needs "interactive" or "impersonate"."""
+    policy = Policy(load_policy(write(tmp_path, POLICY.replace('lanes = ["impersonate"]', 'lanes = ["bulk"]'))))
+    assert refusal(policy, "support-portal", ask()) == (
+        "lanes: caller 'support-portal' may not impersonate (its lanes have neither interactive nor impersonate)"
+    )
+
+
+def test_a_revoked_token_clerk_answers_without_its_secret_still_reads() -> None:
+    """Clerk's spec makes ``token`` optional: a revocation's answer may leave it out."""
+    body = b'{"object": "actor_token", "id": "act_1", "status": "revoked", "user_id": "u", "actor": {"sub": "a"}, "created_at": 1, "updated_at": 2}'
+    token = msgspec.json.decode(body, type=ActorToken)
+    assert (token.id, token.status, token.token) == ("act_1", "revoked", "")

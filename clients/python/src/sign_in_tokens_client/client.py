@@ -27,7 +27,7 @@ queue as routing key) and its reply matched by ``correlation_id``.
   published it (``user_id``, which RabbitMQ checks, equal to ``service_user``:
   env ``SERVICE_USER``, else ``sign-in-tokens``), for this client's own user
   (header ``x-caller``), about what the call asked for (the token's
-  ``user_id``). Anything else is dropped as forged, logged
+  ``user_id``, and an actor token's ``actor.sub``). Anything else is dropped as forged, logged
   ``forged_reply_dropped`` (never its body), and the call keeps waiting.
 - **Errors**: a failed reply raises the ``SignInTokenError`` subclass of its
   code (the service's own error classes), carrying the reply's ``error``
@@ -346,7 +346,7 @@ class SignInTokenClient:
                 content_type=MSGPACK if msgpack else JSON,
                 message_id=message_id,
                 deadline_ms=_deadline_ms(timeout),
-                accepts=for_user(user_id, "actor_token"),
+                accepts=for_user(user_id, "actor_token", actor_sub),
             )
             reply = await reply_within(future, timeout)
             tracing.annotate(**{"sign_in_tokens.outcome": outcome(reply)})

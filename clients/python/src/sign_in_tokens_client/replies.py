@@ -77,11 +77,21 @@ def forged_because(message: AbstractIncomingMessage, service_user: str, caller: 
     return None
 
 
-def for_user(user_id: str, kind: Kind = "sign_in_token") -> Accepts:
-    """A created reply must carry a token of ``kind`` for ``user_id``; a failure is taken as it comes."""
-    return lambda reply: (
-        not isinstance(reply, Created) or (reply.kind == kind and reply.token_object.user_id == user_id)
-    )
+def for_user(user_id: str, kind: Kind = "sign_in_token", actor_sub: str | None = None) -> Accepts:
+    """A created reply must carry a token of ``kind`` for ``user_id`` (naming ``actor_sub`` as its actor, if given).
+
+    A failure is taken as it comes.
+    """
+
+    def accepts(reply: Reply) -> bool:
+        if not isinstance(reply, Created):
+            return True
+        token = reply.token_object
+        if reply.kind != kind or token.user_id != user_id:
+            return False
+        return actor_sub is None or (isinstance(token, ActorToken) and token.actor.get("sub") == actor_sub)
+
+    return accepts
 
 
 def for_token(token_id: str, kind: Kind = "sign_in_token") -> Accepts:

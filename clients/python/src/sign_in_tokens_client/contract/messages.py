@@ -25,9 +25,10 @@ _MSGPACK_ALIASES: Final = frozenset({MSGPACK, "application/x-msgpack", "applicat
 UserId = Annotated[str, Meta(min_length=1, max_length=256)]
 OrgId = Annotated[str, Meta(min_length=1, max_length=256)]
 ExpiresIn = Annotated[int, Meta(ge=1)]
-# An actor object: ``sub`` and at most 15 more string keys, each value a string.
-ActorKey = Annotated[str, Meta(min_length=1, max_length=64)]
-ActorValue = Annotated[str, Meta(min_length=1, max_length=256)]
+# An actor object: ``sub`` and at most 15 more string keys, each value a string without control
+# characters (the object is copied into the session's ``act`` claim and the audit trail).
+ActorKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+ActorValue = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Actor = Annotated[dict[ActorKey, ActorValue], Meta(min_length=1, max_length=16)]
 # The actor keys Clerk sets itself in the session's ``act`` claim: a caller never does.
 CLERK_ACTOR_KEYS: Final = ("iss", "sid")
@@ -107,9 +108,10 @@ class SignInToken(msgspec.Struct, kw_only=True):
     id: str
     status: str
     user_id: str
-    token: str
     created_at: int
     updated_at: int
+    # Optional in Clerk's spec: a revocation's answer may leave it out ("" then); a create's never does.
+    token: str = ""
     url: str | None = None
 
 
@@ -121,9 +123,9 @@ class ActorToken(msgspec.Struct, kw_only=True):
     status: str
     user_id: str
     actor: dict[str, Any]
-    token: str
     created_at: int
     updated_at: int
+    token: str = ""
     url: str | None = None
 
 
@@ -226,7 +228,8 @@ def outcome(reply: Reply) -> Outcome:
     return "revoked" if isinstance(reply, Revoked) else "failed"
 
 
-TokenId = Annotated[str, Meta(min_length=1, max_length=256)]
+# A Clerk object id (``sit_...``, ``act_...``): letters, digits, ``_`` and ``-``.
+TokenId = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
 class RevokeRequest(Strict, frozen=True):
@@ -406,6 +409,9 @@ def decode_actor_request(body: bytes, content_type: str | None, *, max_body_byte
     actor: dict[str, str] = _required(wire.actor, "actor")
     if "sub" not in actor:
         msg = "Object missing required field `sub` - at `$.actor`"
+        raise InvalidRequestError(msg)
+    if any(c.isspace() for c in actor["sub"]):
+        msg = "`sub` is the impersonator's user id: no spaces - at `$.actor.sub`"
         raise InvalidRequestError(msg)
     for key in CLERK_ACTOR_KEYS:
         if key in actor:
