@@ -137,8 +137,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         """Calls to Clerk per window: CLERK_RATE_LIMIT, else Clerk's limit for the key's kind."""
         if self.clerk_rate_limit is not None:
             return self.clerk_rate_limit
-        key = self.clerk_secret_key.reveal() if self.clerk_secret_key is not None else ""
-        return LIVE_KEY_RATE_LIMIT if key.startswith("sk_live_") else TEST_KEY_RATE_LIMIT
+        return key_rate_limit(self.clerk_secret_key.reveal() if self.clerk_secret_key is not None else "")
 
     @property
     def concurrency(self) -> int:
@@ -200,6 +199,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         return hashlib.sha256(self.secret_key().encode()).hexdigest()[:16]
 
 
+def key_rate_limit(key: str) -> int:
+    """Clerk's documented limit for a key's kind: a production key's, else a development key's."""
+    return LIVE_KEY_RATE_LIMIT if key.startswith("sk_live_") else TEST_KEY_RATE_LIMIT
+
+
+def check_key(name: str, key: str) -> None:
+    """ConfigError unless ``key`` is a non-empty key without spaces (``name`` says where it came from)."""
+    if not key or any(c.isspace() for c in key):
+        msg = f"{name}: must be a non-empty key without spaces"
+        raise ConfigError(msg)
+
+
 def masked_key(key: Secret) -> str:
     """A Clerk key's kind (``sk_live_``, ``sk_test_``) and a mask for the rest."""
     value = key.reveal()
@@ -239,12 +250,12 @@ def _dec_hook(type_: type, obj: Any) -> Any:  # noqa: ANN401 - msgspec's hook si
     raise NotImplementedError
 
 
-def read_key_file(path: str) -> str:
-    """The key in the file at ``path`` (CLERK_SECRET_KEY_FILE), surrounding whitespace dropped."""
+def read_key_file(path: str, name: str = "CLERK_SECRET_KEY_FILE") -> str:
+    """The key in the file at ``path`` (``name`` says which setting named it), surrounding whitespace dropped."""
     try:
         return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
-        msg = f"CLERK_SECRET_KEY_FILE: cannot read {path}: {exc.strerror}"
+        msg = f"{name}: cannot read {path}: {exc.strerror}"
         if exc.errno in (errno.EACCES, errno.EPERM):
             uid = os.geteuid()
             msg += f" (this process runs as uid {uid}: give it the file, e.g. chown {uid} FILE && chmod 0400 FILE)"
@@ -345,10 +356,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         check_url("REDIS_URL", settings.redis_url, ("redis", "rediss"))
         check_tls("REDIS_URL", settings.redis_url)
         _check_redis_parameters(URL(settings.redis_url))
-    key = settings.clerk_secret_key
-    if key is not None and (not key.reveal() or any(c.isspace() for c in key.reveal())):
-        msg = "CLERK_SECRET_KEY: must be a non-empty key without spaces"
-        raise ConfigError(msg)
+    if settings.clerk_secret_key is not None:
+        check_key("CLERK_SECRET_KEY", settings.clerk_secret_key.reveal())
     _check_http_host(settings.http_host)
     _check_grace(settings)
     _check_holds(settings)

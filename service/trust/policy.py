@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
@@ -45,13 +43,14 @@ from sign_in_tokens_client.contract.messages import CLERK_ACTOR_KEYS, ActorKey, 
 from sign_in_tokens_client.contract.messages import CreateSignInTokenRequestBody as Request
 
 from service.config import Settings
+from service.tomlfiles import at, convert, named_tables, read_table
 
 # The queues a caller may use: the two lanes of sign-in tokens, and impersonation. Impersonation is
 # served at the interactive lane: a caller with "interactive" or "impersonate" impersonates whom its
 # ``impersonate`` key names; "impersonate" alone gives impersonation and no sign-in token.
 LaneName = Literal["interactive", "bulk", "impersonate"]
 Pattern = Annotated[str, Meta(min_length=1, max_length=255)]
-_PATH_IN_ERROR: Final = re.compile(r" - at `\$\.?(.*)`$")
+_VARIABLE: Final = "POLICY_FILE"
 # What a caller writes for direct reply-to; the broker hands the worker ``amq.rabbitmq.reply-to.<suffix>``
 # (an entry for it matches that, and nothing else that merely starts the same).
 DIRECT_REPLY_TO_NAME: Final = DIRECT_REPLY_TO + "."
@@ -284,58 +283,26 @@ def _capped(asked: int | None, maximum: int, what: str, name: str) -> int:
 
 def load_policy(path: str) -> PolicyFile:
     """Read and check the policy file; ConfigError names the file and the place in it."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        msg = f"POLICY_FILE: cannot read {path}: {exc.strerror}"
-        raise ConfigError(msg) from None
-    except UnicodeDecodeError:
-        msg = f"POLICY_FILE: {path} is not UTF-8 text"
-        raise ConfigError(msg) from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        msg = f"POLICY_FILE: {path} is not valid TOML: {exc}"
-        raise ConfigError(msg) from None
-    callers = raw.pop("callers", {})
-    if not isinstance(callers, dict):
-        msg = f"POLICY_FILE: {path} at callers: Expected a table of callers, got {type(callers).__name__}"
-        raise ConfigError(msg)
-    policy = _convert(raw, PolicyFile, path, "")
+    raw = read_table(_VARIABLE, path)
+    callers = named_tables(_VARIABLE, path, raw, "callers")
+    raw.pop("callers", None)
+    policy = convert(raw, PolicyFile, _VARIABLE, path)
     # One caller at a time, so that an error names the caller (msgspec names a mapping's keys "[...]").
-    rules = {name: _convert(table, CallerRules, path, f"callers.{name}") for name, table in callers.items()}
+    rules = {name: convert(table, CallerRules, _VARIABLE, path, f"callers.{name}") for name, table in callers.items()}
     if any(not name or len(name) > 255 for name in rules):
-        msg = f"POLICY_FILE: {path} at callers: a caller's name must be 1 to 255 characters"
-        raise ConfigError(msg)
+        raise ConfigError(at(_VARIABLE, path, "callers", "a caller's name must be 1 to 255 characters"))
     anonymous = raw.get("anonymous")
     for key in _IMPERSONATION_KEYS:
         if isinstance(anonymous, dict) and key in anonymous:
-            msg = f"POLICY_FILE: {path} at anonymous.{key}: a caller without a name may never impersonate"
-            raise ConfigError(msg)
+            reason = "a caller without a name may never impersonate"
+            raise ConfigError(at(_VARIABLE, path, f"anonymous.{key}", reason))
     tables = {"defaults": policy.defaults, **{f"callers.{name}": table for name, table in rules.items()}}
     for where, table in tables.items():
         clerks = [key for key in (table.actor_keys if table else ()) if key in (*CLERK_ACTOR_KEYS, "sub")]
         if clerks:
-            msg = f"POLICY_FILE: {path} at {where}.actor_keys: {clerks[0]!r} is not a key a caller sets beside sub"
-            raise ConfigError(msg)
+            reason = f"{clerks[0]!r} is not a key a caller sets beside sub"
+            raise ConfigError(at(_VARIABLE, path, f"{where}.actor_keys", reason))
     return msgspec.structs.replace(policy, callers=rules)
-
-
-T = TypeVar("T")
-
-
-def _convert(raw: object, type_: type[T], path: str, where: str) -> T:
-    """``raw`` as ``type_``; ConfigError naming the file and the place (``where``, then msgspec's path)."""
-    try:
-        return msgspec.convert(raw, type_, strict=True)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        match = _PATH_IN_ERROR.search(message)
-        inner = match.group(1) if match else ""
-        place = ".".join(part for part in (where, inner) if part).replace(".[", "[")
-        reason = message[: match.start()] if match else message
-        msg = f"POLICY_FILE: {path}{f' at {place}' if place else ''}: {reason}"
-        raise ConfigError(msg) from None
 
 
 def policy_from_settings(settings: Settings) -> Policy:

@@ -1,0 +1,116 @@
+"""CLERK_INSTANCES_FILE: the instances one service fronts, read strictly; without it, one named ``default``."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from sign_in_tokens_client.contract.errors import ConfigError
+
+from service.clerk.instances import DEFAULT_INSTANCE, load_instances
+from service.config import load_settings
+
+LIVE = "sk_live_" + "p" * 24
+TEST = "sk_test_" + "s" * 24
+
+
+def instances_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "instances.toml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return str(path)
+
+
+def test_without_the_file_the_one_key_is_the_default_instance() -> None:
+    settings = load_settings({"CLERK_SECRET_KEY": LIVE, "CLERK_RATE_WINDOW_SECONDS": "5"})
+    (instance,) = load_instances(settings, None).values()
+    assert (instance.name, instance.state_id, instance.api_url) == (
+        DEFAULT_INSTANCE,
+        DEFAULT_INSTANCE,
+        settings.clerk_api_url,
+    )
+    assert (instance.secret_key.reveal(), instance.rate_limit, instance.rate_window_seconds) == (LIVE, 1000, 5.0)
+
+
+def test_each_instance_has_its_key_url_and_limit(tmp_path: Path) -> None:
+    key_file = tmp_path / "staging-key"
+    key_file.write_text(TEST + "\n")
+    path = instances_file(
+        tmp_path,
+        f"""
+        [instances.prod]
+        secret_key = "{LIVE}"
+        rate_window_seconds = 10
+
+        [instances.staging]
+        secret_key_file = "{key_file}"
+        api_url = "http://127.0.0.1:9999/v1"
+        rate_limit = 40
+        state_id = "staging-1"
+        """,
+    )
+    found = load_instances(load_settings({}), path)
+    prod, staging = found["prod"], found["staging"]
+    assert (prod.secret_key.reveal(), prod.rate_limit, prod.api_url, prod.state_id) == (
+        LIVE,
+        1000,  # from the key's kind
+        "https://api.clerk.com/v1",
+        "prod",
+    )
+    assert (staging.secret_key.reveal(), staging.rate_limit, staging.api_url, staging.state_id) == (
+        TEST,
+        40,
+        "http://127.0.0.1:9999/v1",
+        "staging-1",
+    )
+    assert LIVE not in prod.shown()
+    assert prod.shown().startswith("prod: key sk_live_")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[instances.prod]\nsecret_keyfile = "x"\n',
+            "at instances.prod: Object contains unknown field `secret_keyfile`",
+        ),
+        ('[instances.prod]\napi_url = "https://x"\n', "at instances.prod: set secret_key or secret_key_file"),
+        (f'[instances.prod]\nsecret_key = "{LIVE}"\nsecret_key_file = "/k"\n', "at instances.prod: set secret_key or"),
+        (
+            '[instances.prod]\nsecret_key_file = "/no/such/key"\n',
+            "at instances.prod.secret_key_file: cannot read /no/such/key",
+        ),
+        ('[instances.prod]\nsecret_key = "sk live"\n', "at instances.prod: must be a non-empty key without spaces"),
+        (f'[instances.Prod]\nsecret_key = "{LIVE}"\n', "at instances.Prod: Expected `str` matching regex"),
+        (
+            f'[instances.prod]\nsecret_key = "{LIVE}"\nrate_limit = 0\n',
+            "at instances.prod.rate_limit: Expected `int` >= 1",
+        ),
+        (
+            f'[instances.prod]\nsecret_key = "{LIVE}"\napi_url = "http://clerk.example/v1"\n',
+            "at instances.prod.api_url: http:// sends the secret key in clear",
+        ),
+        (
+            f'[instances.a]\nsecret_key = "{LIVE}"\nstate_id = "b"\n[instances.b]\nsecret_key = "{TEST}"\n',
+            "at instances.a.state_id: 'b' is another instance's state too",
+        ),
+        (f'[instance.prod]\nsecret_key = "{LIVE}"\n', "Object contains unknown field `instance`"),
+        ("[instances]\n", "at instances: name 1 to 32 instances"),
+        ("instances = 3\n", "at instances: Expected `object`, got `int`"),
+        ("[instances.prod\n", "is not valid TOML"),
+    ],
+)
+def test_a_bad_file_is_one_line_naming_the_file_and_the_place(tmp_path: Path, text: str, expected: str) -> None:
+    path = instances_file(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_instances(load_settings({}), path)
+    message = str(raised.value)
+    assert message.startswith(f"CLERK_INSTANCES_FILE: {path}")
+    assert expected in message, message
+    assert "\n" not in message
+    assert LIVE not in message
+
+
+def test_a_missing_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="CLERK_INSTANCES_FILE: cannot read"):
+        load_instances(load_settings({}), str(tmp_path / "none.toml"))
