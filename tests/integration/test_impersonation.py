@@ -26,6 +26,7 @@ from sign_in_tokens_client.client import (
     UpstreamUnavailableError,
     UserNotFoundError,
 )
+from sign_in_tokens_client.contract.lanes import Lane
 from sign_in_tokens_client.contract.messages import Created, Failed, Reply, decode_reply
 
 from service.local.fake_clerk import FakeClerk, Fault
@@ -501,3 +502,25 @@ async def test_a_copy_after_a_policy_reload_or_with_its_actor_keys_reordered_get
     token_ledger.delivered(first.token_object.id, "support-portal")
     token_ledger.delivered(sign_in.token_object.id, "support-portal")
     await token_ledger.balanced()
+
+
+async def test_an_impersonation_jumps_a_bulk_backlog_as_the_interactive_lane_does(
+    start_worker: WorkerFactory, client: SignInTokenClient, fake_clerk: FakeClerk, tmp_path: Path
+) -> None:
+    """With 60 bulk requests queued, an impersonation is served at the interactive lane's priority."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        '[defaults]\nlanes = ["interactive", "bulk"]\nmax_expires_in_seconds = 600\nreply_to = ["*"]\n'
+        'impersonate = ["user_*"]\nactors = ["user_agent_*"]\n'
+    )
+    fake_clerk.latency_seconds = 0.03
+    await start_worker(upstream_concurrency=2, policy_file=str(policy))
+    bulk = [await client.send(b'{"user_id": "user_b%d"}' % i, lane=Lane.BULK) for i in range(60)]
+    await wait_until(lambda: fake_clerk.stats.create_calls >= 2, what="bulk work to start")
+    started = time.monotonic()
+    token = await client.impersonate("user_now", actor_sub="user_agent_1", timeout=10)
+    answered_at = time.monotonic()
+    assert token.user_id == "user_now"
+    answered_before = sum(1 for f in bulk if f.done() and f.result().received_at < answered_at)
+    assert answered_before < 20, f"{answered_before} bulk requests went first ({answered_at - started:.2f} s)"
+    await asyncio.gather(*bulk)
