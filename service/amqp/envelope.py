@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiormq.abc import DeliveredMessage
+from sign_in_tokens_client.connection import INSTANCE_HEADER
 from sign_in_tokens_client.contract.errors import InvalidRequestError
 
 from service.state.dedup import IdempotencyKey, idempotency_key
@@ -21,6 +22,7 @@ class Envelope:
     publisher: str | None
     message_id: str | None
     raw_deadline: object
+    raw_instance: object = None
 
     @classmethod
     def of(cls, message: DeliveredMessage, results_queue: str) -> Envelope:
@@ -35,6 +37,7 @@ class Envelope:
             publisher=properties.user_id,
             message_id=properties.message_id,
             raw_deadline=headers.get("x-deadline"),
+            raw_instance=headers.get(INSTANCE_HEADER),
         )
 
     @property
@@ -51,3 +54,18 @@ class Envelope:
             msg = "header x-deadline must be an integer (Unix epoch milliseconds)"
             raise InvalidRequestError(msg)
         return value / 1000.0
+
+    def instance_named(self) -> str | None:
+        """The Clerk instance the request names (``x-clerk-instance``), or None; InvalidRequestError if not text."""
+        value = self.raw_instance
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            try:
+                value = value.decode()
+            except UnicodeDecodeError:
+                value = None
+        if not isinstance(value, str) or not value:
+            msg = f"header {INSTANCE_HEADER} must name a Clerk instance (a non-empty string)"
+            raise InvalidRequestError(msg)
+        return value

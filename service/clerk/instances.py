@@ -27,6 +27,7 @@ from typing import Annotated, Any, Final
 
 import msgspec
 from msgspec import Meta
+from sign_in_tokens_client.connection import DEFAULT_INSTANCE
 from sign_in_tokens_client.contract.errors import ConfigError
 
 from service.config import Secret, Settings, check_key, key_rate_limit, masked_key, read_key_file
@@ -34,7 +35,6 @@ from service.tomlfiles import at, convert, named_tables, read_table
 from service.tomlfiles import where as place
 from service.urls import check_clerk_url, check_url, masked_url
 
-DEFAULT_INSTANCE: Final = "default"
 _VARIABLE: Final = "CLERK_INSTANCES_FILE"
 # Bounded: a metric label, an audit field, a queue name's suffix.
 InstanceName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]

@@ -114,6 +114,11 @@ def _messages(payloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "type": "integer",
                 "description": "Unix epoch milliseconds: after it no token is created (another type: invalid_request).",
             },
+            "x-clerk-instance": {
+                "type": "string",
+                "description": "The Clerk instance the request is for; absent: the caller's default_instance "
+                "(policy), else default. One the caller may not use is forbidden; one there is not, invalid_request.",
+            },
             **_TRACE_HEADERS,
         },
     }

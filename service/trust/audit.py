@@ -49,11 +49,13 @@ class AuditEvent(msgspec.Struct, kw_only=True, frozen=True):
     """One event, as contracts v2 and v3 lay it out (every field present, null when unknown).
 
     ``kind``: ``sign_in_token`` or ``actor_token``; an impersonation names its ``actor`` (not a
-    secret) and its ``actor_sub``, and its token's id is ``actor_token_id``.
+    secret) and its ``actor_sub``, and its token's id is ``actor_token_id``. ``instance``: the Clerk
+    instance the request went to (null when it was refused before one was chosen).
     """
 
     event: Event
     kind: Kind
+    instance: str | None
     caller: str | None
     user_id: str | None
     actor_sub: str | None
@@ -85,6 +87,8 @@ class Subject:
     # The kind of token it is about, and for an impersonation its actor.
     kind: Kind = "sign_in_token"
     actor: dict[str, str] | None = None
+    # The Clerk instance it goes to, once chosen (an order of an earlier version names none: ``default``'s).
+    instance: str | None = None
 
     @property
     def source_label(self) -> str:
@@ -106,6 +110,7 @@ class Subject:
         return AuditEvent(
             event=event,
             kind=self.kind,
+            instance=self.instance,
             caller=_text(self.caller),
             user_id=self.user_id,
             actor_sub=self.actor.get("sub") if self.actor else None,

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
-from sign_in_tokens_client.connection import DIRECT_REPLY_TO
-from sign_in_tokens_client.contract.errors import ConfigError, ForbiddenError
+from sign_in_tokens_client.connection import DEFAULT_INSTANCE, DIRECT_REPLY_TO, INSTANCE_HEADER
+from sign_in_tokens_client.contract.errors import ConfigError, ForbiddenError, InvalidRequestError
 from sign_in_tokens_client.contract.lanes import Lane
 from sign_in_tokens_client.contract.messages import CLERK_ACTOR_KEYS, ActorKey, CreateActorTokenRequestBody
 from sign_in_tokens_client.contract.messages import CreateSignInTokenRequestBody as Request
@@ -78,6 +78,10 @@ class CallerRules(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     actor_keys: tuple[ActorKey, ...] = ()
     max_impersonation_seconds: Seconds = 600
     max_session_seconds: Seconds = 1_800
+    # The Clerk instances it may use (names or globs; absent: only the one its requests fall back to),
+    # and the one a request without the header x-clerk-instance goes to (absent: ``default``).
+    instances: tuple[Pattern, ...] | None = None
+    default_instance: Pattern | None = None
 
 
 class PolicyFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -120,7 +124,7 @@ def _matcher(patterns: Iterable[str]) -> re.Pattern[str] | None:
 class _Compiled:
     """One caller's rules with its globs compiled once."""
 
-    __slots__ = ("actors", "impersonate", "name", "reply_to", "rules")
+    __slots__ = ("actors", "fallback", "impersonate", "instances", "name", "reply_to", "rules")
 
     def __init__(self, rules: CallerRules, name: str) -> None:
         self.rules = rules
@@ -128,6 +132,14 @@ class _Compiled:
         self.reply_to = _matcher(rules.reply_to)
         self.impersonate = _matcher(rules.impersonate)
         self.actors = _matcher(rules.actors)
+        self.fallback = rules.default_instance or DEFAULT_INSTANCE
+        self.instances = _matcher(rules.instances) if rules.instances is not None else None
+
+    def may_use(self, instance: str) -> bool:
+        """Whether it may use ``instance``: one its ``instances`` name, else only the one it falls back to."""
+        if self.instances is None:
+            return instance == self.fallback
+        return self.instances.fullmatch(instance) is not None
 
     def reply_allowed(self, queue: str) -> bool:
         if self.reply_to is None:
@@ -181,7 +193,11 @@ class Policy:
         if not publishers:
             return cls(None)
         anything = CallerRules(
-            lanes=_ALL_LANES, max_expires_in_seconds=max_expires_in_seconds, allow_org_id=True, reply_to=("*",)
+            lanes=_ALL_LANES,
+            max_expires_in_seconds=max_expires_in_seconds,
+            allow_org_id=True,
+            reply_to=("*",),
+            instances=("*",),
         )
         return cls(PolicyFile(callers=dict.fromkeys(publishers, anything)), fill_expiry=False)
 
@@ -209,6 +225,23 @@ class Policy:
             msg = f"lanes: {rules.name} may use no lane"
             raise ForbiddenError(msg)
         return rules
+
+    def instance_for(self, caller: str | None, named: str | None, known: Collection[str]) -> str:
+        """The Clerk instance a request goes to: ``named`` (its header), else its caller's default, else ``default``.
+
+        With a policy in force a name the caller may not use is ForbiddenError, whether or not it
+        exists (a caller cannot list the instances); a name no instance has is InvalidRequestError.
+        """
+        rules = self._rules(caller) if self.file is not None else None
+        name = named or (rules.fallback if rules is not None else DEFAULT_INSTANCE)
+        if rules is not None and not rules.may_use(name):
+            msg = f"instances: {rules.name} may not use instance {name!r}"
+            raise ForbiddenError(msg)
+        if name not in known:
+            how = "" if named else f"; name one with the header {INSTANCE_HEADER}"
+            msg = f"{INSTANCE_HEADER}: there is no Clerk instance {name!r}{how}"
+            raise InvalidRequestError(msg)
+        return name
 
     def may_revoke(self, caller: str | None) -> None:
         """ForbiddenError unless ``caller`` may revoke through the queue: an identified caller that is not cut off."""
@@ -296,13 +329,23 @@ def load_policy(path: str) -> PolicyFile:
         if isinstance(anonymous, dict) and key in anonymous:
             reason = "a caller without a name may never impersonate"
             raise ConfigError(at(_VARIABLE, path, f"anonymous.{key}", reason))
-    tables = {"defaults": policy.defaults, **{f"callers.{name}": table for name, table in rules.items()}}
-    for where, table in tables.items():
-        clerks = [key for key in (table.actor_keys if table else ()) if key in (*CLERK_ACTOR_KEYS, "sub")]
-        if clerks:
-            reason = f"{clerks[0]!r} is not a key a caller sets beside sub"
-            raise ConfigError(at(_VARIABLE, path, f"{where}.actor_keys", reason))
+    tables = {"defaults": policy.defaults, "anonymous": policy.anonymous}
+    for where, table in {**tables, **{f"callers.{name}": table for name, table in rules.items()}}.items():
+        if table is not None:
+            _check_table(path, where, table)
     return msgspec.structs.replace(policy, callers=rules)
+
+
+def _check_table(path: str, where: str, table: CallerRules) -> None:
+    """What no type says: a default instance among the caller's instances, no actor key of Clerk's."""
+    if table.default_instance is not None and not _Compiled(table, where).may_use(table.default_instance):
+        reason = f"{table.default_instance!r} is not one of its instances"
+        raise ConfigError(at(_VARIABLE, path, f"{where}.default_instance", reason))
+    clerks = [key for key in table.actor_keys if key in (*CLERK_ACTOR_KEYS, "sub")]
+    if clerks:
+        raise ConfigError(
+            at(_VARIABLE, path, f"{where}.actor_keys", f"{clerks[0]!r} is not a key a caller sets beside sub")
+        )
 
 
 def policy_from_settings(settings: Settings) -> Policy:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
+from sign_in_tokens_client.connection import DEFAULT_INSTANCE
 from sign_in_tokens_client.contract.errors import ShutdownRequestedError
 
 from service.amqp import publisher
@@ -41,6 +42,8 @@ class Parts:
     grants: Grants
     policy: Policy
     stopping: asyncio.Event
+    # The Clerk instances a request may name (CLERK_INSTANCES_FILE's; without it, ``default``).
+    instances: frozenset[str] = frozenset({DEFAULT_INSTANCE})
     acks: Acks = field(default_factory=Acks)
     publisher_or_none: publisher.ReplyPublisher | None = None
     audit_or_none: AuditTrail | None = None

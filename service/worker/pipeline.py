@@ -18,7 +18,7 @@ from typing import Any
 
 from aiormq.abc import DeliveredMessage
 from opentelemetry.trace import SpanKind
-from sign_in_tokens_client.contract.errors import InvalidRequestError
+from sign_in_tokens_client.contract.errors import InvalidRequestError, RequestError
 from sign_in_tokens_client.contract.lanes import IMPERSONATE, REVOCATIONS, REVOKE, Lane, Source, source_label
 from sign_in_tokens_client.contract.messages import UndecodableError
 
@@ -105,6 +105,11 @@ class Pipeline:
         if envelope.reply_to in self._own_queues or not policy.reply_allowed(envelope.publisher, envelope.reply_to):
             # Nothing goes to a queue the caller may not use (nor to one of the service's), not even a refusal.
             await self.settle.dead_letter(message, subject, "forbidden_reply_to", ("refused", "forbidden"))
+            return
+        try:
+            subject.instance = policy.instance_for(envelope.publisher, envelope.instance_named(), self.parts.instances)
+        except RequestError as exc:  # forbidden, or invalid_request: answered as any refusal is
+            await self.delivery.deliver(message, envelope, failed(exc), subject)
             return
         answers = self.answers.get(source)
         try:

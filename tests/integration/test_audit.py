@@ -16,7 +16,7 @@ from service.worker.lifecycle import Worker
 from tests.conftest import WorkerFactory, events, get_message, queue_depth, wait_until
 
 FIELDS = {
-    "event", "kind", "caller", "user_id", "actor_sub", "actor", "org_id", "sign_in_token_id", "actor_token_id",
+    "event", "kind", "instance", "caller", "user_id", "actor_sub", "actor", "org_id", "sign_in_token_id", "actor_token_id",
     "expires_in_seconds", "lane", "correlation_id", "message_id", "code", "at",
 }  # fmt: skip
 

@@ -6,10 +6,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from sign_in_tokens_client.contract.errors import ConfigError
+from sign_in_tokens_client.connection import DEFAULT_INSTANCE
+from sign_in_tokens_client.contract.errors import ConfigError, ForbiddenError, InvalidRequestError
 
-from service.clerk.instances import DEFAULT_INSTANCE, load_instances
+from service.clerk.instances import load_instances
 from service.config import load_settings
+from service.trust.policy import Policy, load_policy
 
 LIVE = "sk_live_" + "p" * 24
 TEST = "sk_test_" + "s" * 24
@@ -114,3 +116,72 @@ def test_a_bad_file_is_one_line_naming_the_file_and_the_place(tmp_path: Path, te
 def test_a_missing_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="CLERK_INSTANCES_FILE: cannot read"):
         load_instances(load_settings({}), str(tmp_path / "none.toml"))
+
+
+ROUTING_POLICY = """
+[defaults]
+lanes = ["interactive"]
+max_expires_in_seconds = 60
+reply_to = ["*"]
+
+[callers.staging-tools]
+lanes = ["interactive"]
+max_expires_in_seconds = 60
+reply_to = ["*"]
+instances = ["staging", "staging-*"]
+default_instance = "staging"
+
+[callers.everywhere]
+lanes = ["interactive"]
+max_expires_in_seconds = 60
+reply_to = ["*"]
+instances = ["*"]
+"""
+KNOWN = frozenset({"default", "staging", "prod"})
+
+
+def routed(policy: Policy, caller: str | None, named: str | None) -> str:
+    try:
+        return policy.instance_for(caller, named, KNOWN)
+    except (ForbiddenError, InvalidRequestError) as exc:
+        return f"{exc.code}: {exc.message}"
+
+
+def test_a_request_goes_to_its_header_else_its_callers_default_else_default(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(ROUTING_POLICY)
+    policy = Policy(load_policy(str(path)))
+    assert routed(policy, "staging-tools", None) == "staging"
+    assert routed(policy, "billing", None) == "default"
+    assert routed(policy, "everywhere", "prod") == "prod"
+    # A name the caller may not use is forbidden, whether or not it exists: callers cannot list the instances.
+    assert (
+        routed(policy, "staging-tools", "prod")
+        == "forbidden: instances: caller 'staging-tools' may not use instance 'prod'"
+    )
+    # Allowed by a glob but not configured: invalid_request.
+    assert routed(policy, "staging-tools", "staging-eu") == (
+        "invalid_request: x-clerk-instance: there is no Clerk instance 'staging-eu'"
+    )
+    assert routed(policy, "billing", "nope") == "forbidden: instances: [defaults] may not use instance 'nope'"
+    assert (
+        routed(policy, "everywhere", "nope") == "invalid_request: x-clerk-instance: there is no Clerk instance 'nope'"
+    )
+    # Without a policy, anyone may name any instance there is; an unknown one is invalid_request.
+    assert routed(Policy(None), None, "prod") == "prod"
+    assert routed(Policy(None), None, "nope") == "invalid_request: x-clerk-instance: there is no Clerk instance 'nope'"
+    assert routed(Policy(None), None, None) == "default"
+    # ALLOWED_PUBLISHERS' callers may ask for anything: any instance there is.
+    assert routed(Policy.from_publishers(frozenset({"guest"}), 60), "guest", "staging") == "staging"
+    only = Policy(None)
+    assert only.instance_for(None, None, frozenset({"default"})) == "default"
+    with pytest.raises(InvalidRequestError, match="name one with the header x-clerk-instance"):
+        only.instance_for(None, None, frozenset({"prod"}))
+
+
+def test_a_default_instance_the_caller_may_not_use_is_a_bad_policy(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(ROUTING_POLICY.replace('default_instance = "staging"', 'default_instance = "prod"'))
+    with pytest.raises(ConfigError) as raised:
+        load_policy(str(path))
+    assert "at callers.staging-tools.default_instance: 'prod' is not one of its instances" in str(raised.value)

@@ -16,6 +16,9 @@ from sign_in_tokens_client.contract.errors import ConfigError, ServiceError, unt
 DIRECT_REPLY_TO: Final = "amq.rabbitmq.reply-to"
 # The reply header naming the requester (its validated user_id), which clients check against their own.
 CALLER_HEADER: Final = "x-caller"
+# The Clerk instance a request is for (contract v3): absent, the caller's default one, else this one.
+INSTANCE_HEADER: Final = "x-clerk-instance"
+DEFAULT_INSTANCE: Final = "default"
 _CONNECT_TIMEOUT_SECONDS: Final = 10.0
 # aio-pika's default is 5 s; a lost broker is retried each second so consumption resumes sooner.
 _RECONNECT_INTERVAL_SECONDS: Final = 1.0
