@@ -35,7 +35,6 @@ CLERK_ACTOR_KEYS: Final = ("iss", "sid")
 
 # The two kinds of token: a sign-in token opens an ordinary session, an actor token an impersonated one.
 Kind: TypeAlias = Literal["sign_in_token", "actor_token"]
-KINDS: Final[tuple[Kind, ...]] = ("sign_in_token", "actor_token")
 
 
 class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -130,11 +129,6 @@ class ActorToken(msgspec.Struct, kw_only=True):
 
 
 Token: TypeAlias = SignInToken | ActorToken
-
-
-def kind_of(token: Token) -> Kind:
-    """Which kind ``token`` is."""
-    return "actor_token" if isinstance(token, ActorToken) else "sign_in_token"
 
 
 class ClerkError(msgspec.Struct, kw_only=True):
