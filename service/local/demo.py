@@ -60,6 +60,11 @@ actors = ["*"]
 actor_keys = ["email"]
 max_impersonation_seconds = 300
 max_session_seconds = 1800
+
+[anonymous]   # requests without a user_id property: the demo sends none
+lanes = []
+max_expires_in_seconds = 1
+reply_to = []
 """
 
 
