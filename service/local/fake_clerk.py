@@ -12,13 +12,14 @@ behind the same key, faults and rate limit. Its fake world:
 
 Knobs: latency, a delay between making a token and answering with it (a
 slow answer: the token exists at Clerk while the caller waits), a random 503
-rate, faults queued for the next calls, and a
-rate limit of N calls (creates and revokes) per key in every sliding window
-of ``rate_window_seconds`` (not fixed buckets, which a limiter could pass by
-luck of alignment), answered 429 with ``Retry-After`` in whole seconds as
-Clerk sends it; only the calls it accepts count. It records what it created
-and revoked, the times of the calls it accepted and the 429s it sent, so
-tests and benchmarks can count tokens and check the limit.
+rate, faults queued for the next calls, and a rate limit of N calls (creates
+and revokes, of both kinds) per key in every sliding window of
+``rate_window_seconds`` (not fixed buckets, which a limiter could pass by luck
+of alignment; a key may have a limit of its own, as several Clerk instances
+do), answered 429 with ``Retry-After`` in whole seconds as Clerk sends it;
+only the calls it accepts count. It records what it created and revoked, the
+times of the calls it accepted and the 429s it sent, so tests and benchmarks
+can count tokens and check the limit.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ class FakeClerk:
         self.error_rate = error_rate
         self.rate_limit = rate_limit
         self.rate_window_seconds = rate_window_seconds
+        # A limit of its own for a key (several Clerk instances, each with its key): key -> calls a window.
+        self.rate_limits: dict[str, int] = {}
         self.faults: deque[Fault] = deque()
         # Creates still to answer 200 with a body that is not a SignInToken (the token is made all the same).
         self.malformed_next = 0
@@ -182,13 +185,14 @@ class FakeClerk:
 
     def _over_limit(self, key: str, agent: str) -> float | None:
         """Seconds until a call is accepted again when ``key`` is at the limit, else None (and the call counts)."""
-        if self.rate_limit is None:
+        limit = self.rate_limits.get(key, self.rate_limit)
+        if limit is None:
             return None
         now = time.monotonic()
         window = self._windows.setdefault(key, deque())
         while window and now - window[0] >= self.rate_window_seconds:
             window.popleft()
-        if len(window) >= self.rate_limit:
+        if len(window) >= limit:
             self.stats.rate_limited += 1
             self.stats.rate_limited_by_agent[agent] += 1
             return window[0] + self.rate_window_seconds - now

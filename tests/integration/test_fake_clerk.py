@@ -79,6 +79,25 @@ async def test_rate_limit_answers_429_with_retry_after(fake_clerk: FakeClerk) ->
     assert "ResetsIn" in last["errors"][0]["meta"]
 
 
+async def test_each_key_has_its_own_window_and_may_have_its_own_limit(fake_clerk: FakeClerk) -> None:
+    """Several Clerk instances, each its key: a call under one key never spends another's limit."""
+    other = "sk_test_" + "o" * 24
+    fake_clerk.accepted_keys.add(other)
+    fake_clerk.rate_limit = 2
+    fake_clerk.rate_limits[other] = 3
+    statuses: dict[str, list[int]] = {SECRET_KEY: [], other: []}
+    async with aiohttp.ClientSession() as http:
+        for key in (SECRET_KEY, other):
+            for _ in range(4):
+                headers = {"Authorization": f"Bearer {key}"}
+                async with http.post(
+                    fake_clerk.url + "/actor_tokens", json={"user_id": "user_1", "actor": {"sub": "a"}}, headers=headers
+                ) as r:
+                    statuses[key].append(r.status)
+    assert statuses == {SECRET_KEY: [200, 200, 429, 429], other: [200, 200, 200, 429]}
+    assert (fake_clerk.stats.busiest_window(SECRET_KEY, 10), fake_clerk.stats.busiest_window(other, 10)) == (2, 3)
+
+
 async def test_revoke_answers_match_the_spec(fake_clerk: FakeClerk) -> None:
     """Revoke: 200 SignInToken `revoked`, then 400 (cannot be revoked), 404 for an unknown id."""
     _, token = await post(fake_clerk, "/sign_in_tokens", {"user_id": "user_1"})
