@@ -205,9 +205,9 @@ def key_rate_limit(key: str) -> int:
 
 
 def check_key(name: str, key: str) -> None:
-    """ConfigError unless ``key`` is a non-empty key without spaces (``name`` says where it came from)."""
-    if not key or any(c.isspace() for c in key):
-        msg = f"{name}: must be a non-empty key without spaces"
+    """ConfigError unless ``key`` is a key: printable ASCII without spaces (``name`` says where it came from)."""
+    if not key or not key.isascii() or not key.isprintable() or any(c.isspace() for c in key) or len(key) > 512:
+        msg = f"{name}: must be a non-empty key without spaces (printable ASCII, at most 512 characters)"
         raise ConfigError(msg)
 
 
@@ -253,7 +253,14 @@ def _dec_hook(type_: type, obj: Any) -> Any:  # noqa: ANN401 - msgspec's hook si
 def read_key_file(path: str, name: str = "CLERK_SECRET_KEY_FILE") -> str:
     """The key in the file at ``path`` (``name`` says which setting named it), surrounding whitespace dropped."""
     try:
-        return Path(path).read_text(encoding="utf-8").strip()
+        # A byte-order mark (a Windows editor's) is not part of the key.
+        return Path(path).read_text(encoding="utf-8").strip().removeprefix("\ufeff").strip()
+    except UnicodeDecodeError:
+        msg = f"{name}: {path} is not UTF-8 text"
+        raise ConfigError(msg) from None
+    except ValueError:
+        msg = f"{name}: not a path a file can have"
+        raise ConfigError(msg) from None
     except OSError as exc:
         msg = f"{name}: cannot read {path}: {exc.strerror}"
         if exc.errno in (errno.EACCES, errno.EPERM):

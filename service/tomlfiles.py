@@ -58,8 +58,12 @@ def convert(raw: object, type_: type[T], variable: str, path: str, where: str = 
 
 
 def at(variable: str, path: str, place: str, reason: str) -> str:
-    """The one line of an error at ``place`` in the file."""
-    return f"{where(variable, path, place)}: {reason}"
+    """The one line of an error at ``place`` in the file (control characters written as escapes)."""
+    return _one_line(f"{where(variable, path, place)}: {reason}")
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def where(variable: str, path: str, place: str) -> str:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from aiormq.abc import DeliveredMessage
 from sign_in_tokens_client.connection import INSTANCE_HEADER
 from sign_in_tokens_client.contract.errors import InvalidRequestError
 
 from service.state.dedup import IdempotencyKey, idempotency_key
+
+# Longer than any instance's name (32) or policy glob: refused without being echoed.
+_LONGEST_INSTANCE: Final = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,12 +64,14 @@ class Envelope:
         value = self.raw_instance
         if value is None:
             return None
-        if isinstance(value, bytes):
+        if isinstance(value, bytes | bytearray):  # a byte array, as some clients send text
             try:
-                value = value.decode()
+                value = bytes(value).decode()
             except UnicodeDecodeError:
                 value = None
-        if not isinstance(value, str) or not value:
-            msg = f"header {INSTANCE_HEADER} must name a Clerk instance (a non-empty string)"
+        if not isinstance(value, str) or not 0 < len(value) <= _LONGEST_INSTANCE:
+            msg = (
+                f"header {INSTANCE_HEADER} must name a Clerk instance (a string of 1 to {_LONGEST_INSTANCE} characters)"
+            )
             raise InvalidRequestError(msg)
         return value

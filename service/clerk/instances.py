@@ -27,7 +27,7 @@ from typing import Annotated, Any, Final
 
 import msgspec
 from msgspec import Meta
-from sign_in_tokens_client.connection import DEFAULT_INSTANCE
+from sign_in_tokens_client.connection import DEFAULT_INSTANCE, INSTANCE_NAME
 from sign_in_tokens_client.contract.errors import ConfigError
 
 from service.config import Secret, Settings, check_key, key_rate_limit, masked_key, read_key_file
@@ -37,7 +37,7 @@ from service.urls import check_clerk_url, check_url, masked_url
 
 _VARIABLE: Final = "CLERK_INSTANCES_FILE"
 # Bounded: a metric label, an audit field, a queue name's suffix.
-InstanceName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
+InstanceName = Annotated[str, Meta(pattern=INSTANCE_NAME)]
 MAX_INSTANCES: Final = 32
 
 
@@ -110,10 +110,15 @@ def load_instances(settings: Settings, path: str | None) -> dict[str, Instance]:
 
 def _instance(settings: Settings, path: str, name: str, table: object) -> Instance:
     where = f"instances.{name}"
+    if name.startswith("sk_"):  # a key pasted as the table's name: never shown
+        raise ConfigError(at(_VARIABLE, path, "instances", "a table is named with a key: name it after the instance"))
     convert(name, InstanceName, _VARIABLE, path, where)
     entry = convert(table, InstanceEntry, _VARIABLE, path, where)
     if (entry.secret_key is None) == (entry.secret_key_file is None):
         raise ConfigError(at(_VARIABLE, path, where, "set secret_key or secret_key_file (one of them)"))
+    if entry.secret_key_file is not None and entry.secret_key_file.startswith("sk_"):
+        reason = "that is a key, not a file's path: put the key in a file (or in secret_key)"
+        raise ConfigError(at(_VARIABLE, path, f"{where}.secret_key_file", reason))
     if entry.secret_key_file is not None:
         key = read_key_file(entry.secret_key_file, place(_VARIABLE, path, f"{where}.secret_key_file"))
     else:

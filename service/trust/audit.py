@@ -87,7 +87,7 @@ class Subject:
     # The kind of token it is about, and for an impersonation its actor.
     kind: Kind = "sign_in_token"
     actor: dict[str, str] | None = None
-    # The Clerk instance it goes to, once chosen (an order of an earlier version names none: ``default``'s).
+    # The Clerk instance it goes to, once chosen (an order of an earlier version names none: it is ``default``'s).
     instance: str | None = None
 
     @property

@@ -36,7 +36,7 @@ from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
-from sign_in_tokens_client.connection import DEFAULT_INSTANCE, DIRECT_REPLY_TO, INSTANCE_HEADER
+from sign_in_tokens_client.connection import DEFAULT_INSTANCE, DIRECT_REPLY_TO, INSTANCE_HEADER, INSTANCE_NAME
 from sign_in_tokens_client.contract.errors import ConfigError, ForbiddenError, InvalidRequestError
 from sign_in_tokens_client.contract.lanes import Lane
 from sign_in_tokens_client.contract.messages import CLERK_ACTOR_KEYS, ActorKey, CreateActorTokenRequestBody
@@ -81,7 +81,7 @@ class CallerRules(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     # The Clerk instances it may use (names or globs; absent: only the one its requests fall back to),
     # and the one a request without the header x-clerk-instance goes to (absent: ``default``).
     instances: tuple[Pattern, ...] | None = None
-    default_instance: Pattern | None = None
+    default_instance: Annotated[str, Meta(pattern=INSTANCE_NAME)] | None = None
 
 
 class PolicyFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -106,13 +106,19 @@ def _for_caller(callers: Mapping[str, R], defaults: R | None, anonymous: R | Non
 
 
 def _exceeds(wider: CallerRules, rules: CallerRules) -> bool:
-    """Whether ``wider`` allows anything ``rules`` does not (a lane, a lifetime, org_id, a reply queue)."""
+    """Whether ``wider`` allows anything ``rules`` does not (a lane, a lifetime, org_id, a reply queue, an instance)."""
     return (
         not wider.lanes <= rules.lanes
         or wider.max_expires_in_seconds > rules.max_expires_in_seconds
         or (wider.allow_org_id and not rules.allow_org_id)
         or not set(wider.reply_to) <= set(rules.reply_to)
+        or not set(_instances_written(wider)) <= set(_instances_written(rules))
     )
+
+
+def _instances_written(rules: CallerRules) -> tuple[str, ...]:
+    """The instances a table allows, as written: its ``instances``, else the one it falls back to."""
+    return rules.instances if rules.instances is not None else (rules.default_instance or DEFAULT_INSTANCE,)
 
 
 def _matcher(patterns: Iterable[str]) -> re.Pattern[str] | None:
@@ -133,13 +139,13 @@ class _Compiled:
         self.impersonate = _matcher(rules.impersonate)
         self.actors = _matcher(rules.actors)
         self.fallback = rules.default_instance or DEFAULT_INSTANCE
-        self.instances = _matcher(rules.instances) if rules.instances is not None else None
+        self.instances = _matcher(rules.instances or ())
 
     def may_use(self, instance: str) -> bool:
-        """Whether it may use ``instance``: one its ``instances`` name, else only the one it falls back to."""
-        if self.instances is None:
+        """Whether it may use ``instance``: one its ``instances`` name (``[]``: none), absent only its fallback."""
+        if self.rules.instances is None:
             return instance == self.fallback
-        return self.instances.fullmatch(instance) is not None
+        return self.instances is not None and self.instances.fullmatch(instance) is not None
 
     def reply_allowed(self, queue: str) -> bool:
         if self.reply_to is None:
@@ -225,6 +231,11 @@ class Policy:
             msg = f"lanes: {rules.name} may use no lane"
             raise ForbiddenError(msg)
         return rules
+
+    def unknown_default_instances(self, known: Collection[str]) -> list[str]:
+        """The tables whose ``default_instance`` is no instance the worker has (their callers are refused)."""
+        tables = [self._defaults, self._anonymous, *self._callers.values()]
+        return sorted(t.name for t in tables if t is not None and t.fallback not in known and t.rules.default_instance)
 
     def instance_for(self, caller: str | None, named: str | None, known: Collection[str]) -> str:
         """The Clerk instance a request goes to: ``named`` (its header), else its caller's default, else ``default``.

@@ -186,6 +186,14 @@ class Worker:
                 reason="[anonymous] allows these listed callers more than their own rules: a request without "
                 "user_id gets [anonymous]'s; narrow [anonymous], or take the callers' write permission away",
             )
+        unknown = self.policy.unknown_default_instances(self.parts.instances)
+        if unknown:
+            log.warning(
+                "default_instance_unknown",
+                tables=unknown,
+                reason="their default_instance is no Clerk instance this worker has: their requests without "
+                "x-clerk-instance are refused (invalid_request)",
+            )
 
     def reload_policy(self) -> bool:
         """Read POLICY_FILE again (SIGHUP); a bad file keeps the policy in force and says why.

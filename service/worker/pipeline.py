@@ -20,12 +20,13 @@ from aiormq.abc import DeliveredMessage
 from opentelemetry.trace import SpanKind
 from sign_in_tokens_client.contract.errors import InvalidRequestError, RequestError
 from sign_in_tokens_client.contract.lanes import IMPERSONATE, REVOCATIONS, REVOKE, Lane, Source, source_label
-from sign_in_tokens_client.contract.messages import UndecodableError
+from sign_in_tokens_client.contract.messages import UndecodableError, is_decodable
 
 from service import tracing
 from service.amqp.envelope import Envelope
 from service.logs import bind_request
 from service.trust.audit import Subject
+from service.trust.policy import Policy
 from service.worker.delivery import Delivery, failed
 from service.worker.issuing import Issuing
 from service.worker.operations import Answers, Issues
@@ -98,18 +99,7 @@ class Pipeline:
             source=source_label(source),
             kind="actor_token" if source == IMPERSONATE else "sign_in_token",
         )
-        if not policy.knows(envelope.publisher):
-            # A caller with no rules gets nothing, wherever its reply_to points: not even a refusal.
-            await self.settle.dead_letter(message, subject, "forbidden_caller", ("refused", "forbidden"))
-            return
-        if envelope.reply_to in self._own_queues or not policy.reply_allowed(envelope.publisher, envelope.reply_to):
-            # Nothing goes to a queue the caller may not use (nor to one of the service's), not even a refusal.
-            await self.settle.dead_letter(message, subject, "forbidden_reply_to", ("refused", "forbidden"))
-            return
-        try:
-            subject.instance = policy.instance_for(envelope.publisher, envelope.instance_named(), self.parts.instances)
-        except RequestError as exc:  # forbidden, or invalid_request: answered as any refusal is
-            await self.delivery.deliver(message, envelope, failed(exc), subject)
+        if not await self._admitted(message, envelope, subject, policy):
             return
         answers = self.answers.get(source)
         try:
@@ -125,3 +115,25 @@ class Pipeline:
         except InvalidRequestError as exc:
             reply = failed(exc)
         await self.delivery.deliver(message, envelope, reply, subject)
+
+    async def _admitted(self, message: DeliveredMessage, envelope: Envelope, subject: Subject, policy: Policy) -> bool:
+        """Who asks, where the reply goes, which Clerk instance: whether the request goes on (else it is settled)."""
+        if not policy.knows(envelope.publisher):
+            # A caller with no rules gets nothing, wherever its reply_to points: not even a refusal.
+            await self.settle.dead_letter(message, subject, "forbidden_caller", ("refused", "forbidden"))
+            return False
+        if envelope.reply_to in self._own_queues or not policy.reply_allowed(envelope.publisher, envelope.reply_to):
+            # Nothing goes to a queue the caller may not use (nor to one of the service's), not even a refusal.
+            await self.settle.dead_letter(message, subject, "forbidden_reply_to", ("refused", "forbidden"))
+            return False
+        try:
+            subject.instance = policy.instance_for(envelope.publisher, envelope.instance_named(), self.parts.instances)
+        except RequestError as exc:  # forbidden, or invalid_request: answered as any refusal is
+            if envelope.has_reply_to or is_decodable(
+                message.body, envelope.content_type, self.parts.settings.max_body_bytes
+            ):
+                await self.delivery.deliver(message, envelope, failed(exc), subject)
+            else:  # as every request that cannot be decoded and names no queue for its answer
+                await self.settle.dead_letter(message, subject, "undecodable", ("failed", InvalidRequestError.code))
+            return False
+        return True

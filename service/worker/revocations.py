@@ -14,6 +14,7 @@ import msgspec
 import structlog
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
+from sign_in_tokens_client.connection import DEFAULT_INSTANCE
 from sign_in_tokens_client.contract.errors import RequestError, ServiceError, UpstreamRejectedError, UserNotFoundError
 from sign_in_tokens_client.contract.messages import JSON, Kind, Token
 
@@ -108,6 +109,8 @@ class Revocations:
             log.error("revocation_order_unreadable")  # noqa: TRY400 - nothing was raised to show
             await self.settle.ack(message)
             return
+        if order.subject.instance is None:  # an order of an earlier version: the one instance there was
+            order.subject.instance = DEFAULT_INSTANCE
         bind(reason=order.reason, **token_field(order.subject.kind, order.token_id))
         try:
             await self.at_clerk(order.subject.kind, order.token_id)

@@ -9,7 +9,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue
 from sign_in_tokens_client.contract.messages import Created, Failed, Reply, decode_reply
 
 from service.local.fake_clerk import FakeClerk
-from tests.conftest import WorkerFactory, events, get_message
+from tests.conftest import WorkerFactory, events, get_message, queue_depth
 
 
 async def ask(channel: AbstractChannel, queue: str, instance: object) -> Reply:
@@ -47,7 +47,7 @@ async def test_the_one_instance_is_default_and_any_other_name_is_refused(
     )
     assert refusal(await ask(channel, queue, 7)) == (
         "invalid_request",
-        "header x-clerk-instance must name a Clerk instance (a non-empty string)",
+        "header x-clerk-instance must name a Clerk instance (a string of 1 to 255 characters)",
     )
     got = await events(audit_queue, 4)
     assert [event["instance"] for _, event in got] == ["default", "default", None, None]
@@ -72,3 +72,17 @@ async def test_under_a_policy_a_name_the_caller_may_not_use_is_forbidden_whether
         )
     assert isinstance(await ask(channel, queue, None), Created)
     assert fake_clerk.stats.create_calls == 1
+
+
+async def test_an_undecodable_request_naming_no_queue_is_dead_lettered_whatever_instance_it_names(
+    start_worker: WorkerFactory, channel: AbstractChannel, queue_names: dict[str, str], fake_clerk: FakeClerk
+) -> None:
+    """Not an object and no reply_to: dead-lettered undecodable, before its instance is refused, as always."""
+    await start_worker()
+    for instance in ("prod", 7, ""):
+        message = aio_pika.Message(b"\xff\x00 not an object", user_id="guest", headers={"x-clerk-instance": instance})
+        await channel.default_exchange.publish(message, queue_names["REQUEST_QUEUE"])
+        dead = await get_message(channel, queue_names["DEAD_LETTER_QUEUE"])
+        assert dead.headers["x-dead-letter-reason"] == "undecodable"
+    assert await queue_depth(channel, queue_names["RESULTS_QUEUE"]) == 0
+    assert fake_clerk.stats.create_calls == 0

@@ -323,3 +323,18 @@ def test_a_revoked_token_clerk_answers_without_its_secret_still_reads() -> None:
     body = b'{"object": "actor_token", "id": "act_1", "status": "revoked", "user_id": "u", "actor": {"sub": "a"}, "created_at": 1, "updated_at": 2}'
     token = msgspec.json.decode(body, type=ActorToken)
     assert (token.id, token.status, token.token) == ("act_1", "revoked", "")
+
+
+def test_the_instance_header_is_text_of_a_bounded_length() -> None:
+    """A byte array as some clients send text is read; a value too long is refused, not echoed."""
+    from service.amqp.envelope import Envelope  # noqa: PLC0415
+
+    def envelope(value: object) -> Envelope:
+        return Envelope("q", True, None, None, None, None, None, raw_instance=value)  # noqa: FBT003
+
+    assert envelope(bytearray(b"prod")).instance_named() == "prod"
+    assert envelope(None).instance_named() is None
+    for bad in ("", "x" * 256, 7, b"\xff"):
+        with pytest.raises(InvalidRequestError) as raised:
+            envelope(bad).instance_named()
+        assert "x" * 100 not in raised.value.message

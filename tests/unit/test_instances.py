@@ -185,3 +185,74 @@ def test_a_default_instance_the_caller_may_not_use_is_a_bad_policy(tmp_path: Pat
     with pytest.raises(ConfigError) as raised:
         load_policy(str(path))
     assert "at callers.staging-tools.default_instance: 'prod' is not one of its instances" in str(raised.value)
+
+
+def test_an_empty_list_of_instances_allows_none(tmp_path: Path) -> None:
+    """``instances = []`` is not an absent key: the caller may use no instance, not even its fallback."""
+    path = tmp_path / "policy.toml"
+    path.write_text(ROUTING_POLICY.replace('instances = ["*"]', "instances = []"))
+    policy = Policy(load_policy(str(path)))
+    assert (
+        routed(policy, "everywhere", None) == "forbidden: instances: caller 'everywhere' may not use instance 'default'"
+    )
+
+
+def test_a_default_instance_is_an_instances_name_and_an_unknown_one_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(ROUTING_POLICY.replace('default_instance = "staging"', 'default_instance = "*"'))
+    with pytest.raises(ConfigError) as raised:
+        load_policy(str(path))
+    assert "at callers.staging-tools.default_instance: Expected `str` matching regex" in str(raised.value)
+    path.write_text(ROUTING_POLICY)
+    policy = Policy(load_policy(str(path)))
+    assert policy.unknown_default_instances(frozenset({"default"})) == ["caller 'staging-tools'"]
+    assert policy.unknown_default_instances(KNOWN) == []
+
+
+def test_a_nameless_request_that_may_use_more_instances_than_a_caller_is_warned_of(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        ROUTING_POLICY
+        + '\n[anonymous]\nlanes = ["interactive"]\nmax_expires_in_seconds = 60\nreply_to = ["*"]\ninstances = ["prod"]\n'
+    )
+    assert "billing" not in Policy(load_policy(str(path))).wider_when_nameless()
+    assert "staging-tools" in Policy(load_policy(str(path))).wider_when_nameless()
+
+
+def test_a_key_written_where_a_path_or_a_name_goes_is_never_shown(tmp_path: Path) -> None:
+    for text in (
+        f'[instances.prod]\nsecret_key_file = "{LIVE}"\n',
+        f'[instances.{LIVE}]\nsecret_key = "{LIVE}"\n',
+    ):
+        path = instances_file(tmp_path, text)
+        with pytest.raises(ConfigError) as raised:
+            load_instances(load_settings({}), path)
+        assert LIVE not in str(raised.value)
+        assert "key" in str(raised.value)
+
+
+def test_a_key_file_is_read_as_a_key_or_refused_in_one_line(tmp_path: Path) -> None:
+    """A byte-order mark is no part of the key; bytes that are not UTF-8, control characters, a NUL: one line."""
+    key_file = tmp_path / "key"
+    key_file.write_bytes(b"\xef\xbb\xbf" + LIVE.encode() + b"\n")
+    text = f'[instances.prod]\nsecret_key_file = "{key_file}"\n'
+    (prod,) = load_instances(load_settings({}), instances_file(tmp_path, text)).values()
+    assert (prod.secret_key.reveal(), prod.rate_limit) == (LIVE, 1000)
+    for content, expected in ((LIVE.encode() + b"\xff", "is not UTF-8 text"), (b"sk_live_a\x01b", "printable ASCII")):
+        key_file.write_bytes(content)
+        with pytest.raises(ConfigError) as raised:
+            load_instances(load_settings({}), instances_file(tmp_path, text))
+        assert expected in str(raised.value)
+        assert "\n" not in str(raised.value)
+    with pytest.raises(ConfigError, match="not a path a file can have"):
+        load_instances(
+            load_settings({}), instances_file(tmp_path, '[instances.prod]\nsecret_key_file = "/x\\u0000y"\n')
+        )
+
+
+def test_an_error_is_one_line_whatever_the_file_holds(tmp_path: Path) -> None:
+    path = instances_file(tmp_path, f'[instances."pro\\nd"]\nsecret_key = "{LIVE}"\n')
+    with pytest.raises(ConfigError) as raised:
+        load_instances(load_settings({}), path)
+    assert "\n" not in str(raised.value)
+    assert "pro\\nd" in str(raised.value)

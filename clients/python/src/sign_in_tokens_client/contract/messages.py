@@ -311,6 +311,11 @@ def _is_object(body: bytes, content_type: str | None) -> bool:
         return False
 
 
+def is_decodable(body: bytes, content_type: str | None, max_body_bytes: int) -> bool:
+    """Whether ``body`` is an object in a supported encoding, within the size limit (else it is undecodable)."""
+    return media_type(content_type) is not None and len(body) <= max_body_bytes and _is_object(body, content_type)
+
+
 def _pick(snake: Any, camel: Any) -> Any:  # noqa: ANN401 - either spelling's value
     return camel if snake is UNSET else snake
 
