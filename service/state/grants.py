@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from typing import Final
 
+from sign_in_tokens_client.connection import DEFAULT_INSTANCE
 from sign_in_tokens_client.contract.messages import Kind
 
 from service.state.dedup.memory import ExpiringIds, digest64
@@ -31,12 +32,15 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _named(kind: Kind, token_id: str) -> str:
-    """What a grant is recorded under: a sign-in token's id (as before actor tokens), an actor token's with its kind.
+def _named(kind: Kind, token_id: str, instance: str) -> str:
+    """What a grant is recorded under: a sign-in token's id (as before), an actor token's with its kind.
 
-    So an actor token's id sent as a sign-in token's (or the other way round) names no grant.
+    So an actor token's id sent as a sign-in token's (or the other way round) names no grant; and
+    a token of another Clerk instance than ``default`` is named with its instance (ids are Clerk's:
+    letters, digits, ``_`` and ``-``, so no name collides with another).
     """
-    return token_id if kind == "sign_in_token" else f"{kind}:{token_id}"
+    named = token_id if kind == "sign_in_token" else f"{kind}:{token_id}"
+    return named if instance == DEFAULT_INSTANCE else f"{instance}/{named}"
 
 
 class Grants:
@@ -51,9 +55,17 @@ class Grants:
         # The callers seen (a handful): an entry holds an index, not a string.
         self._callers: dict[str, int] = {}
 
-    async def record(self, kind: Kind, token_id: str, caller: str | None, expires_in_seconds: int | None) -> None:
-        """Remember that ``caller`` received ``token_id``; raise REDIS_FAILURES when Redis does not take it."""
-        token_id = _named(kind, token_id)
+    async def record(
+        self,
+        kind: Kind,
+        token_id: str,
+        caller: str | None,
+        expires_in_seconds: int | None,
+        *,
+        instance: str = DEFAULT_INSTANCE,
+    ) -> None:
+        """Remember that ``caller`` received ``token_id`` of ``instance``; REDIS_FAILURES if Redis does not take it."""
+        token_id = _named(kind, token_id, instance)
         lifetime = expires_in_seconds or CLERK_DEFAULT_LIFETIME_SECONDS
         if self._redis is not None:
             await self._redis.command("SET", self._prefix + _digest(token_id), _digest(caller or ""), "EX", lifetime)
@@ -61,9 +73,11 @@ class Grants:
         holder = self._callers.setdefault(caller or "", len(self._callers))
         self._memory.add(digest64(token_id), lifetime, holder)
 
-    async def received_by(self, kind: Kind, token_id: str, caller: str | None) -> bool:
-        """Whether ``caller`` is the one recorded as having received ``token_id`` (and the record lives)."""
-        token_id = _named(kind, token_id)
+    async def received_by(
+        self, kind: Kind, token_id: str, caller: str | None, *, instance: str = DEFAULT_INSTANCE
+    ) -> bool:
+        """Whether ``caller`` is recorded as having received ``token_id`` of ``instance`` (and the record lives)."""
+        token_id = _named(kind, token_id, instance)
         if self._redis is not None:
             found = await self._redis.command("GET", self._prefix + _digest(token_id))
             return found is not None and found.decode() == _digest(caller or "")

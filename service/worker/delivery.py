@@ -9,6 +9,7 @@ from __future__ import annotations
 import structlog
 from aiormq.abc import DeliveredMessage
 from opentelemetry.trace import SpanKind
+from sign_in_tokens_client.connection import DEFAULT_INSTANCE
 from sign_in_tokens_client.contract.errors import RequestError
 from sign_in_tokens_client.contract.messages import (
     Created,
@@ -132,7 +133,13 @@ class Delivery:
     async def _grant(self, token_id: str, subject: Subject) -> None:
         """Record who receives the token (before it is sent, so its revocation can follow at once)."""
         try:
-            await self.parts.grants.record(subject.kind, token_id, subject.caller, subject.expires_in_seconds)
+            await self.parts.grants.record(
+                subject.kind,
+                token_id,
+                subject.caller,
+                subject.expires_in_seconds,
+                instance=subject.instance or DEFAULT_INSTANCE,
+            )
         except REDIS_FAILURES as exc:
             # The caller gets its token all the same; revoking it through the queue will be refused.
             log.warning("grant_not_recorded", reason=type(exc).__name__, **token_field(subject.kind, token_id))

@@ -95,7 +95,7 @@ class Issuing:
         # delivered yet: this request's token was revoked, and it claims its key again, once, to wait for it.
         for _ in range(2):
             try:
-                async with self.parts.dedup.claim(envelope.idempotency_key, deadline) as claim:
+                async with self.parts.dedup.claim(envelope.idempotency_key(subject.instance), deadline) as claim:
                     try:
                         reply, role = await self._claimed(claim, asked, body, deadline, subject, operation)
                     except ClaimLostError as lost:

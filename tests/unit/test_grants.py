@@ -51,3 +51,12 @@ async def test_an_entry_costs_two_integers_not_its_strings() -> None:
     finally:
         tracemalloc.stop()
     assert size / 50_000 < 200  # bytes an entry: 50,000 entries (the bound) under 10 MB
+
+
+async def test_a_grant_is_its_clerk_instances() -> None:
+    """The same id at another instance names no grant: a revocation goes to the instance the token came from."""
+    grants = Grants(None, "key")
+    await grants.record("actor_token", "act_1", "portal", 300, instance="staging")
+    assert await grants.received_by("actor_token", "act_1", "portal", instance="staging")
+    assert not await grants.received_by("actor_token", "act_1", "portal")
+    assert not await grants.received_by("actor_token", "act_1", "portal", instance="prod")

@@ -55,6 +55,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 
 import msgspec
+from sign_in_tokens_client.connection import DEFAULT_INSTANCE
 from sign_in_tokens_client.contract.errors import ServiceError
 from sign_in_tokens_client.contract.messages import Created, Reply, created
 
@@ -224,15 +225,20 @@ NO_CLAIM: Final = NoClaim()
 UNRELATED: Final = Unrelated()
 
 
-def idempotency_key(publisher: str | None, message_id: str | None, reply_to: str) -> IdempotencyKey | None:
+def idempotency_key(
+    publisher: str | None, message_id: str | None, reply_to: str, *, instance: str = DEFAULT_INSTANCE
+) -> IdempotencyKey | None:
     """The store's key for a request, or None when it has no ``message_id``.
 
     A key is scoped to its publisher. Nameless requests have none to share: theirs is scoped to
     ``reply_to`` as well, so a guessed ``message_id`` answers only into the queue that asked (the
-    first caller's own), never a second caller's.
+    first caller's own), never a second caller's. And to its Clerk instance: one ``message_id``
+    sent to two instances is two requests (the ``default`` instance's keys are as they always were).
     """
     if not message_id:
         return None
+    if instance != DEFAULT_INSTANCE:
+        message_id = f"{message_id}\x1e{instance}"
     if publisher:
         return (publisher, message_id)
     return ("", f"{message_id}\x1f{reply_to}")
