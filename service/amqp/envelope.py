@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from aiormq.abc import DeliveredMessage
-from sign_in_tokens_client.connection import DEFAULT_INSTANCE, INSTANCE_HEADER
+from sign_in_tokens_client.connection import INSTANCE_HEADER
 from sign_in_tokens_client.contract.errors import InvalidRequestError
 
 from service.state.dedup import IdempotencyKey, idempotency_key
@@ -46,7 +46,7 @@ class Envelope:
 
     def idempotency_key(self, instance: str | None) -> IdempotencyKey | None:
         """The key of this request, for Clerk ``instance``, in the idempotency store."""
-        return idempotency_key(self.publisher, self.message_id, self.reply_to, instance=instance or DEFAULT_INSTANCE)
+        return idempotency_key(self.publisher, self.message_id, self.reply_to, instance=instance)
 
     def deadline(self) -> float | None:
         """``x-deadline`` as Unix seconds, or None; InvalidRequestError when not an integer."""

@@ -116,13 +116,13 @@ def _instance(settings: Settings, path: str, name: str, table: object) -> Instan
     entry = convert(table, InstanceEntry, _VARIABLE, path, where)
     if (entry.secret_key is None) == (entry.secret_key_file is None):
         raise ConfigError(at(_VARIABLE, path, where, "set secret_key or secret_key_file (one of them)"))
-    if entry.secret_key_file is not None and entry.secret_key_file.startswith("sk_"):
+    if entry.secret_key_file is None:
+        key = entry.secret_key or ""
+    elif entry.secret_key_file.startswith("sk_"):
         reason = "that is a key, not a file's path: put the key in a file (or in secret_key)"
         raise ConfigError(at(_VARIABLE, path, f"{where}.secret_key_file", reason))
-    if entry.secret_key_file is not None:
-        key = read_key_file(entry.secret_key_file, place(_VARIABLE, path, f"{where}.secret_key_file"))
     else:
-        key = entry.secret_key or ""
+        key = read_key_file(entry.secret_key_file, place(_VARIABLE, path, f"{where}.secret_key_file"))
     check_key(place(_VARIABLE, path, where), key)
     api_url = entry.api_url or settings.clerk_api_url
     try:

@@ -251,25 +251,36 @@ class ClerkClient:
 
         The deadline bounds only the wait for a rate slot: a call once sent is not cut short.
         """
-        status, answer, retry_after = await self._post("create", _PATHS[kind], body, lane, deadline)
-        return await self._token(kind, status, answer, retry_after, "")
+        return await self._token_call("create", kind, _PATHS[kind], body, lane, deadline)
 
-    async def _token(self, kind: Kind, status: int, answer: bytes, retry_after: str | None, what: str) -> Token:
-        """The token of a 200, or the error another answer means (a 429 slows the limiter first)."""
+    async def _token_call(
+        self,
+        operation: str,
+        kind: Kind,
+        path: str,
+        body: bytes,
+        lane: Lane = Lane.INTERACTIVE,
+        deadline: float | None = None,
+    ) -> Token:
+        """One call answered with a token (``create`` or ``revoke``): the token of a 200, else the error it means.
+
+        A 429 slows the limiter first. A create's answer must hold the token; a revocation's may
+        leave it out (Clerk's spec), and a malformed one names nothing to revoke again.
+        """
+        status, answer, retry_after = await self._post(operation, path, body, lane, deadline)
         if status == 429:
             await self.limiter.on_429(parse_retry_after(retry_after) or 1.0)
         if status != 200:
             raise error_for(status, answer, retry_after)
+        creating = operation == "create"
         try:
             token = _DECODERS[kind](answer)
         except msgspec.DecodeError:
             token = None
-        # A create's answer must hold the token; a revocation's may leave it out (Clerk's spec).
-        if token is None or (not what and not token.token):
+        if token is None or (creating and not token.token):
+            what = "" if creating else "the revocation "
             msg = f"Clerk answered {what}200 with a body that is not {_NAMES[kind]}"
-            # A revocation's malformed answer names nothing to revoke again.
-            token_id = _token_id(answer) if not what else None
-            raise UpstreamMalformedError(msg, token_id=token_id, upstream_status=status)
+            raise UpstreamMalformedError(msg, token_id=_token_id(answer) if creating else None, upstream_status=status)
         return token
 
     async def probe(self) -> bool:
@@ -279,6 +290,4 @@ class ClerkClient:
 
     async def revoke(self, kind: Kind, token_id: str) -> Token:
         """Revoke a pending token; the token as Clerk returns it (status ``revoked``), or the error its answer means."""
-        path = f"{_PATHS[kind]}/{quote(token_id, safe='')}/revoke"
-        status, body, retry_after = await self._post("revoke", path, b"")
-        return await self._token(kind, status, body, retry_after, "the revocation ")
+        return await self._token_call("revoke", kind, f"{_PATHS[kind]}/{quote(token_id, safe='')}/revoke", b"")

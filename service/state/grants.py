@@ -32,7 +32,7 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _named(kind: Kind, token_id: str, instance: str) -> str:
+def _named(kind: Kind, token_id: str, instance: str | None) -> str:
     """What a grant is recorded under: a sign-in token's id (as before), an actor token's with its kind.
 
     So an actor token's id sent as a sign-in token's (or the other way round) names no grant; and
@@ -40,7 +40,7 @@ def _named(kind: Kind, token_id: str, instance: str) -> str:
     letters, digits, ``_`` and ``-``, so no name collides with another).
     """
     named = token_id if kind == "sign_in_token" else f"{kind}:{token_id}"
-    return named if instance == DEFAULT_INSTANCE else f"{instance}/{named}"
+    return named if instance in (None, DEFAULT_INSTANCE) else f"{instance}/{named}"
 
 
 class Grants:
@@ -62,7 +62,7 @@ class Grants:
         caller: str | None,
         expires_in_seconds: int | None,
         *,
-        instance: str = DEFAULT_INSTANCE,
+        instance: str | None = None,
     ) -> None:
         """Remember that ``caller`` received ``token_id`` of ``instance``; REDIS_FAILURES if Redis does not take it."""
         token_id = _named(kind, token_id, instance)
@@ -73,9 +73,7 @@ class Grants:
         holder = self._callers.setdefault(caller or "", len(self._callers))
         self._memory.add(digest64(token_id), lifetime, holder)
 
-    async def received_by(
-        self, kind: Kind, token_id: str, caller: str | None, *, instance: str = DEFAULT_INSTANCE
-    ) -> bool:
+    async def received_by(self, kind: Kind, token_id: str, caller: str | None, *, instance: str | None = None) -> bool:
         """Whether ``caller`` is recorded as having received ``token_id`` of ``instance`` (and the record lives)."""
         token_id = _named(kind, token_id, instance)
         if self._redis is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import structlog
 from aiormq.abc import DeliveredMessage
 from opentelemetry.trace import SpanKind
-from sign_in_tokens_client.connection import DEFAULT_INSTANCE
 from sign_in_tokens_client.contract.errors import RequestError
 from sign_in_tokens_client.contract.messages import (
     Created,
@@ -138,7 +137,7 @@ class Delivery:
                 token_id,
                 subject.caller,
                 subject.expires_in_seconds,
-                instance=subject.instance or DEFAULT_INSTANCE,
+                instance=subject.instance,
             )
         except REDIS_FAILURES as exc:
             # The caller gets its token all the same; revoking it through the queue will be refused.

@@ -226,7 +226,7 @@ UNRELATED: Final = Unrelated()
 
 
 def idempotency_key(
-    publisher: str | None, message_id: str | None, reply_to: str, *, instance: str = DEFAULT_INSTANCE
+    publisher: str | None, message_id: str | None, reply_to: str, *, instance: str | None = None
 ) -> IdempotencyKey | None:
     """The store's key for a request, or None when it has no ``message_id``.
 
@@ -237,7 +237,7 @@ def idempotency_key(
     """
     if not message_id:
         return None
-    if instance != DEFAULT_INSTANCE:
+    if instance not in (None, DEFAULT_INSTANCE):
         message_id = f"{message_id}\x1e{instance}"
     if publisher:
         return (publisher, message_id)

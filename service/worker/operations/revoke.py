@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sign_in_tokens_client.connection import DEFAULT_INSTANCE
 from sign_in_tokens_client.contract.errors import ForbiddenError, RequestError
 from sign_in_tokens_client.contract.messages import ActorToken, Reply, decode_revoke, revoked
 
@@ -37,8 +36,7 @@ class RevokeToken:
             policy.may_revoke(envelope.publisher)
         except ForbiddenError as exc:
             return failed(exc)
-        instance = subject.instance or DEFAULT_INSTANCE
-        if not await self.parts.grants.received_by(kind, token_id, envelope.publisher, instance=instance):
+        if not await self.parts.grants.received_by(kind, token_id, envelope.publisher, instance=subject.instance):
             what = "actor token" if kind == "actor_token" else "sign-in token"
             msg = f"{what} {token_id!r} was not given to this caller (or its record has expired)"
             return failed(ForbiddenError(msg))
