@@ -234,17 +234,9 @@ class FakeClerk:
     async def _create(self, request: web.Request) -> web.Response:
         self.stats.create_calls += 1
         self.stats.create_call_times.append(time.monotonic())
-        refused = await self.guard(request)
+        refused, params = await self.create_body(request, _invalid_params, self._record_params)
         if refused is not None:
             return refused
-        try:
-            params = await request.json()
-        except ValueError:
-            params = None
-        self.stats.last_params = params if isinstance(params, dict) else None
-        invalid = _invalid_params(params)
-        if invalid is not None:
-            return reply(422, invalid)
         if self.on_create is not None:
             await self.on_create(params)
         user_id: str = params["user_id"]
@@ -253,12 +245,40 @@ class FakeClerk:
         org_id = params.get("org_id")
         if org_id is not None and not org_id.startswith(_ORG_PREFIX):
             return reply(403, clerk_errors("authorization_invalid", "Not a member of the organization"))
-        token = self._issue(user_id, params.get("expires_in_seconds") or 2_592_000)
+        return await self.answer_made(self._issue(user_id, params.get("expires_in_seconds") or 2_592_000))
+
+    async def create_body(
+        self,
+        request: web.Request,
+        invalid: Callable[[object], dict[str, Any] | None],
+        record: Callable[[dict[str, Any] | None], None],
+    ) -> tuple[web.Response | None, Any]:
+        """A create's refusal, if any, and its body (None when it is not JSON).
+
+        The refusals that come before the body (faults, key, limit), then the body, handed to
+        ``record`` once read, and a 422 when ``invalid`` finds it wrong.
+        """
+        refused = await self.guard(request)
+        if refused is not None:
+            return refused, None
+        try:
+            params = await request.json()
+        except ValueError:
+            params = None
+        record(params if isinstance(params, dict) else None)
+        problem = invalid(params)
+        return (None if problem is None else reply(422, problem)), params
+
+    def _record_params(self, params: dict[str, Any] | None) -> None:
+        self.stats.last_params = params
+
+    async def answer_made(self, token: dict[str, Any]) -> web.Response:
+        """The 200 of a token made: after ``answer_delay_seconds``; malformed (its id only) while ``malformed_next``."""
         if self.answer_delay_seconds:
             await asyncio.sleep(self.answer_delay_seconds)
         if self.malformed_next:
             self.malformed_next -= 1
-            return reply(200, {"object": "sign_in_token", "id": token["id"], "status": "pending"})
+            return reply(200, {"object": token["object"], "id": token["id"], "status": "pending"})
         return reply(200, token)
 
     def _issue(self, user_id: str, expires_in: int) -> dict[str, Any]:

@@ -10,7 +10,6 @@ allowance (free plans get 5 a month): at 0 a create is answered 402, as Clerk do
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -60,17 +59,9 @@ class ActorTokens:
 
     async def _create(self, request: web.Request) -> web.Response:
         self.create_calls += 1
-        refused = await self.clerk.guard(request)
+        refused, params = await self.clerk.create_body(request, _invalid_params, self._record_params)
         if refused is not None:
             return refused
-        try:
-            params = await request.json()
-        except ValueError:
-            params = None
-        self.last_params = params if isinstance(params, dict) else None
-        invalid = _invalid_params(params)
-        if invalid is not None:
-            return reply(422, invalid)
         user_id: str = params["user_id"]
         if not user_id.startswith(USER_PREFIX):
             return reply(404, clerk_errors("resource_not_found", "not found", f"User {user_id} not found"))
@@ -83,12 +74,10 @@ class ActorTokens:
         token = self._issue(user_id, params["actor"], expires_in)
         session = params.get("session_max_duration_in_seconds") or DEFAULT_SESSION_MAX_DURATION_SECONDS
         self.sessions_max_seconds[token["id"]] = session
-        if self.clerk.answer_delay_seconds:
-            await asyncio.sleep(self.clerk.answer_delay_seconds)
-        if self.clerk.malformed_next:  # a 200 that is not an ActorToken, for a token that exists
-            self.clerk.malformed_next -= 1
-            return reply(200, {"object": "actor_token", "id": token["id"], "status": "pending"})
-        return reply(200, token)
+        return await self.clerk.answer_made(token)
+
+    def _record_params(self, params: dict[str, Any] | None) -> None:
+        self.last_params = params
 
     def _issue(self, user_id: str, actor: dict[str, Any], expires_in: int) -> dict[str, Any]:
         token_id = "act_" + secrets.token_hex(12)
