@@ -66,11 +66,11 @@ def taker(window: Window) -> Callable[[int], Awaitable[None]]:
     return take
 
 
-def claimer(store: IdempotencyStore) -> Callable[[int], Awaitable[None]]:
-    """One round: claim a new key and answer it."""
+def claimer(store: IdempotencyStore, repeat: int) -> Callable[[int], Awaitable[None]]:
+    """One round: claim a new key (new in each repeat too) and answer it."""
 
     async def claim_and_answer(i: int) -> None:
-        key = idempotency_key("caller", f"m{i}", "replies")
+        key = idempotency_key("caller", f"r{repeat}m{i}", "replies")
         async with store.claim(key) as claim:
             await claim.remember(REQUEST, TOKEN, 600)
             await claim.delivered()
@@ -91,13 +91,13 @@ async def main() -> None:
             memory_window = MemoryWindow(10**7, 10.0)
             redis_window = RedisWindow(server.url, 10**7, 10.0, f"bench:{repeat}")
             memory_store = MemoryIdempotencyStore(600, 2**30)
-            redis_store = RedisIdempotencyStore(server.url, 600, f"bench{repeat}")
+            redis_store = RedisIdempotencyStore(server.url, 600)
 
             contenders: dict[str, Callable[[int], Awaitable[None]]] = {
                 "rate slot, in process": taker(memory_window),
                 "rate slot, Redis": taker(redis_window),
-                "claim + answer + delivered, in process": claimer(memory_store),
-                "claim + answer + delivered, Redis": claimer(redis_store),
+                "claim + answer + delivered, in process": claimer(memory_store, repeat),
+                "claim + answer + delivered, Redis": claimer(redis_store, repeat),
             }
             for name, step in contenders.items():
                 figures.setdefault(name, []).append(await measure(args.rounds, step))

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from sign_in_tokens_client.client import SignInTokenClient
     from sign_in_tokens_client.contract.messages import Reply
 
+    from service.clerk.instances import Instance
     from service.trust.policy import Policy
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -44,7 +45,7 @@ EXIT_CONFIG = 2
 
 def settings_options(command: F) -> F:
     """Add an option for every setting (and the key file) to ``command``."""
-    for field in reversed((*FIELDS, "clerk_secret_key_file")):
+    for field in reversed(FIELDS):
         option = "--" + field.replace("_", "-")
         command = click.option(option, field, default=None, metavar="VALUE", help=f"Overrides ${env_name(field)}.")(
             command,
@@ -52,10 +53,20 @@ def settings_options(command: F) -> F:
     return command
 
 
+def instance_option(command: F) -> F:
+    """``--instance NAME``: the Clerk instance the requests name (``x-clerk-instance``)."""
+    return click.option(
+        "--instance",
+        default=None,
+        metavar="NAME",
+        help="The Clerk instance to ask (x-clerk-instance). [default: the caller's default_instance, else default]",
+    )(command)
+
+
 def options_environ(options: dict[str, Any]) -> dict[str, str]:
     """The environment with the command line's options on top (taken out of ``options``)."""
     environ = dict(os.environ)
-    for field in (*FIELDS, "clerk_secret_key_file"):
+    for field in FIELDS:
         value = options.pop(field, None)
         if value is not None:
             environ[env_name(field)] = str(value)
@@ -127,7 +138,8 @@ def how_many(flag: str, maximum: int, help_text: str) -> Callable[[F], F]:
 def worker(processes: int, **options: Any) -> None:  # noqa: ANN401 - click passes the options as keywords
     """Consume requests, call Clerk, publish replies (the service)."""
     environ = options_environ(options)
-    settings = _settings_or_exit(environ, require_key=True)
+    settings = _settings_or_exit(environ)
+    _instances_or_exit(settings)  # a bad instances file, a key missing or unreadable: before any process
     _policy_or_exit(settings)  # a bad policy file stops the start, before any process
     if processes > 1:
         if settings.redis_url is None:
@@ -140,11 +152,11 @@ def worker(processes: int, **options: Any) -> None:  # noqa: ANN401 - click pass
 
     running: list[Worker] = []
 
-    def reload_policy() -> None:
+    def reload() -> None:
         for each in running:
-            each.reload_policy()
+            each.reload()
 
-    run(lambda stop: run_worker(settings, stop, started=running.append), on_hangup=reload_policy)
+    run(lambda stop: run_worker(settings, stop, started=running.append), on_hangup=reload)
 
 
 @main.command("fake-clerk")
@@ -200,6 +212,7 @@ def fake_clerk(
 @click.option("--msgpack", is_flag=True, help="Send MessagePack instead of JSON.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for the reply.")
 @click.option("--message-id", default=None, help="The request's idempotency key (a rerun with it gets the same token).")
+@instance_option
 @settings_options
 def request(
     user_id: str,
@@ -209,6 +222,7 @@ def request(
     msgpack: bool,
     timeout: float,
     message_id: str | None,
+    instance: str | None,
     **options: Any,  # noqa: ANN401
 ) -> None:
     """Publish one request, wait for its reply, print it (exit 1 when it failed)."""
@@ -227,6 +241,7 @@ def request(
         ),
         timeout,
         message_id,
+        instance,
     )
 
 
@@ -247,8 +262,9 @@ def request(
 @click.option("--msgpack", is_flag=True, help="Send MessagePack instead of JSON.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds to wait for the reply.")
 @click.option("--message-id", default=None, help="The request's idempotency key (a rerun with it gets the same token).")
+@instance_option
 @settings_options
-def impersonate(
+def impersonate(  # noqa: PLR0913 - one argument per option
     user_id: str,
     actor_sub: str,
     actor_keys: tuple[str, ...],
@@ -257,6 +273,7 @@ def impersonate(
     msgpack: bool,
     timeout: float,
     message_id: str | None,
+    instance: str | None,
     **options: Any,  # noqa: ANN401
 ) -> None:
     """Ask for one actor token (AGENT logs in as USER_ID), print the reply (exit 1 when it failed)."""
@@ -281,6 +298,7 @@ def impersonate(
         ),
         timeout,
         message_id,
+        instance,
     )
 
 
@@ -289,6 +307,7 @@ def _ask_and_print(
     ask: Callable[[SignInTokenClient], Coroutine[Any, Any, Reply]],
     timeout: float,
     message_id: str | None,
+    instance: str | None,
 ) -> None:
     """Send one request with ``ask``, print its reply; exit 1 unless a token was created."""
     if not math.isfinite(timeout) or timeout <= 0:
@@ -304,6 +323,7 @@ def _ask_and_print(
             impersonation_queue=settings.impersonation_queue,
             service_user=settings.service_user,
             amqp_user=settings.amqp_user,
+            instance=instance,
         ) as client:
             try:
                 reply = await ask(client)
@@ -349,6 +369,7 @@ def _ask_and_print(
     help="End the run (resumable) when no reply has come for this many seconds while rows wait for one.",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@instance_option
 @settings_options
 def bulk(
     input_path: Path,
@@ -357,6 +378,7 @@ def bulk(
     max_outstanding: int | None,
     reply_timeout: float,
     no_progress: bool,
+    instance: str | None,
     **options: Any,  # noqa: ANN401
 ) -> None:
     """Ask for a token for every row of INPUT (CSV with a user_id column, or .jsonl) on the bulk lane."""
@@ -369,7 +391,7 @@ def bulk(
 
     async def go(stop: asyncio.Event) -> bool:
         async with BulkRun(
-            BulkService(settings.amqp_url, settings.bulk_queue, settings.broker_user, settings.service_user),
+            BulkService(settings.amqp_url, settings.bulk_queue, settings.broker_user, settings.service_user, instance),
             input_path,
             output_path,
             failures,
@@ -445,11 +467,17 @@ def show_config(**options: Any) -> None:  # noqa: ANN401
     environ = options_environ(options)
     settings = _settings_or_exit(environ)
     policy = _policy_or_exit(settings)
+    instances = _instances_or_exit(settings) if settings.clerk_instances_file else None
     for name, shown, default in effective(settings):
         click.echo(f"{name}={shown}{'  # default' if default else ''}")
     for name, shown in tracing.shown_settings(environ):
         click.echo(f"{name}={shown}")
-    click.echo(f"# rate limit: {settings.rate_limit} calls a {settings.clerk_rate_window_seconds:g} s window")
+    if instances is None:
+        click.echo(f"# rate limit: {settings.rate_limit} calls a {settings.clerk_rate_window_seconds:g} s window")
+    else:
+        click.echo(f"# clerk instances ({settings.clerk_instances_file}), each its own rate limit:")
+        for instance in instances.values():
+            click.echo(f"#   {instance.shown()}")
     click.echo(f"# calls to Clerk at once: {settings.concurrency}")
     click.echo(f"# rate limit and idempotency store: {'shared in Redis' if settings.redis_url else 'in this process'}")
     file = policy.file
@@ -463,6 +491,16 @@ def show_config(**options: Any) -> None:  # noqa: ANN401
         )
     else:
         click.echo("# policy: ALLOWED_PUBLISHERS (the listed publishers may ask for anything)")
+
+
+def _instances_or_exit(settings: Settings) -> dict[str, Instance]:
+    """The Clerk instances the settings give (CLERK_INSTANCES_FILE, else CLERK_SECRET_KEY's), or exit 2."""
+    from service.clerk.instances import load_instances  # noqa: PLC0415
+
+    try:
+        return load_instances(settings, settings.clerk_instances_file)
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", EXIT_CONFIG)
 
 
 def _policy_or_exit(settings: Settings) -> Policy:

@@ -9,7 +9,7 @@ into typed values; what fails is reported as one line naming the variable.
 from __future__ import annotations
 
 import errno
-import hashlib
+import hmac
 import ipaddress
 import math
 import os
@@ -62,6 +62,12 @@ class Secret:
 
     __str__ = __repr__
 
+    def __eq__(self, other: object) -> bool:
+        """The same value (a key read again, unchanged)."""
+        return isinstance(other, Secret) and hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    __hash__ = None  # type: ignore[assignment]  # never a dict's key
+
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything the service reads from its environment.
@@ -78,6 +84,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     service_user: Annotated[str, Meta(min_length=1, max_length=255)] = DEFAULT_SERVICE_USER
     clerk_api_url: str = "https://api.clerk.com/v1"
     clerk_secret_key: Secret | None = None
+    # Where the key was read from (read again at SIGHUP); None when CLERK_SECRET_KEY gives it.
+    clerk_secret_key_file: str | None = None
     clerk_api_version: str = "2025-11-10"
     # None: from the key (Clerk's documented limits), see ``rate_limit``.
     clerk_rate_limit: Annotated[int, Meta(ge=1, le=1_000_000)] | None = None
@@ -92,6 +100,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     revocations_queue: QueueName = "sign_in_tokens.revocations"
     results_queue: QueueName = "sign_in_tokens.results"
     dead_letter_queue: QueueName = "sign_in_tokens.dead"
+    # With CLERK_INSTANCES_FILE: a held instance's requests wait in "<HOLD_QUEUE_PREFIX>.<instance>".
+    hold_queue_prefix: QueueName = "sign_in_tokens.hold"
     http_host: str = "0.0.0.0"  # noqa: S104 - probes reach the pod on its own address
     http_port: Annotated[int, Meta(ge=0, le=65535)] = 8080
     # Every number has an upper bound too: "inf" or 1e20 would defeat the bounds the docs promise.
@@ -122,6 +132,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     allowed_publishers: str = ""
     # Who may ask for what (contract v2); unset: ALLOWED_PUBLISHERS' short form, or anyone.
     policy_file: str | None = None
+    # Several Clerk instances (contract v3); unset: CLERK_SECRET_KEY's, named ``default``.
+    clerk_instances_file: str | None = None
     # A durable topic exchange: an event for every outcome, routed to a queue and confirmed before the request is acked.
     audit_exchange: QueueName = "sign_in_tokens.audit"
     # A stream the worker declares and binds to every event (#), so none is published into nothing;
@@ -182,6 +194,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         )
         return frozenset(queue for queue in queues if queue)
 
+    def hold_queue(self, instance: str) -> str:
+        """The queue a held Clerk instance's requests wait in (the service's own too)."""
+        return f"{self.hold_queue_prefix}.{instance}"
+
+    def is_own_queue(self, name: str) -> bool:
+        """Whether ``name`` is one of the service's queues (a hold queue included): never a reply's destination."""
+        return name in self.own_queues or name.startswith(f"{self.hold_queue_prefix}.")
+
     @property
     def broker_user(self) -> str:
         """The broker user this process publishes as (RabbitMQ checks a message's user_id against it)."""
@@ -193,10 +213,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             msg = "CLERK_SECRET_KEY or CLERK_SECRET_KEY_FILE is required"
             raise ConfigError(msg)
         return self.clerk_secret_key.reveal()
-
-    def key_id(self) -> str:
-        """A digest naming the Clerk key in Redis, where replicas with the same key meet (never the key)."""
-        return hashlib.sha256(self.secret_key().encode()).hexdigest()[:16]
 
 
 def key_rate_limit(key: str) -> int:
@@ -271,9 +287,10 @@ def read_key_file(path: str, name: str = "CLERK_SECRET_KEY_FILE") -> str:
 
 def _raw_values(environ: Mapping[str, str]) -> dict[str, str]:
     raw = {f: environ[env_name(f)] for f in FIELDS if environ.get(env_name(f), "") != ""}
-    key_file = environ.get("CLERK_SECRET_KEY_FILE", "")
-    if "clerk_secret_key" not in raw and key_file:
-        raw["clerk_secret_key"] = read_key_file(key_file)
+    if "clerk_secret_key" in raw:  # the key itself wins over a file
+        raw.pop("clerk_secret_key_file", None)
+    elif "clerk_secret_key_file" in raw:
+        raw["clerk_secret_key"] = read_key_file(raw["clerk_secret_key_file"])
     return raw
 
 

@@ -153,6 +153,10 @@ def token_ledger(fake_clerk: FakeClerk) -> ledger.Ledger:
     return current
 
 
+# The instances tests name, whose hold queues are deleted after each test.
+HOLD_QUEUES_OF = ("default", "prod", "staging")
+
+
 @pytest.fixture
 async def queue_names(amqp: AbstractRobustConnection) -> AsyncIterator[dict[str, str]]:
     """Queue names private to this test; those queues (and its `.replies` queue) are deleted after it."""
@@ -165,10 +169,12 @@ async def queue_names(amqp: AbstractRobustConnection) -> AsyncIterator[dict[str,
         "IMPERSONATION_QUEUE": f"{prefix}.impersonate",
         "REVOKE_QUEUE": f"{prefix}.revoke",
         "REVOCATIONS_QUEUE": f"{prefix}.revocations",
+        "HOLD_QUEUE_PREFIX": f"{prefix}.hold",
     }
     yield names
     cleanup = await amqp.channel()
-    for name in (*names.values(), reply_queue_name(names)):
+    holds = [f"{prefix}.hold.{instance}" for instance in HOLD_QUEUES_OF]
+    for name in (*names.values(), reply_queue_name(names), *holds):
         with contextlib.suppress(Exception):
             await cleanup.queue_delete(name)
     with contextlib.suppress(Exception):
@@ -288,6 +294,17 @@ async def queue_depth(channel: AbstractChannel, queue: str) -> int:
     underlay = await channel.get_underlay_channel()
     declared = await underlay.queue_declare(queue, passive=True)
     return int(declared.message_count or 0)
+
+
+async def wait_depth(channel: AbstractChannel, queue: str, count: int, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    """Wait until ``queue`` holds ``count`` ready messages (asked every 50 ms), or fail."""
+    deadline = time.monotonic() + timeout
+    depth = await queue_depth(channel, queue)
+    while depth != count:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{queue} holds {depth} messages, not {count}, after {timeout:g} s")
+        await asyncio.sleep(0.05)  # wait-ok: the poll interval of a condition wait
+        depth = await queue_depth(channel, queue)
 
 
 @pytest.fixture

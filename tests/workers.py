@@ -205,8 +205,9 @@ async def publish_requests(
     *,
     prefix: str = "r",
     batch: int = 500,
+    headers: dict[str, Any] | None = None,
 ) -> None:
-    """Publish ``count`` valid requests (one user each), confirmed, in batches."""
+    """Publish ``count`` valid requests (one user each, with ``headers``), confirmed, in batches."""
     for start in range(0, count, batch):
         await asyncio.gather(
             *(
@@ -217,6 +218,7 @@ async def publish_requests(
                         message_id=f"{prefix}{i}",
                         reply_to=reply_to,
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        headers=headers,
                     ),
                     queue,
                 )

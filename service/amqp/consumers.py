@@ -1,11 +1,15 @@
-"""Consuming the queues, each with its prefetch, on one channel: paused and resumed together."""
+"""Consuming queues, each with its prefetch, on one channel: paused and resumed together, or one by one.
+
+The worker's lanes (and its other request queues) are one set; with several Clerk instances, the
+instances' hold queues are another, each consumed while its instance works.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Collection, Coroutine, Hashable
+from typing import Any, Generic, TypeVar
 
 import aiormq
 import aiormq.abc
@@ -16,19 +20,14 @@ from aio_pika.abc import (
 )
 from aiormq.abc import DeliveredMessage
 from sign_in_tokens_client.connection import CHANNEL_FAILURES
-from sign_in_tokens_client.contract.lanes import Source, source_label
 
-from service.amqp.topology import lane_queue_names
-from service.config import Settings
-
-# What the consumers hand each delivery to, with the queue's source.
-OnMessage = Callable[[DeliveredMessage, Source], Coroutine[Any, Any, None]]
+K = TypeVar("K", bound=Hashable)
 
 log = structlog.get_logger(__name__)
 
 
-class LaneConsumers:
-    """The consumers of both lanes on one channel; paused and resumed together.
+class Consumers(Generic[K]):
+    """The consumers of named queues on one channel (a lane's, a hold queue's): paused and resumed together.
 
     They consume through aiormq, under aio-pika's robust channel: a delivery
     reaches the worker as aiormq's ``DeliveredMessage``, without aio-pika's
@@ -38,37 +37,60 @@ class LaneConsumers:
     consumes again each lane that was consumed on the channel that was lost.
     """
 
-    def __init__(self, connection: AbstractRobustConnection, settings: Settings, on_message: OnMessage) -> None:
-        """Consume with ``prefetch`` unacknowledged messages per lane."""
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        prefetch: int,
+        names: dict[K, str],
+        on_message: Callable[[DeliveredMessage, K], Coroutine[Any, Any, None]],
+    ) -> None:
+        """Consume the queue ``names[k]`` with ``prefetch`` unacknowledged messages; ``on_message`` gets ``k``."""
         self._connection = connection
-        self._settings = settings
+        self._prefetch = prefetch
+        self._on_message = on_message
         self._channel: AbstractRobustChannel | None = None
-        self._names = lane_queue_names(settings)
+        self._names = dict(names)
         # Each queue's consumer: the channel it was made on, and its tag there.
-        self._tags: dict[Source, tuple[aiormq.abc.AbstractChannel, str]] = {}
+        self._tags: dict[K, tuple[aiormq.abc.AbstractChannel, str]] = {}
         self._lock = asyncio.Lock()
         # The deliveries being handled (held here: the loop keeps only weak references to tasks).
         self._handling: set[asyncio.Task[None]] = set()
-        self._callbacks = {source: self._callback(on_message, source) for source in self._names}
+        self._callbacks = {key: self._callback(key) for key in self._names}
 
     @property
     def consuming(self) -> bool:
         """Whether every queue (both lanes, the revocations) is being consumed."""
         return len(self._tags) == len(self._names)
 
+    def consumes(self, key: K) -> bool:
+        """Whether the queue of ``key`` is being consumed."""
+        return key in self._tags
+
     async def open(self) -> None:
         """Open the channel and bind to the (already declared) queues."""
         channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=self._settings.prefetch)
-        for name in self._names.values():
-            # Declared through aio-pika so that the robust channel declares them again when it reopens.
-            await channel.declare_queue(name, passive=True)
+        await channel.set_qos(prefetch_count=self._prefetch)
         channel.reopen_callbacks.add(self._on_reopen)
         self._channel = channel
+        for name in self._names.values():
+            await self._declared(name)
 
-    def _callback(
-        self, on_message: OnMessage, source: Source
-    ) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
+    async def _declared(self, name: str) -> None:
+        """Declared through aio-pika (passively) so that the robust channel declares it again when it reopens."""
+        if self._channel is None:
+            msg = "Consumers.open() was not called"
+            raise RuntimeError(msg)
+        await self._channel.declare_queue(name, passive=True)
+
+    async def add(self, key: K, name: str) -> None:
+        """One more queue (already declared), not consumed until ``resume``."""
+        if key in self._names:
+            return
+        await self._declared(name)
+        self._names[key] = name
+        self._callbacks[key] = self._callback(key)
+
+    def _callback(self, key: K) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
         """The consumer callback: it hands the delivery to a task of the worker's own.
 
         aiormq runs a callback as a task of its channel and cancels it when the channel closes
@@ -77,36 +99,39 @@ class LaneConsumers:
         from the idempotency store with the same token.
         """
         loop = asyncio.get_running_loop()
+        on_message = self._on_message
 
         async def on_delivery(message: DeliveredMessage) -> None:
-            task = loop.create_task(on_message(message, source))
+            task = loop.create_task(on_message(message, key))
             self._handling.add(task)
             task.add_done_callback(self._handling.discard)
 
         return on_delivery
 
-    async def _consume(self, lane: Source) -> None:
+    async def _consume(self, key: K) -> None:
         if self._channel is None:
-            msg = "LaneConsumers.open() was not called"
+            msg = "Consumers.open() was not called"
             raise RuntimeError(msg)
         underlay = await self._channel.get_underlay_channel()
-        ok = await underlay.basic_consume(self._names[lane], self._callbacks[lane])
-        self._tags[lane] = (underlay, str(ok.consumer_tag))
+        ok = await underlay.basic_consume(self._names[key], self._callbacks[key])
+        self._tags[key] = (underlay, str(ok.consumer_tag))
 
-    async def resume(self) -> None:
-        """Start consuming every lane not already consumed."""
+    async def resume(self, only: Collection[K] | None = None) -> None:
+        """Start consuming every queue (or those of ``only``) not already consumed."""
         async with self._lock:
-            for source in self._names:
-                if source not in self._tags:
-                    await self._consume(source)
+            for key in self._names:
+                if key not in self._tags and (only is None or key in only):
+                    await self._consume(key)
 
-    async def pause(self) -> None:
-        """Stop taking new messages; those delivered stay with their handlers."""
+    async def pause(self, only: Collection[K] | None = None) -> None:
+        """Stop taking new messages (from every queue, or those of ``only``); those delivered stay in hand."""
         async with self._lock:
-            for lane, (underlay, tag) in list(self._tags.items()):
+            for key, (underlay, tag) in list(self._tags.items()):
+                if only is not None and key not in only:
+                    continue
                 with contextlib.suppress(*CHANNEL_FAILURES, RuntimeError):
                     await underlay.basic_cancel(tag)
-                del self._tags[lane]
+                del self._tags[key]
 
     async def _on_reopen(self, channel: object) -> None:
         """The channel is back: consume again each lane whose consumer went with the old one."""
@@ -115,12 +140,12 @@ class LaneConsumers:
             return
         current = await self._channel.get_underlay_channel()
         async with self._lock:
-            for lane, (underlay, _) in list(self._tags.items()):
+            for key, (underlay, _) in list(self._tags.items()):
                 if underlay is current:
                     continue
                 try:
-                    await self._consume(lane)
+                    await self._consume(key)
                 except (*CHANNEL_FAILURES, RuntimeError) as exc:
                     # Not consumed: /readyz says so (consuming: false) rather than a stale tag.
-                    del self._tags[lane]
-                    log.warning("lane_not_consumed", lane=source_label(lane), reason=type(exc).__name__)
+                    del self._tags[key]
+                    log.warning("lane_not_consumed", queue=self._names[key], reason=type(exc).__name__)

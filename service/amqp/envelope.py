@@ -9,6 +9,7 @@ from aiormq.abc import DeliveredMessage
 from sign_in_tokens_client.connection import INSTANCE_HEADER
 from sign_in_tokens_client.contract.errors import InvalidRequestError
 
+from service.amqp.publisher import held_caller
 from service.state.dedup import IdempotencyKey, idempotency_key
 
 # Longer than any instance's name (32) or policy glob: refused without being echoed.
@@ -29,8 +30,12 @@ class Envelope:
     raw_instance: object = None
 
     @classmethod
-    def of(cls, message: DeliveredMessage, results_queue: str) -> Envelope:
-        """Read a message's envelope; replies without ``reply_to`` go to ``results_queue``."""
+    def of(cls, message: DeliveredMessage, results_queue: str, *, held: bool = False) -> Envelope:
+        """Read a message's envelope; replies without ``reply_to`` go to ``results_queue``.
+
+        ``held``: a request the worker moved to a hold queue, its caller in ``x-caller`` (the
+        message's ``user_id`` is the worker's, which the hold queue's consumer has checked).
+        """
         properties = message.header.properties
         headers = properties.headers or {}
         return cls(
@@ -38,15 +43,15 @@ class Envelope:
             has_reply_to=bool(properties.reply_to),
             correlation_id=properties.correlation_id or properties.message_id,
             content_type=properties.content_type,
-            publisher=properties.user_id,
+            publisher=held_caller(message) if held else properties.user_id,
             message_id=properties.message_id,
             raw_deadline=headers.get("x-deadline"),
             raw_instance=headers.get(INSTANCE_HEADER),
         )
 
-    def idempotency_key(self, instance: str | None) -> IdempotencyKey | None:
-        """The key of this request, for Clerk ``instance``, in the idempotency store."""
-        return idempotency_key(self.publisher, self.message_id, self.reply_to, instance=instance)
+    def idempotency_key(self, state: str | None) -> IdempotencyKey | None:
+        """The key of this request, for the Clerk instance of ``state``, in the idempotency store."""
+        return idempotency_key(self.publisher, self.message_id, self.reply_to, state=state)
 
     def deadline(self) -> float | None:
         """``x-deadline`` as Unix seconds, or None; InvalidRequestError when not an integer."""

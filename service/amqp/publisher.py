@@ -116,21 +116,55 @@ _SERVICE_HEADERS: Final = frozenset(
 _BROKER_DEATH_HEADERS: Final = ("x-first-death-", "x-last-death-")
 
 
-def _copy_for_dead_letter(message: DeliveredMessage, reason: str, service_user: str) -> spec.Basic.Properties:
-    """The request's own properties, persistent, with why it was dead-lettered in headers."""
-    properties = copy.copy(message.header.properties)
-    # The copy carries the service's user_id: no header on it may be the caller's word for what the
-    # service or RabbitMQ says (a nameless caller naming another as x-original-user-id).
-    headers = {
+# On a request the worker moved to a Clerk instance's hold queue: the queue it was taken from.
+SOURCE_HEADER: Final = "x-source"
+
+
+def _callers_headers(properties: spec.Basic.Properties) -> dict[str, Any]:
+    """A request's headers without any the service or RabbitMQ writes: a caller's word for none of them."""
+    return {
         name: value
         for name, value in (properties.headers or {}).items()
         if name not in _SERVICE_HEADERS and not name.startswith(_BROKER_DEATH_HEADERS)
     }
+
+
+def held_caller(message: DeliveredMessage) -> str | None:
+    """The caller of a request the worker moved to a hold queue (``x-caller``; empty: nameless)."""
+    caller = (message.header.properties.headers or {}).get(CALLER_HEADER)
+    if isinstance(caller, bytes | bytearray):
+        caller = bytes(caller).decode(errors="replace")
+    return caller if isinstance(caller, str) and caller else None
+
+
+def _copy_for_hold(
+    message: DeliveredMessage, caller: str | None, source: str, service_user: str
+) -> spec.Basic.Properties:
+    """A request's own properties, persistent, published by the service for ``caller``, from ``source``."""
+    properties = copy.copy(message.header.properties)
+    headers = _callers_headers(properties)
+    headers[CALLER_HEADER] = caller or ""
+    headers[SOURCE_HEADER] = source
+    properties.headers = headers
+    properties.user_id = service_user
+    properties.expiration = None
+    properties.delivery_mode = aio_pika.DeliveryMode.PERSISTENT
+    return properties
+
+
+def _copy_for_dead_letter(
+    message: DeliveredMessage, reason: str, service_user: str, caller: str | None
+) -> spec.Basic.Properties:
+    """The request's own properties, persistent, with why it was dead-lettered in headers."""
+    properties = copy.copy(message.header.properties)
+    # The copy carries the service's user_id: no header on it may be the caller's word for what the
+    # service or RabbitMQ says (a nameless caller naming another as x-original-user-id).
+    headers = _callers_headers(properties)
     headers["x-dead-letter-reason"] = reason
     headers["x-original-routing-key"] = message.routing_key or ""
     # The user_id property must match the publishing connection's user (the worker's, which the
     # copy carries), so the original publisher travels as a header instead: empty when nameless.
-    headers["x-original-user-id"] = properties.user_id or ""
+    headers["x-original-user-id"] = caller or ""
     properties.user_id = service_user
     if properties.expiration:
         # As RabbitMQ's own dead-lettering does: a copy must not expire in the dead-letter queue.
@@ -189,11 +223,16 @@ class ReplyPublisher:
         """
         await self._publish(body, routing_key, properties, mandatory=True, exchange=exchange)
 
-    async def dead_letter(self, message: DeliveredMessage, reason: DeadLetterReason) -> None:
-        """Copy the request to DEAD_LETTER_QUEUE with the reason; raise as ``publish``."""
+    async def dead_letter(self, message: DeliveredMessage, reason: DeadLetterReason, caller: str | None) -> None:
+        """Copy ``caller``'s request to DEAD_LETTER_QUEUE with the reason; raise as ``publish``."""
         await self._require_queue(self._dead_letter_queue)
-        properties = _copy_for_dead_letter(message, reason, self.service_user)
+        properties = _copy_for_dead_letter(message, reason, self.service_user, caller)
         await self._publish(message.body, self._dead_letter_queue, properties, mandatory=False)
+
+    async def hold(self, message: DeliveredMessage, queue: str, caller: str | None, source: str) -> None:
+        """Copy ``caller``'s request, taken from ``source``, to a hold ``queue``; raise as ``publish``."""
+        properties = _copy_for_hold(message, caller, source, self.service_user)
+        await self._publish(message.body, queue, properties, mandatory=True)
 
     async def _publish(
         self,

@@ -114,5 +114,10 @@ def declared_queues(settings: Settings) -> dict[str, dict[str, Any]]:
 async def declare_topology(connection: AbstractRobustConnection, settings: Settings) -> None:
     """Declare every queue the service uses, and the audit exchange; idempotent."""
     await declare_audit_exchange(connection, settings)
-    for name, arguments in declared_queues(settings).items():
+    await declare_queues(connection, declared_queues(settings))
+
+
+async def declare_queues(connection: AbstractRobustConnection, queues: dict[str, dict[str, Any]]) -> None:
+    """Declare each queue with its arguments; idempotent."""
+    for name, arguments in queues.items():
         await _declare(connection, "queue", name, _queue(name, arguments))

@@ -41,8 +41,8 @@ from typing import Any, Final, Self
 import aio_pika
 import msgspec
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
-from sign_in_tokens_client.connection import CHANNEL_FAILURES, open_connection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection, FieldValue
+from sign_in_tokens_client.connection import CHANNEL_FAILURES, INSTANCE_HEADER, open_connection
 from sign_in_tokens_client.contract.messages import JSON, Failed, Reply, decode_reply, outcome
 from sign_in_tokens_client.replies import for_user, forged_because
 from tqdm import tqdm
@@ -129,6 +129,8 @@ class BulkService:
     # The tool's broker user (its requests' ``user_id``), and the service's: the only one whose replies are written.
     caller: str
     service_user: str
+    # The Clerk instance every request names (x-clerk-instance); None: the caller's default.
+    instance: str | None = None
 
 
 class BulkRun:
@@ -148,6 +150,9 @@ class BulkRun:
         """Prepare; ``run`` does the work."""
         self._url = service.amqp_url
         self._caller = service.caller
+        self._headers: dict[str, FieldValue] | None = (
+            None if service.instance is None else {INSTANCE_HEADER: service.instance}
+        )
         self._service_user = service.service_user
         self._reply_timeout = reply_timeout
         self._last_reply = 0.0
@@ -253,6 +258,7 @@ class BulkRun:
                 reply_to=reply_to,
                 user_id=self._caller,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                headers=self._headers,
             )
             while not stop.is_set():
                 try:

@@ -22,6 +22,7 @@ naming the file and the place, as for the policy file.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Annotated, Any, Final
 
@@ -69,6 +70,10 @@ class Instance:
     rate_window_seconds: float
     state_id: str
 
+    def key_id(self) -> str:
+        """The digest of the key under which earlier versions kept state in Redis (never the key)."""
+        return hashlib.sha256(self.secret_key.reveal().encode()).hexdigest()[:16]
+
     def shown(self) -> str:
         """How ``config`` shows it: everything but the key, which is masked."""
         return (
@@ -84,10 +89,14 @@ def load_instances(settings: Settings, path: str | None) -> dict[str, Instance]:
     key file that cannot be read, a key that is not one, or a URL that would send the key in clear.
     """
     if not path:
+        key_file = settings.clerk_secret_key_file
+        # The key file read again each time (SIGHUP: a rotated key), as at start.
+        key = read_key_file(key_file) if key_file else settings.secret_key()
+        check_key("CLERK_SECRET_KEY_FILE", key)
         return {
             DEFAULT_INSTANCE: Instance(
                 DEFAULT_INSTANCE,
-                Secret(settings.secret_key()),
+                Secret(key),
                 settings.clerk_api_url,
                 settings.rate_limit,
                 settings.clerk_rate_window_seconds,

@@ -51,6 +51,7 @@ from sign_in_tokens_client.contract.messages import (
 )
 
 from service import __version__, tracing
+from service.clerk.instances import Instance
 from service.clerk.ratelimit import ClerkRateLimiter
 from service.config import Settings
 
@@ -129,13 +130,35 @@ def error_for(status: int, body: bytes, retry_after_header: str | None) -> Reque
     )
 
 
+def _limit_of(instance: Instance) -> tuple[int, float, str]:
+    return instance.rate_limit, instance.rate_window_seconds, instance.state_id
+
+
+class InstanceKeyRejectedError(KeyRejectedError):
+    """Clerk answered 401 to one instance's key."""
+
+    def __init__(self, instance: str) -> None:
+        """Name the instance whose key Clerk rejected (never the key)."""
+        super().__init__(f"Clerk rejected the secret key of instance {instance!r} (401)")
+        self.instance = instance
+
+
 class ClerkClient:
     """Creates and revokes tokens at Clerk: sign-in tokens, and actor tokens (impersonation)."""
 
     def __init__(
-        self, settings: Settings, observe: Observe | None = None, on_cut: Callable[[], None] | None = None
+        self,
+        settings: Settings,
+        instance: Instance,
+        observe: Observe | None = None,
+        on_cut: Callable[[], None] | None = None,
+        succeeds: ClerkClient | None = None,
     ) -> None:
-        """Remember where and how to call; the session is opened by ``start``.
+        """Remember where and how to call ``instance``; the session is opened by ``start``.
+
+        ``succeeds``: the client of the same instance before a SIGHUP (a rotated key, say). This one
+        takes over its turns and, while the limit stays the same, its rate limiter: the calls
+        still running there and the new ones count together.
 
         ``observe(operation, seconds)`` is told the latency of each call Clerk answered
         (``create``, ``revoke``, ``probe``), the wait for a rate slot not included.
@@ -144,29 +167,41 @@ class ClerkClient:
         self._observe = observe
         self._on_cut = on_cut
         self._sending = True
-        self._base = settings.clerk_api_url.rstrip("/")
+        self.instance = instance
+        self._base = instance.api_url.rstrip("/")
         self._headers = {
             **_JSON_HEADERS,
-            "Authorization": f"Bearer {settings.secret_key()}",
+            "Authorization": f"Bearer {instance.secret_key.reveal()}",
             "Clerk-API-Version": settings.clerk_api_version,
             "User-Agent": f"sign-in-token-service/{__version__}",
         }
         self._limit = settings.concurrency
         # Turns for calls in flight, interactive first: at most UPSTREAM_CONCURRENCY at once.
-        self.gate = LaneGate(self._limit)
+        self.gate: LaneGate = LaneGate(self._limit) if succeeds is None else succeeds.gate
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=settings.request_timeout_seconds, connect=settings.connect_timeout_seconds
         )
         # Clerk's last word on the key: None until it has said anything.
         self.key_accepted: bool | None = None
-        # Replicas with the same key share one limit in Redis; the key itself is not stored there.
-        self.limiter = ClerkRateLimiter(
-            settings.rate_limit, settings.clerk_rate_window_seconds, settings.redis_url, settings.key_id()
-        )
+        # Replicas calling one instance share one limit in Redis, under its state id (never its key).
+        same_limit = succeeds is not None and _limit_of(succeeds.instance) == _limit_of(instance)
+        self.limiter: ClerkRateLimiter
+        if succeeds is not None and same_limit:
+            self.limiter = succeeds.limiter
+            succeeds.limiter_handed_on = True
+        else:
+            self.limiter = ClerkRateLimiter(
+                instance.rate_limit, instance.rate_window_seconds, settings.redis_url, instance.state_id
+            )
+        # Set once a successor took the limiter over: it is the successor's to close.
+        self.limiter_handed_on: bool = False
+        self._succeeds = succeeds
+        # Once started, the client that took this one's place: a call still waiting here is sent through it.
+        self._successor: ClerkClient | None = None
 
     async def start(self) -> None:
-        """Open the one HTTP session."""
+        """Open the one HTTP session; from then on, calls waiting in the client it succeeds are sent through it."""
         connector = aiohttp.TCPConnector(limit=self._limit, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -174,6 +209,16 @@ class ClerkClient:
             timeout=self._timeout,
             raise_for_status=False,
         )
+        if self._succeeds is not None:
+            self._succeeds._successor = self  # noqa: SLF001 - one class's two instances
+            self._succeeds = None
+
+    def _latest(self) -> ClerkClient:
+        """The client a call sends through now: this one, or the last that took its place (a rotated key)."""
+        client = self
+        while client._successor is not None:
+            client = client._successor
+        return client
 
     def stop_sending(self) -> None:
         """Shutdown: start no call from now on."""
@@ -181,7 +226,7 @@ class ClerkClient:
         self.limiter.stop()
 
     def _may_send(self) -> None:
-        if not self._sending:
+        if not self._latest()._sending:  # noqa: SLF001 - one class's instances
             raise ShutdownRequestedError("shutting down")
 
     def _cut(self, operation: str) -> None:
@@ -189,8 +234,9 @@ class ClerkClient:
             self._on_cut()
 
     async def close(self) -> None:
-        """Close the session and its connections."""
-        await self.limiter.close()
+        """Close the session and its connections (and the rate limiter, unless a successor took it)."""
+        if not self.limiter_handed_on:
+            await self.limiter.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -206,7 +252,9 @@ class ClerkClient:
         """One call, once the rate limiter gives it a slot and the gate a turn (revokes and probes as interactive).
 
         The slot comes first: a request waiting under the rate limit holds no turn, so the turns
-        (UPSTREAM_CONCURRENCY, the connections) are only ever held by calls about to be sent.
+        (UPSTREAM_CONCURRENCY, the connections) are only ever held by calls about to be sent. A
+        call is sent with the key in force when its turn comes: a SIGHUP's new key, if it came
+        meanwhile (``_latest``).
         """
         if self._session is None:
             msg = "ClerkClient.start() was not called"
@@ -219,10 +267,14 @@ class ClerkClient:
             if deadline is not None and time.time() >= deadline:
                 msg = "x-deadline passed while the request waited for its turn"
                 raise DeadlineExceededError(msg)
+            sender = self._latest()
+            session = sender._session  # noqa: SLF001 - one class's instances
+            if session is None:  # closed at a stop
+                raise ShutdownRequestedError("shutting down")
             started = time.perf_counter()
             with tracing.span(_SPAN_NAMES[operation], kind=SpanKind.CLIENT, attributes=_POST) as call:
                 try:
-                    async with self._session.post(self._base + path, data=body) as response:
+                    async with session.post(sender._base + path, data=body) as response:  # noqa: SLF001
                         answer = response.status, await response.read(), response.headers.get("Retry-After")
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     if not isinstance(exc, _NOT_SENT):
@@ -237,7 +289,7 @@ class ClerkClient:
                     call.set_attribute("http.response.status_code", answer[0])
         if self._observe is not None:
             self._observe(operation, time.perf_counter() - started)
-        self._learn_key(answer[0])
+        sender._learn_key(answer[0])  # noqa: SLF001 - Clerk's word on the key that was sent
         return answer
 
     def _learn_key(self, status: int) -> None:
@@ -270,6 +322,8 @@ class ClerkClient:
         status, answer, retry_after = await self._post(operation, path, body, lane, deadline)
         if status == 429:
             await self.limiter.on_429(parse_retry_after(retry_after) or 1.0)
+        if status == 401:
+            raise InstanceKeyRejectedError(self.instance.name)
         if status != 200:
             raise error_for(status, answer, retry_after)
         creating = operation == "create"

@@ -124,6 +124,8 @@ class FakeClerk:
         self.rate_window_seconds = rate_window_seconds
         # A limit of its own for a key (several Clerk instances, each with its key): key -> calls a window.
         self.rate_limits: dict[str, int] = {}
+        # Keys whose every call is answered 503: an outage of one instance, the others served.
+        self.down_keys: set[str] = set()
         self.faults: deque[Fault] = deque()
         # Creates still to answer 200 with a body that is not a SignInToken (the token is made all the same).
         self.malformed_next = 0
@@ -224,6 +226,8 @@ class FakeClerk:
             await asyncio.sleep(self.latency_seconds)
         if self.faults:
             return self._fault_response(self.faults.popleft(), request)
+        if self.down_keys and request.headers.get("Authorization", "").removeprefix("Bearer ") in self.down_keys:
+            return reply(503, clerk_errors("service_unavailable", "Service unavailable"))
         refused = self.admit(request)
         if refused is not None:
             return refused

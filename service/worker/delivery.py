@@ -137,7 +137,7 @@ class Delivery:
                 token_id,
                 subject.caller,
                 subject.expires_in_seconds,
-                instance=subject.instance,
+                state=self.parts.state_id(subject.instance),
             )
         except REDIS_FAILURES as exc:
             # The caller gets its token all the same; revoking it through the queue will be refused.

@@ -1,13 +1,13 @@
 """The side HTTP server: /healthz, /readyz, /metrics; and the metrics themselves.
 
-Metric labels are lanes, outcomes and operations only: never a user, a
-message id, a token or a key.
+Metric labels are lanes, outcomes, operations and the configured Clerk
+instances' names only: never a user, a message id, a token or a key.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal, TypeVar, get_args
 
 from aiohttp import web
@@ -16,6 +16,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from sign_in_tokens_client.contract.errors import BY_CODE, ConfigError
 from sign_in_tokens_client.contract.lanes import IMPERSONATE, REVOKE, Lane
+
+from service.clerk.upstreams import HoldReason
 
 # A `_created` series holds a Unix timestamp under a counter's name (requests_created
 # reads like a token count); nothing here needs it.
@@ -80,7 +82,22 @@ class Metrics:
             "waits unacknowledged).",
             registry=r,
         )
-        self.key_rejected = Counter("sign_in_tokens_key_rejected", "Answers 401 from Clerk.", registry=r)
+        self.key_rejected = Counter(
+            "sign_in_tokens_key_rejected", "Answers 401 from Clerk, by Clerk instance.", ["instance"], registry=r
+        )
+        self.held = Counter(
+            "sign_in_tokens_held",
+            "Requests moved to a Clerk instance's hold queue, by instance and reason (key_rejected, "
+            "upstream_unavailable, busy: a bulk request while its instance's rate limit is full).",
+            ["instance", "reason"],
+            registry=r,
+        )
+        self.instance_check = Gauge(
+            "sign_in_tokens_instance_check",
+            "Each Clerk instance's checks (key_ok, upstream_available): 1 passing, 0 failing.",
+            ["instance", "check"],
+            registry=r,
+        )
         self.ready = Gauge(
             "sign_in_tokens_ready",
             "1 when /readyz passes all of: connected, broker_unblocked, consuming, key_ok, upstream_available, "
@@ -129,6 +146,13 @@ class Metrics:
         for reason in get_args(UnsettledReason):
             self.labelled(self.unsettled, reason)
 
+    def instances(self, names: Iterable[str]) -> None:
+        """Every series of each Clerk instance, from the start (as ``_start_at_zero``)."""
+        for name in names:
+            self.labelled(self.key_rejected, name)
+            for reason in get_args(HoldReason):
+                self.labelled(self.held, name, reason)
+
     def count_unsettled(self, reason: UnsettledReason) -> None:
         """One more token whose holder cannot be known, for ``reason``."""
         self.labelled(self.unsettled, reason).inc()
@@ -149,10 +173,18 @@ class Metrics:
 class HealthServer:
     """aiohttp.web on HTTP_PORT; ``is_ready`` is asked at each /readyz."""
 
-    def __init__(self, metrics: Metrics, is_ready: Callable[[], dict[str, bool]], host: str, port: int) -> None:
-        """Prepare the routes; ``start`` binds the port."""
+    def __init__(
+        self,
+        metrics: Metrics,
+        is_ready: Callable[[], dict[str, bool]],
+        host: str,
+        port: int,
+        instances: Callable[[], dict[str, dict[str, bool]]] = dict,
+    ) -> None:
+        """Prepare the routes; ``start`` binds the port. ``instances``: each Clerk instance's checks."""
         self._metrics = metrics
         self._is_ready = is_ready
+        self._instances = instances
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -161,17 +193,22 @@ class HealthServer:
     async def _healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
-    def _checks(self) -> tuple[bool, dict[str, bool]]:
+    def _checks(self) -> tuple[bool, dict[str, bool], dict[str, dict[str, bool]]]:
         checks = self._is_ready()
         ready = all(checks.values())
-        self._metrics.ready.set(1 if ready else 0)
+        metrics = self._metrics
+        metrics.ready.set(1 if ready else 0)
         for name, passing in checks.items():
-            self._metrics.labelled(self._metrics.check, name).set(1 if passing else 0)
-        return ready, checks
+            metrics.labelled(metrics.check, name).set(1 if passing else 0)
+        instances = self._instances()
+        for instance, its in instances.items():
+            for name, passing in its.items():
+                metrics.labelled(metrics.instance_check, instance, name).set(1 if passing else 0)
+        return ready, checks, instances
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        ready, checks = self._checks()
-        return web.json_response({"ready": ready, **checks}, status=200 if ready else 503)
+        ready, checks, instances = self._checks()
+        return web.json_response({"ready": ready, **checks, "instances": instances}, status=200 if ready else 503)
 
     async def _metrics_page(self, _: web.Request) -> web.Response:
         self._checks()

@@ -95,7 +95,9 @@ class Issuing:
         # delivered yet: this request's token was revoked, and it claims its key again, once, to wait for it.
         for _ in range(2):
             try:
-                async with self.parts.dedup.claim(envelope.idempotency_key(subject.instance), deadline) as claim:
+                async with self.parts.dedup.claim(
+                    envelope.idempotency_key(self.parts.state_id(subject.instance)), deadline
+                ) as claim:
                     try:
                         reply, role = await self._claimed(claim, asked, body, deadline, subject, operation)
                     except ClaimLostError as lost:
@@ -190,7 +192,7 @@ class Issuing:
         if deadline is not None and time.time() >= deadline:
             msg = "x-deadline passed before the request was processed"
             raise DeadlineExceededError(msg)
-        hold = parts.breaker.hold()
+        hold = parts.upstream(subject.instance).breaker.hold()
 
         async def attempt() -> Token:
             return await self._attempt(body, deadline, subject, hold, operation)
@@ -209,7 +211,10 @@ class Issuing:
         self, body: bytes, deadline: float | None, subject: Subject, hold: OutageHold, operation: Issues[RequestT]
     ) -> Token:
         """One attempt: wait out an outage, take a turn, call; a token that comes too late is revoked."""
-        await self.parts.breaker.wait_closed(deadline, hold)
+        upstream = self.parts.upstream(subject.instance)
+        if self.parts.holding:  # the request waits in the hold queue, not in the lane's prefetch
+            upstream.check()
+        await upstream.breaker.wait_closed(deadline, hold)
         token = await self._call(body, subject, deadline, operation)
         if deadline is not None and time.time() > deadline:
             await self.revocations.order(token.id, subject, "after_deadline")
@@ -219,9 +224,10 @@ class Issuing:
 
     async def _call(self, body: bytes, subject: Subject, deadline: float | None, operation: Issues[RequestT]) -> Token:
         """One call at Clerk, its answer told to the breaker."""
-        breaker = self.parts.breaker
+        upstream = self.parts.upstream(subject.instance)
+        breaker = upstream.breaker
         try:
-            token = await self.parts.clerk.create(operation.kind, body, subject.lane, deadline)
+            token = await upstream.clerk.create(operation.kind, body, subject.lane, deadline)
         except UpstreamMalformedError as exc:
             breaker.record_success()  # Clerk answered; it is not down
             if exc.token_id is not None:

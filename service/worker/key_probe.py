@@ -1,4 +1,6 @@
-"""A rejected key: the worker stops consuming, holds one request as a probe, and resumes by itself.
+"""A rejected key (one Clerk key, no CLERK_INSTANCES_FILE): the worker stops consuming, holds one request as a probe.
+
+And resumes by itself. (With the instances file, a rejected key holds its instance alone: ``holds.py``.)
 
 A 401 from Clerk is not a request's failure. The held request is tried again with backoff; once it
 is answered without Clerk's word on the key (its deadline passed, or it came from the store) or
@@ -15,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiormq.abc import DeliveredMessage
+from sign_in_tokens_client.connection import DEFAULT_INSTANCE
 from sign_in_tokens_client.contract.errors import KeyRejectedError, ShutdownRequestedError, UpstreamUnavailableError
 from sign_in_tokens_client.contract.lanes import Source
 
@@ -44,7 +47,7 @@ class KeyProbe:
 
     async def hold(self, message: DeliveredMessage, lane: Source) -> None:
         """A request met a 401: the first becomes the probe; the others go back while it runs."""
-        self.parts.metrics.key_rejected.inc()
+        self._count_rejected()
         if self.task is not None or self.parts.stopping.is_set():
             await self.pipeline.settle.give_back(message, "key_rejected")
             return
@@ -63,12 +66,12 @@ class KeyProbe:
                 await parts.sleep_unless_stopping(delay)
                 if held is None:
                     with contextlib.suppress(UpstreamUnavailableError):
-                        await parts.clerk.probe()
+                        await parts.upstream(None).clerk.probe()
                 else:
                     held = await self._try(held, lane, held_since)
-                if parts.clerk.key_accepted:
+                if parts.upstream(None).key_ok:
                     break
-                parts.metrics.key_rejected.inc()
+                self._count_rejected()
         except ShutdownRequestedError:
             if held is not None:
                 await self.pipeline.settle.give_back(held, "shutting_down")
@@ -77,6 +80,10 @@ class KeyProbe:
             self.task = None
         log.info("secret_key_accepted", action="resuming consumption")
         await self._resume("key_rejected")
+
+    def _count_rejected(self) -> None:
+        metrics = self.parts.metrics
+        metrics.labelled(metrics.key_rejected, DEFAULT_INSTANCE).inc()
 
     async def _try(self, message: DeliveredMessage, lane: Source, held_since: float) -> DeliveredMessage | None:
         """Try the held request again; return it while it is still held."""

@@ -1,7 +1,9 @@
 """The worker's lifecycle: start, stop, pause and resume, Redis watching, readiness.
 
 One message's path through the worker is ``pipeline.py``'s; this module builds what it needs and
-runs it for each delivery. A rejected key pauses the worker around a probe (``key_probe.py``).
+runs it for each delivery. With one Clerk key, a rejected key pauses the worker around a probe
+(``key_probe.py``); with CLERK_INSTANCES_FILE, a held instance's requests wait in its hold queue
+(``holds.py``) while the others are served.
 """
 
 from __future__ import annotations
@@ -16,28 +18,31 @@ from typing import TYPE_CHECKING, Final
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
-from sign_in_tokens_client.connection import CHANNEL_FAILURES
+from sign_in_tokens_client.connection import CHANNEL_FAILURES, DEFAULT_INSTANCE
 from sign_in_tokens_client.contract.errors import ConfigError, KeyRejectedError, ShutdownRequestedError
 from sign_in_tokens_client.contract.lanes import Lane, Source, source_label
 from sign_in_tokens_client.contract.messages import Created
 
 from service.amqp import broker, consumers, publisher, topology
-from service.clerk.breaker import UpstreamBreaker
+from service.clerk.instances import load_instances
 from service.clerk.retry import RetryPolicy
-from service.clerk.upstream import ClerkClient
+from service.clerk.upstream import InstanceKeyRejectedError
+from service.clerk.upstreams import InstanceHeldError, Upstream, build_upstream
 from service.config import SHUTDOWN_MARGIN_SECONDS, Settings
-from service.logs import token_field
+from service.logs import SCRUBBER, token_field
 from service.state.dedup import IdempotencyStore, open_store
 from service.state.dedup.memory import MemoryIdempotencyStore
 from service.state.grants import Grants
 from service.trust.audit import AuditTrail, Subject
 from service.trust.policy import Policy, policy_from_settings
 from service.worker.health import HealthServer, Metrics
+from service.worker.holds import InstanceHolds
 from service.worker.key_probe import KeyProbe
 from service.worker.parts import Parts
 from service.worker.pipeline import Pipeline
 
 if TYPE_CHECKING:
+    from service.clerk.instances import Instance
     from service.state.redis_link import RedisLink
 
 log = structlog.get_logger(__name__)
@@ -55,46 +60,45 @@ class Worker:
         """Build every part; nothing connects until ``start``."""
         self.settings = settings
         self.name = name
-        policy = policy_from_settings(settings)  # first: a bad file is the error a start reports
+        instances = load_instances(settings, settings.clerk_instances_file)  # first: bad files stop a start
+        policy = policy_from_settings(settings)
         self.metrics = Metrics()
-        self.clerk = ClerkClient(settings, self._observe_upstream, self.metrics.ambiguous_creates.inc)
+        self.metrics.instances(instances)
         self.dedup: IdempotencyStore = open_store(settings)
         for lane in Lane:
             self.metrics.labelled(self.metrics.rate_limit_waiting, lane.value).set_function(
-                functools.partial(self.clerk.limiter.waiting, lane)
+                functools.partial(self._rate_limit_waiting, lane)
             )
         store = self.dedup
         if isinstance(store, MemoryIdempotencyStore):  # Redis's memory is Redis's to report
             self.metrics.idempotency_bytes.set_function(lambda: store.size_bytes)
             self.metrics.idempotency_entries.set_function(lambda: len(store))
-        self.health = HealthServer(self.metrics, self.readiness, settings.http_host, settings.http_port)
-        self.stopping = asyncio.Event()
-        self.breaker = UpstreamBreaker(
-            threshold=settings.outage_failure_threshold,
-            hold_seconds=settings.outage_hold_seconds,
-            probe_max_interval_seconds=settings.probe_max_interval_seconds,
-            probe=self.clerk.probe,
-            on_open=lambda: self._pause("upstream_unavailable"),
-            on_close=lambda: self._resume("upstream_unavailable"),
-            stopping=self.stopping,
+        self.health = HealthServer(
+            self.metrics, self.readiness, settings.http_host, settings.http_port, self.instance_readiness
         )
+        self.stopping = asyncio.Event()
+        # With CLERK_INSTANCES_FILE a held instance's requests move to its hold queue; else the worker pauses.
+        self.holding = settings.clerk_instances_file is not None
+        default = instances.get(DEFAULT_INSTANCE)
         self.parts = Parts(
             settings=settings,
             metrics=self.metrics,
-            clerk=self.clerk,
+            upstreams={name: self._upstream(instance) for name, instance in instances.items()},
             retry=RetryPolicy(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_delay_seconds),
-            breaker=self.breaker,
             dedup=self.dedup,
-            grants=Grants(self.dedup.redis, settings.key_id()),
+            # Earlier versions kept the grants under the digest of the one key: read while they may live.
+            grants=Grants(self.dedup.redis, default.key_id() if default is not None and not self.holding else None),
             policy=policy,
             stopping=self.stopping,
+            holding=self.holding,
         )
         self.pipeline = Pipeline(self.parts)
+        self.holds = InstanceHolds(self.parts, self.pipeline.settle, self._on_request)
         self.key_probe = KeyProbe(self.parts, self.pipeline, self._pause, self._resume)
         self._paused: set[str] = set()
         self._lost_at: float | None = None
         self._connection: AbstractRobustConnection | None = None
-        self._consumers: consumers.LaneConsumers | None = None
+        self._consumers: consumers.Consumers[Source] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._redis_watch: asyncio.Task[None] | None = None
 
@@ -113,8 +117,10 @@ class Worker:
     async def start(self) -> None:
         """Connect, declare the topology, open channels and start consuming."""
         await self.health.start()
-        await self.clerk.start()
-        links = [link for link in (self.clerk.limiter.redis, self.dedup.redis) if link is not None]
+        for upstream in self.parts.upstreams.values():
+            await upstream.clerk.start()
+        limiters = [upstream.clerk.limiter.redis for upstream in self.parts.upstreams.values()]
+        links = [link for link in (*limiters, self.dedup.redis) if link is not None]
         for link in links:  # first: a certificate that does not verify stops the start (ConfigError)
             await link.check(at_start=True)
         self._connection = await broker.connect(self.settings, self.name)
@@ -130,31 +136,71 @@ class Worker:
         await replies.open()
         self.parts.publisher_or_none = replies
         self.parts.audit_or_none = AuditTrail(self._connection, replies, self.settings)
-        self._consumers = consumers.LaneConsumers(self._connection, self.settings, self._on_message)
+        self._consumers = consumers.Consumers(
+            self._connection, self.settings.prefetch, topology.lane_queue_names(self.settings), self._on_message
+        )
         await self._consumers.open()
+        if self.holding:
+            await self.holds.open(self._connection)
         if links:
             self._redis_watch = asyncio.create_task(self._watch_redis(links))
             if not all(link.available for link in links):
                 await self._pause("redis_unavailable")
         if not self._paused:
             await self._consumers.resume()
-        limiter = self.clerk.limiter
+            await self.holds.resume()
         log.info(
             "worker_started",
             http_port=self.health.port,
             prefetch=self.settings.prefetch,
             upstream_concurrency=self.settings.concurrency,
+            clerk_instances=sorted(self.parts.upstreams),
         )
         self._log_policy("policy_in_force")
-        if limiter.shared:
-            log.info("rate_limit_shared", calls=limiter.limit, window_seconds=limiter.window_seconds)
+        for name, upstream in self.parts.upstreams.items():
+            limiter = upstream.clerk.limiter
+            if limiter.shared:
+                log.info("rate_limit_shared", instance=name, calls=limiter.limit, window_seconds=limiter.window_seconds)
+            else:
+                log.warning(
+                    "rate_limit_in_process",
+                    instance=name,
+                    calls=limiter.limit,
+                    window_seconds=limiter.window_seconds,
+                    assumes="this worker is the only one calling Clerk with this key; set REDIS_URL to share it",
+                )
+
+    def _upstream(self, instance: Instance, succeeds: Upstream | None = None) -> Upstream:
+        """An instance's client and breaker: its outage pauses the worker, or (CLERK_INSTANCES_FILE) holds it alone."""
+        SCRUBBER.add_secret(instance.secret_key.reveal())  # never in a log line, whatever carries it
+        return build_upstream(
+            self.settings,
+            instance,
+            observe=self._observe_upstream,
+            on_cut=self.metrics.ambiguous_creates.inc,
+            on_open=self._instance_down,
+            on_close=self._instance_up,
+            stopping=self.stopping,
+            succeeds=succeeds,
+        )
+
+    async def _instance_down(self, _: str) -> None:
+        """An instance's breaker opened."""
+        if self.holding:
+            await self.holds.follow()
         else:
-            log.warning(
-                "rate_limit_in_process",
-                calls=limiter.limit,
-                window_seconds=limiter.window_seconds,
-                assumes="this worker is the only one calling Clerk with this key; set REDIS_URL to share it",
-            )
+            await self._pause("upstream_unavailable")
+
+    async def _instance_up(self, _: str) -> None:
+        """An instance's breaker closed."""
+        if self.holding:
+            await self.holds.follow()
+        else:
+            await self._resume("upstream_unavailable")
+
+    def _rate_limit_waiting(self, lane: Lane) -> int:
+        """Requests waiting for a rate slot on ``lane``, at every instance."""
+        return sum(upstream.clerk.limiter.waiting(lane) for upstream in self.parts.upstreams.values())
 
     def _log_policy(self, event: str) -> None:
         file = self.policy.file
@@ -211,6 +257,68 @@ class Worker:
         self._log_policy("policy_reloaded")
         return True
 
+    def reload(self) -> None:
+        """SIGHUP: read POLICY_FILE, and the Clerk instances and their key files, again."""
+        self.reload_policy()
+
+        async def instances() -> None:
+            await self.reload_instances()
+
+        task = asyncio.create_task(instances())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload_instances(self) -> bool:
+        """Read CLERK_INSTANCES_FILE and every key file again (SIGHUP); a bad file keeps those in force, says why.
+
+        An instance whose key, URL or limit changed gets a new client, which takes over the old
+        one's turns (and its rate limiter, while the limit is the same); calls already at Clerk
+        finish with the key they started with, and the old client is closed after them. A new
+        instance gets its hold queue; one removed is served no more (its held requests stay in
+        its hold queue until it is back).
+        """
+        try:
+            instances = load_instances(self.settings, self.settings.clerk_instances_file)
+        except ConfigError as exc:
+            log.error("instances_reload_failed", reason=str(exc), action="keeping the instances in force")  # noqa: TRY400
+            return False
+        old = self.parts.upstreams
+        upstreams: dict[str, Upstream] = {}
+        for name, instance in instances.items():
+            current = old.get(name)
+            if current is not None and current.instance == instance:
+                upstreams[name] = current
+                continue
+            upstream = self._upstream(instance, succeeds=current)
+            await upstream.clerk.start()
+            upstreams[name] = upstream
+            if current is None and self._connection is not None and self.holding:
+                await self.holds.add(self._connection, name)
+        self.metrics.instances(upstreams)
+        self.parts.upstreams = upstreams
+        retired = [upstream for name, upstream in old.items() if upstreams.get(name) is not upstream]
+        for upstream in retired:
+            task = asyncio.create_task(self._retire(upstream))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        log.info(
+            "instances_reloaded",
+            clerk_instances=sorted(upstreams),
+            changed=sorted(name for name, upstream in upstreams.items() if old.get(name) is not upstream),
+            removed=sorted(set(old) - set(upstreams)),
+        )
+        await self.holds.follow()
+        return True
+
+    async def _retire(self, upstream: Upstream) -> None:
+        """Close a client replaced by a reload, once the calls it may have started are answered."""
+        await upstream.breaker.close()
+        with contextlib.suppress(ShutdownRequestedError):
+            await self.parts.sleep_unless_stopping(
+                self.settings.request_timeout_seconds + self.settings.connect_timeout_seconds
+            )
+        await upstream.clerk.close()
+
     def _observe_upstream(self, operation: str, seconds: float) -> None:
         self.metrics.labelled(self.metrics.upstream_latency, operation).observe(seconds)
 
@@ -227,21 +335,37 @@ class Worker:
 
     @property
     def key_ok(self) -> bool:
-        """Whether Clerk's last word on the key accepted it (true until it has said anything)."""
-        return self.clerk.key_accepted is not False
+        """Whether Clerk's last word on every instance's key accepted it (true until it has said anything)."""
+        return all(upstream.key_ok for upstream in self.parts.upstreams.values())
 
     def readiness(self) -> dict[str, bool]:
-        """The checks behind /readyz."""
+        """The checks behind /readyz: ready while at least one Clerk instance works.
+
+        ``key_ok`` and ``upstream_available`` say whether an instance that works has them; each
+        instance's own are in ``instance_readiness``.
+        """
         connection = self._connection
+        upstreams = self.parts.upstreams.values()
         return {
             "connected": connection is not None and connection.connected.is_set(),
             "broker_unblocked": connection is None or not broker.is_blocked(connection),
             "consuming": self._consumers is not None and self._consumers.consuming,
-            "key_ok": self.key_ok,
-            "upstream_available": not self.breaker.is_open,
-            "rate_limit_available": self.clerk.limiter.available,
+            "key_ok": any(upstream.key_ok for upstream in upstreams),
+            "upstream_available": any(not upstream.breaker.is_open for upstream in upstreams),
+            "clerk_instance_working": any(not upstream.held for upstream in upstreams),
+            "rate_limit_available": all(upstream.clerk.limiter.available for upstream in upstreams),
             "idempotency_store_available": self.dedup.available,
             "audit_routed": self.parts.audit_or_none is None or self.parts.audit_or_none.routed,
+        }
+
+    def instance_readiness(self) -> dict[str, dict[str, bool]]:
+        """Each Clerk instance's checks, in /readyz and ``sign_in_tokens_instance_check``."""
+        return {
+            name: {
+                "key_ok": upstream.key_ok,
+                "upstream_available": not upstream.breaker.is_open,
+            }
+            for name, upstream in self.parts.upstreams.items()
         }
 
     async def shutdown(self) -> None:
@@ -252,10 +376,12 @@ class Worker:
         grace period covers a call: config checks it).
         """
         self.stopping.set()
-        self.clerk.stop_sending()
+        for upstream in self.parts.upstreams.values():
+            upstream.clerk.stop_sending()
         if self._consumers is not None:
             await self._consumers.pause()
-        pending = {t for t in (*self._tasks, self.key_probe.task) if t is not None and not t.done()}
+        await self.holds.pause()
+        pending = {t for t in (*self._tasks, self.key_probe.task, *self.holds.tasks) if t is not None and not t.done()}
         if pending:
             grace = max(0.0, self.settings.shutdown_grace_seconds - SHUTDOWN_MARGIN_SECONDS)
             _, late = await asyncio.wait(pending, timeout=grace)
@@ -263,7 +389,9 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         await self._settle_in_process_answers()
-        await self.breaker.close()
+        for upstream in self.parts.upstreams.values():
+            await upstream.breaker.close()
+        await self.holds.close()
         if self._redis_watch is not None:
             self._redis_watch.cancel()
             await asyncio.gather(self._redis_watch, return_exceptions=True)
@@ -271,7 +399,8 @@ class Worker:
             # Whatever is still unacknowledged returns to its queue.
             with contextlib.suppress(*CHANNEL_FAILURES):
                 await self._connection.close()
-        await self.clerk.close()
+        for upstream in self.parts.upstreams.values():
+            await upstream.clerk.close()
         await self.dedup.close()
         await self.health.stop()
         if self._connection is not None:
@@ -305,16 +434,26 @@ class Worker:
 
     # -- each delivery -------------------------------------------------------
 
-    async def _on_message(self, message: DeliveredMessage, lane: Source) -> None:
+    async def _on_message(self, message: DeliveredMessage, source: Source) -> None:
+        await self._on_request(message, source, False)  # noqa: FBT003 - not from a hold queue
+
+    async def _on_request(self, message: DeliveredMessage, source: Source, held: bool) -> None:  # noqa: FBT001
+        """Handle one request taken from ``source``'s queue (``held``: from a hold queue, on its behalf)."""
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
-        in_flight = self.metrics.labelled(self.metrics.in_flight, source_label(lane))
+        in_flight = self.metrics.labelled(self.metrics.in_flight, source_label(source))
         in_flight.inc()
         try:
-            await self.pipeline.handle(message, lane)
-        except KeyRejectedError:
-            await self.key_probe.hold(message, lane)
+            await self.pipeline.handle(message, source, held=held)
+        except InstanceHeldError as exc:
+            await self.holds.move(message, source, exc.instance, exc.reason, held=held)
+        except KeyRejectedError as exc:
+            if self.holding and isinstance(exc, InstanceKeyRejectedError):
+                self.metrics.labelled(self.metrics.key_rejected, exc.instance).inc()
+                await self.holds.move(message, source, exc.instance, "key_rejected", held=held)
+            else:
+                await self.key_probe.hold(message, source)
         except ShutdownRequestedError:
             await self.pipeline.settle.give_back(message, "shutting_down")
         except Exception as exc:  # noqa: BLE001 - a defect must not leave the request stuck
@@ -349,12 +488,14 @@ class Worker:
         self._paused.add(reason)
         if self._consumers is not None:
             await self._consumers.pause()
+        await self.holds.pause()
 
     async def _resume(self, reason: str) -> None:
         """Take requests again once no reason to pause remains."""
         self._paused.discard(reason)
         if not self._paused and self._consumers is not None and not self.stopping.is_set():
             await self._consumers.resume()
+            await self.holds.resume()
 
 
 async def run_worker(

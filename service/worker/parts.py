@@ -16,9 +16,8 @@ from sign_in_tokens_client.contract.errors import ShutdownRequestedError
 
 from service.amqp import publisher
 from service.amqp.acks import Acks
-from service.clerk.breaker import UpstreamBreaker
 from service.clerk.retry import RetryPolicy
-from service.clerk.upstream import ClerkClient
+from service.clerk.upstreams import Upstream
 from service.config import Settings
 from service.state.dedup import IdempotencyStore
 from service.state.grants import Grants
@@ -35,18 +34,31 @@ class Parts:
 
     settings: Settings
     metrics: Metrics
-    clerk: ClerkClient
+    # Each Clerk instance's client and breaker, by name (CLERK_INSTANCES_FILE's; without it, ``default``).
+    upstreams: dict[str, Upstream]
     retry: RetryPolicy
-    breaker: UpstreamBreaker
     dedup: IdempotencyStore
     grants: Grants
     policy: Policy
     stopping: asyncio.Event
-    # The Clerk instances a request may name (CLERK_INSTANCES_FILE's; without it, ``default``).
-    instances: frozenset[str] = frozenset({DEFAULT_INSTANCE})
+    # CLERK_INSTANCES_FILE: a held instance's requests move to its hold queue (else the worker pauses).
+    holding: bool = False
     acks: Acks = field(default_factory=Acks)
     publisher_or_none: publisher.ReplyPublisher | None = None
     audit_or_none: AuditTrail | None = None
+
+    @property
+    def instances(self) -> frozenset[str]:
+        """The Clerk instances a request may name."""
+        return frozenset(self.upstreams)
+
+    def upstream(self, instance: str | None) -> Upstream:
+        """The client and breaker of ``instance`` (None: an order or a request of before instances, ``default``)."""
+        return self.upstreams[instance or DEFAULT_INSTANCE]
+
+    def state_id(self, instance: str | None) -> str:
+        """What ``instance``'s shared state (idempotency answers, grants) is kept under: never its key."""
+        return self.upstream(instance).instance.state_id
 
     @property
     def publisher(self) -> publisher.ReplyPublisher:

@@ -24,6 +24,7 @@ from sign_in_tokens_client.contract.messages import UndecodableError, is_decodab
 
 from service import tracing
 from service.amqp.envelope import Envelope
+from service.clerk.upstreams import InstanceHeldError
 from service.logs import bind_request
 from service.trust.audit import Subject
 from service.trust.policy import Policy
@@ -57,12 +58,16 @@ class Pipeline:
             IMPERSONATE: CreateActorToken(parts.settings),
         }
         self.answers: dict[Source, Answers] = {REVOKE: RevokeToken(parts, self.revocations)}
-        self._own_queues = parts.settings.own_queues
 
-    async def handle(self, message: DeliveredMessage, source: Source) -> None:
-        """Answer one request; with tracing on, its span continues the caller's trace (``traceparent``)."""
+    async def handle(self, message: DeliveredMessage, source: Source, *, held: bool = False) -> None:
+        """Answer one request; with tracing on, its span continues the caller's trace (``traceparent``).
+
+        ``held``: taken from a Clerk instance's hold queue, on behalf of the caller in ``x-caller``.
+        InstanceHeldError when its instance cannot take it now (CLERK_INSTANCES_FILE): it waits in
+        the instance's hold queue.
+        """
         if not tracing.enabled():
-            await self._handle(message, source)
+            await self._handle(message, source, held)
             return
         with tracing.span(
             "sign_in_tokens process",
@@ -75,13 +80,13 @@ class Pipeline:
                 "sign_in_tokens.lane": source_label(source),
             },
         ):
-            await self._handle(message, source)
+            await self._handle(message, source, held)
 
-    async def _handle(self, message: DeliveredMessage, source: Source) -> None:
+    async def _handle(self, message: DeliveredMessage, source: Source, held: bool) -> None:  # noqa: FBT001
         if source == REVOCATIONS:
             await self.revocations.carry_out(message)
             return
-        envelope = Envelope.of(message, self.parts.settings.results_queue)
+        envelope = Envelope.of(message, self.parts.settings.results_queue, held=held)
         bind_request(
             correlation_id=envelope.correlation_id,
             message_id=envelope.message_id,
@@ -101,6 +106,8 @@ class Pipeline:
         )
         if not await self._admitted(message, envelope, subject, policy):
             return
+        if self.parts.holding:
+            self._check_instance(subject.instance, source, held)
         answers = self.answers.get(source)
         try:
             if answers is None:
@@ -116,13 +123,30 @@ class Pipeline:
             reply = failed(exc)
         await self.delivery.deliver(message, envelope, reply, subject)
 
+    def _check_instance(self, instance: str | None, source: Source, held: bool) -> None:  # noqa: FBT001
+        """InstanceHeldError when the request's instance is held; or, for a bulk request fresh from its lane, busy.
+
+        Busy: the instance's rate limit has as many bulk requests waiting as its share of the bulk
+        lane's prefetch allows; so one instance's bulk backlog never takes the lane from another.
+        A request from the hold queue is never moved again for that: it waits for its slot.
+        """
+        parts = self.parts
+        upstream = parts.upstream(instance)
+        upstream.check()
+        if held or source != Lane.BULK:
+            return
+        share = max(1, parts.settings.prefetch // (2 * len(parts.upstreams)))
+        if upstream.clerk.limiter.waiting(Lane.BULK) >= share:
+            raise InstanceHeldError(upstream.name, "busy")
+
     async def _admitted(self, message: DeliveredMessage, envelope: Envelope, subject: Subject, policy: Policy) -> bool:
         """Who asks, where the reply goes, which Clerk instance: whether the request goes on (else it is settled)."""
         if not policy.knows(envelope.publisher):
             # A caller with no rules gets nothing, wherever its reply_to points: not even a refusal.
             await self.settle.dead_letter(message, subject, "forbidden_caller", ("refused", "forbidden"))
             return False
-        if envelope.reply_to in self._own_queues or not policy.reply_allowed(envelope.publisher, envelope.reply_to):
+        reply_to = envelope.reply_to
+        if self.parts.settings.is_own_queue(reply_to) or not policy.reply_allowed(envelope.publisher, reply_to):
             # Nothing goes to a queue the caller may not use (nor to one of the service's), not even a refusal.
             await self.settle.dead_letter(message, subject, "forbidden_reply_to", ("refused", "forbidden"))
             return False

@@ -16,7 +16,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from sign_in_tokens_client.connection import DEFAULT_INSTANCE
 from sign_in_tokens_client.contract.errors import RequestError, ServiceError, UpstreamRejectedError, UserNotFoundError
-from sign_in_tokens_client.contract.messages import JSON, Kind, Token
+from sign_in_tokens_client.contract.messages import JSON, Token
 
 from service.amqp import broker
 from service.logs import bind, token_field
@@ -68,7 +68,7 @@ class Revocations:
     async def now(self, token_id: str, subject: Subject) -> None:
         """Revoke a token at Clerk and record it; a failure is logged and counted, not raised."""
         try:
-            await self.at_clerk(subject.kind, token_id)
+            await self.at_clerk(subject, token_id)
         except (ServiceError, asyncio.CancelledError) as exc:
             self.parts.metrics.count_unsettled("revocation_failed")
             log.error(  # noqa: TRY400 - a traceback could carry the token
@@ -111,9 +111,19 @@ class Revocations:
             return
         if order.subject.instance is None:  # an order of an earlier version: the one instance there was
             order.subject.instance = DEFAULT_INSTANCE
+        if order.subject.instance not in self.parts.upstreams:
+            # Its instance is gone from CLERK_INSTANCES_FILE: kept until an operator puts it back.
+            log.error(
+                "revocation_instance_unknown",
+                instance=order.subject.instance,
+                **token_field(order.subject.kind, order.token_id),
+            )
+            await self.parts.sleep_unless_stopping(self.parts.settings.retry_max_delay_seconds)
+            await self.settle.give_back(message, "revocation_instance_unknown")
+            return
         bind(reason=order.reason, **token_field(order.subject.kind, order.token_id))
         try:
-            await self.at_clerk(order.subject.kind, order.token_id)
+            await self.at_clerk(order.subject, order.token_id)
         except (UserNotFoundError, UpstreamRejectedError) as exc:
             # Used meanwhile (accepted), revoked already, or unknown to Clerk: no live token is left to revoke.
             log.warning("revocation_needless", upstream_status=exc.upstream_status, upstream_code=exc.upstream_code)
@@ -126,12 +136,19 @@ class Revocations:
             await self.revoked(order.token_id, order.subject)
         await self.settle.ack(message)
 
-    async def at_clerk(self, kind: Kind, token_id: str) -> Token:
-        """Revoke ``token_id`` at Clerk, retrying transient failures (a stop returns its order or request)."""
+    async def at_clerk(self, subject: Subject, token_id: str) -> Token:
+        """Revoke ``token_id`` (of ``subject``'s kind, at its instance), retrying transient failures.
+
+        A stop returns its order or request.
+        """
         parts = self.parts
+        upstream = parts.upstream(subject.instance)
+        if parts.holding:
+            upstream.check()
+        clerk = upstream.clerk
 
         async def attempt() -> Token:
-            return await parts.clerk.revoke(kind, token_id)
+            return await clerk.revoke(subject.kind, token_id)
 
         token, _ = await parts.retry.run(attempt, deadline=None, sleep=parts.sleep_unless_stopping)
         parts.metrics.revoked.inc()

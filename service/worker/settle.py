@@ -93,7 +93,7 @@ class Settle:
         if outcome is not None and not await self.audited(message, subject.event(outcome[0], code=outcome[1])):
             return
         try:
-            await self.parts.publisher.dead_letter(message, reason)
+            await self.parts.publisher.dead_letter(message, reason, subject.caller)
         except (broker.ReplyRefusedError, broker.ReplyFateUnknownError):
             log.warning("dead_letter_failed", reason=reason)
             await self.give_back(message, "dead_letter_failed")

@@ -23,10 +23,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import WorkerFactory
+from service.local.fake_clerk import FakeClerk
+from tests.conftest import SECRET_KEY, WorkerFactory
 
 RULES = Path(__file__).parents[2] / "deploy" / "kubernetes" / "prometheusrule.yaml"
-SCRAPE_LABELS = frozenset({"namespace", "pod", "job", "instance"})
+# ``instance`` is the worker's own (the Clerk instance): the ServiceMonitor honours it.
+SCRAPE_LABELS = frozenset({"namespace", "pod", "job"})
 NS = 'namespace="sign-in-tokens"'
 
 
@@ -67,19 +69,30 @@ def broker_down(name: str, values: str = "1 0x10") -> dict[str, str]:
 CASES = [
     Case(
         "SignInTokensKeyRejected",
-        "key_ok failed on one worker for 2 minutes",
+        "key_ok failed on one worker for 2 minutes (one key: the instance default)",
         {
-            pod("sign_in_tokens_check", 'check="key_ok"'): "1 1 0x10",
-            pod_b("sign_in_tokens_check", 'check="key_ok"'): "1x12",
+            pod("sign_in_tokens_instance_check", 'check="key_ok",instance="default"'): "1 1 0x10",
+            pod_b("sign_in_tokens_instance_check", 'check="key_ok",instance="default"'): "1x12",
         },
-        fires_at={"5m": [NAMESPACE]},
+        fires_at={"5m": [{**NAMESPACE, "instance": "default"}]},
         quiet_at=["3m"],
+    ),
+    Case(
+        "SignInTokensKeyRejected",
+        "one instance's key rejected, the other's accepted: the alert names the one",
+        {
+            pod("sign_in_tokens_instance_check", 'check="key_ok",instance="staging"'): "1 0x10",
+            pod("sign_in_tokens_instance_check", 'check="key_ok",instance="prod"'): "1x11",
+            pod("sign_in_tokens_check", 'check="key_ok"'): "1x11",
+        },
+        fires_at={"4m": [{**NAMESPACE, "instance": "staging"}]},
+        quiet_at=["1m"],
     ),
     Case(
         "SignInTokensClerkUnavailable",
         "Clerk unavailable for 5 minutes",
-        {pod("sign_in_tokens_check", 'check="upstream_available"'): "1 0x10"},
-        fires_at={"7m": [NAMESPACE]},
+        {pod("sign_in_tokens_instance_check", 'check="upstream_available",instance="default"'): "1 0x10"},
+        fires_at={"7m": [{**NAMESPACE, "instance": "default"}]},
         quiet_at=["4m"],
     ),
     Case(
@@ -272,9 +285,17 @@ def _scraped_form(series: str) -> tuple[str, frozenset[tuple[str, str]]]:
 
 
 async def test_every_series_the_cases_use_is_exported_from_the_start(
-    start_worker: WorkerFactory, redis_url: str
+    start_worker: WorkerFactory, redis_url: str, fake_clerk: FakeClerk, tmp_path: Path
 ) -> None:
-    worker = await start_worker(REDIS_URL=redis_url)
+    """A worker of three Clerk instances, named as the cases name them."""
+    instances = tmp_path / "instances.toml"
+    instances.write_text(
+        "".join(
+            f'[instances.{name}]\nsecret_key = "{SECRET_KEY}"\napi_url = "{fake_clerk.url}"\n'
+            for name in ("default", "prod", "staging")
+        )
+    )
+    worker = await start_worker(REDIS_URL=redis_url, CLERK_INSTANCES_FILE=str(instances))
     async with (
         aiohttp.ClientSession() as http,
         http.get(f"http://127.0.0.1:{worker.health.port}/metrics") as response,

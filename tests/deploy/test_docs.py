@@ -34,7 +34,7 @@ def test_the_site_builds_with_mkdocs_strict(tmp_path: Path) -> None:
 def test_the_configuration_page_has_every_setting_with_its_default() -> None:
     page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     rows = dict(re.findall(r"^\| `([A-Z_]+)` \| ([^|]*) \|", page, re.MULTILINE))
-    assert set(rows) == {env_name(f) for f in FIELDS} | {"CLERK_SECRET_KEY_FILE"}
+    assert set(rows) == {env_name(f) for f in FIELDS}
     for field in msgspec.structs.fields(Settings):
         default = field.default
         if default is None or default == "" or not isinstance(default, int | float | str):

@@ -20,7 +20,7 @@ async def test_outage_pauses_consumption_and_requests_are_created_after_recovery
     worker = await start_worker(outage_failure_threshold=3, probe_max_interval_seconds=0.5, max_attempts=5)
     fake_clerk.fail_next(503, count=1000)
     futures = [await client.send(b'{"user_id": "user_o%d"}' % i) for i in range(20)]
-    await wait_until(lambda: worker.breaker.is_open, what="the breaker to open")
+    await wait_until(lambda: worker.parts.upstream(None).breaker.is_open, what="the breaker to open")
     await wait_until(lambda: not worker.readiness()["consuming"], what="consumption to pause")
     probes = fake_clerk.stats.create_calls
     await wait_until(lambda: fake_clerk.stats.create_calls >= probes + 2, what="two probes")

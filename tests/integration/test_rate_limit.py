@@ -41,7 +41,7 @@ async def test_a_bulk_backlog_is_drained_at_the_limit_without_a_429(
 
 async def test_limiters_sharing_redis_never_exceed_the_limit_together(redis_url: str) -> None:
     """Three limiters (three replicas) on one Redis: every 0.3 s window holds at most 10 grants of all of them."""
-    limiters = [ClerkRateLimiter(10, 0.3, redis_url, key_id="k") for _ in range(3)]
+    limiters = [ClerkRateLimiter(10, 0.3, redis_url, state_id="k") for _ in range(3)]
     granted: list[float] = []
 
     async def call(i: int) -> None:
@@ -58,7 +58,7 @@ async def test_limiters_sharing_redis_never_exceed_the_limit_together(redis_url:
 
 async def test_a_429_on_one_replica_holds_every_replica(redis_url: str) -> None:
     """A hold set through one limiter delays a slot on another sharing the key."""
-    first, second = (ClerkRateLimiter(100, 10.0, redis_url, key_id="k") for _ in range(2))
+    first, second = (ClerkRateLimiter(100, 10.0, redis_url, state_id="k") for _ in range(2))
     await first.on_429(0.4)
     started = time.monotonic()
     await second.acquire(Lane.INTERACTIVE)
@@ -69,7 +69,7 @@ async def test_a_429_on_one_replica_holds_every_replica(redis_url: str) -> None:
 
 async def test_without_redis_no_slot_is_given_and_readiness_says_so() -> None:
     """Redis unreachable: the call waits (to its deadline) instead of going over a limit nobody counts."""
-    limiter = ClerkRateLimiter(100, 10.0, f"redis://127.0.0.1:{free_port()}/0", key_id="k")
+    limiter = ClerkRateLimiter(100, 10.0, f"redis://127.0.0.1:{free_port()}/0", state_id="k")
     with pytest.raises(DeadlineExceededError):
         await limiter.acquire(Lane.INTERACTIVE, deadline=time.time() + 1.0)
     assert not limiter.available
@@ -105,7 +105,7 @@ async def test_three_replicas_drain_a_backlog_at_the_limit_without_a_429(
 
 async def test_an_interactive_request_on_one_replica_goes_before_bulk_waiting_on_another(redis_url: str) -> None:
     """Replica A saturates the window with bulk; four interactive requests on replica B all get slots before A's next bulk."""
-    bulk_side, interactive_side = (ClerkRateLimiter(10, 1.0, redis_url, key_id="k") for _ in range(2))
+    bulk_side, interactive_side = (ClerkRateLimiter(10, 1.0, redis_url, state_id="k") for _ in range(2))
     events: list[str] = []
 
     async def call(limiter: ClerkRateLimiter, lane: Lane) -> None:

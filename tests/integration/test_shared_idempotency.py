@@ -38,7 +38,7 @@ ANSWER = Created(sign_in_token=TOKEN)
 
 def store(redis_url: str, window: float = 60.0, lease: float = 5.0) -> RedisIdempotencyStore:
     """One replica's store."""
-    return RedisIdempotencyStore(redis_url, window, key_id="k", lease_seconds=lease)
+    return RedisIdempotencyStore(redis_url, window, lease_seconds=lease)
 
 
 def other_answer() -> Created:
@@ -241,7 +241,7 @@ async def test_an_unanswered_claim_is_released_for_the_next(redis_url: str) -> N
 
 async def test_without_redis_a_claim_waits_to_its_deadline_and_readiness_says_so() -> None:
     """Redis unreachable: no claim, so no call to Clerk; the request gets deadline_exceeded."""
-    replica = RedisIdempotencyStore(f"redis://127.0.0.1:{free_port()}/0", 60, key_id="k")
+    replica = RedisIdempotencyStore(f"redis://127.0.0.1:{free_port()}/0", 60)
     with pytest.raises(DeadlineExceededError):
         async with replica.claim(idempotency_key("alice", "m1", "unused"), deadline=time.time() + 1.0):
             pytest.fail("claimed without Redis")

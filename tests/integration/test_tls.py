@@ -77,7 +77,7 @@ async def test_a_worker_over_tls_verifies_both_servers_and_answers(
     """Amqps and rediss with the CA and a client certificate: the worker starts and a client over TLS gets a token."""
     amqps = tls_node.amqps_url(pki.amqp_query())
     worker = await start_worker(amqp_url=amqps, redis_url=tls_redis.tls_url(pki.redis_query()))
-    assert worker.clerk.limiter.shared
+    assert worker.parts.upstream(None).clerk.limiter.shared
     async with SignInTokenClient(
         amqps, request_queue=queue_names["REQUEST_QUEUE"], bulk_queue=queue_names["BULK_QUEUE"]
     ) as client:

@@ -25,7 +25,7 @@ async def test_a_deadline_shorter_than_clerks_latency_leaves_no_live_token_and_n
     assert len(replies) == 12
     await wait_until(lambda: len(fake_clerk.stats.revoked) == fake_clerk.stats.created, what="every late token revoked")
     assert fake_clerk.stats.created > 0
-    assert not worker.breaker.is_open
+    assert not worker.parts.upstream(None).breaker.is_open
     assert worker.readiness()["upstream_available"]
 
 
@@ -41,4 +41,4 @@ async def test_a_200_that_is_not_a_token_is_not_retried_and_its_token_is_revoked
     assert fake_clerk.stats.create_calls == 1
     await wait_until(lambda: fake_clerk.stats.revoked == set(fake_clerk.stats.tokens), what="the revoke")
     assert fake_clerk.stats.created == 1
-    assert worker.breaker._failures == 0
+    assert worker.parts.upstream(None).breaker._failures == 0

@@ -137,8 +137,8 @@ async def test_store_remembers_within_the_window_and_scopes_by_publisher() -> No
     assert idempotency_key(None, "m1", "billing.replies") != idempotency_key(None, "m1", "outsider.replies")
     assert idempotency_key("alice", "m1", "a") == idempotency_key("alice", "m1", "b")
     # One message_id at two Clerk instances is two requests; the default instance's keys are as before.
-    assert idempotency_key("alice", "m1", "a", instance="staging") != idempotency_key("alice", "m1", "a")
-    assert idempotency_key("alice", "m1", "a", instance="default") == ("alice", "m1")
+    assert idempotency_key("alice", "m1", "a", state="staging") != idempotency_key("alice", "m1", "a")
+    assert idempotency_key("alice", "m1", "a", state="default") == ("alice", "m1")
 
 
 async def test_store_serialises_claims_of_one_key_until_the_reply_is_delivered() -> None:

@@ -8,7 +8,7 @@ from service.state.grants import Grants
 
 
 async def test_only_the_recorded_caller_is_its_holder_until_the_record_goes() -> None:
-    grants = Grants(None, "key", max_entries=3)
+    grants = Grants(None, max_entries=3)
     await grants.record("sign_in_token", "sit_1", "portal", 300)
     await grants.record("sign_in_token", "sit_2", None, 300)
     assert await grants.received_by("sign_in_token", "sit_1", "portal")
@@ -24,7 +24,7 @@ async def test_only_the_recorded_caller_is_its_holder_until_the_record_goes() ->
 
 async def test_an_id_given_as_the_other_kind_names_no_grant() -> None:
     """An actor token's grant answers only as an actor token's, a sign-in token's only as a sign-in token's."""
-    grants = Grants(None, "key")
+    grants = Grants(None)
     await grants.record("actor_token", "act_1", "portal", 300)
     await grants.record("sign_in_token", "sit_1", "portal", 300)
     assert await grants.received_by("actor_token", "act_1", "portal")
@@ -33,7 +33,7 @@ async def test_an_id_given_as_the_other_kind_names_no_grant() -> None:
 
 
 async def test_an_expired_record_no_longer_answers() -> None:
-    grants = Grants(None, "key")
+    grants = Grants(None)
     await grants.record("sign_in_token", "sit_1", "portal", 1)
     assert await grants.received_by("sign_in_token", "sit_1", "portal")
     # The expiry is whole monotonic seconds: a lifetime already over reads as gone.
@@ -55,8 +55,8 @@ async def test_an_entry_costs_two_integers_not_its_strings() -> None:
 
 async def test_a_grant_is_its_clerk_instances() -> None:
     """The same id at another instance names no grant: a revocation goes to the instance the token came from."""
-    grants = Grants(None, "key")
-    await grants.record("actor_token", "act_1", "portal", 300, instance="staging")
-    assert await grants.received_by("actor_token", "act_1", "portal", instance="staging")
+    grants = Grants(None)
+    await grants.record("actor_token", "act_1", "portal", 300, state="staging")
+    assert await grants.received_by("actor_token", "act_1", "portal", state="staging")
     assert not await grants.received_by("actor_token", "act_1", "portal")
-    assert not await grants.received_by("actor_token", "act_1", "portal", instance="prod")
+    assert not await grants.received_by("actor_token", "act_1", "portal", state="prod")

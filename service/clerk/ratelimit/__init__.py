@@ -181,8 +181,8 @@ class MemoryWindow:
 class ClerkRateLimiter:
     """Slots for calls to Clerk: ``limit`` in every ``window_seconds``, interactive lane first."""
 
-    def __init__(self, limit: int, window_seconds: float, redis_url: str | None = None, key_id: str = "") -> None:
-        """A limiter in this process, or shared through Redis at ``redis_url`` by every user of ``key_id``."""
+    def __init__(self, limit: int, window_seconds: float, redis_url: str | None = None, state_id: str = "") -> None:
+        """A limiter in this process, or shared in Redis at ``redis_url`` by every caller of ``state_id``'s instance."""
         self.limit = limit
         self.window_seconds = window_seconds
         seconds = window_seconds + max(MIN_MARGIN_SECONDS, WINDOW_MARGIN * window_seconds)
@@ -194,7 +194,7 @@ class ClerkRateLimiter:
             # Imported only when used: the Redis client adds a quarter of a second to start-up.
             from service.clerk.ratelimit._redis import RedisWindow  # noqa: PLC0415
 
-            self._window = RedisWindow(redis_url, limit, seconds, f"{REDIS_KEY_PREFIX}:{key_id}")
+            self._window = RedisWindow(redis_url, limit, seconds, f"{REDIS_KEY_PREFIX}:instance:{state_id}")
         self._waiting: dict[Lane, deque[asyncio.Future[None]]] = {lane: deque() for lane in Lane}
         self._dispatcher: asyncio.Task[None] | None = None
         # Set when an interactive request starts waiting: the dispatcher asks again at once,

@@ -226,19 +226,20 @@ UNRELATED: Final = Unrelated()
 
 
 def idempotency_key(
-    publisher: str | None, message_id: str | None, reply_to: str, *, instance: str | None = None
+    publisher: str | None, message_id: str | None, reply_to: str, *, state: str | None = None
 ) -> IdempotencyKey | None:
     """The store's key for a request, or None when it has no ``message_id``.
 
     A key is scoped to its publisher. Nameless requests have none to share: theirs is scoped to
     ``reply_to`` as well, so a guessed ``message_id`` answers only into the queue that asked (the
-    first caller's own), never a second caller's. And to its Clerk instance: one ``message_id``
-    sent to two instances is two requests (the ``default`` instance's keys are as they always were).
+    first caller's own), never a second caller's. And to its Clerk instance (its ``state`` id): one
+    ``message_id`` sent to two instances is two requests (the ``default`` state's keys are as they
+    always were).
     """
     if not message_id:
         return None
-    if instance not in (None, DEFAULT_INSTANCE):
-        message_id = f"{message_id}\x1e{instance}"
+    if state not in (None, DEFAULT_INSTANCE):
+        message_id = f"{message_id}\x1e{state}"
     if publisher:
         return (publisher, message_id)
     return ("", f"{message_id}\x1f{reply_to}")
@@ -306,8 +307,5 @@ def open_store(settings: Settings) -> IdempotencyStore:
     from service.state.dedup._redis import RedisIdempotencyStore  # noqa: PLC0415
 
     return RedisIdempotencyStore(
-        settings.redis_url,
-        settings.idempotency_window_seconds,
-        settings.key_id(),
-        settings.idempotency_lease_seconds,
+        settings.redis_url, settings.idempotency_window_seconds, settings.idempotency_lease_seconds
     )

@@ -29,9 +29,11 @@ another command (which a link that timed out could deliver) is caught. The
 link (service.state.redis_link) sends nothing twice by itself and drops its
 connection after a timeout or a cancellation.
 
-Redis keys are a digest of the publisher and ``message_id`` under a prefix
-naming the Clerk key, so two deployments with different keys never share
-answers. The store holds tokens: docs/security.md says how to protect it.
+Redis keys are a digest of the publisher and ``message_id`` (with the Clerk
+instance's state id, but for ``default``'s): never the Clerk key, so a key
+rotation keeps the answers. Two deployments sharing one Redis give their
+instances different state ids. The store holds tokens: docs/security.md
+says how to protect it.
 """
 
 from __future__ import annotations
@@ -266,9 +268,9 @@ class _RedisClaim:
 
 
 class RedisIdempotencyStore:
-    """Final replies by key in Redis, for ``window_seconds``, shared by every user of ``key_id``."""
+    """Final replies by key in Redis, for ``window_seconds``, shared by every replica."""
 
-    def __init__(self, url: str, window_seconds: float, key_id: str, lease_seconds: float = LEASE_SECONDS) -> None:
+    def __init__(self, url: str, window_seconds: float, lease_seconds: float = LEASE_SECONDS) -> None:
         """A store in the Redis at ``url``; a window of 0 remembers nothing."""
         self._link = RedisLink(url, "idempotency_store")
         self.redis: RedisLink | None = self._link
@@ -277,7 +279,7 @@ class RedisIdempotencyStore:
         self.window_ms = max(1, int(window_seconds * 1000))
         self._lease_seconds = lease_seconds
         self.lease_ms = max(1, int(lease_seconds * 1000))
-        self._prefix = f"{REDIS_KEY_PREFIX}:{key_id}:"
+        self._prefix = f"{REDIS_KEY_PREFIX}:"
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
         self.remember_script = client.register_script(_REMEMBER)

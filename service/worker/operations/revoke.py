@@ -36,12 +36,13 @@ class RevokeToken:
             policy.may_revoke(envelope.publisher)
         except ForbiddenError as exc:
             return failed(exc)
-        if not await self.parts.grants.received_by(kind, token_id, envelope.publisher, instance=subject.instance):
+        state = self.parts.state_id(subject.instance)
+        if not await self.parts.grants.received_by(kind, token_id, envelope.publisher, state=state):
             what = "actor token" if kind == "actor_token" else "sign-in token"
             msg = f"{what} {token_id!r} was not given to this caller (or its record has expired)"
             return failed(ForbiddenError(msg))
         try:
-            token = await self.revocations.at_clerk(kind, token_id)
+            token = await self.revocations.at_clerk(subject, token_id)
         except RequestError as exc:
             return failed(exc)
         subject.user_id = token.user_id

@@ -67,6 +67,7 @@ from sign_in_tokens_client import wire as amqp_wire
 from sign_in_tokens_client.connection import (
     CHANNEL_FAILURES,
     DIRECT_REPLY_TO,
+    INSTANCE_HEADER,
     BrokerUnavailableError,
     broker_user,
     open_connection,
@@ -156,6 +157,7 @@ class SignInTokenClient:
         service_user: str | None = None,
         amqp_user: str | None = None,
         name: str = "sign-in-tokens-client",
+        instance: str | None = None,
     ) -> None:
         """A client of the service's queues (the defaults are the service's); ``connect`` or ``async with``.
 
@@ -165,6 +167,8 @@ class SignInTokenClient:
         ``replies="queue"``: an exclusive queue of the client's own, named ``reply_queue_prefix``
         and a random suffix (a prefix the caller's broker permissions allow it to declare), or
         ``amq_`` and a random suffix (aio-pika's) without one. ``service_user``: see the module's docstring.
+        ``instance``: the Clerk instance every request names (``x-clerk-instance``); None: the
+        caller's ``default_instance`` in the service's policy, else ``default``.
         """
         self._url = amqp_url
         self._queues = {Lane.INTERACTIVE: request_queue, Lane.BULK: bulk_queue}
@@ -175,6 +179,7 @@ class SignInTokenClient:
         self._replies = replies
         self._reply_queue_prefix = reply_queue_prefix
         self._name = name
+        self._instance = instance
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._reply_queue: AbstractQueue | None = None
@@ -445,6 +450,8 @@ class SignInTokenClient:
         # A call that gave up (its timeout cancels the future) leaves nothing behind.
         future.add_done_callback(lambda done: self._forget(correlation_id) if done.cancelled() else None)
         all_headers = dict(headers or {})
+        if self._instance is not None:
+            all_headers.setdefault(INSTANCE_HEADER, self._instance)
         if deadline_ms is not None:
             all_headers["x-deadline"] = deadline_ms
         tracing.inject(all_headers)  # the current span (the call's) goes with the request

@@ -1,0 +1,175 @@
+"""Several Clerk instances: a held instance's requests wait in its own queue, and nobody else's wait with them.
+
+With CLERK_INSTANCES_FILE, a request for an instance that cannot take it now (its key rejected,
+Clerk down for it, or, for a bulk request, its rate limit full already) is moved to the
+instance's hold queue, ``sign_in_tokens.hold.<instance>`` (HOLD_QUEUE_PREFIX): published by the worker (so its
+``user_id`` is the worker's, which RabbitMQ checks), the caller in ``x-caller`` and the queue it was
+taken from in ``x-source``; the original is acknowledged once the copy is confirmed. Each hold
+queue is consumed while its instance works, and its requests are answered as if taken from their
+own queue (their lane's priority at Clerk, their caller's rules, their deadline). The lanes stay
+free for every other instance. docs/design.md says why this design and not another.
+
+Without the file (one key, ``default``) nothing moves: a rejected key or an outage pauses the
+worker, as it always has (``key_probe.py``): there is no other instance to serve meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
+from sign_in_tokens_client.contract.errors import ShutdownRequestedError, UpstreamUnavailableError
+from sign_in_tokens_client.contract.lanes import Source, source_label
+
+from service.amqp import broker, topology
+from service.amqp.consumers import Consumers
+from service.amqp.publisher import SOURCE_HEADER, held_caller
+from service.clerk.retry import probe_delays
+from service.clerk.upstreams import HoldReason
+from service.worker.parts import Parts
+from service.worker.settle import Settle
+
+log = structlog.get_logger(__name__)
+
+# Handles one request taken from a queue: the source it counts as, and whether it came from a hold queue.
+Handle = Callable[[DeliveredMessage, Source, bool], Awaitable[None]]
+
+
+class InstanceHolds:
+    """The hold queues: moving a request there, consuming each while its instance works, probing a rejected key."""
+
+    def __init__(self, parts: Parts, settle: Settle, handle: Handle) -> None:
+        """Move and settle through ``parts`` and ``settle``; a request taken from a hold queue goes to ``handle``."""
+        self.parts = parts
+        self.settle = settle
+        self._handle = handle
+        self._sources = {source_label(source): source for source in topology.lane_queue_names(parts.settings)}
+        self._consumers: Consumers[str] | None = None
+        # While the worker is paused (Redis away, a stop), no hold queue is consumed either.
+        self._paused = True
+        self._key_probes: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The key probes running (a stop waits for them)."""
+        return list(self._key_probes.values())
+
+    async def open(self, connection: AbstractRobustConnection) -> None:
+        """Declare each instance's hold queue and open their consumer (not consuming until ``resume``)."""
+        names = {name: self.parts.settings.hold_queue(name) for name in self.parts.upstreams}
+        arguments = topology.lane_queue_arguments(self.parts.settings)
+        await topology.declare_queues(connection, dict.fromkeys(names.values(), arguments))
+        self._consumers = Consumers(connection, self.parts.settings.prefetch, names, self._on_held)
+        await self._consumers.open()
+
+    async def add(self, connection: AbstractRobustConnection, instance: str) -> None:
+        """A new instance (SIGHUP): declare its hold queue; consumed at the next ``resume``."""
+        if self._consumers is None:
+            return
+        name = self.parts.settings.hold_queue(instance)
+        await topology.declare_queues(connection, {name: topology.lane_queue_arguments(self.parts.settings)})
+        await self._consumers.add(instance, name)
+
+    def consuming(self, instance: str) -> bool:
+        """Whether ``instance``'s hold queue is being consumed."""
+        return self._consumers is not None and self._consumers.consumes(instance)
+
+    async def pause(self) -> None:
+        """The worker pauses: consume no hold queue."""
+        self._paused = True
+        if self._consumers is not None:
+            await self._consumers.pause()
+
+    async def resume(self) -> None:
+        """Consume the hold queue of each instance that works (unless the worker is paused or stopping)."""
+        self._paused = False
+        await self.follow()
+
+    async def follow(self) -> None:
+        """Consume the hold queues of the instances that work, and only theirs."""
+        if self._consumers is None:
+            return
+        held = [name for name, upstream in self.parts.upstreams.items() if upstream.held]
+        await self._consumers.pause(held)
+        if not self._paused and not self.parts.stopping.is_set():
+            working = [name for name in self.parts.upstreams if name not in held]
+            await self._consumers.resume(working)
+
+    async def move(
+        self, message: DeliveredMessage, source: Source, instance: str, reason: HoldReason, *, held: bool
+    ) -> None:
+        """Move a request to ``instance``'s hold queue, acknowledged once the copy is confirmed.
+
+        ``held``: it came from a hold queue already (its caller is in ``x-caller``).
+        """
+        parts = self.parts
+        caller = held_caller(message) if held else message.header.properties.user_id
+        try:
+            await parts.publisher.hold(message, parts.settings.hold_queue(instance), caller, source_label(source))
+        except (broker.ReplyRefusedError, broker.ReplyFateUnknownError) as exc:
+            log.warning("hold_failed", instance=instance, reason=str(exc))
+            await self.settle.give_back(message, "hold_failed")
+            return
+        await self.settle.ack(message)
+        parts.metrics.labelled(parts.metrics.held, instance, reason).inc()
+        if reason == "busy":  # a bulk job's every request: not a line each
+            log.debug("request_held", instance=instance, reason=reason)
+            return
+        log.info("request_held", instance=instance, reason=reason)
+        if reason == "key_rejected":
+            self.probe_key(instance)
+        await self.follow()
+
+    async def _on_held(self, message: DeliveredMessage, instance: str) -> None:
+        """A request from ``instance``'s hold queue: only the worker's own are taken, as from their own queue."""
+        properties = message.header.properties
+        source = self._sources.get(_text((properties.headers or {}).get(SOURCE_HEADER)))
+        if properties.user_id != self.parts.settings.broker_user or source is None:
+            # Only the worker publishes there: anything else is a forgery of a caller (x-caller) or a source.
+            log.warning("forged_held_request_dropped", instance=instance, user_id=properties.user_id)
+            await self.settle.ack(message)
+            return
+        await self._handle(message, source, True)  # noqa: FBT003 - the handler's third argument is ``held``
+
+    def probe_key(self, instance: str) -> None:
+        """Probe ``instance``'s key until Clerk accepts it (one probe per instance), then consume its hold queue."""
+        if instance in self._key_probes or self.parts.stopping.is_set():
+            return
+        log.error("secret_key_rejected", instance=instance, action="holding its requests; probing the key")
+        self._key_probes[instance] = asyncio.create_task(self._probe_key(instance))
+
+    async def _probe_key(self, instance: str) -> None:
+        parts = self.parts
+        try:
+            for delay in probe_delays(parts.settings.probe_max_interval_seconds):
+                await parts.sleep_unless_stopping(delay)
+                upstream = parts.upstreams.get(instance)
+                if upstream is None:  # gone from the instances file
+                    return
+                with contextlib.suppress(UpstreamUnavailableError):
+                    await upstream.clerk.probe()
+                if upstream.key_ok:
+                    break
+                parts.metrics.labelled(parts.metrics.key_rejected, instance).inc()
+        except ShutdownRequestedError:
+            return
+        finally:
+            self._key_probes.pop(instance, None)
+        log.info("secret_key_accepted", instance=instance, action="serving its requests again")
+        await self.follow()
+
+    async def close(self) -> None:
+        """Stop probing (shutdown)."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode(errors="replace")
+    return value if isinstance(value, str) else ""
