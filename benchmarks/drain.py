@@ -140,10 +140,12 @@ async def preload(
     *,
     body: Callable[[int], bytes] = sign_in_body,
     user_id: str | None = None,
+    headers: dict[str, Any] | None = None,
 ) -> None:
     """Publish ``count`` requests, confirmed in batches, to ``queue`` (quorum unless ``arguments`` say more).
 
-    ``body``: the n-th request's body; ``user_id``: the publisher named on each (the connection's user).
+    ``body``: the n-th request's body; ``user_id``: the publisher named on each (the connection's user);
+    ``headers``: on each (``x-clerk-instance``, say).
     """
     connection = await aio_pika.connect(amqp_url)
     channel = await connection.channel()
@@ -154,7 +156,9 @@ async def preload(
         await asyncio.gather(
             *(
                 channel.default_exchange.publish(
-                    aio_pika.Message(body(i), correlation_id=str(i), reply_to=reply_queue, user_id=user_id),
+                    aio_pika.Message(
+                        body(i), correlation_id=str(i), reply_to=reply_queue, user_id=user_id, headers=headers
+                    ),
                     queue,
                 )
                 for i in range(start, min(start + batch, count))

@@ -432,6 +432,14 @@ def bulk(
     help="Instead of --count requests: AGENT (the fake Clerk's support agent by default) logs in as "
     "--user-id (a demo customer by default) with an actor token.",
 )
+@click.option(
+    "--instances",
+    type=click.IntRange(min=1, max=4),
+    default=1,
+    show_default=True,
+    help="Clerk instances behind the one service (the fake Clerk's), each its own key and limit; with 2 or "
+    "more, one instance's key is then rejected while the others are served.",
+)
 @settings_options
 def demo(
     count: int,
@@ -440,6 +448,7 @@ def demo(
     bulk_input: Path | None,
     bulk_output: Path | None,
     actor: str | None,
+    instances: int,
     **options: Any,  # noqa: ANN401
 ) -> None:
     """Run the whole service locally and send requests through it."""
@@ -451,9 +460,18 @@ def demo(
     bulk = (bulk_input, bulk_output) if bulk_input is not None and bulk_output is not None else None
     if actor is not None and bulk is not None:
         fail("--impersonate and --bulk are two demos: choose one", EXIT_CONFIG)
+    if instances > 1 and (actor is not None or bulk is not None):
+        fail("--instances is a demo of its own: not with --impersonate or --bulk", EXIT_CONFIG)
     run(
         lambda stop: run_demo(
-            explicit, count=count, user_id=user_id, stop=stop, replicas=replicas, bulk=bulk, actor=actor
+            explicit,
+            count=count,
+            user_id=user_id,
+            stop=stop,
+            replicas=replicas,
+            bulk=bulk,
+            actor=actor,
+            instances=instances,
         )
     )
 

@@ -91,9 +91,12 @@ def build_upstream(
 ) -> Upstream:
     """An instance's client and breaker; ``on_open``/``on_close`` are told its name as its breaker turns.
 
-    ``succeeds``: the instance's upstream before a SIGHUP, whose turns and rate limiter go on.
+    ``succeeds``: the instance's upstream before a SIGHUP, whose turns, rate limiter and breaker go
+    on (the breaker's probe is sent through the new client, as every call still waiting in the old).
     """
     clerk = ClerkClient(settings, instance, observe, on_cut, None if succeeds is None else succeeds.clerk)
+    if succeeds is not None:
+        return Upstream(clerk, succeeds.breaker)
     breaker = UpstreamBreaker(
         threshold=settings.outage_failure_threshold,
         hold_seconds=settings.outage_hold_seconds,

@@ -6,7 +6,11 @@ the worker, sends requests through it with a progress bar, prints a summary
 and one example reply with the token masked, and cleans up on exit and on
 Ctrl-C. With ``--impersonate`` it shows an impersonation instead: a support
 agent's actor token for a customer, the session's ``act`` claim naming the
-agent, the audit trail it leaves, and the token called off.
+agent, the audit trail it leaves, and the token called off. With
+``--instances N`` one service fronts N Clerk instances of the fake Clerk, each
+its own key and limit: both drained at their own limits, then one instance's
+key rejected while the others are served, and its requests answered once the
+key works again.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,8 @@ UNKNOWN_EVERY = 50
 # The built-in fake Clerk enforces a production key's limit: 1,000 calls in any 10 s.
 FAKE_RATE_LIMIT = 1000
 FAKE_RATE_WINDOW_SECONDS = 10.0
+# The Clerk instances of ``--instances N``: a production key's limit, then development keys' (calls a 10 s window).
+DEMO_INSTANCES = (("prod", 1000), ("staging", 200), ("dev", 100), ("qa", 100))
 # Whom the demo's support agent logs in as, with the fake Clerk.
 DEMO_CUSTOMER = "user_demo_customer"
 # Without a POLICY_FILE, ``--impersonate`` runs under this one: impersonation needs a policy.
@@ -90,7 +97,7 @@ def masked_reply(reply: Reply) -> str:
 
 
 async def _environment(
-    stack: AsyncExitStack, options: dict[str, str], *, replicas: int
+    stack: AsyncExitStack, options: dict[str, str], *, replicas: int, instances: int = 1
 ) -> tuple[dict[str, str], FakeClerk | None]:
     """The demo's environment, starting what is missing; and the fake Clerk, when it is one."""
     environ = dict(os.environ)
@@ -121,8 +128,27 @@ async def _environment(
         environ.update(CLERK_SECRET_KEY=key, CLERK_API_URL=fake.url)
         environ.setdefault("CLERK_RATE_LIMIT", str(FAKE_RATE_LIMIT))
         say(f"no CLERK_SECRET_KEY: using the built-in fake Clerk at {fake.url}")
+        if instances > 1:
+            environ["CLERK_INSTANCES_FILE"] = _instances_file(stack, fake, key, instances)
         return environ, fake
     return environ, None
+
+
+def _instances_file(stack: AsyncExitStack, fake: FakeClerk, first_key: str, count: int) -> str:
+    """A CLERK_INSTANCES_FILE of ``count`` instances of the fake Clerk, each its key and limit, the fake told them."""
+    directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="sign-in-tokens-demo-"))
+    text = ""
+    for n, (name, limit) in enumerate(DEMO_INSTANCES[:count]):
+        key = first_key if n == 0 else "sk_test_" + secrets.token_hex(16)
+        fake.accepted_keys.add(key)
+        fake.rate_limits[key] = limit
+        SCRUBBER.add_secret(key)
+        text += f'[instances.{name}]\nsecret_key = "{key}"\napi_url = "{fake.url}"\nrate_limit = {limit}\n\n'
+    path = Path(directory) / "instances.toml"
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+    say(f"{count} Clerk instances behind one service: {path}")
+    return str(path)
 
 
 def _user_ids(count: int, real_user: str | None) -> list[str]:
@@ -134,11 +160,11 @@ def _user_ids(count: int, real_user: str | None) -> list[str]:
 
 
 async def _send_all(
-    client: SignInTokenClient, user_ids: list[str], stop: asyncio.Event
+    client: SignInTokenClient, user_ids: list[str], stop: asyncio.Event, desc: str = "replies"
 ) -> list[tuple[float, ReceivedReply]]:
     """Send every request, wait for every reply (or ``stop``); return (latency, reply) pairs."""
     results: list[tuple[float, ReceivedReply]] = []
-    with tqdm(total=len(user_ids), desc="replies", unit="req") as bar:
+    with tqdm(total=len(user_ids), desc=desc, unit="req") as bar:
 
         async def one(user_id: str) -> None:
             started = time.monotonic()
@@ -199,17 +225,21 @@ async def run_demo(
     replicas: int = 1,
     bulk: tuple[Path, Path] | None = None,
     actor: str | None = None,
+    instances: int = 1,
 ) -> None:
     """Run the demo end to end, with ``replicas`` workers (sharing a Redis when more than one).
 
     ``bulk``: onboard an input file into an output file with the bulk tool, instead of ``count`` requests.
     ``actor``: show ``actor`` impersonating ``user_id`` (an actor token) instead.
+    ``instances``: with more than one, the fake Clerk's instances behind one service (see the module).
     """
     configure_logging("console", "warning")
     async with AsyncExitStack() as stack:
-        environ, fake = await _environment(stack, {k: str(v) for k, v in options.items()}, replicas=replicas)
-        if fake is None and user_id is None:
-            say("with a real CLERK_SECRET_KEY, pass --user-id USER to choose whose tokens to create")
+        options_text = {k: str(v) for k, v in options.items()}
+        environ, fake = await _environment(stack, options_text, replicas=replicas, instances=instances)
+        refusal = _refusal(fake, user_id, instances)
+        if refusal is not None:
+            say(refusal)
             return
         if actor is not None and not environ.get("POLICY_FILE"):
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="sign-in-tokens-demo-"))
@@ -244,6 +274,9 @@ async def run_demo(
         if actor is not None:
             await _impersonate(client, settings, user_id or DEMO_CUSTOMER, actor)
             return
+        if fake is not None and instances > 1:
+            await _instances_demo(settings, fake, workers, count, stop)
+            return
         say(f"sending {count} requests…")
         started = time.monotonic()
         results = await _send_all(client, _user_ids(count, None if fake is not None else user_id), stop)
@@ -262,6 +295,79 @@ async def run_demo(
             )
         example = next((r.decode() for _, r in results if isinstance(r.decode(), Created)), results[0][1].decode())
         say("one reply, token masked:\n" + masked_reply(example))
+
+
+def _refusal(fake: FakeClerk | None, user_id: str | None, instances: int) -> str | None:
+    """Why the demo cannot run with a real Clerk key as asked, or None."""
+    if fake is not None:
+        return None
+    if instances > 1:
+        return "--instances shows the fake Clerk's instances: unset CLERK_SECRET_KEY (or run the worker with yours)"
+    if user_id is None:
+        return "with a real CLERK_SECRET_KEY, pass --user-id USER to choose whose tokens to create"
+    return None
+
+
+async def _instances_demo(
+    settings: Settings, fake: FakeClerk, workers: list[Worker], count: int, stop: asyncio.Event
+) -> None:
+    """Each instance drained at its own limit; then one's key rejected while the others are served."""
+    upstreams = workers[0].parts.upstreams
+    names = list(upstreams)
+    total = sum(upstreams[name].instance.rate_limit for name in names)
+    async with AsyncExitStack() as stack:
+        clients: dict[str, SignInTokenClient] = {}
+        for name in names:
+            clients[name] = SignInTokenClient(
+                settings.amqp_url,
+                request_queue=settings.request_queue,
+                bulk_queue=settings.bulk_queue,
+                service_user=settings.broker_user,
+                name=f"demo-client-{name}",
+                instance=name,
+            )
+            await stack.enter_async_context(clients[name])
+        shares = {name: max(1, count * upstreams[name].instance.rate_limit // total) for name in names}
+        by_limit = ", ".join(f"{n} {k}" for k, n in shares.items())
+        say(f"each instance's share of {count} requests, by its limit: {by_limit}")
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(_send_all(clients[name], _user_ids(shares[name], None), stop, desc=name) for name in names)
+        )
+        elapsed = time.monotonic() - started
+        for name, found in zip(names, results, strict=True):
+            if not found:
+                return
+            key = upstreams[name].instance.secret_key.reveal()
+            busiest = fake.stats.busiest_window(key, FAKE_RATE_WINDOW_SECONDS)
+            say(
+                f"  {name}: {_summary(found, elapsed)}; busiest {FAKE_RATE_WINDOW_SECONDS:g} s window "
+                f"{busiest} calls (its limit {upstreams[name].instance.rate_limit})"
+            )
+        say(f"fake Clerk: {fake.stats.rate_limited} calls answered 429")
+        held, served = names[-1], names[0]
+        held_key = upstreams[held].instance.secret_key.reveal()
+        fake.accepted_keys.discard(held_key)
+        say(f"Clerk now rejects {held}'s key (a revoked key): 20 requests to each instance…")
+        asked = time.monotonic()
+        held_replies = asyncio.ensure_future(_send_all(clients[held], _user_ids(20, None), stop, desc=held))
+        served_replies = await _send_all(clients[served], _user_ids(20, None), stop, desc=served)
+        say(f"  {served}: {_summary(served_replies, time.monotonic() - asked)}")
+        await _wait_for(lambda: not workers[0].parts.upstreams[held].key_ok, 5)
+        readiness = workers[0].instance_readiness()
+        say(f"  {held}: its requests wait in {settings.hold_queue(held)!r}; /readyz says {json.dumps(readiness)}")
+        fake.accepted_keys.add(held_key)
+        say(f"{held}'s key works again (rotated, say): its held requests are answered…")
+        found = await held_replies
+        say(f"  {held}: {_summary(found, time.monotonic() - asked)} (held while its key was rejected)")
+
+
+async def _wait_for(condition: Callable[[], bool], seconds: float) -> None:
+    """Wait until ``condition`` holds, ``seconds`` at most."""
+    for _ in range(int(seconds / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
 
 
 async def _onboard(settings: Settings, input_path: Path, output_path: Path, stop: asyncio.Event) -> None:

@@ -126,7 +126,7 @@ class Delivery:
             return
         await claim.delivered()
         await settle.ack(message)
-        parts.metrics.labelled(parts.metrics.requests, subject.source_label, outcome_of(reply)).inc()
+        parts.metrics.count(subject.source_label, outcome_of(reply), subject.instance)
         log.info("replied", reply_to=envelope.reply_to, **reply_log_fields(reply))
 
     async def _grant(self, token_id: str, subject: Subject) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from typing import Literal, TypeVar, get_args
+from typing import Final, Literal, TypeVar, get_args
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -28,6 +28,8 @@ M = TypeVar("M", bound=MetricWrapperBase)
 UnsettledReason = Literal[
     "reply_refused_after_unknown_fate", "fate_unknown_at_stop", "stopped_before_stored", "revocation_failed"
 ]
+# The ``instance`` of a request refused before its Clerk instance was chosen (no instance's name can be it).
+NO_INSTANCE: Final = "-"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -41,15 +43,15 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "sign_in_tokens_requests",
-            "Requests answered or dead-lettered, by lane (interactive, bulk, revoke) and outcome (created, revoked, "
-            "an error code, dead_lettered).",
-            ["lane", "outcome"],
+            "Requests answered or dead-lettered, by lane (interactive, bulk, impersonate, revoke), outcome (created, "
+            "revoked, an error code, dead_lettered) and Clerk instance (- when refused before one was chosen).",
+            ["lane", "outcome", "instance"],
             registry=r,
         )
         self.upstream_latency = Histogram(
             "sign_in_tokens_upstream_latency_seconds",
-            "Latency of calls to Clerk, by operation.",
-            ["operation"],
+            "Latency of calls to Clerk, by operation and Clerk instance.",
+            ["operation", "instance"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -112,8 +114,9 @@ class Metrics:
         )
         self.rate_limit_waiting = Gauge(
             "sign_in_tokens_rate_limit_waiting",
-            "Requests waiting for a slot under Clerk's rate limit, by lane (above 0 for long: held at the limit).",
-            ["lane"],
+            "Requests waiting for a slot under Clerk's rate limit, by lane and Clerk instance (above 0 for long: held "
+            "at the limit).",
+            ["lane", "instance"],
             registry=r,
         )
         self.idempotency_bytes = Gauge(
@@ -133,25 +136,34 @@ class Metrics:
         (A series that appears at 1 has no increase over a range that begins before it: the first
         dead letter after a start would never fire ``SignInTokensDeadLettersGrowing``.)
         """
-        failures = (*BY_CODE, "dead_lettered")
-        for lane in (*(lane.value for lane in Lane), IMPERSONATE):
+        for lane in (*(lane.value for lane in Lane), IMPERSONATE, REVOKE):
             self.labelled(self.in_flight, lane)
             self.labelled(self.retries, lane)
-            for outcome in ("created", *failures):
-                self.labelled(self.requests, lane, outcome)
-        self.labelled(self.in_flight, REVOKE)
-        self.labelled(self.retries, REVOKE)
-        for outcome in ("revoked", *failures):
-            self.labelled(self.requests, REVOKE, outcome)
+        self._requests_at_zero(NO_INSTANCE)
         for reason in get_args(UnsettledReason):
             self.labelled(self.unsettled, reason)
+
+    def _requests_at_zero(self, instance: str) -> None:
+        failures = (*BY_CODE, "dead_lettered")
+        for lane in (*(lane.value for lane in Lane), IMPERSONATE):
+            for outcome in ("created", *failures):
+                self.labelled(self.requests, lane, outcome, instance)
+        for outcome in ("revoked", *failures):
+            self.labelled(self.requests, REVOKE, outcome, instance)
 
     def instances(self, names: Iterable[str]) -> None:
         """Every series of each Clerk instance, from the start (as ``_start_at_zero``)."""
         for name in names:
+            self._requests_at_zero(name)
             self.labelled(self.key_rejected, name)
             for reason in get_args(HoldReason):
                 self.labelled(self.held, name, reason)
+            for operation in ("create", "revoke", "probe"):
+                self.labelled(self.upstream_latency, operation, name)
+
+    def count(self, lane: str, outcome: str, instance: str | None) -> None:
+        """One more request answered (or dead-lettered) from ``lane`` with ``outcome``, at ``instance``."""
+        self.labelled(self.requests, lane, outcome, instance or NO_INSTANCE).inc()
 
     def count_unsettled(self, reason: UnsettledReason) -> None:
         """One more token whose holder cannot be known, for ``reason``."""

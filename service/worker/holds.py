@@ -116,10 +116,10 @@ class InstanceHolds:
             return
         await self.settle.ack(message)
         parts.metrics.labelled(parts.metrics.held, instance, reason).inc()
-        if reason == "busy":  # a bulk job's every request: not a line each
-            log.debug("request_held", instance=instance, reason=reason)
+        # Not a line each at info (a backlog is thousands): the hold itself is logged once, the moves counted.
+        log.debug("request_held", instance=instance, reason=reason)
+        if reason == "busy":
             return
-        log.info("request_held", instance=instance, reason=reason)
         if reason == "key_rejected":
             self.probe_key(instance)
         await self.follow()

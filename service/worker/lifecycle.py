@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -65,10 +65,7 @@ class Worker:
         self.metrics = Metrics()
         self.metrics.instances(instances)
         self.dedup: IdempotencyStore = open_store(settings)
-        for lane in Lane:
-            self.metrics.labelled(self.metrics.rate_limit_waiting, lane.value).set_function(
-                functools.partial(self._rate_limit_waiting, lane)
-            )
+        self._measure_waiting(instances)
         store = self.dedup
         if isinstance(store, MemoryIdempotencyStore):  # Redis's memory is Redis's to report
             self.metrics.idempotency_bytes.set_function(lambda: store.size_bytes)
@@ -92,6 +89,7 @@ class Worker:
             stopping=self.stopping,
             holding=self.holding,
         )
+        self.parts.serve(self.parts.upstreams)  # their state ids known from the start
         self.pipeline = Pipeline(self.parts)
         self.holds = InstanceHolds(self.parts, self.pipeline.settle, self._on_request)
         self.key_probe = KeyProbe(self.parts, self.pipeline, self._pause, self._resume)
@@ -176,7 +174,7 @@ class Worker:
         return build_upstream(
             self.settings,
             instance,
-            observe=self._observe_upstream,
+            observe=functools.partial(self._observe_upstream, instance.name),
             on_cut=self.metrics.ambiguous_creates.inc,
             on_open=self._instance_down,
             on_close=self._instance_up,
@@ -198,9 +196,18 @@ class Worker:
         else:
             await self._resume("upstream_unavailable")
 
-    def _rate_limit_waiting(self, lane: Lane) -> int:
-        """Requests waiting for a rate slot on ``lane``, at every instance."""
-        return sum(upstream.clerk.limiter.waiting(lane) for upstream in self.parts.upstreams.values())
+    def _measure_waiting(self, names: Iterable[str]) -> None:
+        """``sign_in_tokens_rate_limit_waiting`` of each lane at each of these instances."""
+        for name in names:
+            for lane in Lane:
+                self.metrics.labelled(self.metrics.rate_limit_waiting, lane.value, name).set_function(
+                    functools.partial(self._rate_limit_waiting, name, lane)
+                )
+
+    def _rate_limit_waiting(self, instance: str, lane: Lane) -> int:
+        """Requests waiting for a rate slot on ``lane`` at ``instance`` (0 once it is gone)."""
+        upstream = self.parts.upstreams.get(instance)
+        return 0 if upstream is None else upstream.clerk.limiter.waiting(lane)
 
     def _log_policy(self, event: str) -> None:
         file = self.policy.file
@@ -294,11 +301,12 @@ class Worker:
             upstreams[name] = upstream
             if current is None and self._connection is not None and self.holding:
                 await self.holds.add(self._connection, name)
+        self.parts.serve(upstreams)
         self.metrics.instances(upstreams)
-        self.parts.upstreams = upstreams
+        self._measure_waiting(upstreams)
         retired = [upstream for name, upstream in old.items() if upstreams.get(name) is not upstream]
         for upstream in retired:
-            task = asyncio.create_task(self._retire(upstream))
+            task = asyncio.create_task(self._retire(upstream, removed=upstream.name not in upstreams))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         log.info(
@@ -310,17 +318,21 @@ class Worker:
         await self.holds.follow()
         return True
 
-    async def _retire(self, upstream: Upstream) -> None:
-        """Close a client replaced by a reload, once the calls it may have started are answered."""
-        await upstream.breaker.close()
+    async def _retire(self, upstream: Upstream, *, removed: bool) -> None:
+        """Close a client replaced by a reload, once the calls it may have started are answered.
+
+        The breaker goes on in the successor, but for an instance ``removed``.
+        """
+        if removed:
+            await upstream.breaker.close()
         with contextlib.suppress(ShutdownRequestedError):
             await self.parts.sleep_unless_stopping(
                 self.settings.request_timeout_seconds + self.settings.connect_timeout_seconds
             )
         await upstream.clerk.close()
 
-    def _observe_upstream(self, operation: str, seconds: float) -> None:
-        self.metrics.labelled(self.metrics.upstream_latency, operation).observe(seconds)
+    def _observe_upstream(self, instance: str, operation: str, seconds: float) -> None:
+        self.metrics.labelled(self.metrics.upstream_latency, operation, instance).observe(seconds)
 
     def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
         # Called again at each failed reconnect attempt: one line for the loss, one for the return.

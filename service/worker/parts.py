@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-from sign_in_tokens_client.connection import DEFAULT_INSTANCE
-from sign_in_tokens_client.contract.errors import ShutdownRequestedError
+from sign_in_tokens_client.connection import DEFAULT_INSTANCE, INSTANCE_HEADER
+from sign_in_tokens_client.contract.errors import InvalidRequestError, ShutdownRequestedError
 
 from service.amqp import publisher
 from service.amqp.acks import Acks
@@ -43,6 +43,8 @@ class Parts:
     stopping: asyncio.Event
     # CLERK_INSTANCES_FILE: a held instance's requests move to its hold queue (else the worker pauses).
     holding: bool = False
+    # The state id of each instance served (kept after a SIGHUP removes one).
+    state_ids: dict[str, str] = field(default_factory=dict)
     acks: Acks = field(default_factory=Acks)
     publisher_or_none: publisher.ReplyPublisher | None = None
     audit_or_none: AuditTrail | None = None
@@ -53,12 +55,31 @@ class Parts:
         return frozenset(self.upstreams)
 
     def upstream(self, instance: str | None) -> Upstream:
-        """The client and breaker of ``instance`` (None: an order or a request of before instances, ``default``)."""
-        return self.upstreams[instance or DEFAULT_INSTANCE]
+        """The client and breaker of ``instance`` (None: an order or a request of before instances, ``default``).
+
+        InvalidRequestError when a SIGHUP removed it after the request was admitted.
+        """
+        name = instance or DEFAULT_INSTANCE
+        found = self.upstreams.get(name)
+        if found is None:
+            msg = f"{INSTANCE_HEADER}: there is no Clerk instance {name!r} any more"
+            raise InvalidRequestError(msg)
+        return found
 
     def state_id(self, instance: str | None) -> str:
-        """What ``instance``'s shared state (idempotency answers, grants) is kept under: never its key."""
-        return self.upstream(instance).instance.state_id
+        """What ``instance``'s shared state (idempotency answers, grants) is kept under: never its key.
+
+        Known for every instance this process has served, so a token made just before a SIGHUP
+        removed its instance is still recorded under it.
+        """
+        name = instance or DEFAULT_INSTANCE
+        upstream = self.upstreams.get(name)
+        return upstream.instance.state_id if upstream is not None else self.state_ids.get(name, name)
+
+    def serve(self, upstreams: dict[str, Upstream]) -> None:
+        """Serve these instances from now on (at start, and at each SIGHUP)."""
+        self.upstreams = upstreams
+        self.state_ids.update({name: upstream.instance.state_id for name, upstream in upstreams.items()})
 
     @property
     def publisher(self) -> publisher.ReplyPublisher:

@@ -133,7 +133,7 @@ class Pipeline:
         parts = self.parts
         upstream = parts.upstream(instance)
         upstream.check()
-        if held or source != Lane.BULK:
+        if held or source != Lane.BULK or len(parts.upstreams) == 1:  # busy: only beside another instance
             return
         share = max(1, parts.settings.prefetch // (2 * len(parts.upstreams)))
         if upstream.clerk.limiter.waiting(Lane.BULK) >= share:

@@ -99,5 +99,5 @@ class Settle:
             await self.give_back(message, "dead_letter_failed")
             return
         await self.ack(message)
-        self.parts.metrics.labelled(self.parts.metrics.requests, subject.source_label, "dead_lettered").inc()
+        self.parts.metrics.count(subject.source_label, "dead_lettered", subject.instance)
         log.warning("dead_lettered", reason=reason)

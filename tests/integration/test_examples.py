@@ -11,7 +11,8 @@ line before a block says otherwise, with its reason:
   ``await`` allowed), not run;
 - ``<!-- example: run by tests/PATH -->``: a test of its own runs it and checks its output.
 
-A ``toml`` block is a policy file: it must load as one.
+A ``toml`` block is a policy file, or (its tables ``[instances.NAME]``) a CLERK_INSTANCES_FILE: it
+must load as one (the key files it names replaced by files holding a key).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 import pytest
 from sign_in_tokens_client.connection import broker_user
 
+from service.clerk.instances import load_instances
 from service.config import Settings
 from service.local.fake_clerk import FakeClerk
 from service.trust.policy import load_policy
@@ -108,11 +110,28 @@ def test_every_example_runs_here_or_says_why_not() -> None:
     assert [e for e in shown if e.marker is None], "no example is run at all"
 
 
-@pytest.mark.parametrize("example", examples("toml"), ids=lambda e: e.name)
+def _instances(example: Example) -> bool:
+    return example.code.lstrip().startswith("[instances.")
+
+
+@pytest.mark.parametrize("example", [e for e in examples("toml") if not _instances(e)], ids=lambda e: e.name)
 def test_the_policy_examples_load(example: Example, tmp_path: Path) -> None:
     policy_file = tmp_path / "policy.toml"
     policy_file.write_text(example.code, encoding="utf-8")
     assert load_policy(str(policy_file)).callers
+
+
+@pytest.mark.parametrize("example", [e for e in examples("toml") if _instances(e)], ids=lambda e: e.name)
+def test_the_instances_examples_load(example: Example, tmp_path: Path) -> None:
+    code = example.code
+    for n, path in enumerate(re.findall(r'secret_key_file = "([^"]+)"', code)):
+        key_file = tmp_path / f"key-{n}"
+        key_file.write_text("sk_test_" + "k" * 32)
+        code = code.replace(f'"{path}"', f'"{key_file}"')
+    instances_file = tmp_path / "instances.toml"
+    instances_file.write_text(code, encoding="utf-8")
+    found = load_instances(Settings(), str(instances_file))
+    assert len(found) >= 2
 
 
 @pytest.mark.parametrize("example", to_run("python"), ids=lambda e: e.name)

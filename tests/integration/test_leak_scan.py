@@ -214,3 +214,24 @@ def test_config_and_bad_tls_files_print_no_credential(tmp_path: Path) -> None:
         errors.append(refused.stderr)
     found = [secret for secret in secrets if any(secret in text for text in (shown.stdout, shown.stderr, *errors))]
     assert found == []
+
+
+def test_config_lists_the_clerk_instances_with_every_key_masked(tmp_path: Path) -> None:
+    """`config` with CLERK_INSTANCES_FILE: each instance, its limit and state shown; neither key, nor a key file's."""
+    key_file = tmp_path / "staging.key"
+    key_file.write_text("sk_test_" + "f" * 40)
+    instances = tmp_path / "instances.toml"
+    instances.write_text(
+        f'[instances.prod]\nsecret_key = "sk_live_{"z" * 40}"\n'
+        f'[instances.staging]\nsecret_key_file = "{key_file}"\nrate_limit = 50\nstate_id = "stg"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AMQP_", "REDIS_", "CLERK_"))}
+    shown = run_command("config", env={**env, "CLERK_INSTANCES_FILE": str(instances)})
+    assert shown.returncode == 0, shown.stderr
+    lines = [line for line in shown.stdout.splitlines() if line.startswith("#   ")]
+    assert lines == [
+        "#   prod: key sk_live_********, https://api.clerk.com/v1, 1000 calls in 10 s, state prod",
+        "#   staging: key sk_test_********, https://api.clerk.com/v1, 50 calls in 10 s, state stg",
+    ]
+    assert "z" * 40 not in shown.stdout + shown.stderr
+    assert "f" * 40 not in shown.stdout + shown.stderr

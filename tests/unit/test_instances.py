@@ -10,7 +10,7 @@ from sign_in_tokens_client.connection import DEFAULT_INSTANCE
 from sign_in_tokens_client.contract.errors import ConfigError, ForbiddenError, InvalidRequestError
 
 from service.clerk.instances import load_instances
-from service.config import load_settings
+from service.config import Secret, load_settings
 from service.trust.policy import Policy, load_policy
 
 LIVE = "sk_live_" + "p" * 24
@@ -256,3 +256,34 @@ def test_an_error_is_one_line_whatever_the_file_holds(tmp_path: Path) -> None:
         load_instances(load_settings({}), path)
     assert "\n" not in str(raised.value)
     assert "pro\\nd" in str(raised.value)
+
+
+def test_the_key_file_is_read_again_each_time_and_an_unchanged_key_is_the_same_instance(tmp_path: Path) -> None:
+    """CLERK_SECRET_KEY_FILE (one key): a reload sees a rotated key; the same key read twice is one instance."""
+    key_file = tmp_path / "key"
+    key_file.write_text(LIVE)
+    settings = load_settings({"CLERK_SECRET_KEY_FILE": str(key_file)})
+    first = load_instances(settings, None)[DEFAULT_INSTANCE]
+    assert load_instances(settings, None)[DEFAULT_INSTANCE] == first
+    key_file.write_text(TEST + "\n")
+    rotated = load_instances(settings, None)[DEFAULT_INSTANCE]
+    assert rotated != first
+    assert rotated.secret_key.reveal() == TEST
+    assert rotated.state_id == first.state_id == DEFAULT_INSTANCE
+    key_file.write_text("")
+    with pytest.raises(ConfigError, match=r"^CLERK_SECRET_KEY_FILE: must be a non-empty key"):
+        load_instances(settings, None)
+
+
+def test_the_key_itself_wins_over_a_key_file_and_is_never_read_again(tmp_path: Path) -> None:
+    settings = load_settings({"CLERK_SECRET_KEY": LIVE, "CLERK_SECRET_KEY_FILE": str(tmp_path / "absent")})
+    assert settings.clerk_secret_key_file is None
+    assert load_instances(settings, None)[DEFAULT_INSTANCE].secret_key.reveal() == LIVE
+
+
+def test_a_key_is_equal_only_to_the_same_key_and_never_hashed() -> None:
+    assert Secret(LIVE) == Secret(LIVE)
+    assert Secret(LIVE) != Secret(TEST)
+    assert Secret(LIVE) != LIVE
+    with pytest.raises(TypeError):
+        hash(Secret(LIVE))
