@@ -55,7 +55,7 @@ async def test_a_reply_held_by_a_memory_alarm_is_delivered_once_when_it_clears(
         await node.ctl("eval", CLEAR_ALARM)
     await wait_until(lambda: replies.answered == 2, timeout=20, what="both replies")
     await wait_until(lambda: worker.readiness()["broker_unblocked"], what="unblocked")
-    await wait_until(lambda: worker.metrics.requests.labels("interactive", "created")._value.get() == 2)
+    await wait_until(lambda: worker.metrics.requests.labels("interactive", "created", "default")._value.get() == 2)
     assert replies.duplicates == 0
     assert fake_clerk.stats.created == 2
     assert fake_clerk.stats.revoked == set()

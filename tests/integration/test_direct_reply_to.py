@@ -36,7 +36,7 @@ async def test_a_direct_reply_to_caller_gets_a_live_token(
     token_id = body["sign_in_token"]["id"]
     assert fake_clerk.stats.tokens[token_id]["status"] == "pending"
     assert fake_clerk.stats.revoked == set()
-    await wait_until(lambda: worker.metrics.requests.labels("interactive", "created")._value.get() == 1)
+    await wait_until(lambda: worker.metrics.requests.labels("interactive", "created", "default")._value.get() == 1)
     assert worker.metrics.revoked._value.get() == 0
 
 

@@ -36,9 +36,9 @@ async def test_metrics_count_requests_by_lane_and_outcome(worker: Worker, client
     status, content_type, text = await get(worker, "/metrics")
     assert status == 200
     assert content_type.startswith("text/plain")
-    assert 'sign_in_tokens_requests_total{lane="interactive",outcome="created",instance="default"} 1.0' in text
-    assert 'sign_in_tokens_requests_total{lane="interactive",outcome="user_not_found",instance="default"} 1.0' in text
-    assert 'sign_in_tokens_upstream_latency_seconds_count{operation="create",instance="default"} 2.0' in text
+    assert 'sign_in_tokens_requests_total{instance="default",lane="interactive",outcome="created"} 1.0' in text
+    assert 'sign_in_tokens_requests_total{instance="default",lane="interactive",outcome="user_not_found"} 1.0' in text
+    assert 'sign_in_tokens_upstream_latency_seconds_count{instance="default",operation="create"} 2.0' in text
     assert "sign_in_tokens_in_flight" in text
     assert "eyJ" not in text
 
@@ -61,12 +61,12 @@ async def test_every_known_series_starts_at_zero(worker: Worker) -> None:
     """The first dead letter after a start is an increase: its series is there, at 0, before it."""
     _, _, text = await get(worker, "/metrics")
     for lane in ("interactive", "bulk", "revoke"):
-        assert f'sign_in_tokens_requests_total{{lane="{lane}",outcome="dead_lettered",instance="-"}} 0.0' in text
-        assert f'sign_in_tokens_requests_total{{lane="{lane}",outcome="forbidden",instance="default"}} 0.0' in text
+        assert f'sign_in_tokens_requests_total{{instance="-",lane="{lane}",outcome="dead_lettered"}} 0.0' in text
+        assert f'sign_in_tokens_requests_total{{instance="default",lane="{lane}",outcome="forbidden"}} 0.0' in text
         assert f'sign_in_tokens_in_flight{{lane="{lane}"}} 0.0' in text
         assert f'sign_in_tokens_retries_total{{lane="{lane}"}} 0.0' in text
-    assert 'sign_in_tokens_requests_total{lane="bulk",outcome="created",instance="default"} 0.0' in text
-    assert 'sign_in_tokens_requests_total{lane="revoke",outcome="revoked",instance="default"} 0.0' in text
+    assert 'sign_in_tokens_requests_total{instance="default",lane="bulk",outcome="created"} 0.0' in text
+    assert 'sign_in_tokens_requests_total{instance="default",lane="revoke",outcome="revoked"} 0.0' in text
     for reason in ("reply_refused_after_unknown_fate", "stopped_before_stored", "revocation_failed"):
         assert f'sign_in_tokens_unsettled_tokens_total{{reason="{reason}"}} 0.0' in text
 
@@ -76,8 +76,8 @@ async def test_a_revocation_is_counted_on_the_revoke_lane(worker: Worker, client
     token = await client.create("user_r")
     await client.revoke(token.id)
     _, _, text = await get(worker, "/metrics")
-    assert 'sign_in_tokens_requests_total{lane="revoke",outcome="revoked",instance="default"} 1.0' in text
-    assert 'sign_in_tokens_requests_total{lane="interactive",outcome="created",instance="default"} 1.0' in text
+    assert 'sign_in_tokens_requests_total{instance="default",lane="revoke",outcome="revoked"} 1.0' in text
+    assert 'sign_in_tokens_requests_total{instance="default",lane="interactive",outcome="created"} 1.0' in text
     assert 'lane="interactive",outcome="revoked"' not in text
 
 

@@ -167,7 +167,7 @@ async def test_a_support_agent_logs_in_as_a_customer_and_the_session_names_the_a
     assert (sign_in_event["kind"], sign_in_event["actor"], sign_in_event["actor_sub"]) == ("sign_in_token", None, None)
     assert (sign_in_event["sign_in_token_id"], sign_in_event["actor_token_id"]) == (sign_in.id, None)
     assert token.token not in json.dumps(event)
-    assert 'sign_in_tokens_requests_total{lane="impersonate",outcome="created",instance="default"} 1.0' in (
+    assert 'sign_in_tokens_requests_total{instance="default",lane="impersonate",outcome="created"} 1.0' in (
         impersonating.metrics.render().decode()
     )
     await token_ledger.balanced()
