@@ -30,6 +30,8 @@ from yarl import URL
 from service.urls import MASK, _check_redis_parameters, check_clerk_url, check_tls, check_url, masked_url
 
 QueueName = Annotated[str, Meta(min_length=1, max_length=255)]
+# Which of a held Clerk instance's queues a request waits in: interactive work, bulk, or revocation orders.
+HoldKind = Literal["", "bulk", "revocations"]
 # Clerk's documented limits per 10 s: production and development instances.
 LIVE_KEY_RATE_LIMIT = 1000
 TEST_KEY_RATE_LIMIT = 100
@@ -101,7 +103,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     results_queue: QueueName = "sign_in_tokens.results"
     dead_letter_queue: QueueName = "sign_in_tokens.dead"
     # With CLERK_INSTANCES_FILE: a held instance's requests wait in "<HOLD_QUEUE_PREFIX>.<instance>".
-    hold_queue_prefix: QueueName = "sign_in_tokens.hold"
+    hold_queue_prefix: Annotated[str, Meta(min_length=1, max_length=200)] = "sign_in_tokens.hold"
     http_host: str = "0.0.0.0"  # noqa: S104 - probes reach the pod on its own address
     http_port: Annotated[int, Meta(ge=0, le=65535)] = 8080
     # Every number has an upper bound too: "inf" or 1e20 would defeat the bounds the docs promise.
@@ -140,7 +142,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # "none": the operator binds an archive of its own (until one is bound, requests are held).
     audit_archive_queue: QueueName = "sign_in_tokens.audit.archive"
     # How long the archive keeps events (RabbitMQ's x-max-age: Y, M, D, h, m, s).
-    audit_archive_max_age: Annotated[str, Meta(pattern=r"^[1-9][0-9]{0,5}[YMDhms]$")] = "30D"
+    audit_archive_max_age: Annotated[str, Meta(pattern=r"^[1-9][0-9]{0,5}[YMDhms](?![\s\S])")] = "30D"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -194,13 +196,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         )
         return frozenset(queue for queue in queues if queue)
 
-    def hold_queue(self, instance: str) -> str:
-        """The queue a held Clerk instance's requests wait in (the service's own too)."""
-        return f"{self.hold_queue_prefix}.{instance}"
+    def hold_queue(self, instance: str, kind: HoldKind = "") -> str:
+        """The queue a held Clerk instance's requests of ``kind`` wait in (the service's own too).
+
+        ``""``: interactive work (the interactive lane, impersonations, callers' revocations);
+        ``bulk``: the bulk lane's; ``revocations``: the workers' own orders (never dead-lettered).
+        """
+        return f"{self.hold_queue_prefix}.{instance}" + (f".{kind}" if kind else "")
+
+    def is_hold_queue(self, name: str) -> bool:
+        """Whether ``name`` is a held Clerk instance's queue."""
+        return name.startswith(f"{self.hold_queue_prefix}.")
 
     def is_own_queue(self, name: str) -> bool:
         """Whether ``name`` is one of the service's queues (a hold queue included): never a reply's destination."""
-        return name in self.own_queues or name.startswith(f"{self.hold_queue_prefix}.")
+        return name in self.own_queues or self.is_hold_queue(name)
 
     @property
     def broker_user(self) -> str:
@@ -363,6 +373,14 @@ def _check_queues_distinct(settings: Settings) -> None:
             msg = f"{env_name(field)}: {name!r} is already {env_name(seen[name])}; each queue needs a name of its own"
             raise ConfigError(msg)
         seen[name] = field
+    prefix = settings.hold_queue_prefix + "."
+    for name, field in seen.items():
+        if name.startswith(prefix) or name == settings.hold_queue_prefix:
+            msg = (
+                f"HOLD_QUEUE_PREFIX: {settings.hold_queue_prefix!r} would name hold queues like "
+                f"{env_name(field)} ({name!r}); give the hold queues a prefix of their own"
+            )
+            raise ConfigError(msg)
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:

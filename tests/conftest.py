@@ -173,7 +173,7 @@ async def queue_names(amqp: AbstractRobustConnection) -> AsyncIterator[dict[str,
     }
     yield names
     cleanup = await amqp.channel()
-    holds = [f"{prefix}.hold.{instance}" for instance in HOLD_QUEUES_OF]
+    holds = [f"{prefix}.hold.{instance}{kind}" for instance in HOLD_QUEUES_OF for kind in ("", ".bulk", ".revocations")]
     for name in (*names.values(), reply_queue_name(names), *holds):
         with contextlib.suppress(Exception):
             await cleanup.queue_delete(name)

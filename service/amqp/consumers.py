@@ -62,6 +62,11 @@ class Consumers(Generic[K]):
         """Whether every queue (both lanes, the revocations) is being consumed."""
         return len(self._tags) == len(self._names)
 
+    @property
+    def keys(self) -> list[K]:
+        """The queues' keys."""
+        return list(self._names)
+
     def consumes(self, key: K) -> bool:
         """Whether the queue of ``key`` is being consumed."""
         return key in self._tags
@@ -81,6 +86,15 @@ class Consumers(Generic[K]):
             msg = "Consumers.open() was not called"
             raise RuntimeError(msg)
         await self._channel.declare_queue(name, passive=True)
+
+    async def forget(self, key: K) -> None:
+        """The queue of ``key`` was deleted and declared again: its consumer went with it (consumed at ``resume``)."""
+        async with self._lock:
+            found = self._tags.pop(key, None)
+            if found is not None:
+                underlay, tag = found
+                with contextlib.suppress(*CHANNEL_FAILURES, RuntimeError):
+                    await underlay.basic_cancel(tag)
 
     async def add(self, key: K, name: str) -> None:
         """One more queue (already declared), not consumed until ``resume``."""

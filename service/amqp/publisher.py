@@ -147,13 +147,13 @@ def _copy_for_hold(
     headers[SOURCE_HEADER] = source
     properties.headers = headers
     properties.user_id = service_user
-    properties.expiration = None
+    # ``expiration`` kept: a request its caller let expire is dead-lettered from the hold queue as from its lane.
     properties.delivery_mode = aio_pika.DeliveryMode.PERSISTENT
     return properties
 
 
 def _copy_for_dead_letter(
-    message: DeliveredMessage, reason: str, service_user: str, caller: str | None
+    message: DeliveredMessage, reason: str, service_user: str, caller: str | None, queue: str
 ) -> spec.Basic.Properties:
     """The request's own properties, persistent, with why it was dead-lettered in headers."""
     properties = copy.copy(message.header.properties)
@@ -161,7 +161,7 @@ def _copy_for_dead_letter(
     # service or RabbitMQ says (a nameless caller naming another as x-original-user-id).
     headers = _callers_headers(properties)
     headers["x-dead-letter-reason"] = reason
-    headers["x-original-routing-key"] = message.routing_key or ""
+    headers["x-original-routing-key"] = queue
     # The user_id property must match the publishing connection's user (the worker's, which the
     # copy carries), so the original publisher travels as a header instead: empty when nameless.
     headers["x-original-user-id"] = caller or ""
@@ -223,10 +223,12 @@ class ReplyPublisher:
         """
         await self._publish(body, routing_key, properties, mandatory=True, exchange=exchange)
 
-    async def dead_letter(self, message: DeliveredMessage, reason: DeadLetterReason, caller: str | None) -> None:
-        """Copy ``caller``'s request to DEAD_LETTER_QUEUE with the reason; raise as ``publish``."""
+    async def dead_letter(
+        self, message: DeliveredMessage, reason: DeadLetterReason, caller: str | None, queue: str
+    ) -> None:
+        """Copy ``caller``'s request, from ``queue``, to DEAD_LETTER_QUEUE with the reason; raise as ``publish``."""
         await self._require_queue(self._dead_letter_queue)
-        properties = _copy_for_dead_letter(message, reason, self.service_user, caller)
+        properties = _copy_for_dead_letter(message, reason, self.service_user, caller, queue)
         await self._publish(message.body, self._dead_letter_queue, properties, mandatory=False)
 
     async def hold(self, message: DeliveredMessage, queue: str, caller: str | None, source: str) -> None:

@@ -18,7 +18,7 @@ from aio_pika.abc import (
 from sign_in_tokens_client.connection import CHANNEL_FAILURES
 from sign_in_tokens_client.contract.lanes import IMPERSONATE, REVOCATIONS, REVOKE, Lane, Source
 
-from service.config import Settings
+from service.config import HoldKind, Settings
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +35,18 @@ def lane_queue_arguments(settings: Settings) -> dict[str, Any]:
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
+
+
+def hold_queue_arguments(settings: Settings, kind: HoldKind) -> dict[str, Any]:
+    """A hold queue's arguments: a request queue's, but for the orders to revoke (never dead-lettered)."""
+    return {"x-queue-type": "quorum"} if kind == "revocations" else lane_queue_arguments(settings)
+
+
+def hold_kind(source: Source) -> HoldKind:
+    """Which of its instance's hold queues a request from ``source`` waits in."""
+    if source == Lane.BULK:
+        return "bulk"
+    return "revocations" if source == REVOCATIONS else ""
 
 
 def lane_queue_names(settings: Settings) -> dict[Source, str]:

@@ -110,10 +110,15 @@ def load_instances(settings: Settings, path: str | None) -> dict[str, Instance]:
         raise ConfigError(at(_VARIABLE, path, "instances", f"name 1 to {MAX_INSTANCES} instances"))
     found = {name: _instance(settings, path, name, table) for name, table in tables.items()}
     states = [instance.state_id for instance in found.values()]
+    keys = [instance.secret_key for instance in found.values()]
     for instance in found.values():
         if states.count(instance.state_id) > 1:
             reason = f"{instance.state_id!r} is another instance's state too: each keeps its own"
             raise ConfigError(at(_VARIABLE, path, f"instances.{instance.name}.state_id", reason))
+        if keys.count(instance.secret_key) > 1:
+            # Clerk limits a key, not an instance: two limits for one key would be twice Clerk's.
+            reason = "another instance has the same key: one instance a key"
+            raise ConfigError(at(_VARIABLE, path, f"instances.{instance.name}", reason))
     return found
 
 

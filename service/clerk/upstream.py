@@ -29,8 +29,10 @@ from urllib.parse import quote
 import aiohttp
 import msgspec
 from opentelemetry.trace import SpanKind
+from sign_in_tokens_client.connection import INSTANCE_HEADER
 from sign_in_tokens_client.contract.errors import (
     DeadlineExceededError,
+    InvalidRequestError,
     KeyRejectedError,
     RateLimitedError,
     RequestError,
@@ -52,7 +54,7 @@ from sign_in_tokens_client.contract.messages import (
 
 from service import __version__, tracing
 from service.clerk.instances import Instance
-from service.clerk.ratelimit import ClerkRateLimiter
+from service.clerk.ratelimit import ClerkRateLimiter, LimiterRetiredError
 from service.config import Settings
 
 Observe = Callable[[str, float], None]
@@ -197,6 +199,7 @@ class ClerkClient:
         # Set once a successor took the limiter over: it is the successor's to close.
         self.limiter_handed_on: bool = False
         self._succeeds = succeeds
+        self._removed = False
         # Once started, the client that took this one's place: a call still waiting here is sent through it.
         self._successor: ClerkClient | None = None
 
@@ -210,8 +213,15 @@ class ClerkClient:
             raise_for_status=False,
         )
         if self._succeeds is not None:
-            self._succeeds._successor = self  # noqa: SLF001 - one class's two instances
-            self._succeeds = None
+            old, self._succeeds = self._succeeds, None
+            old._successor = self  # noqa: SLF001 - one class's two instances
+            if old.limiter is not self.limiter:  # a new limit: the calls waiting there wait here
+                old.limiter.retire()
+
+    def remove(self) -> None:
+        """Its instance is gone (SIGHUP): the calls waiting for a slot are refused (invalid_request)."""
+        self._removed = True
+        self.limiter.retire()
 
     def _latest(self) -> ClerkClient:
         """The client a call sends through now: this one, or the last that took its place (a rotated key)."""
@@ -256,12 +266,12 @@ class ClerkClient:
         call is sent with the key in force when its turn comes: a SIGHUP's new key, if it came
         meanwhile (``_latest``).
         """
-        if self._session is None:
+        self._may_send()
+        if self._latest()._session is None:  # noqa: SLF001 - one class's instances
             msg = "ClerkClient.start() was not called"
             raise RuntimeError(msg)
-        self._may_send()
         with tracing.span("rate slot"):
-            await self.limiter.acquire(lane, deadline)
+            await self._slot(lane, deadline)
         async with self.gate.turn(lane):
             self._may_send()
             if deadline is not None and time.time() >= deadline:
@@ -292,6 +302,19 @@ class ClerkClient:
         sender._learn_key(answer[0])  # noqa: SLF001 - Clerk's word on the key that was sent
         return answer
 
+    async def _slot(self, lane: Lane, deadline: float | None) -> None:
+        """A slot under the limiter in force: a SIGHUP that changed the limit moves the wait to the new one."""
+        while True:
+            client = self._latest()
+            try:
+                await client.limiter.acquire(lane, deadline)
+            except LimiterRetiredError:
+                if client._removed:  # noqa: SLF001 - one class's instances
+                    msg = f"{INSTANCE_HEADER}: there is no Clerk instance {client.instance.name!r} any more"
+                    raise InvalidRequestError(msg) from None
+                continue
+            return
+
     def _learn_key(self, status: int) -> None:
         if status == 401:
             self.key_accepted = False
@@ -321,7 +344,7 @@ class ClerkClient:
         """
         status, answer, retry_after = await self._post(operation, path, body, lane, deadline)
         if status == 429:
-            await self.limiter.on_429(parse_retry_after(retry_after) or 1.0)
+            await self._latest().limiter.on_429(parse_retry_after(retry_after) or 1.0)
         if status == 401:
             raise InstanceKeyRejectedError(self.instance.name)
         if status != 200:

@@ -6,6 +6,7 @@ instances' names only: never a user, a message id, a token or a key.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from typing import Final, Literal, TypeVar, get_args
@@ -160,6 +161,13 @@ class Metrics:
                 self.labelled(self.held, name, reason)
             for operation in ("create", "revoke", "probe"):
                 self.labelled(self.upstream_latency, operation, name)
+
+    def forget_instance(self, name: str) -> None:
+        """An instance a SIGHUP removed: its checks are no longer exported (an alert on them would never clear)."""
+        for check in ("key_ok", "upstream_available"):
+            self._children.pop((self.instance_check, (name, check)), None)
+            with contextlib.suppress(KeyError):
+                self.instance_check.remove(name, check)
 
     def count(self, lane: str, outcome: str, instance: str | None) -> None:
         """One more request answered (or dead-lettered) from ``lane`` with ``outcome``, at ``instance``."""

@@ -1,13 +1,16 @@
 """Several Clerk instances: a held instance's requests wait in its own queue, and nobody else's wait with them.
 
 With CLERK_INSTANCES_FILE, a request for an instance that cannot take it now (its key rejected,
-Clerk down for it, or, for a bulk request, its rate limit full already) is moved to the
-instance's hold queue, ``sign_in_tokens.hold.<instance>`` (HOLD_QUEUE_PREFIX): published by the worker (so its
-``user_id`` is the worker's, which RabbitMQ checks), the caller in ``x-caller`` and the queue it was
-taken from in ``x-source``; the original is acknowledged once the copy is confirmed. Each hold
-queue is consumed while its instance works, and its requests are answered as if taken from their
-own queue (their lane's priority at Clerk, their caller's rules, their deadline). The lanes stay
-free for every other instance. docs/design.md says why this design and not another.
+Clerk down for it, or, for a bulk request, its rate limit full already) is moved to one of the
+instance's hold queues (HOLD_QUEUE_PREFIX): ``sign_in_tokens.hold.<instance>`` for interactive
+work (the interactive lane, impersonations, callers' revocations), ``....bulk`` for the bulk
+lane's, ``....revocations`` for the workers' own orders to revoke (no delivery limit, as their
+own queue). Published by the worker (so its ``user_id`` is the worker's, which RabbitMQ checks),
+the caller in ``x-caller`` and the queue it was taken from in ``x-source``; the original is
+acknowledged once the copy is confirmed. Each hold queue is consumed while its instance works,
+and its requests are answered as if taken from their own queue (their lane's priority at Clerk,
+their caller's rules, their deadline). The lanes stay free for every other instance.
+docs/design.md says why this design and not another.
 
 Without the file (one key, ``default``) nothing moves: a rejected key or an outage pauses the
 worker, as it always has (``key_probe.py``): there is no other instance to serve meanwhile.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from typing import Final, get_args
 
 import structlog
 from aio_pika.abc import AbstractRobustConnection
@@ -30,6 +34,7 @@ from service.amqp.consumers import Consumers
 from service.amqp.publisher import SOURCE_HEADER, held_caller
 from service.clerk.retry import probe_delays
 from service.clerk.upstreams import HoldReason
+from service.config import HoldKind
 from service.worker.parts import Parts
 from service.worker.settle import Settle
 
@@ -37,6 +42,11 @@ log = structlog.get_logger(__name__)
 
 # Handles one request taken from a queue: the source it counts as, and whether it came from a hold queue.
 Handle = Callable[[DeliveredMessage, Source, bool], Awaitable[None]]
+# One hold queue: its instance, and which of the instance's three it is.
+HoldKey = tuple[str, HoldKind]
+KINDS: Final[tuple[HoldKind, ...]] = get_args(HoldKind)
+# After a hold queue refused a request twice (declared again between), the wait before it goes back to its queue.
+_REFUSED_WAIT_SECONDS: Final = 1.0
 
 
 class InstanceHolds:
@@ -48,7 +58,8 @@ class InstanceHolds:
         self.settle = settle
         self._handle = handle
         self._sources = {source_label(source): source for source in topology.lane_queue_names(parts.settings)}
-        self._consumers: Consumers[str] | None = None
+        self._consumers: Consumers[HoldKey] | None = None
+        self._connection: AbstractRobustConnection | None = None
         # While the worker is paused (Redis away, a stop), no hold queue is consumed either.
         self._paused = True
         self._key_probes: dict[str, asyncio.Task[None]] = {}
@@ -59,24 +70,31 @@ class InstanceHolds:
         return list(self._key_probes.values())
 
     async def open(self, connection: AbstractRobustConnection) -> None:
-        """Declare each instance's hold queue and open their consumer (not consuming until ``resume``)."""
-        names = {name: self.parts.settings.hold_queue(name) for name in self.parts.upstreams}
-        arguments = topology.lane_queue_arguments(self.parts.settings)
-        await topology.declare_queues(connection, dict.fromkeys(names.values(), arguments))
-        self._consumers = Consumers(connection, self.parts.settings.prefetch, names, self._on_held)
+        """Declare each instance's hold queues, open their consumers on a channel of their own (not consuming yet)."""
+        self._connection = connection
+        self._consumers = Consumers(connection, self.parts.settings.prefetch, {}, self._on_held)
         await self._consumers.open()
+        for instance in self.parts.upstreams:
+            await self.add(instance)
 
-    async def add(self, connection: AbstractRobustConnection, instance: str) -> None:
-        """A new instance (SIGHUP): declare its hold queue; consumed at the next ``resume``."""
+    async def add(self, instance: str) -> None:
+        """An instance's three hold queues, declared; consumed at the next ``follow`` (a new instance at SIGHUP)."""
         if self._consumers is None:
             return
-        name = self.parts.settings.hold_queue(instance)
-        await topology.declare_queues(connection, {name: topology.lane_queue_arguments(self.parts.settings)})
-        await self._consumers.add(instance, name)
+        for kind in KINDS:
+            await self._declare(instance, kind)
+            await self._consumers.add((instance, kind), self.parts.settings.hold_queue(instance, kind))
+
+    async def _declare(self, instance: str, kind: HoldKind) -> None:
+        if self._connection is not None:
+            name = self.parts.settings.hold_queue(instance, kind)
+            await topology.declare_queues(
+                self._connection, {name: topology.hold_queue_arguments(self.parts.settings, kind)}
+            )
 
     def consuming(self, instance: str) -> bool:
-        """Whether ``instance``'s hold queue is being consumed."""
-        return self._consumers is not None and self._consumers.consumes(instance)
+        """Whether ``instance``'s hold queues are being consumed."""
+        return self._consumers is not None and all(self._consumers.consumes((instance, kind)) for kind in KINDS)
 
     async def pause(self) -> None:
         """The worker pauses: consume no hold queue."""
@@ -90,14 +108,24 @@ class InstanceHolds:
         await self.follow()
 
     async def follow(self) -> None:
-        """Consume the hold queues of the instances that work, and only theirs."""
-        if self._consumers is None:
+        """Consume the hold queues of the instances that work, and only theirs.
+
+        An instance a SIGHUP removed: its held requests are taken (and answered ``invalid_request``,
+        as a new one naming it would be); its orders to revoke wait until it is back.
+        """
+        consumers = self._consumers
+        if consumers is None:
             return
-        held = [name for name, upstream in self.parts.upstreams.items() if upstream.held]
-        await self._consumers.pause(held)
+        upstreams = self.parts.upstreams
+
+        def waits(key: HoldKey) -> bool:
+            instance, kind = key
+            upstream = upstreams.get(instance)
+            return upstream.held if upstream is not None else kind == "revocations"
+
+        await consumers.pause([key for key in consumers.keys if waits(key)])
         if not self._paused and not self.parts.stopping.is_set():
-            working = [name for name in self.parts.upstreams if name not in held]
-            await self._consumers.resume(working)
+            await consumers.resume([key for key in consumers.keys if not waits(key)])
 
     async def move(
         self, message: DeliveredMessage, source: Source, instance: str, reason: HoldReason, *, held: bool
@@ -108,10 +136,23 @@ class InstanceHolds:
         """
         parts = self.parts
         caller = held_caller(message) if held else message.header.properties.user_id
-        try:
-            await parts.publisher.hold(message, parts.settings.hold_queue(instance), caller, source_label(source))
-        except (broker.ReplyRefusedError, broker.ReplyFateUnknownError) as exc:
-            log.warning("hold_failed", instance=instance, reason=str(exc))
+        kind = topology.hold_kind(source)
+        queue = parts.settings.hold_queue(instance, kind)
+        for last in (False, True):
+            try:
+                await parts.publisher.hold(message, queue, caller, source_label(source))
+                break
+            except (broker.ReplyRefusedError, broker.ReplyFateUnknownError) as exc:
+                if not last and isinstance(exc, broker.ReplyRefusedError):  # deleted: declared again; or full
+                    await self._declare(instance, kind)
+                    if self._consumers is not None:  # its consumer went with it
+                        await self._consumers.forget((instance, kind))
+                    continue
+                why = str(exc)
+            log.warning("hold_failed", instance=instance, reason=why)
+            # Not at once: a refusal that lasts must not spend the request's deliveries in a second.
+            with contextlib.suppress(ShutdownRequestedError):
+                await parts.sleep_unless_stopping(_REFUSED_WAIT_SECONDS)
             await self.settle.give_back(message, "hold_failed")
             return
         await self.settle.ack(message)
@@ -124,8 +165,9 @@ class InstanceHolds:
             self.probe_key(instance)
         await self.follow()
 
-    async def _on_held(self, message: DeliveredMessage, instance: str) -> None:
-        """A request from ``instance``'s hold queue: only the worker's own are taken, as from their own queue."""
+    async def _on_held(self, message: DeliveredMessage, key: HoldKey) -> None:
+        """A request from an instance's hold queue: only the worker's own are taken, as from their own queue."""
+        instance, _ = key
         properties = message.header.properties
         source = self._sources.get(_text((properties.headers or {}).get(SOURCE_HEADER)))
         if properties.user_id != self.parts.settings.broker_user or source is None:

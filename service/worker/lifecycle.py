@@ -99,6 +99,7 @@ class Worker:
         self._consumers: consumers.Consumers[Source] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._redis_watch: asyncio.Task[None] | None = None
+        self._reloading = asyncio.Lock()
 
     @property
     def _publisher(self) -> publisher.ReplyPublisher | None:
@@ -276,6 +277,11 @@ class Worker:
         task.add_done_callback(self._tasks.discard)
 
     async def reload_instances(self) -> bool:
+        """Read CLERK_INSTANCES_FILE and every key file again (SIGHUP), one reload at a time."""
+        async with self._reloading:
+            return await self._reload_instances()
+
+    async def _reload_instances(self) -> bool:
         """Read CLERK_INSTANCES_FILE and every key file again (SIGHUP); a bad file keeps those in force, says why.
 
         An instance whose key, URL or limit changed gets a new client, which takes over the old
@@ -299,13 +305,16 @@ class Worker:
             upstream = self._upstream(instance, succeeds=current)
             await upstream.clerk.start()
             upstreams[name] = upstream
-            if current is None and self._connection is not None and self.holding:
-                await self.holds.add(self._connection, name)
+            if current is None and self.holding:
+                await self.holds.add(name)
         self.parts.serve(upstreams)
         self.metrics.instances(upstreams)
         self._measure_waiting(upstreams)
         retired = [upstream for name, upstream in old.items() if upstreams.get(name) is not upstream]
         for upstream in retired:
+            if upstream.name not in upstreams:
+                upstream.clerk.remove()
+                self.metrics.forget_instance(upstream.name)
             task = asyncio.create_task(self._retire(upstream, removed=upstream.name not in upstreams))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

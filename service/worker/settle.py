@@ -12,9 +12,11 @@ import structlog
 from aiormq.abc import DeliveredMessage
 from opentelemetry.trace import SpanKind
 from sign_in_tokens_client.connection import CHANNEL_FAILURES
+from sign_in_tokens_client.contract.lanes import source_label
 
 from service import tracing
 from service.amqp import broker, publisher
+from service.amqp.topology import lane_queue_names
 from service.clerk.retry import probe_delays
 from service.trust.audit import AuditEvent, Event, Subject
 from service.worker.parts import Parts
@@ -28,6 +30,8 @@ class Settle:
     def __init__(self, parts: Parts) -> None:
         """Settle through ``parts`` (its publisher, audit trail, acks)."""
         self.parts = parts
+        # Each source's queue, by its label (a held request's dead letter names its lane, not its hold queue).
+        self._queues = {source_label(source): name for source, name in lane_queue_names(parts.settings).items()}
 
     async def ack(self, message: DeliveredMessage) -> None:
         """Acknowledge ``message``: its answer (or dead letter) is confirmed."""
@@ -46,6 +50,13 @@ class Settle:
         """Give back a request the worker failed on; its queue's delivery limit ends a loop in DEAD_LETTER_QUEUE."""
         log.error("unexpected_error", error=exc, exc_info=exc)
         await self.give_back(message, "unexpected_error")
+
+    def _queue_of(self, message: DeliveredMessage, subject: Subject) -> str:
+        """The queue a request was published to: its lane's, for one taken from a hold queue (where to requeue it)."""
+        taken_from = message.routing_key or ""
+        if not self.parts.settings.is_hold_queue(taken_from):
+            return taken_from
+        return self._queues.get(subject.source_label, taken_from)
 
     def last_delivery(self, message: DeliveredMessage) -> bool:
         """Whether the queue's delivery limit dead-letters ``message`` if it is returned once more."""
@@ -93,7 +104,7 @@ class Settle:
         if outcome is not None and not await self.audited(message, subject.event(outcome[0], code=outcome[1])):
             return
         try:
-            await self.parts.publisher.dead_letter(message, reason, subject.caller)
+            await self.parts.publisher.dead_letter(message, reason, subject.caller, self._queue_of(message, subject))
         except (broker.ReplyRefusedError, broker.ReplyFateUnknownError):
             log.warning("dead_letter_failed", reason=reason)
             await self.give_back(message, "dead_letter_failed")

@@ -291,7 +291,7 @@ async def test_every_series_the_cases_use_is_exported_from_the_start(
     instances = tmp_path / "instances.toml"
     instances.write_text(
         "".join(
-            f'[instances.{name}]\nsecret_key = "{SECRET_KEY}"\napi_url = "{fake_clerk.url}"\n'
+            f'[instances.{name}]\nsecret_key = "{SECRET_KEY}{name}"\napi_url = "{fake_clerk.url}"\n'
             for name in ("default", "prod", "staging")
         )
     )

@@ -126,7 +126,7 @@ def test_the_instances_examples_load(example: Example, tmp_path: Path) -> None:
     code = example.code
     for n, path in enumerate(re.findall(r'secret_key_file = "([^"]+)"', code)):
         key_file = tmp_path / f"key-{n}"
-        key_file.write_text("sk_test_" + "k" * 32)
+        key_file.write_text(f"sk_test_{n}" + "k" * 32)
         code = code.replace(f'"{path}"', f'"{key_file}"')
     instances_file = tmp_path / "instances.toml"
     instances_file.write_text(code, encoding="utf-8")

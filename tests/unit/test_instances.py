@@ -287,3 +287,26 @@ def test_a_key_is_equal_only_to_the_same_key_and_never_hashed() -> None:
     assert Secret(LIVE) != LIVE
     with pytest.raises(TypeError):
         hash(Secret(LIVE))
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('[instances."prod\\n"]\nsecret_key = "' + TEST + '"\n', "instances"),
+        ('[instances.prod]\nsecret_key = "' + TEST + '"\nstate_id = "prod\\n"\n', "instances.prod.state_id"),
+        ('[instances.a]\nsecret_key = "' + TEST + '"\n[instances.b]\nsecret_key = "' + TEST + '"\n', "instances.a"),
+    ],
+    ids=["a name ending in a newline", "a state id ending in a newline", "one key for two instances"],
+)
+def test_names_end_where_they_seem_to_and_a_key_is_one_instances(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "instances.toml"
+    path.write_text(text)
+    settings = load_settings({"CLERK_SECRET_KEY": LIVE})
+    with pytest.raises(ConfigError, match=rf"^CLERK_INSTANCES_FILE: {path} at {where}"):
+        load_instances(settings, str(path))
+
+
+@pytest.mark.parametrize("prefix", ["sign_in_tokens", "sign_in_tokens.create"])
+def test_a_hold_queue_prefix_that_would_name_another_queue_is_refused(prefix: str) -> None:
+    with pytest.raises(ConfigError, match=r"^HOLD_QUEUE_PREFIX: "):
+        load_settings({"CLERK_SECRET_KEY": LIVE, "HOLD_QUEUE_PREFIX": prefix})

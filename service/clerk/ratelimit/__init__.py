@@ -44,6 +44,7 @@ import contextlib
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
 import structlog
@@ -178,6 +179,10 @@ class MemoryWindow:
         """Nothing to release."""
 
 
+class LimiterRetiredError(Exception):
+    """The limiter was replaced (a SIGHUP changed its instance's limit, or removed the instance): wait elsewhere."""
+
+
 class ClerkRateLimiter:
     """Slots for calls to Clerk: ``limit`` in every ``window_seconds``, interactive lane first."""
 
@@ -200,8 +205,8 @@ class ClerkRateLimiter:
         # Set when an interactive request starts waiting: the dispatcher asks again at once,
         # rather than sleep out a wait the window gave for bulk.
         self._wake = asyncio.Event()
-        # After ``stop``: no slot for anyone.
-        self._stopped = False
+        # After ``stop`` (or ``retire``): no slot for anyone, this raised instead.
+        self._stopped: Callable[[], Exception] | None = None
 
     @property
     def available(self) -> bool:
@@ -231,19 +236,26 @@ class ClerkRateLimiter:
 
     def stop(self) -> None:
         """Shutdown: no new call gets a slot; those waiting raise ShutdownRequestedError at once."""
-        self._stopped = True
+        self._end(lambda: ShutdownRequestedError("shutting down"))
+
+    def retire(self) -> None:
+        """Replaced (SIGHUP): no new call gets a slot; those waiting raise LimiterRetiredError at once."""
+        self._end(LimiterRetiredError)
+
+    def _end(self, error: Callable[[], Exception]) -> None:
+        self._stopped = error
         for queue in self._waiting.values():
             for future in queue:
                 if not future.done():
-                    future.set_exception(ShutdownRequestedError("shutting down"))
+                    future.set_exception(error())
 
     async def acquire(self, lane: Lane, deadline: float | None = None) -> None:
         """Wait for a slot; DeadlineExceededError when ``deadline`` (Unix seconds) comes first.
 
         ShutdownRequestedError after ``stop``, and at once for a call waiting when it comes.
         """
-        if self._stopped:
-            raise ShutdownRequestedError("shutting down")
+        if self._stopped is not None:
+            raise self._stopped()
         if not self._has_waiters() and await self._window.take(lane, 0) == 0.0:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -19,8 +19,10 @@ CALLER_HEADER: Final = "x-caller"
 # The Clerk instance a request is for (contract v3): absent, the caller's default one, else this one.
 INSTANCE_HEADER: Final = "x-clerk-instance"
 DEFAULT_INSTANCE: Final = "default"
-# What an instance's name may be: a metric label, an audit field, part of a queue's name.
-INSTANCE_NAME: Final = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+# What an instance's name may be: a metric label, an audit field, part of a queue's name. The
+# patterns end with (?![\s\S]), "nothing follows", in Python and in JSON Schema's ECMAScript
+# alike: a `$` would let a trailing newline through in Python.
+INSTANCE_NAME: Final = r"^[a-z0-9][a-z0-9_-]{0,31}(?![\s\S])"
 _CONNECT_TIMEOUT_SECONDS: Final = 10.0
 # aio-pika's default is 5 s; a lost broker is retried each second so consumption resumes sooner.
 _RECONNECT_INTERVAL_SECONDS: Final = 1.0

@@ -27,8 +27,8 @@ OrgId = Annotated[str, Meta(min_length=1, max_length=256)]
 ExpiresIn = Annotated[int, Meta(ge=1)]
 # An actor object: ``sub`` and at most 15 more string keys, each value a string without control
 # characters (the object is copied into the session's ``act`` claim and the audit trail).
-ActorKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
-ActorValue = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ActorKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+(?![\s\S])")]
+ActorValue = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+(?![\s\S])")]
 Actor = Annotated[dict[ActorKey, ActorValue], Meta(min_length=1, max_length=16)]
 # The actor keys Clerk sets itself in the session's ``act`` claim: a caller never does.
 CLERK_ACTOR_KEYS: Final = ("iss", "sid")
@@ -223,7 +223,7 @@ def outcome(reply: Reply) -> Outcome:
 
 
 # A Clerk object id (``sit_...``, ``act_...``): letters, digits, ``_`` and ``-``.
-TokenId = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_-]+$")]
+TokenId = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_-]+(?![\s\S])")]
 
 
 class RevokeRequest(Strict, frozen=True):
