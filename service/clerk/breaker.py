@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from sign_in_tokens_client.contract.errors import (
     DeadlineExceededError,
+    ServiceError,
     ShutdownRequestedError,
     UpstreamUnavailableError,
 )
@@ -120,10 +121,10 @@ class UpstreamBreaker:
             try:
                 if await self._probe():
                     break
-            except UpstreamUnavailableError:
-                continue
             except ShutdownRequestedError:
                 return
+            except ServiceError:  # unavailable still, or the probe's wait cut short: probe again
+                continue
         self.record_success()
         self._closed.set()
         log.info("upstream_available_resuming")

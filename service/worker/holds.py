@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Final, get_args
 
@@ -33,7 +34,7 @@ from service.amqp import broker, topology
 from service.amqp.consumers import Consumers
 from service.amqp.publisher import SOURCE_HEADER, held_caller
 from service.clerk.retry import probe_delays
-from service.clerk.upstreams import HoldReason
+from service.clerk.upstreams import HoldReason, InstanceHeldError
 from service.config import HoldKind
 from service.worker.parts import Parts
 from service.worker.settle import Settle
@@ -63,6 +64,8 @@ class InstanceHolds:
         # While the worker is paused (Redis away, a stop), no hold queue is consumed either.
         self._paused = True
         self._key_probes: dict[str, asyncio.Task[None]] = {}
+        # The instances held at the last ``follow``.
+        self._held: set[str] = set()
 
     @property
     def tasks(self) -> list[asyncio.Task[None]]:
@@ -117,6 +120,12 @@ class InstanceHolds:
         if consumers is None:
             return
         upstreams = self.parts.upstreams
+        for name, upstream in upstreams.items():
+            reason = upstream.hold_reason
+            if reason is not None and name not in self._held:
+                # Newly held: the requests waiting for its rate slot go to its hold queues now, not at their call.
+                upstream.clerk.limiter.flush(functools.partial(InstanceHeldError, name, reason))
+        self._held = {name for name, upstream in upstreams.items() if upstream.held}
 
         def waits(key: HoldKey) -> bool:
             instance, kind = key
@@ -192,7 +201,7 @@ class InstanceHolds:
                 upstream = parts.upstreams.get(instance)
                 if upstream is None:  # gone from the instances file
                     return
-                with contextlib.suppress(UpstreamUnavailableError):
+                with contextlib.suppress(UpstreamUnavailableError, InstanceHeldError):
                     await upstream.clerk.probe()
                 if upstream.key_ok:
                     break

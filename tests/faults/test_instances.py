@@ -23,15 +23,12 @@ from service.local.fake_clerk import FakeClerk
 from service.local.redis_server import LocalRedis
 from tests.conftest import wait_until
 from tests.faults.conftest import Figures
+from tests.instances import PROD, PROD_KEY, STAGING, STAGING_KEY, limited, replies_to
+from tests.instances import instances_file as write_instances
 from tests.ledger import Ledger
-from tests.workers import Replies, WorkerProcesses, count_replies, publish_requests, readyz
+from tests.workers import Replies, WorkerProcesses, publish_requests, readyz
 
 pytestmark = pytest.mark.slow
-
-PROD_KEY = "sk_test_" + "p" * 32
-STAGING_KEY = "sk_test_" + "s" * 32
-PROD = {"x-clerk-instance": "prod"}
-STAGING = {"x-clerk-instance": "staging"}
 
 
 def instances_file(tmp_path: Path, fake_clerk: FakeClerk, prod_limit: int, staging_limit: int, **files: str) -> str:
@@ -39,20 +36,14 @@ def instances_file(tmp_path: Path, fake_clerk: FakeClerk, prod_limit: int, stagi
     fake_clerk.rate_window_seconds = 1.0
     fake_clerk.rate_limits = {PROD_KEY: prod_limit, STAGING_KEY: staging_limit}
     fake_clerk.accepted_keys |= {PROD_KEY, STAGING_KEY}
-    text = ""
-    for name, key, limit in (("prod", PROD_KEY, prod_limit), ("staging", STAGING_KEY, staging_limit)):
-        secret = f'secret_key_file = "{files[name]}"' if name in files else f'secret_key = "{key}"'
-        text += f'[instances.{name}]\n{secret}\napi_url = "{fake_clerk.url}"\nrate_limit = {limit}\n'
-        text += "rate_window_seconds = 1\n"
-    path = tmp_path / "instances.toml"
-    path.write_text(text)
-    return str(path)
+    lines = {name: limited(limit) for name, limit in (("prod", prod_limit), ("staging", staging_limit))}
+    for name, key_file in files.items():
+        lines[name] += f'secret_key_file = "{key_file}"\n'
+    return write_instances(tmp_path / "instances.toml", fake_clerk, **lines)
 
 
 async def two_reply_queues(channel: AbstractChannel, queue_names: dict[str, str]) -> tuple[Replies, Replies]:
-    prod, _ = await count_replies(channel, f"{queue_names['REQUEST_QUEUE']}.prod")
-    staging, _ = await count_replies(channel, f"{queue_names['REQUEST_QUEUE']}.staging")
-    return prod, staging
+    return await replies_to(channel, queue_names, "prod"), await replies_to(channel, queue_names, "staging")
 
 
 @pytest.mark.parametrize("replicas", [1, 3])

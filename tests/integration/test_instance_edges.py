@@ -19,13 +19,10 @@ from service.local.fake_clerk import FakeClerk
 from service.worker.lifecycle import Worker
 from tests import ledger
 from tests.conftest import WorkerFactory, queue_depth, wait_depth, wait_until
-from tests.workers import Replies, count_replies, publish_requests
+from tests.instances import PROD, PROD_KEY, STAGING, STAGING_KEY, instances_file, limited, replies_to
+from tests.workers import publish_requests
 
-PROD_KEY = "sk_test_" + "p" * 32
-STAGING_KEY = "sk_test_" + "s" * 32
 NEW_KEY = "sk_test_" + "n" * 32
-PROD: dict[str, Any] = {"x-clerk-instance": "prod"}
-STAGING: dict[str, Any] = {"x-clerk-instance": "staging"}
 # A request timeout short enough that a client replaced by a reload is closed within the test.
 QUICK_RETIRE: dict[str, Any] = {
     "request_timeout_seconds": 1,
@@ -36,16 +33,7 @@ QUICK_RETIRE: dict[str, Any] = {
 
 def write(path: Path, fake_clerk: FakeClerk, *, prod: str = "", staging: str | None = "") -> str:
     """Prod and (unless None) staging at the stand-in Clerk; ``prod``/``staging``: more lines for each table."""
-    text = f'[instances.prod]\nsecret_key = "{PROD_KEY}"\napi_url = "{fake_clerk.url}"\n{prod}'
-    if staging is not None:
-        text += f'[instances.staging]\nsecret_key = "{STAGING_KEY}"\napi_url = "{fake_clerk.url}"\n{staging}'
-    path.write_text(text)
-    return str(path)
-
-
-async def replies_to(channel: AbstractChannel, queue_names: dict[str, str], name: str) -> Replies:
-    counted, _ = await count_replies(channel, f"{queue_names['REQUEST_QUEUE']}.{name}")
-    return counted
+    return instances_file(path, fake_clerk, prod=prod, staging=staging)
 
 
 def held(worker: Worker, instance: str, reason: str) -> float:
@@ -64,8 +52,7 @@ async def test_after_a_rotation_an_outage_still_ends_when_clerk_answers(
     key_file = tmp_path / "prod.key"
     key_file.write_text(PROD_KEY)
     path = tmp_path / "instances.toml"
-    write(path, fake_clerk, staging=None)
-    path.write_text(path.read_text().replace(f'secret_key = "{PROD_KEY}"', f'secret_key_file = "{key_file}"'))
+    write(path, fake_clerk, prod=f'secret_key_file = "{key_file}"\n', staging=None)
     fake_clerk.accepted_keys |= {PROD_KEY, NEW_KEY}
     worker = await start_worker(clerk_instances_file=str(path), outage_failure_threshold=2, **QUICK_RETIRE)
     prod = await replies_to(channel, queue_names, "prod")
@@ -93,13 +80,13 @@ async def test_requests_waiting_for_a_slot_when_a_reload_changes_the_limit_are_a
 ) -> None:
     """2 calls a second, 30 queued, the limit raised to 10 mid-drain: the waiting requests move to the new limiter."""
     path = tmp_path / "instances.toml"
-    write(path, fake_clerk, prod="rate_limit = 2\nrate_window_seconds = 1\n", staging=None)
+    write(path, fake_clerk, prod=limited(2), staging=None)
     fake_clerk.accepted_keys.add(PROD_KEY)
     worker = await start_worker(clerk_instances_file=str(path), prefetch=30, **QUICK_RETIRE)
     prod = await replies_to(channel, queue_names, "prod")
     await publish_requests(channel, queue_names["BULK_QUEUE"], prod.queue, 30, prefix="b", headers=PROD)
     await wait_until(lambda: prod.answered >= 3, what="the drain under way")
-    write(path, fake_clerk, prod="rate_limit = 10\nrate_window_seconds = 1\n", staging=None)
+    write(path, fake_clerk, prod=limited(10), staging=None)
     assert await worker.reload_instances()
     await wait_until(lambda: prod.answered == 30, timeout=15, what="every request, at the new limit")
     assert prod.outcomes == {"created": 30}
@@ -114,7 +101,7 @@ async def test_a_removed_instances_requests_are_answered_invalid_request_whereve
 ) -> None:
     """Staging removed by a reload: requests held (its key rejected) and requests at its limiter, each answered."""
     path = tmp_path / "instances.toml"
-    write(path, fake_clerk, staging="rate_limit = 2\nrate_window_seconds = 1\n")
+    write(path, fake_clerk, staging=limited(2))
     fake_clerk.accepted_keys.add(PROD_KEY)  # staging's key rejected: its requests are held
     worker = await start_worker(clerk_instances_file=str(path), **QUICK_RETIRE)
     staging = await replies_to(channel, queue_names, "staging")
@@ -196,7 +183,7 @@ async def test_held_interactive_requests_go_ahead_of_the_instances_held_bulk_bac
     tmp_path: Path,
 ) -> None:
     """40 bulk then 3 interactive requests held at 4 calls a second: once the key works, interactive first."""
-    path = write(tmp_path / "instances.toml", fake_clerk, staging="rate_limit = 4\nrate_window_seconds = 1\n")
+    path = write(tmp_path / "instances.toml", fake_clerk, staging=limited(4))
     fake_clerk.accepted_keys.add(PROD_KEY)
     await start_worker(clerk_instances_file=path, prefetch=8)
     bulk = await replies_to(channel, queue_names, "bulk-replies")

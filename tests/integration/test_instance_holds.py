@@ -17,24 +17,16 @@ from service.local.fake_clerk import FakeClerk
 from service.worker.lifecycle import Worker
 from tests import ledger
 from tests.conftest import WorkerFactory, queue_depth, wait_depth, wait_until
-from tests.workers import Replies, count_replies, publish_requests
-
-PROD_KEY = "sk_test_" + "p" * 32
-STAGING_KEY = "sk_test_" + "s" * 32
-PROD: dict[str, object] = {"x-clerk-instance": "prod"}
+from tests.instances import PROD, PROD_KEY, STAGING_KEY, limited, replies_to
+from tests.instances import instances_file as write_instances
+from tests.workers import publish_requests
 
 
 def instances_file(tmp_path: Path, fake_clerk: FakeClerk, prod_limit: int = 1000, staging_limit: int = 1000) -> str:
     """Two instances, prod and staging, each with its key and limit (a 1 s window), at the stand-in Clerk."""
-    path = tmp_path / "instances.toml"
-    path.write_text(
-        f'[instances.prod]\nsecret_key = "{PROD_KEY}"\napi_url = "{fake_clerk.url}"\n'
-        f"rate_limit = {prod_limit}\nrate_window_seconds = 1\n"
-        f'[instances.staging]\nsecret_key = "{STAGING_KEY}"\napi_url = "{fake_clerk.url}"\n'
-        f"rate_limit = {staging_limit}\nrate_window_seconds = 1\n"
-    )
     fake_clerk.accepted_keys |= {PROD_KEY, STAGING_KEY}
-    return str(path)
+    path = tmp_path / "instances.toml"
+    return write_instances(path, fake_clerk, prod=limited(prod_limit), staging=limited(staging_limit))
 
 
 async def instance_checks(worker: Worker) -> dict[str, object]:
@@ -42,11 +34,6 @@ async def instance_checks(worker: Worker) -> dict[str, object]:
     url = f"http://127.0.0.1:{worker.health.port}/readyz"
     async with aiohttp.ClientSession() as http, http.get(url) as response:
         return {"status": response.status, **await response.json()}
-
-
-async def replies_to(channel: AbstractChannel, queue_names: dict[str, str], name: str) -> Replies:
-    counted, _ = await count_replies(channel, f"{queue_names['REQUEST_QUEUE']}.{name}")
-    return counted
 
 
 async def test_each_instance_gets_its_own_key_and_is_held_to_its_own_limit(
