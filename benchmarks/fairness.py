@@ -206,8 +206,9 @@ async def run_instances(
             worker.terminate()
         for worker in workers:
             await asyncio.to_thread(worker.wait, 30)
-        held = (await channel.declare_queue(f"{tag}.hold.staging", passive=True)).declaration_result.message_count
-        for name in (*queues.values(), f"{tag}.bulk-replies", f"{tag}.hold.prod", f"{tag}.hold.staging"):
+        holds = [f"{tag}.hold.{name}{kind}" for name in ("prod", "staging") for kind in ("", ".bulk", ".revocations")]
+        held = (await channel.declare_queue(f"{tag}.hold.staging.bulk", passive=True)).declaration_result.message_count
+        for name in (*queues.values(), f"{tag}.bulk-replies", *holds):
             await channel.queue_delete(name)
     return {
         "staging": "key rejected" if staging_rejected else "working, its backlog at its limit",
