@@ -67,10 +67,6 @@ class Consumers(Generic[K]):
         """The queues' keys."""
         return list(self._names)
 
-    def consumes(self, key: K) -> bool:
-        """Whether the queue of ``key`` is being consumed."""
-        return key in self._tags
-
     async def open(self) -> None:
         """Open the channel and bind to the (already declared) queues."""
         channel = await self._connection.channel()

@@ -354,7 +354,7 @@ async def _instances_demo(
         served_replies = await _send_all(clients[served], _user_ids(20, None), stop, desc=served)
         say(f"  {served}: {_summary(served_replies, time.monotonic() - asked)}")
         await _wait_for(lambda: not workers[0].parts.upstreams[held].key_ok, 5)
-        readiness = workers[0].instance_readiness()
+        readiness = workers[0].instances.readiness()
         say(f"  {held}: its requests wait in {settings.hold_queue(held)!r}; /readyz says {json.dumps(readiness)}")
         fake.accepted_keys.add(held_key)
         say(f"{held}'s key works again (rotated, say): its held requests are answered…")

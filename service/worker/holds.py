@@ -95,10 +95,6 @@ class InstanceHolds:
                 self._connection, {name: topology.hold_queue_arguments(self.parts.settings, kind)}
             )
 
-    def consuming(self, instance: str) -> bool:
-        """Whether ``instance``'s hold queues are being consumed."""
-        return self._consumers is not None and all(self._consumers.consumes((instance, kind)) for kind in KINDS)
-
     async def pause(self) -> None:
         """The worker pauses: consume no hold queue."""
         self._paused = True

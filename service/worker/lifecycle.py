@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import structlog
@@ -20,29 +19,28 @@ from aio_pika.abc import AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from sign_in_tokens_client.connection import CHANNEL_FAILURES, DEFAULT_INSTANCE
 from sign_in_tokens_client.contract.errors import ConfigError, KeyRejectedError, ShutdownRequestedError
-from sign_in_tokens_client.contract.lanes import Lane, Source, source_label
-from sign_in_tokens_client.contract.messages import Created
+from sign_in_tokens_client.contract.lanes import Source, source_label
 
 from service.amqp import broker, consumers, publisher, topology
 from service.clerk.instances import load_instances
 from service.clerk.retry import RetryPolicy
 from service.clerk.upstream import InstanceKeyRejectedError
-from service.clerk.upstreams import InstanceHeldError, Upstream, build_upstream
+from service.clerk.upstreams import InstanceHeldError
 from service.config import SHUTDOWN_MARGIN_SECONDS, Settings
-from service.logs import SCRUBBER, token_field
 from service.state.dedup import IdempotencyStore, open_store
 from service.state.dedup.memory import MemoryIdempotencyStore
 from service.state.grants import Grants
-from service.trust.audit import AuditTrail, Subject
+from service.trust.audit import AuditTrail
 from service.trust.policy import Policy, policy_from_settings
+from service.worker.clerk_instances import ClerkInstances
 from service.worker.health import HealthServer, Metrics
 from service.worker.holds import InstanceHolds
 from service.worker.key_probe import KeyProbe
 from service.worker.parts import Parts
 from service.worker.pipeline import Pipeline
+from service.worker.policy_notes import log_policy
 
 if TYPE_CHECKING:
-    from service.clerk.instances import Instance
     from service.state.redis_link import RedisLink
 
 log = structlog.get_logger(__name__)
@@ -63,24 +61,23 @@ class Worker:
         instances = load_instances(settings, settings.clerk_instances_file)  # first: bad files stop a start
         policy = policy_from_settings(settings)
         self.metrics = Metrics()
-        self.metrics.instances(instances)
         self.dedup: IdempotencyStore = open_store(settings)
-        self._measure_waiting(instances)
         store = self.dedup
         if isinstance(store, MemoryIdempotencyStore):  # Redis's memory is Redis's to report
             self.metrics.idempotency_bytes.set_function(lambda: store.size_bytes)
             self.metrics.idempotency_entries.set_function(lambda: len(store))
-        self.health = HealthServer(
-            self.metrics, self.readiness, settings.http_host, settings.http_port, self.instance_readiness
-        )
         self.stopping = asyncio.Event()
+        self.instances = ClerkInstances(settings, self.metrics, self.stopping, self._instance_down, self._instance_up)
+        self.health = HealthServer(
+            self.metrics, self.readiness, settings.http_host, settings.http_port, self.instances.readiness
+        )
         # With CLERK_INSTANCES_FILE a held instance's requests move to its hold queue; else the worker pauses.
         self.holding = settings.clerk_instances_file is not None
         default = instances.get(DEFAULT_INSTANCE)
         self.parts = Parts(
             settings=settings,
             metrics=self.metrics,
-            upstreams={name: self._upstream(instance) for name, instance in instances.items()},
+            upstreams=self.instances.build(instances),
             retry=RetryPolicy(settings.max_attempts, settings.retry_base_seconds, settings.retry_max_delay_seconds),
             dedup=self.dedup,
             # Earlier versions kept the grants under the digest of the one key: read while they may live.
@@ -92,6 +89,7 @@ class Worker:
         self.parts.serve(self.parts.upstreams)  # their state ids known from the start
         self.pipeline = Pipeline(self.parts)
         self.holds = InstanceHolds(self.parts, self.pipeline.settle, self._on_request)
+        self.instances.attach(self.parts, self.holds)
         self.key_probe = KeyProbe(self.parts, self.pipeline, self._pause, self._resume)
         self._paused: set[str] = set()
         self._lost_at: float | None = None
@@ -99,7 +97,6 @@ class Worker:
         self._consumers: consumers.Consumers[Source] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._redis_watch: asyncio.Task[None] | None = None
-        self._reloading = asyncio.Lock()
 
     @property
     def _publisher(self) -> publisher.ReplyPublisher | None:
@@ -169,20 +166,6 @@ class Worker:
                     assumes="this worker is the only one calling Clerk with this key; set REDIS_URL to share it",
                 )
 
-    def _upstream(self, instance: Instance, succeeds: Upstream | None = None) -> Upstream:
-        """An instance's client and breaker: its outage pauses the worker, or (CLERK_INSTANCES_FILE) holds it alone."""
-        SCRUBBER.add_secret(instance.secret_key.reveal())  # never in a log line, whatever carries it
-        return build_upstream(
-            self.settings,
-            instance,
-            observe=functools.partial(self._observe_upstream, instance.name),
-            on_cut=self.metrics.ambiguous_creates.inc,
-            on_open=self._instance_down,
-            on_close=self._instance_up,
-            stopping=self.stopping,
-            succeeds=succeeds,
-        )
-
     async def _instance_down(self, _: str) -> None:
         """An instance's breaker opened."""
         if self.holding:
@@ -197,57 +180,8 @@ class Worker:
         else:
             await self._resume("upstream_unavailable")
 
-    def _measure_waiting(self, names: Iterable[str]) -> None:
-        """``sign_in_tokens_rate_limit_waiting`` of each lane at each of these instances."""
-        for name in names:
-            for lane in Lane:
-                self.metrics.labelled(self.metrics.rate_limit_waiting, lane.value, name).set_function(
-                    functools.partial(self._rate_limit_waiting, name, lane)
-                )
-
-    def _rate_limit_waiting(self, instance: str, lane: Lane) -> int:
-        """Requests waiting for a rate slot on ``lane`` at ``instance`` (0 once it is gone)."""
-        upstream = self.parts.upstreams.get(instance)
-        return 0 if upstream is None else upstream.clerk.limiter.waiting(lane)
-
     def _log_policy(self, event: str) -> None:
-        file = self.policy.file
-        if self.policy.open:
-            log.warning(
-                "no_policy",
-                assumes="anyone who can publish to the request queues may ask for any user's token; set POLICY_FILE",
-            )
-        elif file is not None:
-            log.info(
-                event,
-                policy_file=self.settings.policy_file,
-                callers=len(file.callers),
-                defaults=file.defaults is not None,
-                anonymous=file.anonymous is not None,
-                protected_users=len(file.protected_users),
-            )
-        if self.policy.refuses_nameless:
-            log.warning(
-                "nameless_callers_refused",
-                reason="the policy has [defaults] but no [anonymous]: requests without a user_id property are "
-                "dead-lettered (forbidden_caller)",
-            )
-        wider = self.policy.wider_when_nameless()
-        if wider:
-            log.warning(
-                "anonymous_wider_than_callers",
-                callers=wider,
-                reason="[anonymous] allows these listed callers more than their own rules: a request without "
-                "user_id gets [anonymous]'s; narrow [anonymous], or take the callers' write permission away",
-            )
-        unknown = self.policy.unknown_default_instances(self.parts.instances)
-        if unknown:
-            log.warning(
-                "default_instance_unknown",
-                tables=unknown,
-                reason="their default_instance is no Clerk instance this worker has: their requests without "
-                "x-clerk-instance are refused (invalid_request)",
-            )
+        log_policy(self.policy, self.settings.policy_file, self.parts.instances, event)
 
     def reload_policy(self) -> bool:
         """Read POLICY_FILE again (SIGHUP); a bad file keeps the policy in force and says why.
@@ -265,83 +199,20 @@ class Worker:
         self._log_policy("policy_reloaded")
         return True
 
+    async def reload_instances(self) -> bool:
+        """Read CLERK_INSTANCES_FILE and every key file again (what SIGHUP does after the policy)."""
+        return await self.instances.reload()
+
     def reload(self) -> None:
         """SIGHUP: read POLICY_FILE, and the Clerk instances and their key files, again."""
         self.reload_policy()
 
         async def instances() -> None:
-            await self.reload_instances()
+            await self.instances.reload()
 
         task = asyncio.create_task(instances())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def reload_instances(self) -> bool:
-        """Read CLERK_INSTANCES_FILE and every key file again (SIGHUP), one reload at a time."""
-        async with self._reloading:
-            return await self._reload_instances()
-
-    async def _reload_instances(self) -> bool:
-        """Read CLERK_INSTANCES_FILE and every key file again (SIGHUP); a bad file keeps those in force, says why.
-
-        An instance whose key, URL or limit changed gets a new client, which takes over the old
-        one's turns (and its rate limiter, while the limit is the same); calls already at Clerk
-        finish with the key they started with, and the old client is closed after them. A new
-        instance gets its hold queue; one removed is served no more (its held requests stay in
-        its hold queue until it is back).
-        """
-        try:
-            instances = load_instances(self.settings, self.settings.clerk_instances_file)
-        except ConfigError as exc:
-            log.error("instances_reload_failed", reason=str(exc), action="keeping the instances in force")  # noqa: TRY400
-            return False
-        old = self.parts.upstreams
-        upstreams: dict[str, Upstream] = {}
-        for name, instance in instances.items():
-            current = old.get(name)
-            if current is not None and current.instance == instance:
-                upstreams[name] = current
-                continue
-            upstream = self._upstream(instance, succeeds=current)
-            await upstream.clerk.start()
-            upstreams[name] = upstream
-            if current is None and self.holding:
-                await self.holds.add(name)
-        self.parts.serve(upstreams)
-        self.metrics.instances(upstreams)
-        self._measure_waiting(upstreams)
-        retired = [upstream for name, upstream in old.items() if upstreams.get(name) is not upstream]
-        for upstream in retired:
-            if upstream.name not in upstreams:
-                upstream.clerk.remove()
-                self.metrics.forget_instance(upstream.name)
-            task = asyncio.create_task(self._retire(upstream, removed=upstream.name not in upstreams))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        log.info(
-            "instances_reloaded",
-            clerk_instances=sorted(upstreams),
-            changed=sorted(name for name, upstream in upstreams.items() if old.get(name) is not upstream),
-            removed=sorted(set(old) - set(upstreams)),
-        )
-        await self.holds.follow()
-        return True
-
-    async def _retire(self, upstream: Upstream, *, removed: bool) -> None:
-        """Close a client replaced by a reload, once the calls it may have started are answered.
-
-        The breaker goes on in the successor, but for an instance ``removed``.
-        """
-        if removed:
-            await upstream.breaker.close()
-        with contextlib.suppress(ShutdownRequestedError):
-            await self.parts.sleep_unless_stopping(
-                self.settings.request_timeout_seconds + self.settings.connect_timeout_seconds
-            )
-        await upstream.clerk.close()
-
-    def _observe_upstream(self, instance: str, operation: str, seconds: float) -> None:
-        self.metrics.labelled(self.metrics.upstream_latency, operation, instance).observe(seconds)
 
     def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
         # Called again at each failed reconnect attempt: one line for the loss, one for the return.
@@ -379,16 +250,6 @@ class Worker:
             "audit_routed": self.parts.audit_or_none is None or self.parts.audit_or_none.routed,
         }
 
-    def instance_readiness(self) -> dict[str, dict[str, bool]]:
-        """Each Clerk instance's checks, in /readyz and ``sign_in_tokens_instance_check``."""
-        return {
-            name: {
-                "key_ok": upstream.key_ok,
-                "upstream_available": not upstream.breaker.is_open,
-            }
-            for name, upstream in self.parts.upstreams.items()
-        }
-
     async def shutdown(self) -> None:
         """Stop taking requests, finish or return those in flight, close everything.
 
@@ -397,21 +258,23 @@ class Worker:
         grace period covers a call: config checks it).
         """
         self.stopping.set()
-        for upstream in self.parts.upstreams.values():
-            upstream.clerk.stop_sending()
+        self.instances.stop_sending()
         if self._consumers is not None:
             await self._consumers.pause()
         await self.holds.pause()
-        pending = {t for t in (*self._tasks, self.key_probe.task, *self.holds.tasks) if t is not None and not t.done()}
+        pending = {
+            t
+            for t in (*self._tasks, self.key_probe.task, *self.holds.tasks, *self.instances.tasks)
+            if t is not None and not t.done()
+        }
         if pending:
             grace = max(0.0, self.settings.shutdown_grace_seconds - SHUTDOWN_MARGIN_SECONDS)
             _, late = await asyncio.wait(pending, timeout=grace)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        await self._settle_in_process_answers()
-        for upstream in self.parts.upstreams.values():
-            await upstream.breaker.close()
+        await self.pipeline.revocations.settle_in_process_answers(self.dedup)
+        await self.instances.stop_probing()
         await self.holds.close()
         if self._redis_watch is not None:
             self._redis_watch.cancel()
@@ -420,38 +283,11 @@ class Worker:
             # Whatever is still unacknowledged returns to its queue.
             with contextlib.suppress(*CHANNEL_FAILURES):
                 await self._connection.close()
-        for upstream in self.parts.upstreams.values():
-            await upstream.clerk.close()
+        await self.instances.close()
         await self.dedup.close()
         await self.health.stop()
         if self._connection is not None:
             log.info("worker_stopped")
-
-    async def _settle_in_process_answers(self) -> None:
-        """At a stop, the in-process store's undelivered tokens die with it: revoke the unpublished, count the rest.
-
-        Their requests go back to their queues, and the next worker answers them with new tokens.
-        With REDIS_URL nothing is to do: an unsettled answer outlives the process, and the
-        redelivery sends it.
-        """
-        store = self.dedup
-        if not isinstance(store, MemoryIdempotencyStore) or self.parts.publisher_or_none is None:
-            return
-        for left in store.unsettled():
-            reply = left.remembered.reply
-            if not isinstance(reply, Created):
-                continue
-            token_id = reply.token_object.id
-            if left.published:
-                # Its reply was published and its confirm lost: the caller may hold it.
-                self.metrics.count_unsettled("fate_unknown_at_stop")
-                log.warning("token_fate_unknown", reason="fate_unknown_at_stop", **token_field(reply.kind, token_id))
-                continue
-            store.forget(left.key)
-            subject = left.context
-            if not isinstance(subject, Subject):
-                subject = Subject(left.key[0] or None, Lane.INTERACTIVE, None, left.key[1], kind=reply.kind)
-            await self.pipeline.revocations.order(token_id, subject, "stopped_before_delivery")
 
     # -- each delivery -------------------------------------------------------
 

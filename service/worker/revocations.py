@@ -16,10 +16,13 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from sign_in_tokens_client.connection import DEFAULT_INSTANCE
 from sign_in_tokens_client.contract.errors import RequestError, ServiceError, UpstreamRejectedError, UserNotFoundError
-from sign_in_tokens_client.contract.messages import JSON, Token
+from sign_in_tokens_client.contract.lanes import Lane
+from sign_in_tokens_client.contract.messages import JSON, Created, Token
 
 from service.amqp import broker
 from service.logs import bind, token_field
+from service.state.dedup import IdempotencyStore
+from service.state.dedup.memory import MemoryIdempotencyStore
 from service.trust.audit import Subject, read_revocation_order, revocation_order
 from service.worker.parts import Parts
 from service.worker.settle import Settle
@@ -153,3 +156,28 @@ class Revocations:
         token, _ = await parts.retry.run(attempt, deadline=None, sleep=parts.sleep_unless_stopping)
         parts.metrics.revoked.inc()
         return token
+
+    async def settle_in_process_answers(self, store: IdempotencyStore) -> None:
+        """At a stop, the in-process store's undelivered tokens die with it: revoke the unpublished, count the rest.
+
+        Their requests go back to their queues, and the next worker answers them with new tokens.
+        With REDIS_URL nothing is to do: an unsettled answer outlives the process, and the
+        redelivery sends it.
+        """
+        if not isinstance(store, MemoryIdempotencyStore) or self.parts.publisher_or_none is None:
+            return
+        for left in store.unsettled():
+            reply = left.remembered.reply
+            if not isinstance(reply, Created):
+                continue
+            token_id = reply.token_object.id
+            if left.published:
+                # Its reply was published and its confirm lost: the caller may hold it.
+                self.parts.metrics.count_unsettled("fate_unknown_at_stop")
+                log.warning("token_fate_unknown", reason="fate_unknown_at_stop", **token_field(reply.kind, token_id))
+                continue
+            store.forget(left.key)
+            subject = left.context
+            if not isinstance(subject, Subject):
+                subject = Subject(left.key[0] or None, Lane.INTERACTIVE, None, left.key[1], kind=reply.kind)
+            await self.order(token_id, subject, "stopped_before_delivery")
