@@ -531,12 +531,9 @@ def _policy_or_exit(settings: Settings) -> Policy:
         fail(f"configuration error: {exc}", EXIT_CONFIG)
 
 
-def _settings_or_exit(environ: dict[str, str], *, require_key: bool = False) -> Settings:
+def _settings_or_exit(environ: dict[str, str]) -> Settings:
     """Settings from ``environ`` (see ``options_environ``), or one line on stderr and exit 2."""
     try:
-        settings = configured(environ)
-        if require_key:
-            settings.secret_key()
+        return configured(environ)
     except ConfigError as exc:
         fail(f"configuration error: {exc}", EXIT_CONFIG)
-    return settings
