@@ -476,6 +476,46 @@ def demo(
     )
 
 
+@main.group()
+def keys() -> None:
+    """The worker's key pair for sealed replies (REPLY_SEALING_KEY_FILE)."""
+
+
+@keys.command("generate")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
+def generate_key(path: Path) -> None:
+    """Write a new X25519 private key to FILE (mode 0600, never over an existing file); print its public key."""
+    from sign_in_tokens_client.sealing import encoded, generate_key_file  # noqa: PLC0415
+
+    try:
+        public = generate_key_file(path)
+    except FileExistsError:
+        fail(f"{path} exists: a key is never written over (move it away first)", EXIT_CONFIG)
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror}", EXIT_CONFIG)
+    click.echo(encoded(public))
+
+
+@keys.command("public")
+@click.option(
+    "--key-file",
+    envvar="REPLY_SEALING_KEY_FILE",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The private key. [default: $REPLY_SEALING_KEY_FILE]",
+)
+def public_key(key_file: Path) -> None:
+    """Print the public key (base64) of the worker's private key: what a caller's client needs."""
+    from sign_in_tokens_client.sealing import SealingError, encoded, public_key_of, read_key_file  # noqa: PLC0415
+
+    try:
+        click.echo(encoded(public_key_of(read_key_file(key_file))))
+    except OSError as exc:
+        fail(f"REPLY_SEALING_KEY_FILE: cannot read {key_file}: {exc.strerror}", EXIT_CONFIG)
+    except SealingError as exc:
+        fail(f"REPLY_SEALING_KEY_FILE: {key_file}: {exc}", EXIT_CONFIG)
+
+
 @main.command("config")
 @settings_options
 def show_config(**options: Any) -> None:  # noqa: ANN401

@@ -134,6 +134,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     allowed_publishers: str = ""
     # Who may ask for what (contract v2); unset: ALLOWED_PUBLISHERS' short form, or anyone.
     policy_file: str | None = None
+    # The worker's X25519 key for sealed replies (contract v3): 32 bytes, raw or base64.
+    reply_sealing_key_file: str | None = None
     # Several Clerk instances (contract v3); unset: CLERK_SECRET_KEY's, named ``default``.
     clerk_instances_file: str | None = None
     # A durable topic exchange: an event for every outcome, routed to a queue and confirmed before the request is acked.

@@ -1,0 +1,112 @@
+"""Sealed replies (contract v3): a token that only its caller can open, and that only the service can have sealed.
+
+A NaCl box (X25519, XSalsa20-Poly1305; PyNaCl's ``Box``, libsodium underneath) from the worker's
+secret key to the caller's public key: the 24-byte nonce and the ciphertext, as ``Box.encrypt``
+returns them, base64 in the token object's ``sealed``. Inside, a JSON object binding the token to
+its reply (``token``, ``url``, ``id``, ``user_id``, ``caller``, ``correlation_id``,
+``message_id``, ``instance``), so a box moved into another reply is told apart.
+
+Keys are 32 bytes, written as base64 (a key file may also hold the 32 raw bytes). Needs the
+``sealed`` extra (``pip install 'sign-in-tokens-client[sealed]'``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+from nacl.exceptions import CryptoError
+from nacl.public import Box, PrivateKey, PublicKey
+
+SEALED_HEADER: Final = "x-sealed"
+NACL_BOX: Final = "nacl-box"
+KEY_BYTES: Final = 32
+# The fields a box binds, beside the token and its URL.
+BOUND: Final = ("id", "user_id", "caller", "correlation_id", "message_id", "instance")
+
+
+class SealingError(ValueError):
+    """A key that is not one, or a box that does not open (another key, tampered, or bound to another reply)."""
+
+
+def read_key(data: bytes | str) -> bytes:
+    """A key's 32 bytes, from themselves or from base64 (whitespace around it ignored)."""
+    if isinstance(data, bytes) and len(data) == KEY_BYTES:
+        return data
+    text = data.decode("ascii", errors="replace") if isinstance(data, bytes) else data
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != KEY_BYTES:
+        msg = f"a key is {KEY_BYTES} bytes, or their base64 ({len(base64.b64encode(bytes(KEY_BYTES)))} characters)"
+        raise SealingError(msg)
+    return key
+
+
+def read_key_file(path: str | os.PathLike[str]) -> bytes:
+    """The key in a file (32 raw bytes, or base64); OSError when it cannot be read, SealingError when it is none."""
+    return read_key(Path(path).read_bytes())
+
+
+def generate_key_file(path: str | os.PathLike[str]) -> bytes:
+    """Write a new private key (base64) to a new file, mode 0600; FileExistsError rather than replace one.
+
+    Returns the public key.
+    """
+    key = PrivateKey.generate()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="ascii") as file:
+        file.write(base64.b64encode(bytes(key)).decode() + "\n")
+    return bytes(key.public_key)
+
+
+def public_key_of(private_key: bytes) -> bytes:
+    """The public key of a private key."""
+    return bytes(PrivateKey(private_key).public_key)
+
+
+def encoded(key: bytes) -> str:
+    """A key as base64, as the policy and the command line write it."""
+    return base64.b64encode(key).decode()
+
+
+def seal(private_key: bytes, recipient: bytes, token: str, url: str | None, bound: Mapping[str, Any]) -> str:
+    """The base64 box of ``token`` and ``url``, bound to ``bound`` (BOUND's fields), for ``recipient``."""
+    inside = {"token": token, "url": url, **{name: bound.get(name) for name in BOUND}}
+    box = Box(PrivateKey(private_key), PublicKey(recipient))
+    return base64.b64encode(bytes(box.encrypt(msgspec.json.encode(inside)))).decode()
+
+
+def open_sealed(
+    private_key: bytes, senders: Iterable[bytes], sealed: str, bound: Mapping[str, Any]
+) -> tuple[str, str | None]:
+    """The token and URL of a box one of ``senders`` sealed for ``private_key``, bound to ``bound``.
+
+    SealingError when no sender's key opens it, or when a bound field differs from ``bound``.
+    """
+    try:
+        ciphertext = base64.b64decode(sealed, validate=True)
+    except (binascii.Error, ValueError):
+        msg = "sealed is not base64"
+        raise SealingError(msg) from None
+    mine = PrivateKey(private_key)
+    for sender in senders:
+        try:
+            inside = msgspec.json.decode(Box(mine, PublicKey(sender)).decrypt(ciphertext))
+        except (CryptoError, ValueError, msgspec.DecodeError):
+            continue
+        if not isinstance(inside, dict) or not isinstance(inside.get("token"), str):
+            break
+        if any(inside.get(name) != bound.get(name) for name in BOUND):
+            msg = "the box is bound to another reply"
+            raise SealingError(msg)
+        url = inside.get("url")
+        return inside["token"], url if isinstance(url, str) else None
+    msg = "the box does not open with the service's keys"
+    raise SealingError(msg)
