@@ -129,12 +129,17 @@ def _callers_headers(properties: spec.Basic.Properties) -> dict[str, Any]:
     }
 
 
+def header_text(message: DeliveredMessage, name: str) -> str:
+    """A header the worker wrote, as text ("" when absent; a byte array, as some clients send text, decoded)."""
+    value = (message.header.properties.headers or {}).get(name)
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode(errors="replace")
+    return value if isinstance(value, str) else ""
+
+
 def held_caller(message: DeliveredMessage) -> str | None:
     """The caller of a request the worker moved to a hold queue (``x-caller``; empty: nameless)."""
-    caller = (message.header.properties.headers or {}).get(CALLER_HEADER)
-    if isinstance(caller, bytes | bytearray):
-        caller = bytes(caller).decode(errors="replace")
-    return caller if isinstance(caller, str) and caller else None
+    return header_text(message, CALLER_HEADER) or None
 
 
 def _copy_for_hold(

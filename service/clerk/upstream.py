@@ -187,9 +187,8 @@ class ClerkClient:
         # Clerk's last word on the key: None until it has said anything.
         self.key_accepted: bool | None = None
         # Replicas calling one instance share one limit in Redis, under its state id (never its key).
-        same_limit = succeeds is not None and _limit_of(succeeds.instance) == _limit_of(instance)
         self.limiter: ClerkRateLimiter
-        if succeeds is not None and same_limit:
+        if succeeds is not None and _limit_of(succeeds.instance) == _limit_of(instance):
             self.limiter = succeeds.limiter
             succeeds.limiter_handed_on = True
         else:

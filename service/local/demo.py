@@ -196,10 +196,7 @@ def _answered(worker: Worker) -> float:
 
 async def _counted(workers: list[Worker], total: int) -> None:
     """Wait (5 s at most) until the workers' counters hold every reply: each counts a request once acked."""
-    for _ in range(500):
-        if sum(_answered(w) for w in workers) >= total:
-            return
-        await asyncio.sleep(0.01)
+    await _wait_for(lambda: sum(_answered(w) for w in workers) >= total, 5)
 
 
 def _summary(results: list[tuple[float, ReceivedReply]], elapsed: float) -> str:

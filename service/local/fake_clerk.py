@@ -79,9 +79,9 @@ class FakeClerkStats:
     accepted_by_agent: dict[str, list[float]] = field(default_factory=dict)
     rate_limited_by_agent: Counter[str] = field(default_factory=Counter)
 
-    def busiest_window(self, key: str, window_seconds: float) -> int:
-        """The most calls accepted for ``key`` in any sliding window of ``window_seconds``."""
-        times = self.accepted_at.get(key, [])
+    def busiest_window(self, key: str, window_seconds: float, *more_keys: str) -> int:
+        """The most calls accepted for ``key`` (and ``more_keys``, together) in any ``window_seconds``."""
+        times = sorted(t for k in (key, *more_keys) for t in self.accepted_at.get(k, []))
         most, start = 0, 0
         for end, at in enumerate(times):
             while at - times[start] >= window_seconds:

@@ -6,7 +6,6 @@ instances' names only: never a user, a message id, a token or a key.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterable
 from typing import Final, Literal, TypeVar, get_args
@@ -164,10 +163,10 @@ class Metrics:
 
     def forget_instance(self, name: str) -> None:
         """An instance a SIGHUP removed: its checks are no longer exported (an alert on them would never clear)."""
-        for check in ("key_ok", "upstream_available"):
-            self._children.pop((self.instance_check, (name, check)), None)
-            with contextlib.suppress(KeyError):
-                self.instance_check.remove(name, check)
+        for metric, values in list(self._children):
+            if metric is self.instance_check and values[0] == name:
+                del self._children[metric, values]
+                self.instance_check.remove(*values)
 
     def count(self, lane: str, outcome: str, instance: str | None) -> None:
         """One more request answered (or dead-lettered) from ``lane`` with ``outcome``, at ``instance``."""

@@ -32,7 +32,7 @@ from sign_in_tokens_client.contract.lanes import Source, source_label
 
 from service.amqp import broker, topology
 from service.amqp.consumers import Consumers
-from service.amqp.publisher import SOURCE_HEADER, held_caller
+from service.amqp.publisher import SOURCE_HEADER, header_text, held_caller
 from service.clerk.retry import probe_delays
 from service.clerk.upstreams import HoldReason, InstanceHeldError
 from service.config import HoldKind
@@ -174,7 +174,7 @@ class InstanceHolds:
         """A request from an instance's hold queue: only the worker's own are taken, as from their own queue."""
         instance, _ = key
         properties = message.header.properties
-        source = self._sources.get(_text((properties.headers or {}).get(SOURCE_HEADER)))
+        source = self._sources.get(header_text(message, SOURCE_HEADER))
         if properties.user_id != self.parts.settings.broker_user or source is None:
             # Only the worker publishes there: anything else is a forgery of a caller (x-caller) or a source.
             log.warning("forged_held_request_dropped", instance=instance, user_id=properties.user_id)
@@ -214,9 +214,3 @@ class InstanceHolds:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-def _text(value: object) -> str:
-    if isinstance(value, bytes | bytearray):
-        return bytes(value).decode(errors="replace")
-    return value if isinstance(value, str) else ""

@@ -228,8 +228,7 @@ async def test_a_key_rotated_by_sighup_mid_load_fails_no_request(
         await wait_until(lambda: prod.answered == sent, timeout=60, what="every request answered")
     stats = fake_clerk.stats
     old_calls, new_calls = (stats.accepted_at.get(key, []) for key in (PROD_KEY, new_key))
-    both = sorted(old_calls + new_calls)
-    busiest = max(sum(1 for t in both if start <= t < start + 1.0) for start in both)
+    busiest = stats.busiest_window(PROD_KEY, 1.0, new_key)
     figures.record(
         "key rotated by SIGHUP mid-load",
         sent=sent,
