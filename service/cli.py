@@ -505,15 +505,15 @@ def generate_key(path: Path) -> None:
     help="The private key. [default: $REPLY_SEALING_KEY_FILE]",
 )
 def public_key(key_file: Path) -> None:
-    """Print the public key (base64) of the worker's private key: what a caller's client needs."""
-    from sign_in_tokens_client.sealing import SealingError, encoded, public_key_of, read_key_file  # noqa: PLC0415
+    """Print the public key (base64) of the worker's private key (its first, while it rolls): what a caller needs."""
+    from sign_in_tokens_client.sealing import encoded, public_key_of  # noqa: PLC0415
+
+    from service.trust.sealing import read_keys  # noqa: PLC0415
 
     try:
-        click.echo(encoded(public_key_of(read_key_file(key_file))))
-    except OSError as exc:
-        fail(f"REPLY_SEALING_KEY_FILE: cannot read {key_file}: {exc.strerror}", EXIT_CONFIG)
-    except SealingError as exc:
-        fail(f"REPLY_SEALING_KEY_FILE: {key_file}: {exc}", EXIT_CONFIG)
+        click.echo(encoded(public_key_of(read_keys(str(key_file))[0])))
+    except ConfigError as exc:
+        fail(str(exc), EXIT_CONFIG)
 
 
 @main.command("config")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from aiormq.abc import DeliveredMessage
-from sign_in_tokens_client.connection import INSTANCE_HEADER
+from sign_in_tokens_client.connection import INSTANCE_HEADER, REPLY_KEY_HEADER
 from sign_in_tokens_client.contract.errors import InvalidRequestError
 
 from service.amqp.publisher import held_caller
@@ -28,6 +28,7 @@ class Envelope:
     message_id: str | None
     raw_deadline: object
     raw_instance: object = None
+    raw_reply_key: object = None
 
     @classmethod
     def of(cls, message: DeliveredMessage, results_queue: str, *, held: bool = False) -> Envelope:
@@ -47,6 +48,7 @@ class Envelope:
             message_id=properties.message_id,
             raw_deadline=headers.get("x-deadline"),
             raw_instance=headers.get(INSTANCE_HEADER),
+            raw_reply_key=headers.get(REPLY_KEY_HEADER),
         )
 
     def idempotency_key(self, state: str | None) -> IdempotencyKey | None:
@@ -65,17 +67,28 @@ class Envelope:
 
     def instance_named(self) -> str | None:
         """The Clerk instance the request names (``x-clerk-instance``), or None; InvalidRequestError if not text."""
-        value = self.raw_instance
+        value = _text(self.raw_instance)
         if value is None:
             return None
-        if isinstance(value, bytes | bytearray):  # a byte array, as some clients send text
-            try:
-                value = bytes(value).decode()
-            except UnicodeDecodeError:
-                value = None
-        if not isinstance(value, str) or not 0 < len(value) <= _LONGEST_INSTANCE:
+        if not 0 < len(value) <= _LONGEST_INSTANCE:
             msg = (
                 f"header {INSTANCE_HEADER} must name a Clerk instance (a string of 1 to {_LONGEST_INSTANCE} characters)"
             )
             raise InvalidRequestError(msg)
         return value
+
+    def reply_key_named(self) -> str | None:
+        """The public key the request names for its reply (``x-reply-public-key``), as text, or None."""
+        return _text(self.raw_reply_key)
+
+
+def _text(value: object) -> str | None:
+    """A header's text: a string, a byte array (as some clients send text) decoded; "" for anything else."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode()
+        except UnicodeDecodeError:
+            return ""
+    return ""

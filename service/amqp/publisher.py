@@ -43,7 +43,8 @@ from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 from pamqp import commands as spec
 from sign_in_tokens_client import wire as amqp_wire
-from sign_in_tokens_client.connection import CALLER_HEADER, CHANNEL_FAILURES
+from sign_in_tokens_client.connection import CALLER_HEADER, CHANNEL_FAILURES, INSTANCE_HEADER
+from sign_in_tokens_client.sealing import NACL_BOX, SEALED_HEADER
 
 from service import tracing
 from service.amqp.broker import (
@@ -64,9 +65,18 @@ _PERSISTENT: Final = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
 def reply_properties(
-    *, content_type: str, correlation_id: str | None, outcome: str, service_user: str, caller: str | None
+    *,
+    content_type: str,
+    correlation_id: str | None,
+    outcome: str,
+    service_user: str,
+    caller: str | None,
+    sealed_for: str | None = None,
 ) -> spec.Basic.Properties:
     """A reply's properties as the contract shapes them: persistent, ``x-outcome`` and ``x-caller`` headers.
+
+    ``sealed_for``: a sealed reply's Clerk instance, which its box is bound to: headers ``x-sealed:
+    nacl-box`` and ``x-clerk-instance``.
 
     ``user_id`` is the worker's own broker user (RabbitMQ refuses a publish whose ``user_id`` is
     not its connection's, so no caller can forge a reply); ``x-caller`` the requester's validated
@@ -74,6 +84,9 @@ def reply_properties(
     Built directly (an ``aio_pika.Message`` would check and convert each attribute again per reply).
     """
     headers: dict[str, Any] = {"x-outcome": outcome, CALLER_HEADER: caller or ""}
+    if sealed_for is not None:
+        headers[SEALED_HEADER] = NACL_BOX
+        headers[INSTANCE_HEADER] = sealed_for
     tracing.inject(headers)  # traceparent and tracestate, when tracing is on
     return spec.Basic.Properties(
         content_type=content_type,

@@ -119,6 +119,11 @@ def _messages(payloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "description": "The Clerk instance the request is for; absent: the caller's default_instance "
                 "(policy), else default. One the caller may not use is forbidden; one there is not, invalid_request.",
             },
+            "x-reply-public-key": {
+                "type": "string",
+                "description": "Sealed replies: the caller's public key (base64) the reply is sealed to, one of its "
+                "policy's reply_public_key (two while it rolls); absent: the first. Another is forbidden.",
+            },
             **_TRACE_HEADERS,
         },
     }
@@ -134,6 +139,16 @@ def _messages(payloads: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     "type": "string",
                     "description": "The requester's validated user_id (empty when it had none): a client drops a "
                     "reply for another caller.",
+                },
+                "x-sealed": {
+                    "type": "string",
+                    "enum": ["nacl-box"],
+                    "description": "A sealed reply: the token object's sealed (a NaCl box from the service's key to "
+                    "the caller's) holds token and url, bound to the reply's fields.",
+                },
+                "x-clerk-instance": {
+                    "type": "string",
+                    "description": "A sealed reply's Clerk instance, which its box is bound to.",
                 },
                 **_TRACE_HEADERS,
             },

@@ -89,6 +89,8 @@ class Subject:
     actor: dict[str, str] | None = None
     # The Clerk instance it goes to, once chosen (an order of an earlier version names none: it is ``default``'s).
     instance: str | None = None
+    # The caller's public key its reply is sealed to (the policy's ``reply_public_key``), or None: in clear.
+    reply_key: bytes | None = None
 
     @property
     def source_label(self) -> str:

@@ -15,7 +15,9 @@ one of three sources (``Policy.from_settings``):
   caller may impersonate (``impersonate``), as which actor (``actors``, with
   ``actor_keys`` beside ``sub``), for how long (``max_impersonation_seconds``,
   ``max_session_seconds``: a request without them gets these maxima, not
-  Clerk's defaults); absent, none; never under ``[anonymous]``;
+  Clerk's defaults); absent, none; never under ``[anonymous]``. Sealed replies (contract v3):
+  the public key a caller's tokens are sealed to (``reply_public_key``, two while it rolls), and
+  ``require_sealed`` (a caller without one then has no rules);
 - ``ALLOWED_PUBLISHERS``, the short form: the callers listed may ask for
   anything, anyone else has no rules (the two cannot be set together);
 - neither: anyone who can publish to the queues is served (the broker's
@@ -36,11 +38,18 @@ from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
-from sign_in_tokens_client.connection import DEFAULT_INSTANCE, DIRECT_REPLY_TO, INSTANCE_HEADER, INSTANCE_NAME
+from sign_in_tokens_client.connection import (
+    DEFAULT_INSTANCE,
+    DIRECT_REPLY_TO,
+    INSTANCE_HEADER,
+    INSTANCE_NAME,
+    REPLY_KEY_HEADER,
+)
 from sign_in_tokens_client.contract.errors import ConfigError, ForbiddenError, InvalidRequestError
 from sign_in_tokens_client.contract.lanes import Lane
 from sign_in_tokens_client.contract.messages import CLERK_ACTOR_KEYS, ActorKey, CreateActorTokenRequestBody
 from sign_in_tokens_client.contract.messages import CreateSignInTokenRequestBody as Request
+from sign_in_tokens_client.sealing import SealingError, read_key
 
 from service.config import Settings
 from service.tomlfiles import at, convert, named_tables, read_table
@@ -61,6 +70,7 @@ _IMPERSONATION_LANES: Final[frozenset[LaneName]] = frozenset({"interactive", "im
 _IMPERSONATION_KEYS: Final = ("impersonate", "actors", "actor_keys", "max_impersonation_seconds", "max_session_seconds")
 _NO_RULES: Final = "callers: {who} has no rules in the policy"
 Seconds = Annotated[int, Meta(ge=1, le=315_360_000)]
+ReplyKey = Annotated[str, Meta(max_length=64)]
 
 
 class CallerRules(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -82,12 +92,23 @@ class CallerRules(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     # and the one a request without the header x-clerk-instance goes to (absent: ``default``).
     instances: tuple[Pattern, ...] | None = None
     default_instance: Annotated[str, Meta(pattern=INSTANCE_NAME)] | None = None
+    # Sealed replies (contract v3): the caller's public key (base64) its tokens are sealed to; two
+    # while its key rolls (a request names the one it holds in x-reply-public-key; absent, the first).
+    reply_public_key: ReplyKey | Annotated[tuple[ReplyKey, ...], Meta(min_length=1, max_length=4)] | None = None
+
+    @property
+    def reply_public_keys(self) -> tuple[str, ...]:
+        """Its reply keys as written, one or several (none: plain replies)."""
+        key = self.reply_public_key
+        return (key,) if isinstance(key, str) else key or ()
 
 
 class PolicyFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """The whole file: protected users, the rules for callers not listed and for nameless ones, and each caller's."""
 
     protected_users: tuple[Pattern, ...] = ()
+    # Sealed replies only: a caller without ``reply_public_key`` gets nothing (forbidden_caller).
+    require_sealed: bool = False
     defaults: CallerRules | None = None
     anonymous: CallerRules | None = None
     callers: dict[Annotated[str, Meta(min_length=1, max_length=255)], CallerRules] = msgspec.field(default_factory=dict)
@@ -130,11 +151,12 @@ def _matcher(patterns: Iterable[str]) -> re.Pattern[str] | None:
 class _Compiled:
     """One caller's rules with its globs compiled once."""
 
-    __slots__ = ("actors", "fallback", "impersonate", "instances", "name", "reply_to", "rules")
+    __slots__ = ("actors", "fallback", "impersonate", "instances", "name", "reply_keys", "reply_to", "rules")
 
     def __init__(self, rules: CallerRules, name: str) -> None:
         self.rules = rules
         self.name = name
+        self.reply_keys = tuple(read_key(key) for key in rules.reply_public_keys)
         self.reply_to = _matcher(rules.reply_to)
         self.impersonate = _matcher(rules.impersonate)
         self.actors = _matcher(rules.actors)
@@ -211,8 +233,36 @@ class Policy:
         return _for_caller(self._callers, self._defaults, self._anonymous, caller)
 
     def knows(self, caller: str | None) -> bool:
-        """Whether ``caller`` has rules (always, without a policy); one without gets nothing, not even a refusal."""
-        return self.file is None or self._rules(caller) is not None
+        """Whether ``caller`` has rules (always, without a policy); one without gets nothing, not even a refusal.
+
+        With ``require_sealed``, a caller without ``reply_public_key`` has none.
+        """
+        if self.file is None:
+            return True
+        rules = self._rules(caller)
+        return rules is not None and (bool(rules.reply_keys) or not self.file.require_sealed)
+
+    def reply_key(self, caller: str | None, named: str | None) -> bytes | None:
+        """The public key ``caller``'s replies are sealed to, or None (plain replies).
+
+        ``named``: the key the request names (``x-reply-public-key``), which must be one of the
+        caller's (ForbiddenError); absent, the caller's first. A request naming a key for a caller
+        without one is refused too: its client would drop the plain reply.
+        """
+        rules = self._rules(caller) if self.file is not None else None
+        keys = rules.reply_keys if rules is not None else ()
+        if named is None:
+            return keys[0] if keys else None
+        try:
+            key = read_key(named)
+        except SealingError:
+            msg = f"header {REPLY_KEY_HEADER} must be a public key (base64 of 32 bytes)"
+            raise InvalidRequestError(msg) from None
+        if key not in keys:
+            who = rules.name if rules is not None else "this caller"
+            msg = f"reply_public_key: the key in {REPLY_KEY_HEADER} is not one of {who}'s"
+            raise ForbiddenError(msg)
+        return key
 
     def reply_allowed(self, caller: str | None, queue: str) -> bool:
         """Whether a reply to ``caller`` may go to ``queue`` (never, for a caller without rules)."""
@@ -340,15 +390,26 @@ def load_policy(path: str) -> PolicyFile:
         if isinstance(anonymous, dict) and key in anonymous:
             reason = "a caller without a name may never impersonate"
             raise ConfigError(at(_VARIABLE, path, f"anonymous.{key}", reason))
+    policy = msgspec.structs.replace(policy, callers=rules)
+    for where, table in _tables(policy):
+        _check_table(path, where, table)
+    return policy
+
+
+def _tables(policy: PolicyFile) -> list[tuple[str, CallerRules]]:
+    """Every table of rules, with where it is in the file."""
     tables = {"defaults": policy.defaults, "anonymous": policy.anonymous}
-    for where, table in {**tables, **{f"callers.{name}": table for name, table in rules.items()}}.items():
-        if table is not None:
-            _check_table(path, where, table)
-    return msgspec.structs.replace(policy, callers=rules)
+    tables.update({f"callers.{name}": table for name, table in policy.callers.items()})
+    return [(where, table) for where, table in tables.items() if table is not None]
 
 
 def _check_table(path: str, where: str, table: CallerRules) -> None:
-    """What no type says: a default instance among the caller's instances, no actor key of Clerk's."""
+    """What no type says: a default instance among its instances, no actor key of Clerk's, keys that are keys."""
+    for key in table.reply_public_keys:
+        try:
+            read_key(key)
+        except SealingError as exc:
+            raise ConfigError(at(_VARIABLE, path, f"{where}.reply_public_key", f"not a public key: {exc}")) from None
     if table.default_instance is not None and not _Compiled(table, where).may_use(table.default_instance):
         reason = f"{table.default_instance!r} is not one of its instances"
         raise ConfigError(at(_VARIABLE, path, f"{where}.default_instance", reason))
@@ -362,5 +423,12 @@ def _check_table(path: str, where: str, table: CallerRules) -> None:
 def policy_from_settings(settings: Settings) -> Policy:
     """The policy the settings give: POLICY_FILE's, ALLOWED_PUBLISHERS' short form, or none."""
     if settings.policy_file:
-        return Policy(load_policy(settings.policy_file))
+        file = load_policy(settings.policy_file)
+        sealed = [where for where, table in _tables(file) if table.reply_public_key is not None]
+        if file.require_sealed:
+            sealed.insert(0, "require_sealed")
+        if sealed and not settings.reply_sealing_key_file:
+            reason = "sealed replies need the worker's key: set REPLY_SEALING_KEY_FILE"
+            raise ConfigError(at(_VARIABLE, settings.policy_file, sealed[0], reason))
+        return Policy(file)
     return Policy.from_publishers(settings.publishers, settings.max_expires_in_seconds)

@@ -15,6 +15,7 @@ from sign_in_tokens_client.contract.messages import (
     ErrorDetail,
     Failed,
     Reply,
+    Revoked,
     encode_reply,
     outcome,
     reply_content_type,
@@ -101,12 +102,14 @@ class Delivery:
             await settle.give_back(message, "audit_event_unconfirmed")
             return
         content_type = reply_content_type(envelope.content_type)
+        sealed = None if isinstance(reply, Failed) else self._sealed(reply, envelope, subject)
         properties = publisher.reply_properties(
             content_type=content_type,
             correlation_id=envelope.correlation_id,
             outcome=outcome(reply),
             service_user=parts.settings.broker_user,
             caller=envelope.publisher,
+            sealed_for=subject.instance if sealed is not None else None,
         )
         if isinstance(reply, Created):
             await self._grant(reply.token_object.id, subject)
@@ -115,7 +118,7 @@ class Delivery:
         claim.publishing()
         try:
             with tracing.span("reply publish", kind=SpanKind.PRODUCER):
-                await parts.publisher.publish(encode_reply(reply, content_type), properties, envelope.reply_to)
+                await parts.publisher.publish(encode_reply(reply, content_type, sealed), properties, envelope.reply_to)
         except broker.ReplyRefusedError:
             await self._refused(message, envelope, reply, subject, claim, mine=mine)
             return
@@ -128,6 +131,22 @@ class Delivery:
         await settle.ack(message)
         parts.metrics.count(subject.source_label, outcome_of(reply), subject.instance)
         log.info("replied", reply_to=envelope.reply_to, **reply_log_fields(reply))
+
+    def _sealed(self, reply: Created | Revoked, envelope: Envelope, subject: Subject) -> str | None:
+        """The box of the reply's token for its caller's key (contract v3), bound to the reply; None: in clear."""
+        sealer = self.parts.sealing.sealer
+        if subject.reply_key is None or sealer is None:  # the pipeline refused a caller with a key and no sealer
+            return None
+        token = reply.token_object
+        bound = {
+            "id": token.id,
+            "user_id": token.user_id,
+            "caller": envelope.publisher or "",
+            "correlation_id": envelope.correlation_id,
+            "message_id": envelope.message_id,
+            "instance": subject.instance,
+        }
+        return sealer.seal(subject.reply_key, token.token, token.url, bound)
 
     async def _grant(self, token_id: str, subject: Subject) -> None:
         """Record who receives the token (before it is sent, so its revocation can follow at once)."""

@@ -32,13 +32,14 @@ from service.state.dedup.memory import MemoryIdempotencyStore
 from service.state.grants import Grants
 from service.trust.audit import AuditTrail
 from service.trust.policy import Policy, policy_from_settings
+from service.trust.sealing import sealing_keys
 from service.worker.clerk_instances import ClerkInstances
 from service.worker.health import HealthServer, Metrics
 from service.worker.holds import InstanceHolds
 from service.worker.key_probe import KeyProbe
 from service.worker.parts import Parts
 from service.worker.pipeline import Pipeline
-from service.worker.policy_notes import log_policy
+from service.worker.policy_notes import log_policy, log_sealing, reload_sealing_key
 
 if TYPE_CHECKING:
     from service.state.redis_link import RedisLink
@@ -60,8 +61,9 @@ class Worker:
         self.name = name
         instances = load_instances(settings, settings.clerk_instances_file)  # first: bad files stop a start
         policy = policy_from_settings(settings)
+        sealing = self.sealing = sealing_keys(settings)
         self.metrics = Metrics()
-        self.dedup: IdempotencyStore = open_store(settings)
+        self.dedup: IdempotencyStore = open_store(settings, lambda: sealing.answers)
         store = self.dedup
         if isinstance(store, MemoryIdempotencyStore):  # Redis's memory is Redis's to report
             self.metrics.idempotency_bytes.set_function(lambda: store.size_bytes)
@@ -85,6 +87,7 @@ class Worker:
             policy=policy,
             stopping=self.stopping,
             holding=self.holding,
+            sealing=sealing,
         )
         self.parts.serve(self.parts.upstreams)  # their state ids known from the start
         self.pipeline = Pipeline(self.parts)
@@ -153,6 +156,7 @@ class Worker:
             clerk_instances=sorted(self.parts.upstreams),
         )
         self._log_policy("policy_in_force")
+        log_sealing(self.sealing, self.dedup.redis is not None)
         for name, upstream in self.parts.upstreams.items():
             limiter = upstream.clerk.limiter
             if limiter.shared:
@@ -204,7 +208,8 @@ class Worker:
         return await self.instances.reload()
 
     def reload(self) -> None:
-        """SIGHUP: read POLICY_FILE, and the Clerk instances and their key files, again."""
+        """SIGHUP: read REPLY_SEALING_KEY_FILE, POLICY_FILE, and the Clerk instances and their key files, again."""
+        reload_sealing_key(self.sealing)
         self.reload_policy()
 
         async def instances() -> None:

@@ -23,6 +23,7 @@ from service.state.dedup import IdempotencyStore
 from service.state.grants import Grants
 from service.trust.audit import AuditTrail
 from service.trust.policy import Policy
+from service.trust.sealing import SealingKeys
 from service.worker.health import Metrics
 
 _NOT_STARTED = "Worker.start() was not called"
@@ -48,6 +49,8 @@ class Parts:
     acks: Acks = field(default_factory=Acks)
     publisher_or_none: publisher.ReplyPublisher | None = None
     audit_or_none: AuditTrail | None = None
+    # The worker's sealing key (REPLY_SEALING_KEY_FILE; a SIGHUP reads it again), for sealed replies.
+    sealing: SealingKeys = field(default_factory=lambda: SealingKeys(None))
 
     @property
     def instances(self) -> frozenset[str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiormq.abc import DeliveredMessage
 from opentelemetry.trace import SpanKind
-from sign_in_tokens_client.contract.errors import InvalidRequestError, RequestError
+from sign_in_tokens_client.contract.errors import ForbiddenError, InvalidRequestError, RequestError
 from sign_in_tokens_client.contract.lanes import IMPERSONATE, REVOCATIONS, REVOKE, Lane, Source, source_label
 from sign_in_tokens_client.contract.messages import UndecodableError, is_decodable
 
@@ -152,6 +152,10 @@ class Pipeline:
             return False
         try:
             subject.instance = policy.instance_for(envelope.publisher, envelope.instance_named(), self.parts.instances)
+            subject.reply_key = policy.reply_key(envelope.publisher, envelope.reply_key_named())
+            if subject.reply_key is not None and self.parts.sealing.sealer is None:
+                msg = "reply_public_key: this worker has no REPLY_SEALING_KEY_FILE to seal replies with"
+                raise ForbiddenError(msg)
         except RequestError as exc:  # forbidden, or invalid_request: answered as any refusal is
             if envelope.has_reply_to or is_decodable(
                 message.body, envelope.content_type, self.parts.settings.max_body_bytes

@@ -1,12 +1,15 @@
-"""What the worker says of the policy in force, at start and at each SIGHUP: what an operator may not mean."""
+"""What the worker says of the policy and the sealing key in force, at start and at each SIGHUP."""
 
 from __future__ import annotations
 
 from collections.abc import Collection
 
 import structlog
+from sign_in_tokens_client.contract.errors import ConfigError
+from sign_in_tokens_client.sealing import encoded
 
 from service.trust.policy import Policy
+from service.trust.sealing import SealingKeys
 
 log = structlog.get_logger(__name__)
 
@@ -27,6 +30,8 @@ def log_policy(policy: Policy, policy_file: str | None, instances: Collection[st
             defaults=file.defaults is not None,
             anonymous=file.anonymous is not None,
             protected_users=len(file.protected_users),
+            sealed_callers=sum(1 for rules in file.callers.values() if rules.reply_public_key is not None),
+            require_sealed=file.require_sealed,
         )
     if policy.refuses_nameless:
         log.warning(
@@ -50,3 +55,28 @@ def log_policy(policy: Policy, policy_file: str | None, instances: Collection[st
             reason="their default_instance is no Clerk instance this worker has: their requests without "
             "x-clerk-instance are refused (invalid_request)",
         )
+
+
+def log_sealing(sealing: SealingKeys, shared: bool) -> None:  # noqa: FBT001
+    """At start: the public key replies are sealed with; a warning when Redis would keep answers in clear."""
+    if sealing.public_key is not None:
+        log.info("reply_sealing_key", public_key=encoded(sealing.public_key))
+    elif shared:
+        log.warning(
+            "idempotency_answers_in_clear",
+            reason="answers kept in Redis hold their tokens in clear without REPLY_SEALING_KEY_FILE "
+            "(its key encrypts them); make one with: sign-in-tokens keys generate FILE",
+        )
+
+
+def reload_sealing_key(sealing: SealingKeys) -> bool:
+    """Read REPLY_SEALING_KEY_FILE again (SIGHUP, before the policy); a bad file keeps the keys in force."""
+    if sealing.path is None:
+        return False
+    try:
+        sealing.reload()
+    except ConfigError as exc:
+        log.error("sealing_key_reload_failed", reason=str(exc), action="keeping the keys in force")  # noqa: TRY400
+        return False
+    log.info("sealing_key_reloaded", public_key=encoded(sealing.public_key or b""))
+    return True

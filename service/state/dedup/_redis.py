@@ -43,7 +43,7 @@ import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
@@ -63,6 +63,7 @@ from service.state.dedup import (
     pack,
     unpack,
 )
+from service.state.dedup.cipher import AnswerCipher, AnswerUnreadableError
 from service.state.redis_link import REDIS_FAILURES, REDIS_RETRY_SECONDS, RedisLink
 
 # A claim's default lease, renewed every quarter of it while its request is handled.
@@ -234,12 +235,13 @@ class _RedisClaim:
         del context
         tag = _tag(reply)
         lifetime = lifetime_seconds if isinstance(reply, Created) else 0
-        args = [self.fence, pack(request, reply), tag, self._store.window_ms, lifetime, self._store.lease_ms]
+        packed = pack(request, reply, self._store.cipher())
+        args = [self.fence, packed, tag, self._store.window_ms, lifetime, self._store.lease_ms]
         status, value = await self._store.run_until_answered(self._store.remember_script, self.keys, args)
         if status == 0:
             self._store.let_go(self.keys[0])
             self.held = False
-            raise ClaimLostError(unpack(memoryview(value)) if value else None)
+            raise ClaimLostError(self._store.readable(value))
         self.tag = tag
 
     def publishing(self) -> None:
@@ -270,8 +272,18 @@ class _RedisClaim:
 class RedisIdempotencyStore:
     """Final replies by key in Redis, for ``window_seconds``, shared by every replica."""
 
-    def __init__(self, url: str, window_seconds: float, lease_seconds: float = LEASE_SECONDS) -> None:
-        """A store in the Redis at ``url``; a window of 0 remembers nothing."""
+    def __init__(
+        self,
+        url: str,
+        window_seconds: float,
+        lease_seconds: float = LEASE_SECONDS,
+        cipher: Callable[[], AnswerCipher | None] = lambda: None,
+    ) -> None:
+        """A store in the Redis at ``url``; a window of 0 remembers nothing.
+
+        ``cipher``: what encrypts the answers now (None: kept in clear), asked at each use (a SIGHUP rolls it).
+        """
+        self.cipher = cipher
         self._link = RedisLink(url, "idempotency_store")
         self.redis: RedisLink | None = self._link
         client = self._link.client
@@ -295,6 +307,16 @@ class RedisIdempotencyStore:
     def available(self) -> bool:
         """Whether Redis answered the last command."""
         return self._link.available
+
+    def readable(self, value: bytes | None) -> Remembered | None:
+        """The answer in ``value`` (None for none), or None when no key of this worker opens it (logged)."""
+        if not value:
+            return None
+        try:
+            return unpack(memoryview(value), self.cipher())
+        except AnswerUnreadableError:
+            log.warning("idempotency_answer_unreadable", action="answered as spent: the key is not used again")
+            return None
 
     def redis_key(self, key: IdempotencyKey) -> str:
         """Where ``key`` lives in Redis: a digest, so a caller's ids cannot shape Redis keys."""
@@ -337,9 +359,11 @@ class RedisIdempotencyStore:
             else:
                 if status != 2:
                     claim.found = {0: Found.ANSWERED, 1: Found.NEW, 3: Found.UNSETTLED, 4: Found.SPENT}[status]
-                    if value:
-                        claim.remembered = unpack(memoryview(value))
+                    claim.remembered = self.readable(value)
+                    if claim.remembered is not None:
                         claim.tag = _tag(claim.remembered.reply)
+                    elif value:  # an answer no key of this worker opens: taken as spent, not made again
+                        claim.found = Found.SPENT
                     return
                 wait = min(poll, max(0.001, int(value) / 1000))
                 poll = min(POLL_LAST_SECONDS, poll * 2)

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from operator import attrgetter
 from typing import TYPE_CHECKING, NamedTuple
 
+import nacl.utils
 from cachetools import TTLCache
 from sign_in_tokens_client.contract.messages import Created, Reply
 
@@ -27,6 +28,7 @@ from service.state.dedup import (
     pack,
     unpack,
 )
+from service.state.dedup.cipher import KEY_BYTES, AnswerCipher
 
 if TYPE_CHECKING:
     from service.state.redis_link import RedisLink
@@ -96,7 +98,7 @@ class _MemoryClaim:
         self._store = store
         self._key = key
         self._entry = store.replies.get(key)
-        self.remembered = None if self._entry is None else unpack(self._entry.packed)
+        self.remembered = None if self._entry is None else unpack(self._entry.packed, store.cipher)
         if self._entry is not None:
             self.found = Found.ANSWERED if self._entry.delivered else Found.UNSETTLED
         elif store.spent.get(digest64(*key)) is not None:
@@ -106,7 +108,7 @@ class _MemoryClaim:
 
     async def remember(self, request: bytes, reply: Reply, lifetime_seconds: int, context: object = None) -> None:
         """Keep the answer (unless it alone exceeds the store)."""
-        packed = pack(request, reply)
+        packed = pack(request, reply, self._store.cipher)
         size = entry_size(self._key, packed)
         self._entry = _Entry(packed, size, delivered=False, context=context)
         if size <= self._store.replies.maxsize:
@@ -160,6 +162,8 @@ class MemoryIdempotencyStore:
         # The keys of created tokens, for their lifetime: a request that comes after the window is not served blindly.
         self.spent = ExpiringIds(max_spent)
         self.locks = KeyLocks()
+        # Answers held encrypted under a key of this process's own (no other process reads them).
+        self.cipher = AnswerCipher([nacl.utils.random(KEY_BYTES)])
         self.available = True
         self.redis: RedisLink | None = None
 
@@ -189,7 +193,7 @@ class MemoryIdempotencyStore:
         for key, entry in list(self.replies.items()):
             if entry.delivered:
                 continue
-            remembered = unpack(entry.packed)
+            remembered = unpack(entry.packed, self.cipher)
             if isinstance(remembered.reply, Created):
                 found.append(Unsettled(key, remembered, entry.published, entry.context))
         return found

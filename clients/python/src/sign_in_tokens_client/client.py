@@ -55,7 +55,8 @@ import logging
 import os
 import time
 import uuid
-from typing import Any, Literal, NamedTuple, Self
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Self
 
 import aio_pika
 import msgspec
@@ -68,6 +69,7 @@ from sign_in_tokens_client.connection import (
     CHANNEL_FAILURES,
     DIRECT_REPLY_TO,
     INSTANCE_HEADER,
+    REPLY_KEY_HEADER,
     BrokerUnavailableError,
     broker_user,
     open_connection,
@@ -89,6 +91,7 @@ from sign_in_tokens_client.contract.messages import (
     MSGPACK,
     ActorToken,
     Created,
+    Failed,
     Kind,
     Reply,
     Revoked,
@@ -108,6 +111,9 @@ from sign_in_tokens_client.replies import (
     service_user_from,
     token_or_raise,
 )
+
+if TYPE_CHECKING:
+    from sign_in_tokens_client.sealing import ReplyOpener
 
 amqp_wire.install()
 log = logging.getLogger(__name__)
@@ -139,6 +145,7 @@ __all__ = [
 class _Pending(NamedTuple):
     future: asyncio.Future[ReceivedReply]
     accepts: Accepts | None
+    message_id: str
 
 
 class SignInTokenClient:
@@ -158,6 +165,8 @@ class SignInTokenClient:
         amqp_user: str | None = None,
         name: str = "sign-in-tokens-client",
         instance: str | None = None,
+        private_key: bytes | str | None = None,
+        service_public_key: bytes | str | Iterable[bytes | str] = (),
     ) -> None:
         """A client of the service's queues (the defaults are the service's); ``connect`` or ``async with``.
 
@@ -169,6 +178,10 @@ class SignInTokenClient:
         ``amq_`` and a random suffix (aio-pika's) without one. ``service_user``: see the module's docstring.
         ``instance``: the Clerk instance every request names (``x-clerk-instance``); None: the
         caller's ``default_instance`` in the service's policy, else ``default``.
+        ``private_key`` and ``service_public_key`` (32 bytes or base64; the service's keys may be
+        several while one rolls): sealed replies (contract v3), opened here; needs the ``sealed``
+        extra. Requests name the key's public half (``x-reply-public-key``), which the caller's
+        policy lists. A reply that does not open, and an unsealed token, are dropped as forged.
         """
         self._url = amqp_url
         self._queues = {Lane.INTERACTIVE: request_queue, Lane.BULK: bulk_queue}
@@ -180,6 +193,11 @@ class SignInTokenClient:
         self._reply_queue_prefix = reply_queue_prefix
         self._name = name
         self._instance = instance
+        self._opener: ReplyOpener | None = None
+        if private_key is not None:
+            from sign_in_tokens_client.sealing import ReplyOpener  # noqa: PLC0415 - the sealed extra
+
+            self._opener = ReplyOpener(private_key, service_public_key)
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._reply_queue: AbstractQueue | None = None
@@ -248,13 +266,16 @@ class SignInTokenClient:
         if waiting is None or waiting.future.done():
             return
         reason = forged_because(message, self._service_user, self._user_id)
-        if reason is None and waiting.accepts is not None:
+        opened = None
+        if reason is None and (waiting.accepts is not None or self._opener is not None):
             try:
-                reply = decode_reply(message.body, message.content_type)
+                reply = opened = self._opened(decode_reply(message.body, message.content_type), message, waiting)
             except msgspec.DecodeError:
                 reason = "not a reply the service writes"
+            except ValueError as exc:  # SealingError: a box that does not open, or a token in clear
+                reason = str(exc)
             else:
-                reason = None if waiting.accepts(reply) else "a token for another request"
+                reason = None if waiting.accepts is None or waiting.accepts(reply) else "a token for another request"
         if reason is not None:
             # The call keeps waiting for the service's own reply.
             log.warning(
@@ -270,8 +291,27 @@ class SignInTokenClient:
                 correlation_id=message.correlation_id,
                 headers=dict(message.headers or {}),
                 received_at=time.monotonic(),
+                opened=opened if self._opener is not None else None,
             ),
         )
+
+    def _opened(self, reply: Reply, message: AbstractIncomingMessage, waiting: _Pending) -> Reply:
+        """The reply, its box opened when this client holds a private key; SealingError when it is forged."""
+        if self._opener is None:
+            return reply
+        instance = (message.headers or {}).get(INSTANCE_HEADER)
+        if isinstance(instance, bytes):
+            instance = instance.decode(errors="replace")
+        if self._instance is not None and instance != self._instance and not isinstance(reply, Failed):
+            msg = "a token of another Clerk instance"
+            raise ValueError(msg)
+        bound = {
+            "caller": self._user_id or "",
+            "correlation_id": message.correlation_id,
+            "message_id": waiting.message_id,
+            "instance": instance,
+        }
+        return self._opener.open(reply, bound)
 
     async def create(
         self,
@@ -445,13 +485,16 @@ class SignInTokenClient:
             msg = "SignInTokenClient.connect() was not called"
             raise RuntimeError(msg)
         correlation_id = uuid.uuid4().hex
+        message_id = message_id or correlation_id
         future: asyncio.Future[ReceivedReply] = asyncio.get_running_loop().create_future()
-        self._pending[correlation_id] = _Pending(future, accepts)
+        self._pending[correlation_id] = _Pending(future, accepts, message_id)
         # A call that gave up (its timeout cancels the future) leaves nothing behind.
         future.add_done_callback(lambda done: self._forget(correlation_id) if done.cancelled() else None)
         all_headers = dict(headers or {})
         if self._instance is not None:
             all_headers.setdefault(INSTANCE_HEADER, self._instance)
+        if self._opener is not None:
+            all_headers.setdefault(REPLY_KEY_HEADER, self._opener.public_key)
         if deadline_ms is not None:
             all_headers["x-deadline"] = deadline_ms
         tracing.inject(all_headers)  # the current span (the call's) goes with the request
@@ -459,7 +502,7 @@ class SignInTokenClient:
             body=body,
             content_type=content_type,
             correlation_id=correlation_id,
-            message_id=message_id or correlation_id,
+            message_id=message_id,
             reply_to=self.reply_queue,
             user_id=self._user_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,

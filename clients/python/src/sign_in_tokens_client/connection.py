@@ -19,6 +19,9 @@ CALLER_HEADER: Final = "x-caller"
 # The Clerk instance a request is for (contract v3): absent, the caller's default one, else this one.
 INSTANCE_HEADER: Final = "x-clerk-instance"
 DEFAULT_INSTANCE: Final = "default"
+# Sealed replies (contract v3): a request's header naming the caller's public key its reply is sealed
+# to, one of those its policy lists (two while the caller's key rolls); absent, the first listed.
+REPLY_KEY_HEADER: Final = "x-reply-public-key"
 # What an instance's name may be: a metric label, an audit field, part of a queue's name. The
 # patterns end with (?![\s\S]), "nothing follows", in Python and in JSON Schema's ECMAScript
 # alike: a `$` would let a trailing newline through in Python.

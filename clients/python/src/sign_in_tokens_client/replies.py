@@ -53,10 +53,12 @@ class ReceivedReply:
     correlation_id: str | None
     headers: dict[str, Any]
     received_at: float
+    # A sealed reply opened by the client (its token in clear, in memory only).
+    opened: Reply | None = None
 
     def decode(self) -> Reply:
-        """The typed reply."""
-        return decode_reply(self.body, self.content_type)
+        """The typed reply (a sealed one opened)."""
+        return self.opened if self.opened is not None else decode_reply(self.body, self.content_type)
 
 
 # Whether a decoded reply answers what the call asked for (a token for the user it named).
@@ -129,5 +131,9 @@ def token_or_raise(reply: Reply, expected: type[Created | Revoked], kind: type[T
     if not isinstance(token, kind):
         error = SignInTokenError(f"a {type(reply).__name__} reply to this call")
         error.code = "unexpected_reply"
+        raise error
+    if isinstance(token.sealed, str):
+        error = SignInTokenError("the reply is sealed: give the client private_key= and service_public_key=")
+        error.code = "sealed_reply"
         raise error
     return token

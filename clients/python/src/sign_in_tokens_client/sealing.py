@@ -20,14 +20,20 @@ from pathlib import Path
 from typing import Any, Final
 
 import msgspec
+from msgspec import UNSET
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
+from sign_in_tokens_client.contract.messages import Created, Failed, Reply, created, revoked
+
 SEALED_HEADER: Final = "x-sealed"
 NACL_BOX: Final = "nacl-box"
+
 KEY_BYTES: Final = 32
 # The fields a box binds, beside the token and its URL.
 BOUND: Final = ("id", "user_id", "caller", "correlation_id", "message_id", "instance")
+# Boxes a Sealer keeps (one per key it has sealed to or opened from): more are computed again.
+_MOST_BOXES: Final = 4096
 
 
 class SealingError(ValueError):
@@ -76,37 +82,100 @@ def encoded(key: bytes) -> str:
     return base64.b64encode(key).decode()
 
 
+class Sealer:
+    """Seals with one private key; the box of each recipient (X25519's shared key) is computed once."""
+
+    def __init__(self, private_key: bytes) -> None:
+        """Seal from ``private_key``."""
+        self._private = PrivateKey(private_key)
+        self.public_key = bytes(self._private.public_key)
+        self._boxes: dict[bytes, Box] = {}
+
+    def box(self, other: bytes) -> Box:
+        """The box between this key and ``other``'s public key."""
+        box = self._boxes.get(other)
+        if box is None:
+            if len(self._boxes) >= _MOST_BOXES:
+                self._boxes.clear()
+            box = self._boxes[other] = Box(self._private, PublicKey(other))
+        return box
+
+    def seal(self, recipient: bytes, token: str, url: str | None, bound: Mapping[str, Any]) -> str:
+        """The base64 box of ``token`` and ``url``, bound to ``bound`` (BOUND's fields), for ``recipient``."""
+        inside = {"token": token, "url": url, **{name: bound.get(name) for name in BOUND}}
+        return base64.b64encode(bytes(self.box(recipient).encrypt(msgspec.json.encode(inside)))).decode()
+
+    def open(self, senders: Iterable[bytes], sealed: str, bound: Mapping[str, Any]) -> tuple[str, str | None]:
+        """The token and URL of a box one of ``senders`` sealed for this key, bound to ``bound``.
+
+        SealingError when no sender's key opens it, or when a bound field differs from ``bound``.
+        """
+        try:
+            ciphertext = base64.b64decode(sealed, validate=True)
+        except (binascii.Error, ValueError):
+            msg = "sealed is not base64"
+            raise SealingError(msg) from None
+        for sender in senders:
+            try:
+                inside = msgspec.json.decode(self.box(sender).decrypt(ciphertext))
+            except (CryptoError, ValueError, msgspec.DecodeError):
+                continue
+            if not isinstance(inside, dict) or not isinstance(inside.get("token"), str):
+                break
+            if any(inside.get(name) != bound.get(name) for name in BOUND):
+                msg = "the box is bound to another reply"
+                raise SealingError(msg)
+            url = inside.get("url")
+            return inside["token"], url if isinstance(url, str) else None
+        msg = "the box does not open with the service's keys"
+        raise SealingError(msg)
+
+
 def seal(private_key: bytes, recipient: bytes, token: str, url: str | None, bound: Mapping[str, Any]) -> str:
-    """The base64 box of ``token`` and ``url``, bound to ``bound`` (BOUND's fields), for ``recipient``."""
-    inside = {"token": token, "url": url, **{name: bound.get(name) for name in BOUND}}
-    box = Box(PrivateKey(private_key), PublicKey(recipient))
-    return base64.b64encode(bytes(box.encrypt(msgspec.json.encode(inside)))).decode()
+    """The base64 box of ``token`` and ``url`` from ``private_key``, bound to ``bound``, for ``recipient``."""
+    return Sealer(private_key).seal(recipient, token, url, bound)
 
 
 def open_sealed(
     private_key: bytes, senders: Iterable[bytes], sealed: str, bound: Mapping[str, Any]
 ) -> tuple[str, str | None]:
-    """The token and URL of a box one of ``senders`` sealed for ``private_key``, bound to ``bound``.
+    """The token and URL of a box one of ``senders`` sealed for ``private_key`` (see ``Sealer.open``)."""
+    return Sealer(private_key).open(senders, sealed, bound)
 
-    SealingError when no sender's key opens it, or when a bound field differs from ``bound``.
-    """
-    try:
-        ciphertext = base64.b64decode(sealed, validate=True)
-    except (binascii.Error, ValueError):
-        msg = "sealed is not base64"
-        raise SealingError(msg) from None
-    mine = PrivateKey(private_key)
-    for sender in senders:
-        try:
-            inside = msgspec.json.decode(Box(mine, PublicKey(sender)).decrypt(ciphertext))
-        except (CryptoError, ValueError, msgspec.DecodeError):
-            continue
-        if not isinstance(inside, dict) or not isinstance(inside.get("token"), str):
-            break
-        if any(inside.get(name) != bound.get(name) for name in BOUND):
-            msg = "the box is bound to another reply"
+
+Key = bytes | str
+
+
+class ReplyOpener:
+    """A client's side of sealed replies: its private key, the service's public keys (several while one rolls)."""
+
+    def __init__(self, private_key: Key, service_public_key: Key | Iterable[Key]) -> None:
+        """Keys as 32 bytes or base64; SealingError for one that is not a key, or no service key."""
+        self._sealer = Sealer(read_key(private_key))
+        keys = [service_public_key] if isinstance(service_public_key, bytes | str) else list(service_public_key)
+        self._senders = tuple(read_key(key) for key in keys)
+        if not self._senders:
+            msg = "service_public_key: give the service's public key (sign-in-tokens keys public prints it)"
             raise SealingError(msg)
-        url = inside.get("url")
-        return inside["token"], url if isinstance(url, str) else None
-    msg = "the box does not open with the service's keys"
-    raise SealingError(msg)
+        # What the client names in REPLY_KEY_HEADER: the key the service seals its replies to.
+        self.public_key = encoded(self._sealer.public_key)
+
+    def open(self, reply: Reply, bound: Mapping[str, Any]) -> Reply:
+        """The reply with its token opened (a failure as it is); SealingError says why it is forged.
+
+        ``bound``: what the box must be bound to (BOUND's fields but ``id`` and ``user_id``, the
+        token's own). An unsealed created reply is refused: the client never takes a token in clear.
+        """
+        if isinstance(reply, Failed):
+            return reply
+        token = reply.token_object
+        if not isinstance(token.sealed, str):
+            if isinstance(reply, Created):
+                msg = "a token in clear (this client takes sealed replies only)"
+                raise SealingError(msg)
+            return reply
+        secret, url = self._sealer.open(
+            self._senders, token.sealed, {**bound, "id": token.id, "user_id": token.user_id}
+        )
+        opened = msgspec.structs.replace(token, token=secret, url=url, sealed=UNSET)
+        return created(opened) if isinstance(reply, Created) else revoked(opened)

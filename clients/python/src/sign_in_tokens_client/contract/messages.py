@@ -112,6 +112,8 @@ class SignInToken(msgspec.Struct, kw_only=True):
     # Optional in Clerk's spec: a revocation's answer may leave it out ("" then); a create's never does.
     token: str = ""
     url: str | None = None
+    # A sealed reply's box (contract v3) in place of ``token`` and ``url``; never Clerk's, never sent unset.
+    sealed: str | UnsetType = UNSET
 
 
 class ActorToken(msgspec.Struct, kw_only=True):
@@ -126,6 +128,7 @@ class ActorToken(msgspec.Struct, kw_only=True):
     updated_at: int
     token: str = ""
     url: str | None = None
+    sealed: str | UnsetType = UNSET
 
 
 Token: TypeAlias = SignInToken | ActorToken
@@ -442,11 +445,18 @@ def decode_revoke(body: bytes, content_type: str | None, *, max_body_bytes: int)
     return "sign_in_token", _required(sign_in, "sign_in_token_id")
 
 
-def encode_reply(reply: Reply, content_type: str) -> bytes:
-    """Encode a reply in the given content type."""
+def encode_reply(reply: Reply, content_type: str, sealed: str | None = None) -> bytes:
+    """Encode a reply in the given content type; ``sealed``: its token's box, in place of ``token`` and ``url``."""
+    body: Reply | dict[str, Any] = reply
+    if sealed is not None and not isinstance(reply, Failed):
+        builtins: dict[str, Any] = msgspec.to_builtins(reply)
+        token = builtins[reply.kind]
+        del token["token"], token["url"]
+        token["sealed"] = sealed
+        body = builtins
     if content_type == MSGPACK:
-        return _msgpack_reply_encoder.encode(reply)
-    return _json_reply_encoder.encode(reply)
+        return _msgpack_reply_encoder.encode(body)
+    return _json_reply_encoder.encode(body)
 
 
 def decode_reply(body: bytes, content_type: str | None) -> Reply:

@@ -1,0 +1,429 @@
+"""Contract v3, sealed replies: a sealed caller's token crosses the broker as a box only its client opens.
+
+Callers are real broker users (``caller_urls``): the portal's replies are sealed to its key, billing's
+are not. The workers and the tests' own connections are guest, the service user here; a test
+publishing as guest plays a forger who got the service's broker identity (or a copy of its replies),
+which the box still keeps out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from nacl.public import PrivateKey
+from sign_in_tokens_client.client import SignInTokenClient
+from sign_in_tokens_client.contract.errors import ForbiddenError
+from sign_in_tokens_client.contract.messages import Created, decode_reply
+from sign_in_tokens_client.sealing import SealingError, encoded, generate_key_file, open_sealed, public_key_of, seal
+
+from service.local.fake_clerk import FakeClerk
+from service.state.dedup.memory import MemoryIdempotencyStore
+from tests.conftest import WorkerFactory, get_message, wait_until
+from tests.integration.test_policy import edit
+from tests.integration.test_trust import client_as, forged_reply, write_policy
+
+SEALED_POLICY = """
+[callers.support-portal]
+lanes = ["interactive"]
+max_expires_in_seconds = 300
+reply_to = ["amq.rabbitmq.reply-to", "amq_*"]
+impersonate = ["user_*"]
+actors = ["user_agent_*"]
+reply_public_key = {portal}
+
+[callers.billing]
+lanes = ["interactive"]
+max_expires_in_seconds = 300
+reply_to = ["amq.rabbitmq.reply-to", "amq_*"]
+"""
+
+
+class Keys:
+    """The service's key file and a caller's key pair, for one test."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.service_file = tmp_path / "sealing.key"
+        self.service_public = generate_key_file(self.service_file)
+        private = PrivateKey.generate()
+        self.portal = bytes(private)
+        self.portal_public = bytes(private.public_key)
+
+    def policy(self, tmp_path: Path, *portal_keys: bytes, extra: str = "") -> str:
+        listed = [encoded(key) for key in portal_keys or (self.portal_public,)]
+        written = json.dumps(listed[0] if len(listed) == 1 else listed)
+        return write_policy(tmp_path, extra + SEALED_POLICY.format(portal=written))
+
+    def portal_client(self, url: str, queue_names: dict[str, str], **options: Any) -> SignInTokenClient:
+        options.setdefault("private_key", self.portal)
+        options.setdefault("service_public_key", self.service_public)
+        return client_as(url, queue_names, service_user="guest", **options)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return Keys(tmp_path)
+
+
+def secrets_of(fake_clerk: FakeClerk) -> list[str]:
+    """Every token and URL the stand-in Clerk made, of both kinds."""
+    made = [*fake_clerk.stats.tokens.values(), *fake_clerk.actors.tokens.values()]
+    return [value for obj in made for value in (obj["token"], obj["url"])]
+
+
+def assert_no_secret(messages: list[AbstractIncomingMessage], fake_clerk: FakeClerk) -> None:
+    """No token and no URL Clerk made is in any body or header of ``messages``, in any encoding a reader tries."""
+    secrets = secrets_of(fake_clerk)
+    assert secrets
+    for message in messages:
+        seen = message.body + repr(message.headers).encode()
+        for secret in secrets:
+            assert secret.encode() not in seen
+            assert base64.b64encode(secret.encode())[:24] not in seen
+
+
+def bound_of(message: AbstractIncomingMessage, message_id: str | None) -> dict[str, Any]:
+    """What a box in ``message`` must be bound to, read off the outer reply (and the request's message_id)."""
+    reply = decode_reply(message.body, message.content_type)
+    assert isinstance(reply, Created)
+    token = reply.token_object
+    headers = message.headers or {}
+    return {
+        "id": token.id,
+        "user_id": token.user_id,
+        "caller": headers["x-caller"],
+        "correlation_id": message.correlation_id,
+        "message_id": message_id,
+        "instance": headers["x-clerk-instance"],
+    }
+
+
+async def publish_as(url: str, body: dict[str, Any], queue: str, **properties: Any) -> None:
+    """Publish one request as the broker user of ``url``."""
+    connection = await aio_pika.connect_robust(url)
+    async with connection:
+        channel = await connection.channel()
+        message = aio_pika.Message(json.dumps(body).encode(), content_type="application/json", **properties)
+        await channel.default_exchange.publish(message, queue)
+
+
+async def test_a_sealed_callers_replies_hold_no_token_in_clear_and_its_client_opens_them(
+    start_worker: WorkerFactory,
+    caller_urls: dict[str, str],
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    channel: AbstractChannel,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    """The reply queue and the dead-letter queue, read as an administrator would: boxes only; the client opens them."""
+    await start_worker(policy_file=keys.policy(tmp_path), reply_sealing_key_file=str(keys.service_file))
+    queue = f"amq_sealed_{uuid.uuid4().hex[:8]}"
+    await channel.declare_queue(queue, durable=True)
+    portal_url = caller_urls["support-portal"]
+    await publish_as(
+        portal_url,
+        {"user_id": "user_1"},
+        queue_names["REQUEST_QUEUE"],
+        reply_to=queue,
+        correlation_id="c-1",
+        message_id="m-1",
+        user_id="support-portal",
+    )
+    message = await get_message(channel, queue)
+    headers = message.headers or {}
+    assert (headers["x-sealed"], headers["x-outcome"], headers["x-caller"]) == ("nacl-box", "created", "support-portal")
+    body = json.loads(message.body)
+    assert set(body["sign_in_token"]) == {"object", "id", "status", "user_id", "created_at", "updated_at", "sealed"}
+    assert_no_secret([message], fake_clerk)
+    made = fake_clerk.stats.tokens[body["sign_in_token"]["id"]]
+    sealed = body["sign_in_token"]["sealed"]
+    assert open_sealed(keys.portal, [keys.service_public], sealed, bound_of(message, "m-1")) == (
+        made["token"],
+        made["url"],
+    )
+    # A reply nobody can receive: the request is dead-lettered, its token revoked; nothing usable there either.
+    await publish_as(
+        portal_url,
+        {"user_id": "user_2"},
+        queue_names["REQUEST_QUEUE"],
+        reply_to="amq_no_such_queue",
+        user_id="support-portal",
+    )
+    dead = await get_message(channel, queue_names["DEAD_LETTER_QUEUE"])
+    assert (dead.headers or {})["x-dead-letter-reason"] == "reply_refused"
+    await wait_until(lambda: len(fake_clerk.stats.revoked) == 1, what="the refused reply's token revoked")
+    assert_no_secret([message, dead], fake_clerk)
+    # The client: ordinary tokens, of both kinds, and a revocation's answer.
+    async with keys.portal_client(
+        portal_url, queue_names, impersonation_queue=queue_names["IMPERSONATION_QUEUE"]
+    ) as portal:
+        token = await portal.create("user_3", timeout=10)
+        actor = await portal.impersonate("user_4", actor_sub="user_agent_1", timeout=10)
+        revoked = await portal.revoke(token.id, timeout=10)
+    assert (token.token, token.url) == (
+        fake_clerk.stats.tokens[token.id]["token"],
+        fake_clerk.stats.tokens[token.id]["url"],
+    )
+    made_actor = fake_clerk.actors.tokens[actor.id]
+    assert (actor.token, actor.url, actor.actor["sub"]) == (made_actor["token"], made_actor["url"], "user_agent_1")
+    assert (revoked.id, revoked.status) == (token.id, "revoked")
+
+
+async def test_a_box_for_another_key_tampered_with_or_moved_is_dropped_and_the_real_reply_taken(
+    start_worker: WorkerFactory,
+    caller_urls: dict[str, str],
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    amqp: aio_pika.abc.AbstractRobustConnection,
+    keys: Keys,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Forgeries published as the service's own user, before Clerk answers: each dropped; the call gets its token."""
+    await start_worker(policy_file=keys.policy(tmp_path), reply_sealing_key_file=str(keys.service_file))
+    async with keys.portal_client(caller_urls["support-portal"], queue_names, replies="queue") as portal:
+        earlier = await portal.create("user_1", timeout=10)  # a real box, to be moved into another reply
+        fake_clerk.latency_seconds = 1.0
+        call = asyncio.create_task(portal.create("user_1", timeout=10))
+        await wait_until(lambda: fake_clerk.stats.create_calls == 2, what="the second request at Clerk")
+        correlation_id, pending = next(iter(portal._pending.items()))
+        service = _private(keys.service_file)
+        bound = {
+            "id": "sit_forged",
+            "user_id": "user_1",
+            "caller": "support-portal",
+            "correlation_id": correlation_id,
+            "message_id": pending.message_id,
+            "instance": "default",
+        }
+        forger = bytes(PrivateKey.generate())
+        other_caller = public_key_of(bytes(PrivateKey.generate()))
+        forgeries = {
+            "sealed by another key": seal(forger, keys.portal_public, "forged", "https://evil.example/1", bound),
+            "sealed for another caller": seal(service, other_caller, "forged", "https://evil.example/2", bound),
+            "bound to another reply": seal(
+                service, keys.portal_public, "forged", "https://evil.example/3", {**bound, "correlation_id": "other"}
+            ),
+            "tampered with": _tampered(seal(service, keys.portal_public, "forged", "https://evil.example/4", bound)),
+        }
+        publisher = await amqp.channel()
+        for sealed in forgeries.values():
+            await publisher.default_exchange.publish(_sealed_reply(correlation_id, sealed), portal.reply_queue)
+        # And a token in clear, the service's shape: a client holding a key never takes one (no downgrade).
+        plain = forged_reply(correlation_id, "user_1")
+        plain.headers, plain.user_id = {"x-outcome": "created", "x-caller": "support-portal"}, "guest"
+        await publisher.default_exchange.publish(plain, portal.reply_queue)
+        token = await asyncio.wait_for(call, 15)
+    assert token.id in fake_clerk.stats.tokens
+    assert token.id != earlier.id
+    reasons = sorted(r.reason for r in caplog.records if r.getMessage() == "forged_reply_dropped")  # type: ignore[attr-defined]
+    assert reasons == sorted(
+        [
+            "the box does not open with the service's keys",  # another key
+            "the box does not open with the service's keys",  # another caller's
+            "the box is bound to another reply",
+            "the box does not open with the service's keys",  # tampered with
+            "a token in clear (this client takes sealed replies only)",
+        ]
+    )
+    assert (token.token, token.url) == (
+        fake_clerk.stats.tokens[token.id]["token"],
+        fake_clerk.stats.tokens[token.id]["url"],
+    )
+    assert "evil" not in (token.url or "")
+
+
+def _private(path: Path) -> bytes:
+    return base64.b64decode(path.read_text().strip())
+
+
+def _tampered(sealed: str) -> str:
+    raw = bytearray(base64.b64decode(sealed))
+    raw[-1] ^= 1
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def _sealed_reply(correlation_id: str, sealed: str) -> aio_pika.Message:
+    token = {
+        "object": "sign_in_token",
+        "id": "sit_forged",
+        "user_id": "user_1",
+        "status": "pending",
+        "created_at": 1,
+        "updated_at": 1,
+        "sealed": sealed,
+    }
+    return aio_pika.Message(
+        json.dumps({"outcome": "created", "sign_in_token": token}).encode(),
+        content_type="application/json",
+        correlation_id=correlation_id,
+        user_id="guest",  # the service's broker user here: these forgeries pass that check
+        headers={
+            "x-outcome": "created",
+            "x-caller": "support-portal",
+            "x-sealed": "nacl-box",
+            "x-clerk-instance": "default",
+        },
+    )
+
+
+async def test_a_caller_without_a_key_gets_plain_replies_and_one_naming_a_key_it_has_not_is_refused(
+    start_worker: WorkerFactory,
+    caller_urls: dict[str, str],
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    """Billing has no reply_public_key: its tokens come in clear; its client holding a key asks, and is refused."""
+    await start_worker(policy_file=keys.policy(tmp_path), reply_sealing_key_file=str(keys.service_file))
+    async with client_as(caller_urls["billing"], queue_names, service_user="guest") as billing:
+        token = await billing.create("user_1", timeout=10)
+    assert token.token == fake_clerk.stats.tokens[token.id]["token"]
+    async with keys.portal_client(caller_urls["billing"], queue_names) as billing:
+        with pytest.raises(ForbiddenError, match="reply_public_key"):
+            await billing.create("user_2", timeout=10)
+    # The portal naming a key that is not its own: refused before Clerk is called.
+    stranger = bytes(PrivateKey.generate())
+    async with keys.portal_client(caller_urls["support-portal"], queue_names, private_key=stranger) as portal:
+        with pytest.raises(ForbiddenError, match="not one of caller 'support-portal'"):
+            await portal.create("user_3", timeout=10)
+    assert fake_clerk.stats.create_calls == 1
+
+
+async def test_require_sealed_dead_letters_every_caller_without_a_key(
+    start_worker: WorkerFactory,
+    caller_urls: dict[str, str],
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    channel: AbstractChannel,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    """``require_sealed = true``: billing's request is dead-lettered (forbidden_caller); the portal is served."""
+    policy = keys.policy(tmp_path, extra="require_sealed = true\n")
+    await start_worker(policy_file=policy, reply_sealing_key_file=str(keys.service_file))
+    await publish_as(caller_urls["billing"], {"user_id": "user_1"}, queue_names["REQUEST_QUEUE"], user_id="billing")
+    dead = await get_message(channel, queue_names["DEAD_LETTER_QUEUE"])
+    assert (dead.headers or {})["x-dead-letter-reason"] == "forbidden_caller"
+    async with keys.portal_client(caller_urls["support-portal"], queue_names) as portal:
+        token = await portal.create("user_2", timeout=10)
+    assert token.token == fake_clerk.stats.tokens[token.id]["token"]
+    assert fake_clerk.stats.create_calls == 1
+
+
+async def test_a_replayed_message_id_gets_a_new_box_of_the_same_token_and_the_store_holds_none_in_clear(
+    start_worker: WorkerFactory,
+    caller_urls: dict[str, str],
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    channel: AbstractChannel,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    """Two requests with one message_id: one call to Clerk, two different boxes opening to the same token."""
+    worker = await start_worker(policy_file=keys.policy(tmp_path), reply_sealing_key_file=str(keys.service_file))
+    queue = f"amq_sealed_{uuid.uuid4().hex[:8]}"
+    await channel.declare_queue(queue, durable=True)
+    boxes = []
+    for correlation_id in ("c-1", "c-2"):
+        await publish_as(
+            caller_urls["support-portal"],
+            {"user_id": "user_1"},
+            queue_names["REQUEST_QUEUE"],
+            reply_to=queue,
+            correlation_id=correlation_id,
+            message_id="m-1",
+            user_id="support-portal",
+        )
+        message = await get_message(channel, queue)
+        boxes.append((json.loads(message.body)["sign_in_token"]["sealed"], bound_of(message, "m-1")))
+    assert fake_clerk.stats.create_calls == 1
+    assert boxes[0][0] != boxes[1][0]
+    opened = {open_sealed(keys.portal, [keys.service_public], sealed, bound) for sealed, bound in boxes}
+    (made,) = fake_clerk.stats.tokens.values()
+    assert opened == {(made["token"], made["url"])}
+    # The first box, moved into the second reply, is told apart.
+    with pytest.raises(SealingError, match="bound to another reply"):
+        open_sealed(keys.portal, [keys.service_public], boxes[0][0], boxes[1][1])
+    store = worker.dedup
+    assert isinstance(store, MemoryIdempotencyStore)
+    (entry,) = store.replies.values()
+    assert made["token"].encode() not in entry.packed
+    assert made["token"].split(".")[-1].encode() not in entry.packed
+
+
+async def test_answers_kept_in_redis_hold_no_token_and_survive_a_roll_of_the_worker_key(
+    start_worker: WorkerFactory,
+    caller_urls: dict[str, str],
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    redis_url: str,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    """Redis holds every answer encrypted; after the worker's key rolls (new key first, SIGHUP) a replay still opens."""
+    worker = await start_worker(
+        policy_file=keys.policy(tmp_path), reply_sealing_key_file=str(keys.service_file), redis_url=redis_url
+    )
+    new_file = tmp_path / "new.key"
+    new_public = generate_key_file(new_file)
+    # During the roll the client accepts both of the service's keys.
+    async with keys.portal_client(
+        caller_urls["support-portal"], queue_names, service_public_key=[keys.service_public, new_public]
+    ) as portal:
+        first = await portal.create("user_1", timeout=10, message_id="m-1")
+        client = aioredis.from_url(redis_url)
+        values = [await client.hgetall(key) for key in await client.keys("*") if await client.type(key) == b"hash"]
+        stored = b"".join(v for fields in values for v in fields.values())
+        await client.aclose()
+        assert stored, "the answer is in Redis"
+        assert first.token.encode() not in stored
+        assert first.token.split(".")[-1].encode() not in stored
+        keys.service_file.write_text(new_file.read_text() + keys.service_file.read_text())
+        worker.reload()
+        assert worker.sealing.public_key == new_public
+        replayed = await portal.create("user_1", timeout=10, message_id="m-1")
+        fresh = await portal.create("user_2", timeout=10)
+    assert (replayed.id, replayed.token) == (first.id, first.token)
+    assert fresh.token == fake_clerk.stats.tokens[fresh.id]["token"]
+    assert fake_clerk.stats.create_calls == 2
+
+
+async def test_a_callers_key_rolls_without_a_failed_request(
+    start_worker: WorkerFactory,
+    caller_urls: dict[str, str],
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    """The policy lists the old and the new key: clients holding either are served; then the old one is dropped."""
+    new = PrivateKey.generate()
+    policy = keys.policy(tmp_path, keys.portal_public, bytes(new.public_key))
+    worker = await start_worker(policy_file=policy, reply_sealing_key_file=str(keys.service_file))
+    url = caller_urls["support-portal"]
+    async with (
+        keys.portal_client(url, queue_names) as old_client,
+        keys.portal_client(url, queue_names, private_key=bytes(new)) as new_client,
+    ):
+        tokens = [await old_client.create("user_1", timeout=10), await new_client.create("user_2", timeout=10)]
+        edit(
+            policy,
+            json.dumps([encoded(keys.portal_public), encoded(bytes(new.public_key))]),
+            json.dumps(encoded(bytes(new.public_key))),
+        )
+        assert worker.reload_policy()
+        tokens.append(await new_client.create("user_3", timeout=10))
+        with pytest.raises(ForbiddenError):
+            await old_client.create("user_4", timeout=10)
+    assert [t.token for t in tokens] == [fake_clerk.stats.tokens[t.id]["token"] for t in tokens]
