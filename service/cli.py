@@ -35,6 +35,7 @@ REPLY_TIMEOUT_SECONDS = 120.0
 if TYPE_CHECKING:
     from sign_in_tokens_client.client import SignInTokenClient
     from sign_in_tokens_client.contract.messages import Reply
+    from sign_in_tokens_client.sealing import ReplyOpener
 
     from service.clerk.instances import Instance
     from service.trust.policy import Policy
@@ -369,20 +370,36 @@ def _ask_and_print(
     help="End the run (resumable) when no reply has come for this many seconds while rows wait for one.",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option(
+    "--private-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Sealed replies: this caller's private key (its public key is in the policy's reply_public_key).",
+)
+@click.option(
+    "--service-public-key",
+    "service_public_keys",
+    multiple=True,
+    metavar="KEY",
+    help="Sealed replies: the service's public key (sign-in-tokens keys public); twice while it rolls.",
+)
 @instance_option
 @settings_options
-def bulk(
+def bulk(  # noqa: PLR0913 - the command's options
     input_path: Path,
     output_path: Path,
     failures_path: Path | None,
     max_outstanding: int | None,
     reply_timeout: float,
     no_progress: bool,
+    private_key_file: Path | None,
+    service_public_keys: tuple[str, ...],
     instance: str | None,
     **options: Any,  # noqa: ANN401
 ) -> None:
     """Ask for a token for every row of INPUT (CSV with a user_id column, or .jsonl) on the bulk lane."""
     settings = _settings_or_exit(options_environ(options))
+    opener = _opener_or_exit(private_key_file, service_public_keys)
     from service.callers.bulk import BulkRun, BulkService, default_outstanding, report  # noqa: PLC0415
     from service.callers.bulk_files import BulkInputError, failures_path_for  # noqa: PLC0415
 
@@ -391,7 +408,9 @@ def bulk(
 
     async def go(stop: asyncio.Event) -> bool:
         async with BulkRun(
-            BulkService(settings.amqp_url, settings.bulk_queue, settings.broker_user, settings.service_user, instance),
+            BulkService(
+                settings.amqp_url, settings.bulk_queue, settings.broker_user, settings.service_user, instance, opener
+            ),
             input_path,
             output_path,
             failures,
@@ -549,6 +568,26 @@ def show_config(**options: Any) -> None:  # noqa: ANN401
         )
     else:
         click.echo("# policy: ALLOWED_PUBLISHERS (the listed publishers may ask for anything)")
+
+
+def _opener_or_exit(private_key_file: Path | None, service_public_keys: tuple[str, ...]) -> ReplyOpener | None:
+    """The opener of sealed replies the options give (both or neither), or one line on stderr and exit 2."""
+    if private_key_file is None and not service_public_keys:
+        return None
+    if private_key_file is None or not service_public_keys:
+        fail("--private-key-file and --service-public-key go together (sealed replies)", EXIT_CONFIG)
+    from sign_in_tokens_client.sealing import ReplyOpener, SealingError, read_key_file  # noqa: PLC0415
+
+    try:
+        private = read_key_file(private_key_file)
+    except OSError as exc:
+        fail(f"--private-key-file: cannot read {private_key_file}: {exc.strerror}", EXIT_CONFIG)
+    except SealingError as exc:
+        fail(f"--private-key-file: {private_key_file}: {exc}", EXIT_CONFIG)
+    try:
+        return ReplyOpener(private, service_public_keys)
+    except SealingError as exc:
+        fail(f"--service-public-key: {exc}", EXIT_CONFIG)
 
 
 def _instances_or_exit(settings: Settings) -> dict[str, Instance]:

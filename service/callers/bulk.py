@@ -36,16 +36,19 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import aio_pika
 import msgspec
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection, FieldValue
-from sign_in_tokens_client.connection import CHANNEL_FAILURES, INSTANCE_HEADER, open_connection
+from sign_in_tokens_client.connection import CHANNEL_FAILURES, INSTANCE_HEADER, REPLY_KEY_HEADER, open_connection
 from sign_in_tokens_client.contract.messages import JSON, Failed, Reply, decode_reply, outcome
 from sign_in_tokens_client.replies import for_user, forged_because
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from sign_in_tokens_client.sealing import ReplyOpener
 
 from service.callers.bulk_files import (
     BadRow,
@@ -131,6 +134,8 @@ class BulkService:
     service_user: str
     # The Clerk instance every request names (x-clerk-instance); None: the caller's default.
     instance: str | None = None
+    # Sealed replies: the caller's private key and the service's public keys (the reply key header names its own).
+    opener: ReplyOpener | None = None
 
 
 class BulkRun:
@@ -150,9 +155,14 @@ class BulkRun:
         """Prepare; ``run`` does the work."""
         self._url = service.amqp_url
         self._caller = service.caller
-        self._headers: dict[str, FieldValue] | None = (
-            None if service.instance is None else {INSTANCE_HEADER: service.instance}
-        )
+        headers: dict[str, FieldValue] = {}
+        if service.instance is not None:
+            headers[INSTANCE_HEADER] = service.instance
+        if service.opener is not None:
+            headers[REPLY_KEY_HEADER] = service.opener.public_key
+        self._headers = headers or None
+        self._instance = service.instance
+        self._opener = service.opener
         self._service_user = service.service_user
         self._reply_timeout = reply_timeout
         self._last_reply = 0.0
@@ -284,8 +294,12 @@ class BulkRun:
         if reason is None:
             try:
                 reply = decode_reply(message.body, message.content_type)
+                if self._opener is not None:
+                    reply = self._opener.open_reply(reply, message, self._caller, row.message_id, self._instance)
             except msgspec.DecodeError:
                 reason = "not a reply the service writes"
+            except ValueError as exc:  # SealingError: a box that does not open, or a token in clear
+                reason = str(exc)
             else:
                 if not for_user(row.user_id)(reply):
                     reason = "a token for another user"

@@ -23,9 +23,9 @@ def lines(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
-async def finish(worker_processes: WorkerProcesses, *args: str, timeout: float = 120) -> tuple[int, str]:  # noqa: ASYNC109
-    """Run the tool to its end; its exit code and what it wrote."""
-    tool = worker_processes.spawn("bulk", *args, "--no-progress")
+async def finish(worker_processes: WorkerProcesses, *args: str, timeout: float = 120, **env: str) -> tuple[int, str]:  # noqa: ASYNC109
+    """Run the tool to its end (with more environment); its exit code and what it wrote."""
+    tool = worker_processes.spawn("bulk", *args, "--no-progress", **env)
     code = await asyncio.to_thread(tool.process.wait, timeout)
     return code, tool.log_path.read_text()
 

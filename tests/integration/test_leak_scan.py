@@ -1,5 +1,8 @@
 """The leak scan: a whole session with debug logging, then every place a secret could leak, searched.
 
+A second session does the same for a sealed caller (contract v3), and searches its replies, read off
+the broker as an administrator would, and Redis, too.
+
 The session runs a worker process through success (JSON and MessagePack, both lanes, an actor
 token), every error code (a spent impersonation allowance among them), retries, a rejected key and its recovery, a reply nobody can receive (the token revoked), a
 token Clerk answered malformed (revoked), an actor token nobody can receive (revoked), a refused reply_to and an undecodable request (dead
@@ -20,13 +23,16 @@ from pathlib import Path
 import aio_pika
 import aiohttp
 import msgspec
+import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel
+from nacl.public import PrivateKey
 from sign_in_tokens_client.client import SignInTokenClient
 from sign_in_tokens_client.contract.lanes import Lane
 from sign_in_tokens_client.contract.messages import Created, Failed
+from sign_in_tokens_client.sealing import encoded, generate_key_file
 
 from service.local.fake_clerk import FakeClerk, Fault
-from tests.conftest import SECRET_KEY, queue_depth, wait_until
+from tests.conftest import SECRET_KEY, queue_depth, wait_depth, wait_until
 from tests.workers import WorkerProcesses
 
 POLICY = """
@@ -235,3 +241,117 @@ def test_config_lists_the_clerk_instances_with_every_key_masked(tmp_path: Path) 
     ]
     assert "z" * 40 not in shown.stdout + shown.stderr
     assert "f" * 40 not in shown.stdout + shown.stderr
+
+
+async def redis_value(redis: aioredis.Redis, key: bytes) -> object:
+    """What Redis holds under ``key``, as a reader gets it (a DUMP compresses long strings)."""
+    kind = await redis.type(key)
+    if kind == b"hash":
+        return await redis.hgetall(key)
+    if kind == b"string":
+        return await redis.get(key)
+    if kind == b"zset":
+        return await redis.zrange(key, 0, -1, withscores=True)
+    return await redis.dump(key)
+
+
+SEALED_POLICY = """
+[defaults]
+lanes = ["interactive", "bulk"]
+max_expires_in_seconds = 3600
+reply_to = ["amq_*", "no.such.queue"]
+impersonate = ["user_*"]
+actors = ["user_agent_*"]
+reply_public_key = "{caller}"
+"""
+
+
+async def test_a_sealed_callers_session_leaves_no_token_anywhere_on_the_broker_or_in_redis(
+    worker_processes: WorkerProcesses,
+    fake_clerk: FakeClerk,
+    amqp_url: str,
+    channel: AbstractChannel,
+    queue_names: dict[str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """Sealed replies, read as an administrator would, beside the log, metrics, audit, dead letters and Redis."""
+    prefix = queue_names["REQUEST_QUEUE"].split(".")[0]
+    audit_exchange = f"{prefix}.audit"
+    exchange = await channel.declare_exchange(audit_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    audit = await channel.declare_queue(f"{prefix}.audit-all", exclusive=True)
+    await audit.bind(exchange, "#")
+    service_key = tmp_path / "sealing.key"
+    service_public = generate_key_file(service_key)
+    caller = PrivateKey.generate()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(SEALED_POLICY.replace("{caller}", encoded(bytes(caller.public_key))))
+    worker = await worker_processes.start(
+        LOG_LEVEL="debug",
+        POLICY_FILE=str(policy),
+        AUDIT_EXCHANGE=audit_exchange,
+        REDIS_URL=redis_url,
+        REPLY_SEALING_KEY_FILE=str(service_key),
+    )
+    # Replies left in a queue of the caller's, as a broker administrator finds them.
+    replies = f"amq_leak_{prefix}"
+    await channel.declare_queue(replies, durable=True)
+    requests = [
+        (queue_names["REQUEST_QUEUE"], b'{"user_id": "user_a"}', "m-a", "application/json"),
+        (queue_names["BULK_QUEUE"], msgspec.msgpack.encode({"user_id": "user_b"}), "m-b", "application/msgpack"),
+        (queue_names["REQUEST_QUEUE"], b'{"user_id": "user_a"}', "m-a", "application/json"),  # replayed
+        (queue_names["IMPERSONATION_QUEUE"], b'{"user_id": "user_c", "actor": {"sub": "user_agent_1"}}', "m-c", None),
+    ]
+    for queue, body, message_id, content_type in requests:
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, reply_to=replies, message_id=message_id, content_type=content_type, user_id="guest"),
+            queue,
+        )
+    # A reply nobody can receive: its token revoked, its request dead-lettered.
+    await channel.default_exchange.publish(
+        aio_pika.Message(b'{"user_id": "user_d"}', reply_to="no.such.queue", user_id="guest"),
+        queue_names["REQUEST_QUEUE"],
+    )
+    await wait_until(lambda: len(fake_clerk.stats.revoked) == 1, what="the refused reply's token revoked")
+    # The client opens them; a revocation's answer is sealed too.
+    async with SignInTokenClient(
+        amqp_url,
+        request_queue=queue_names["REQUEST_QUEUE"],
+        revoke_queue=queue_names["REVOKE_QUEUE"],
+        replies="queue",
+        reply_queue_prefix="amq_",
+        service_user="guest",
+        private_key=bytes(caller),
+        service_public_key=service_public,
+    ) as sealed:
+        token = await sealed.create("user_e", timeout=10)
+        await sealed.revoke(token.id, timeout=10)
+    assert token.token == fake_clerk.stats.tokens[token.id]["token"]
+    await wait_depth(channel, replies, 4)
+    await wait_depth(channel, queue_names["DEAD_LETTER_QUEUE"], 1)
+
+    secrets = {bytes(caller).hex(), encoded(bytes(caller)), service_key.read_text().strip()}
+    for made in [*fake_clerk.stats.tokens.values(), *fake_clerk.actors.tokens.values()]:
+        secrets |= {made["token"], made["url"], made["token"].split(".")[2]}
+    assert len(fake_clerk.stats.tokens) == 4  # users a, b, d, e: the replay made none
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{worker.port}/metrics") as response:
+        metrics = await response.text()
+    redis = aioredis.from_url(redis_url)
+    stored = [f"{key!r} {await redis_value(redis, key)!r}" for key in await redis.keys("*")]
+    await redis.aclose()
+    assert await worker_processes.stop(worker, sig=signal.SIGTERM) == 0
+    sealed_replies = await drain(channel, replies)
+    places = {
+        "log": worker_processes.logs(),
+        "metrics": metrics,
+        "replies": "\n".join(as_text(m) for m in sealed_replies),
+        "audit events": "\n".join(as_text(m) for m in await drain(channel, audit.name)),
+        "dead letters": "\n".join(as_text(m) for m in await drain(channel, queue_names["DEAD_LETTER_QUEUE"])),
+        "redis": "\n".join(stored),
+    }
+    assert [(m.headers or {}).get("x-sealed") for m in sealed_replies] == ["nacl-box"] * 4
+    assert places["redis"].count("sign_in_tokens") >= 3
+    found = {place: [s[:12] for s in secrets if s in text] for place, text in places.items()}
+    assert found == {place: [] for place in places}
+    await exchange.delete()
+    await channel.queue_delete(replies)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,16 @@ from sign_in_tokens_client.sealing import SealingError, encoded, generate_key_fi
 from service.local.fake_clerk import FakeClerk
 from service.state.dedup.memory import MemoryIdempotencyStore
 from tests.conftest import WorkerFactory, get_message, wait_until
+from tests.integration.test_bulk import finish, lines
 from tests.integration.test_policy import edit
 from tests.integration.test_trust import client_as, forged_reply, write_policy
+from tests.workers import WorkerProcesses
 
 SEALED_POLICY = """
 [callers.support-portal]
-lanes = ["interactive"]
+lanes = ["interactive", "bulk"]
 max_expires_in_seconds = 300
-reply_to = ["amq.rabbitmq.reply-to", "amq_*"]
+reply_to = ["amq.rabbitmq.reply-to", "amq_*", "sign-in-tokens-bulk.*"]
 impersonate = ["user_*"]
 actors = ["user_agent_*"]
 reply_public_key = {portal}
@@ -427,3 +430,38 @@ async def test_a_callers_key_rolls_without_a_failed_request(
         with pytest.raises(ForbiddenError):
             await old_client.create("user_4", timeout=10)
     assert [t.token for t in tokens] == [fake_clerk.stats.tokens[t.id]["token"] for t in tokens]
+
+
+async def test_the_bulk_tool_opens_sealed_replies_into_its_file(
+    worker_processes: WorkerProcesses,
+    caller_urls: dict[str, str],
+    fake_clerk: FakeClerk,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    """``bulk --private-key-file F --service-public-key K``: the file holds the opened tokens (mode 0600)."""
+    await worker_processes.start(
+        POLICY_FILE=keys.policy(tmp_path), REPLY_SEALING_KEY_FILE=str(keys.service_file), SERVICE_USER="guest"
+    )
+    private = tmp_path / "portal.key"
+    private.write_text(encoded(keys.portal) + "\n")
+    source = tmp_path / "users.csv"
+    source.write_text("user_id\nuser_1\nuser_2\nuser_3\n")
+    output = tmp_path / "tokens.jsonl"
+    portal = {"AMQP_URL": caller_urls["support-portal"], "SERVICE_USER": "guest"}
+    sealed = ("--private-key-file", str(private), "--service-public-key", encoded(keys.service_public))
+    code, said = await finish(worker_processes, str(source), "-o", str(output), *sealed, **portal)
+    assert code == 0, said
+    assert stat.S_IMODE(output.stat().st_mode) == 0o600
+    tokens = [entry["sign_in_token"] for entry in lines(output)]
+    assert len(tokens) == 3
+    for token in tokens:
+        made = fake_clerk.stats.tokens[token["id"]]  # type: ignore[index]
+        assert (token["token"], token["url"]) == (made["token"], made["url"])  # type: ignore[index]
+        assert "sealed" not in token  # type: ignore[operator]
+    # Without the keys the tool says what is wrong, in one line.
+    code, said = await finish(
+        worker_processes, str(source), "-o", str(tmp_path / "x.jsonl"), "--private-key-file", str(private), **portal
+    )
+    assert code == 2
+    assert said.strip() == "sign-in-tokens: --private-key-file and --service-public-key go together (sealed replies)"

@@ -3,9 +3,14 @@
 // impersonation (an actor token) in camelCase on IMPERSONATION_QUEUE.
 // A reply is taken only when the service's broker user published it (userId, which RabbitMQ
 // checks) for this caller (header x-caller): anything else is dropped as forged.
-// Prints one JSON line a reply: {"correlationId", "contentType", "outcome", "body"}.
+// Sealed replies (contract v3), with REPLY_PRIVATE_KEY and SERVICE_PUBLIC_KEY (base64) set: each
+// request names this caller's public key (x-reply-public-key), and each token's box is opened with
+// tweetnacl, its bound fields checked against the reply; a box that does not open, or a token in
+// clear, is dropped as forged.
+// Prints one JSON line a reply: {"correlationId", "contentType", "outcome", "sealed", "body"}.
 import amqp from "amqplib";
 import { decode, encode } from "@msgpack/msgpack";
+import nacl from "tweetnacl";
 
 const url = process.env.AMQP_URL;
 const queue = process.env.REQUEST_QUEUE ?? "sign_in_tokens.create";
@@ -13,6 +18,35 @@ const impersonationQueue = process.env.IMPERSONATION_QUEUE ?? "sign_in_tokens.im
 const REPLY_TO = "amq.rabbitmq.reply-to";
 const SERVICE_USER = process.env.SERVICE_USER ?? "sign-in-tokens";
 const ME = decodeURIComponent(new URL(url).username || "guest");
+const keyPair = process.env.REPLY_PRIVATE_KEY
+  ? nacl.box.keyPair.fromSecretKey(new Uint8Array(Buffer.from(process.env.REPLY_PRIVATE_KEY, "base64")))
+  : null;
+const servicePublicKey = keyPair ? new Uint8Array(Buffer.from(process.env.SERVICE_PUBLIC_KEY, "base64")) : null;
+const sealedHeaders = keyPair ? { "x-reply-public-key": Buffer.from(keyPair.publicKey).toString("base64") } : {};
+
+// The reply's body with its token opened; null when it is forged (or a token in clear reached a sealed caller).
+function opened(message, body, request) {
+  const kind = ["sign_in_token", "actor_token"].find((name) => body[name]);
+  if (!keyPair || !kind) return body;
+  const token = body[kind];
+  if (typeof token.sealed !== "string") return body.outcome === "created" ? null : body;
+  const box = Buffer.from(token.sealed, "base64");
+  const inside = nacl.box.open(box.subarray(24), box.subarray(0, 24), servicePublicKey, keyPair.secretKey);
+  if (!inside) return null;
+  const secret = JSON.parse(Buffer.from(inside).toString("utf8"));
+  const headers = message.properties.headers;
+  const bound = {
+    id: token.id,
+    user_id: token.user_id,
+    caller: headers["x-caller"],
+    correlation_id: message.properties.correlationId,
+    message_id: request.correlationId,
+    instance: headers["x-clerk-instance"],
+  };
+  if (Object.entries(bound).some(([name, value]) => secret[name] !== value)) return null;
+  const { sealed, ...rest } = token;
+  return { ...body, [kind]: { ...rest, token: secret.token, url: secret.url } };
+}
 
 const requests = [
   {
@@ -66,10 +100,21 @@ await channel.consume(
       return;
     }
     const contentType = message.properties.contentType;
-    const body =
-      contentType === "application/msgpack" ? decode(message.content) : JSON.parse(message.content.toString("utf8"));
     const correlationId = message.properties.correlationId;
-    console.log(JSON.stringify({ correlationId, contentType, outcome: message.properties.headers["x-outcome"], body }));
+    const request = pending.get(correlationId);
+    if (!request) return;
+    const body = opened(
+      message,
+      contentType === "application/msgpack" ? decode(message.content) : JSON.parse(message.content.toString("utf8")),
+      request,
+    );
+    if (body === null) {
+      console.error(`forged reply dropped (${correlationId}): its box does not open`);
+      return;
+    }
+    const outcome = message.properties.headers["x-outcome"];
+    const sealed = message.properties.headers["x-sealed"] ?? null;
+    console.log(JSON.stringify({ correlationId, contentType, outcome, sealed, body }));
     pending.delete(correlationId);
     if (pending.size === 0) allAnswered();
   },
@@ -84,7 +129,7 @@ for (const request of requests) {
     replyTo: REPLY_TO,
     userId: ME,
     persistent: true,
-    headers: { "x-deadline": Date.now() + 10_000 },
+    headers: { "x-deadline": Date.now() + 10_000, ...sealedHeaders },
   });
 }
 const timeout = setTimeout(() => {

@@ -91,7 +91,6 @@ from sign_in_tokens_client.contract.messages import (
     MSGPACK,
     ActorToken,
     Created,
-    Failed,
     Kind,
     Reply,
     Revoked,
@@ -299,19 +298,7 @@ class SignInTokenClient:
         """The reply, its box opened when this client holds a private key; SealingError when it is forged."""
         if self._opener is None:
             return reply
-        instance = (message.headers or {}).get(INSTANCE_HEADER)
-        if isinstance(instance, bytes):
-            instance = instance.decode(errors="replace")
-        if self._instance is not None and instance != self._instance and not isinstance(reply, Failed):
-            msg = "a token of another Clerk instance"
-            raise ValueError(msg)
-        bound = {
-            "caller": self._user_id or "",
-            "correlation_id": message.correlation_id,
-            "message_id": waiting.message_id,
-            "instance": instance,
-        }
-        return self._opener.open(reply, bound)
+        return self._opener.open_reply(reply, message, self._user_id, waiting.message_id, self._instance)
 
     async def create(
         self,

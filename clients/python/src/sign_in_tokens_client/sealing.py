@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, Final
 
 import msgspec
+from aio_pika.abc import AbstractIncomingMessage
 from msgspec import UNSET
 from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
+from sign_in_tokens_client.connection import INSTANCE_HEADER
 from sign_in_tokens_client.contract.messages import Created, Failed, Reply, created, revoked
 
 SEALED_HEADER: Final = "x-sealed"
@@ -179,3 +181,20 @@ class ReplyOpener:
         )
         opened = msgspec.structs.replace(token, token=secret, url=url, sealed=UNSET)
         return created(opened) if isinstance(reply, Created) else revoked(opened)
+
+    def open_reply(
+        self, reply: Reply, message: AbstractIncomingMessage, caller: str | None, message_id: str, instance: str | None
+    ) -> Reply:
+        """``reply``, decoded from ``message``, opened: bound to its caller, its request and its Clerk instance.
+
+        ``instance``: the one the request named (None: any, its caller's default). SealingError says
+        why it is forged.
+        """
+        named = (message.headers or {}).get(INSTANCE_HEADER)
+        if isinstance(named, bytes):
+            named = named.decode(errors="replace")
+        if instance is not None and named != instance and not isinstance(reply, Failed):
+            msg = "a token of another Clerk instance"
+            raise SealingError(msg)
+        bound = {"caller": caller or "", "correlation_id": message.correlation_id, "message_id": message_id}
+        return self.open(reply, {**bound, "instance": named})
