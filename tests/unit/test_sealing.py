@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from nacl.public import PrivateKey
+from sign_in_tokens_client.contract.errors import ConfigError, ForbiddenError, InvalidRequestError
+from sign_in_tokens_client.contract.messages import Created, SignInToken
 from sign_in_tokens_client.sealing import (
     SealingError,
     encoded,
@@ -21,6 +24,12 @@ from sign_in_tokens_client.sealing import (
     read_key_file,
     seal,
 )
+
+from service.config import load_settings
+from service.state.dedup import pack, unpack
+from service.state.dedup.cipher import AnswerUnreadableError
+from service.trust.policy import Policy, policy_from_settings
+from service.trust.sealing import SealingKeys, read_keys
 
 BOUND = {"id": "sit_1", "user_id": "user_1", "caller": "portal", "correlation_id": "c1", "message_id": "m1"}
 TOKEN = "eyJhbGciOi.secret.token"
@@ -123,3 +132,113 @@ def test_generate_key_file_refuses_an_existing_file(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         generate_key_file(path)
     assert path.read_text() == "keep me"
+
+
+SEALED_POLICY = """
+[callers.portal]
+lanes = ["interactive"]
+max_expires_in_seconds = 300
+reply_to = ["amq.rabbitmq.reply-to"]
+reply_public_key = {portal}
+
+[callers.billing]
+lanes = ["interactive"]
+max_expires_in_seconds = 300
+reply_to = ["amq.rabbitmq.reply-to"]
+"""
+
+
+def sealed_policy(tmp_path: Path, portal: str, extra: str = "", key_file: str | None = "k") -> Policy:
+    path = tmp_path / "policy.toml"
+    path.write_text(extra + SEALED_POLICY.format(portal=portal))
+    env = {"POLICY_FILE": str(path)}
+    if key_file:
+        env["REPLY_SEALING_KEY_FILE"] = key_file
+    return policy_from_settings(load_settings(env))
+
+
+def test_a_callers_reply_key_is_one_of_its_policys_and_a_request_names_which(tmp_path: Path) -> None:
+    """The first key by default; the other one of a roll when named; a key not listed refused, garbage invalid."""
+    (_, old), (_, new), (_, stranger) = keys(), keys(), keys()
+    policy = sealed_policy(tmp_path, f'["{encoded(old)}", "{encoded(new)}"]')
+    assert policy.reply_key("portal", None) == old
+    assert policy.reply_key("portal", encoded(new)) == new
+    with pytest.raises(ForbiddenError, match="not one of caller 'portal''s"):
+        policy.reply_key("portal", encoded(stranger))
+    with pytest.raises(InvalidRequestError, match="x-reply-public-key must be a public key"):
+        policy.reply_key("portal", "not a key")
+    assert policy.reply_key("billing", None) is None  # plain replies
+    with pytest.raises(ForbiddenError):
+        policy.reply_key("billing", encoded(old))  # its client would drop the plain reply: refused at once
+    assert policy.knows("billing")
+    required = sealed_policy(tmp_path, f'"{encoded(old)}"', extra="require_sealed = true\n")
+    assert required.knows("portal")
+    assert not required.knows("billing")  # dead-lettered, forbidden_caller
+
+
+@pytest.mark.parametrize(
+    ("written", "extra", "key_file", "said"),
+    [
+        ('"not-a-key"', "", "k", "callers.portal.reply_public_key: not a public key"),
+        ("[]", "", "k", "callers.portal.reply_public_key"),
+        ('["{k}", "{k}", "{k}", "{k}", "{k}"]', "", "k", "callers.portal.reply_public_key"),
+        ('"{k}"', "", None, "callers.portal: sealed replies need the worker's key: set REPLY_SEALING_KEY_FILE"),
+        ("[]", "require_sealed = true\n", None, "require_sealed: sealed replies need"),
+    ],
+)
+def test_a_policy_that_cannot_seal_is_refused_naming_the_place(
+    tmp_path: Path, written: str, extra: str, key_file: str | None, said: str
+) -> None:
+    _, public = keys()
+    text = written.replace("{k}", encoded(public))
+    if extra:  # a policy requiring sealed replies, and a worker with no key to seal them
+        text = f'"{encoded(public)}"'
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        sealed_policy(tmp_path, text, extra=extra, key_file=key_file)
+
+
+def test_the_workers_key_file_rolls_the_first_key_seals_and_every_key_opens_stored_answers(tmp_path: Path) -> None:
+    """Two keys a line (new first): the new one seals; answers stored under the old one still open."""
+    path = tmp_path / "sealing.key"
+    old_public = generate_key_file(path)
+    sealing = SealingKeys(str(path))
+    assert sealing.public_key == old_public
+    answer = Created(
+        sign_in_token=SignInToken(
+            object="sign_in_token",
+            id="sit_1",
+            status="pending",
+            user_id="u",
+            created_at=1,
+            updated_at=1,
+            token=TOKEN,
+            url=URL,
+        )
+    )
+    assert sealing.answers is not None
+    stored = pack(b"request", answer, sealing.answers)
+    assert TOKEN.encode() not in stored
+    assert TOKEN.rsplit(".", maxsplit=1)[-1].encode() not in stored
+    new = tmp_path / "new.key"
+    new_public = generate_key_file(new)
+    path.write_text(new.read_text() + "\n" + path.read_text())
+    sealing.reload()
+    assert sealing.public_key == new_public
+    assert unpack(stored, sealing.answers).reply == answer
+    assert unpack(pack(b"request", answer, sealing.answers), sealing.answers).reply == answer
+    shown = cli("keys", "public", "--key-file", str(path), env=dict(os.environ))
+    assert shown.stdout.strip() == encoded(new_public)  # the key that seals
+    # The old key gone (the roll over): its answers no longer open; a file without a key is refused.
+    path.write_text(new.read_text())
+    sealing.reload()
+    with pytest.raises(AnswerUnreadableError):
+        unpack(stored, sealing.answers)
+    with pytest.raises(AnswerUnreadableError):
+        unpack(stored, None)
+    path.write_text("\n\n")
+    with pytest.raises(ConfigError, match="holds no key"):
+        sealing.reload()
+    assert sealing.public_key == new_public  # the keys in force are kept
+    path.write_text(new.read_text() + "garbage\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        read_keys(str(path))
