@@ -108,6 +108,9 @@ def base_env() -> dict[str, str]:
         # The secret key would travel in clear; a broker login whose user the worker cannot know.
         ({"CLERK_SECRET_KEY": "sk_test_x", "CLERK_API_URL": "http://api.clerk.com/v1"}, "CLERK_API_URL"),
         ({"CLERK_SECRET_KEY": "sk_test_x", "AMQP_URL": "amqps://rabbit/?auth=external"}, "AMQP_USER"),
+        # The worker's sealing key: a file that is not there, and one that holds no key.
+        ({"CLERK_SECRET_KEY": "sk_test_x", "REPLY_SEALING_KEY_FILE": "/no/such/file"}, "REPLY_SEALING_KEY_FILE"),
+        ({"CLERK_SECRET_KEY": "sk_test_x", "REPLY_SEALING_KEY_FILE": "/etc/hostname"}, "line 1: a key is 32 bytes"),
     ],
 )
 def test_bad_configuration_is_one_line_and_exit_2(env: dict[str, str], names: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
 import stat
 import uuid
 from pathlib import Path
@@ -465,3 +466,35 @@ async def test_the_bulk_tool_opens_sealed_replies_into_its_file(
     )
     assert code == 2
     assert said.strip() == "sign-in-tokens: --private-key-file and --service-public-key go together (sealed replies)"
+
+
+async def test_sighup_rolls_the_workers_key_and_a_bad_file_keeps_the_one_in_force(
+    worker_processes: WorkerProcesses,
+    caller_urls: dict[str, str],
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    """The roll as docs/security.md tells it: clients take both keys, the file gets the new one first, SIGHUP."""
+    worker = await worker_processes.start(
+        POLICY_FILE=keys.policy(tmp_path), REPLY_SEALING_KEY_FILE=str(keys.service_file), SERVICE_USER="guest"
+    )
+    new_file = tmp_path / "new.key"
+    new_public = generate_key_file(new_file)
+    url = caller_urls["support-portal"]
+    both = [keys.service_public, new_public]
+    async with keys.portal_client(url, queue_names, service_public_key=both) as rolling:
+        tokens = [await rolling.create("user_1", timeout=10)]
+        keys.service_file.write_text(new_file.read_text() + keys.service_file.read_text())
+        worker.process.send_signal(signal.SIGHUP)
+        await wait_until(lambda: "sealing_key_reloaded" in worker_processes.logs(), what="the new key read")
+        assert encoded(new_public) in worker_processes.logs()
+        tokens.append(await rolling.create("user_2", timeout=10))
+    keys.service_file.write_text("not a key\n")
+    worker.process.send_signal(signal.SIGHUP)
+    await wait_until(lambda: "sealing_key_reload_failed" in worker_processes.logs(), what="the bad file refused")
+    async with keys.portal_client(url, queue_names, service_public_key=new_public) as rolled:
+        tokens.append(await rolled.create("user_3", timeout=10))
+    assert [t.token for t in tokens] == [fake_clerk.stats.tokens[t.id]["token"] for t in tokens]
+    assert "not a key" not in worker_processes.logs()
