@@ -21,9 +21,11 @@ every contender in turn, the order rotated each round:
     uv run python benchmarks/throughput.py                     # 20,000 requests, 0 and 50 ms, 3 rounds
     uv run python benchmarks/throughput.py -n 5000 --rounds 1 --latency-ms 0 --only service --only naive
     uv run python benchmarks/throughput.py --kinds -n 10000 --rounds 5 --latency-ms 0   # actor beside sign-in tokens
+    uv run python benchmarks/throughput.py --sealed -n 10000 --rounds 5 --latency-ms 0  # sealed replies beside plain
 
 Writes benchmarks/results/throughput.json and docs/images/throughput.png (``--kinds``:
-throughput-kinds.json and docs/images/throughput-kinds.png).
+throughput-kinds.json and docs/images/throughput-kinds.png; ``--sealed``: throughput-sealed.*,
+and what opening a box costs a client).
 With AMQP_URL set it uses that broker (the broker's CPU is then not read).
 """
 
@@ -50,7 +52,9 @@ from typing import Any
 import aio_pika
 import psutil
 from drain import ROOT, actor_body, preload, queue_names, sign_in_body, wait_http
+from nacl.public import PrivateKey
 from sign_in_tokens_client.connection import broker_user
+from sign_in_tokens_client.sealing import Sealer, encoded, generate_key_file
 
 from service.amqp.topology import lane_queue_arguments
 from service.config import load_settings
@@ -90,6 +94,8 @@ class Contender:
     # under a policy (``POLICY``, each request naming its publisher) or none.
     kind: str = "sign_in_token"
     policy: bool = False
+    # Sealed replies (contract v3): the policy gives every caller a reply key, the worker a sealing key.
+    sealed: bool = False
 
     @property
     def queue(self) -> str:
@@ -114,6 +120,8 @@ CONTENDERS = {
     "service-actor": Contender(
         "service, actor tokens, policy", [*WORKER], service=True, policy=True, kind="actor_token"
     ),
+    # Every reply sealed to its caller's key, beside the same policy without one.
+    "service-sealed": Contender("service, sealed replies, policy", [*WORKER], service=True, policy=True, sealed=True),
 }
 
 
@@ -206,6 +214,8 @@ class Solo:
         self.body = body
         self.user_id = user_id
         self.pending: dict[str, asyncio.Future[float]] = {}
+        # The replies' x-sealed headers seen (None: a plain reply): what a contender really did.
+        self.sealed: set[object] = set()
 
     async def run(self, count: int) -> list[float]:
         """Round trips in milliseconds."""
@@ -213,6 +223,7 @@ class Solo:
 
         async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             future = self.pending.pop(message.correlation_id or "", None)
+            self.sealed.add((message.headers or {}).get("x-sealed"))
             if future is not None and not future.done():
                 future.set_result(time.perf_counter())
 
@@ -286,7 +297,11 @@ async def drain(
             for sampler in spy:
                 sampler.send_signal(signal.SIGINT)
                 await asyncio.to_thread(sampler.wait, 60)
-            solo_ms = await Solo(channel, queue, contender.body, user_id).run(solo)
+            alone = Solo(channel, queue, contender.body, user_id)
+            solo_ms = await alone.run(solo)
+            if contender.service and solo and alone.sealed != {"nacl-box" if contender.sealed else None}:
+                msg = f"{contender.name}: replies sealed {alone.sealed}, not as the contender says"
+                raise RuntimeError(msg)
         finally:
             worker.terminate()
             try:
@@ -438,11 +453,46 @@ def save(
 ) -> None:
     """Write the JSON and the plot; a before-and-after run is kept beside the comparison with the peers."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "throughput-baseline" if args.baseline else "throughput-kinds" if args.kinds else "throughput"
+    mode = "-kinds" if args.kinds else "-sealed" if args.sealed else ""
+    stem = "throughput-baseline" if args.baseline else f"throughput{mode}"
     (RESULTS / f"{stem}.json").write_text(
         json.dumps({"args": vars(args), "medians": medians, "runs": [asdict(run) for run in runs]}, indent=2)
     )
     plot(medians, latencies, names, PLOT.with_name(f"{stem}.png"))
+
+
+def write_policies(files: Path) -> tuple[Path, Path, Path]:
+    """The policy of the policy contenders, the same sealing every reply, and the worker's sealing key."""
+    policy, sealed_policy, sealing_key = files / "policy.toml", files / "sealed.toml", files / "sealing.key"
+    policy.write_text(POLICY)
+    generate_key_file(sealing_key)
+    caller = PrivateKey.generate()
+    sealed_policy.write_text(f'{POLICY}reply_public_key = "{encoded(bytes(caller.public_key))}"\n')
+    return policy, sealed_policy, sealing_key
+
+
+def opening_us(count: int = 2_000, rounds: int = 5) -> float:
+    """What opening one sealed reply costs a client (its box decrypted, its bound fields checked), in µs: a median."""
+    service, caller = PrivateKey.generate(), PrivateKey.generate()
+    token = "eyJhbGciOiJSUzI1NiJ9." + "a" * 600 + ".signature"
+    bound = {
+        "id": "sit_1",
+        "user_id": "user_1",
+        "caller": "c",
+        "correlation_id": "x",
+        "message_id": "x",
+        "instance": "default",
+    }
+    sealed = Sealer(bytes(service)).seal(bytes(caller.public_key), token, f"https://accounts.example/?t={token}", bound)
+    opener = Sealer(bytes(caller))
+    senders = [bytes(service.public_key)]
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(count):
+            opener.open(senders, sealed, bound)
+        times.append((time.perf_counter() - start) / count * 1e6)
+    return statistics.median(times)
 
 
 def add_baseline(revision: str, tree: Path, *, redis: bool) -> list[str]:
@@ -487,6 +537,12 @@ def parse_args() -> argparse.Namespace:
         "throughput-kinds.json and .png",
     )
     parser.add_argument(
+        "--sealed",
+        action="store_true",
+        help="sealed replies beside plain ones (one policy, every caller sealed in the one), saved as "
+        "throughput-sealed.json and .png",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="REV",
         help="also run the service as of git revision REV (its package exported to a temp dir): before and after, "
@@ -499,14 +555,16 @@ async def main() -> None:
     """Run every round, print the table, write the JSON and the plot."""
     args = parse_args()
     latencies = args.latency_ms or [0.0, 50.0]
-    chosen = args.only or (["service-policy", "service-actor"] if args.kinds else list(CONTENDERS))
+    pairs = {"kinds": ["service-policy", "service-actor"], "sealed": ["service-policy", "service-sealed"]}
+    mode = "kinds" if args.kinds else "sealed" if args.sealed else None
+    default = [name for name in CONTENDERS if name != "service-sealed"]
+    chosen = args.only or (pairs[mode] if mode else default)
     runs: list[Run] = []
     async with AsyncExitStack() as stack:
         if args.baseline:
             tree = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             chosen.extend(add_baseline(args.baseline, tree, redis="service-redis" in chosen))
-        policy = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "policy.toml"
-        policy.write_text(POLICY)
+        policy, sealed_policy, sealing_key = write_policies(Path(stack.enter_context(tempfile.TemporaryDirectory())))
         amqp_url = os.environ.get("AMQP_URL")
         local = None
         if not amqp_url:
@@ -557,6 +615,11 @@ async def main() -> None:
                         **base_env,
                         **({"REDIS_URL": redis_url} if contender.redis else {}),
                         **({"POLICY_FILE": str(policy)} if contender.policy else {}),
+                        **(
+                            {"POLICY_FILE": str(sealed_policy), "REPLY_SEALING_KEY_FILE": str(sealing_key)}
+                            if contender.sealed
+                            else {}
+                        ),
                     }
                     profile = RESULTS / "profile" / f"{name}-{latency:g}ms.txt" if args.profile else None
                     tokens, seconds, cpu, broker_cpu, rss, solo = await drain(
@@ -571,7 +634,10 @@ async def main() -> None:
                     )
             clerk.terminate()
     medians = summary(runs)
-    print("\n".join(table(medians, "service-policy" if args.kinds else "naive")))
+    print("\n".join(table(medians, "service-policy" if mode else "naive")))
+    if args.sealed:
+        medians["opening"] = {"client_open_us": opening_us()}
+        print(f"a client opens a sealed reply in {medians['opening']['client_open_us']:.1f} µs (median of 5 x 2,000)")
     if args.profile:
         print("profiles in", RESULTS / "profile", "(benchmarks/breakdown.py reads them); figures not saved")
         return

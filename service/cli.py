@@ -568,6 +568,26 @@ def show_config(**options: Any) -> None:  # noqa: ANN401
         )
     else:
         click.echo("# policy: ALLOWED_PUBLISHERS (the listed publishers may ask for anything)")
+    click.echo(f"# sealed replies: {_sealing_said(settings, policy)}")
+
+
+def _sealing_said(settings: Settings, policy: Policy) -> str:
+    """What ``config`` says of sealed replies: the key that seals, who is sealed, how answers are kept."""
+    from sign_in_tokens_client.sealing import encoded  # noqa: PLC0415
+
+    from service.trust.sealing import sealing_keys  # noqa: PLC0415
+
+    try:
+        public = sealing_keys(settings).public_key
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", EXIT_CONFIG)
+    in_redis = "in Redis, in clear" if settings.redis_url else "in process, encrypted"
+    if public is None:
+        return f"none (no REPLY_SEALING_KEY_FILE); idempotency answers {in_redis}"
+    file = policy.file
+    sealed = sum(1 for rules in file.callers.values() if rules.reply_public_key is not None) if file else 0
+    required = ", required of every caller" if file is not None and file.require_sealed else ""
+    return f"the worker's public key {encoded(public)}, {sealed} callers sealed{required}; answers encrypted"
 
 
 def _opener_or_exit(private_key_file: Path | None, service_public_keys: tuple[str, ...]) -> ReplyOpener | None:

@@ -322,6 +322,8 @@ class BulkRun:
             entry: dict[str, Any] = {"line": row.line, "message_id": row.message_id, **row.fields()}
             if isinstance(reply, Failed):
                 entry.update(outcome="failed", error=msgspec.to_builtins(reply.error))
+            elif isinstance(reply.token_object.sealed, str):  # no key to open it
+                entry.update(outcome="failed", error=_SEALED)
             else:
                 entry.update(outcome=outcome(reply), sign_in_token=msgspec.to_builtins(reply.token_object))
             output.write(entry)
@@ -334,6 +336,13 @@ class BulkRun:
         await message.ack()
         if not self._waiting:
             self._all_answered.set()
+
+
+# A sealed reply to a run without the keys to open it: failed, its row in the failures file to send again with them.
+_SEALED: Final = {
+    "code": "sealed_reply",
+    "message": "the reply is sealed: run again with --private-key-file and --service-public-key",
+}
 
 
 async def _first(*awaitables: Any) -> None:  # noqa: ANN401 - coroutines of any result

@@ -34,7 +34,7 @@ class SealingKeys:
 
         ConfigError when the file cannot be read or holds no key.
         """
-        self.path = path
+        self.path = path or None
         self.sealer: Sealer | None = None
         # What encrypts the answers kept in Redis (those in process have a key of the process's own).
         self.answers: AnswerCipher | None = None

@@ -134,7 +134,7 @@ def test_the_manifests_agree_with_the_service(tmp_path: Path) -> None:
     """Settings and policy load; the grace period covers the shutdown; KEDA watches the queues the workers consume."""
     settings_map = next(r for r in of_kind("ConfigMap") if r["metadata"]["name"] == "sign-in-tokens-settings")["data"]
     policy_map = next(r for r in of_kind("ConfigMap") if r["metadata"]["name"] == "sign-in-tokens-policy")["data"]
-    settings = load_settings({**settings_map, "CLERK_SECRET_KEY_FILE": ""})
+    settings = load_settings({**settings_map, "CLERK_SECRET_KEY_FILE": "", "REPLY_SEALING_KEY_FILE": ""})
     assert settings.shutdown_grace_seconds == 25
     policy_file = tmp_path / "policy.toml"
     policy_file.write_text(policy_map["policy.toml"])
@@ -152,6 +152,7 @@ def test_the_manifests_agree_with_the_service(tmp_path: Path) -> None:
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert str(Path(settings_map["CLERK_SECRET_KEY_FILE"]).parent) in mounts
     assert str(Path(settings_map["POLICY_FILE"]).parent) in mounts
+    assert str(Path(settings_map["REPLY_SEALING_KEY_FILE"]).parent) in mounts
     scaled = of_kind("ScaledObject")[0]["spec"]
     defaults = Settings()
     assert {t["metadata"]["queueName"] for t in scaled["triggers"]} == {

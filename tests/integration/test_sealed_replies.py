@@ -466,6 +466,16 @@ async def test_the_bulk_tool_opens_sealed_replies_into_its_file(
     )
     assert code == 2
     assert said.strip() == "sign-in-tokens: --private-key-file and --service-public-key go together (sealed replies)"
+    # A run without them: each sealed reply is a failed row (no token to write), in the failures file.
+    unopened = tmp_path / "unopened.jsonl"
+    code, said = await finish(worker_processes, str(source), "-o", str(unopened), **portal)
+    assert [entry["error"]["code"] for entry in lines(unopened)] == ["sealed_reply"] * 3  # type: ignore[index]
+    assert (tmp_path / "unopened.jsonl.failed.csv").read_text().splitlines() == [
+        "user_id,expires_in_seconds,org_id",
+        "user_1,,",
+        "user_2,,",
+        "user_3,,",
+    ]
 
 
 async def test_sighup_rolls_the_workers_key_and_a_bad_file_keeps_the_one_in_force(
