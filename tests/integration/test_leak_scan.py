@@ -57,6 +57,17 @@ async def drain(channel: AbstractChannel, queue: str) -> list[aio_pika.abc.Abstr
     return found
 
 
+async def audit_everything(
+    channel: AbstractChannel, queue_names: dict[str, str]
+) -> tuple[str, aio_pika.abc.AbstractExchange, aio_pika.abc.AbstractQueue]:
+    """The test's queue prefix, its audit exchange, and a queue bound to every event of it."""
+    prefix = queue_names["REQUEST_QUEUE"].split(".")[0]
+    exchange = await channel.declare_exchange(f"{prefix}.audit", aio_pika.ExchangeType.TOPIC, durable=True)
+    audit = await channel.declare_queue(f"{prefix}.audit-all", exclusive=True)
+    await audit.bind(exchange, "#")
+    return prefix, exchange, audit
+
+
 def as_text(message: aio_pika.abc.AbstractIncomingMessage) -> str:
     """A message's body, properties and headers as one text to search."""
     info = {k: v for k, v in message.info().items() if k != "body"}
@@ -72,11 +83,8 @@ async def test_a_full_session_leaves_no_token_url_or_key_anywhere_but_the_replie
     queue_names: dict[str, str],
     tmp_path: Path,
 ) -> None:
-    prefix = queue_names["REQUEST_QUEUE"].split(".")[0]
-    audit_exchange = f"{prefix}.audit"
-    exchange = await channel.declare_exchange(audit_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-    audit = await channel.declare_queue(f"{prefix}.audit-all", exclusive=True)
-    await audit.bind(exchange, "#")
+    prefix, exchange, audit = await audit_everything(channel, queue_names)
+    audit_exchange = exchange.name
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY.replace("{prefix}", prefix))
     worker = await worker_processes.start(
@@ -276,11 +284,8 @@ async def test_a_sealed_callers_session_leaves_no_token_anywhere_on_the_broker_o
     tmp_path: Path,
 ) -> None:
     """Sealed replies, read as an administrator would, beside the log, metrics, audit, dead letters and Redis."""
-    prefix = queue_names["REQUEST_QUEUE"].split(".")[0]
-    audit_exchange = f"{prefix}.audit"
-    exchange = await channel.declare_exchange(audit_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-    audit = await channel.declare_queue(f"{prefix}.audit-all", exclusive=True)
-    await audit.bind(exchange, "#")
+    prefix, exchange, audit = await audit_everything(channel, queue_names)
+    audit_exchange = exchange.name
     service_key = tmp_path / "sealing.key"
     service_public = generate_key_file(service_key)
     caller = PrivateKey.generate()
