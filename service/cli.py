@@ -584,10 +584,9 @@ def _sealing_said(settings: Settings, policy: Policy) -> str:
     in_redis = "in Redis, in clear" if settings.redis_url else "in process, encrypted"
     if public is None:
         return f"none (no REPLY_SEALING_KEY_FILE); idempotency answers {in_redis}"
-    file = policy.file
-    sealed = sum(1 for rules in file.callers.values() if rules.reply_public_key is not None) if file else 0
-    required = ", required of every caller" if file is not None and file.require_sealed else ""
-    return f"the worker's public key {encoded(public)}, {sealed} callers sealed{required}; answers encrypted"
+    required = ", required of every caller" if policy.file is not None and policy.file.require_sealed else ""
+    tables = f"{policy.sealed_tables} tables of the policy seal"
+    return f"the worker's public key {encoded(public)}, {tables}{required}; answers encrypted"
 
 
 def _opener_or_exit(private_key_file: Path | None, service_public_keys: tuple[str, ...]) -> ReplyOpener | None:

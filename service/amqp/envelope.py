@@ -9,7 +9,7 @@ from aiormq.abc import DeliveredMessage
 from sign_in_tokens_client.connection import INSTANCE_HEADER, REPLY_KEY_HEADER
 from sign_in_tokens_client.contract.errors import InvalidRequestError
 
-from service.amqp.publisher import held_caller
+from service.amqp.publisher import held_caller, made_up_message_id
 from service.state.dedup import IdempotencyKey, idempotency_key
 
 # Longer than any instance's name (32) or policy glob: refused without being echoed.
@@ -39,13 +39,15 @@ class Envelope:
         """
         properties = message.header.properties
         headers = properties.headers or {}
+        # A held copy of a request without message_id carries one aiormq made up: not the caller's.
+        message_id = None if held and made_up_message_id(message) else properties.message_id
         return cls(
             reply_to=properties.reply_to or results_queue,
             has_reply_to=bool(properties.reply_to),
-            correlation_id=properties.correlation_id or properties.message_id,
+            correlation_id=properties.correlation_id or message_id,
             content_type=properties.content_type,
             publisher=held_caller(message) if held else properties.user_id,
-            message_id=properties.message_id,
+            message_id=message_id,
             raw_deadline=headers.get("x-deadline"),
             raw_instance=headers.get(INSTANCE_HEADER),
             raw_reply_key=headers.get(REPLY_KEY_HEADER),

@@ -111,6 +111,12 @@ class _AbsentMessageId(str):
         return True
 
 
+# On a request the worker moved to a Clerk instance's hold queue: the queue it was taken from, and
+# whether it had no message_id (aiormq gives the copy one, to match a return to its publish).
+SOURCE_HEADER: Final = "x-source"
+NO_MESSAGE_ID_HEADER: Final = "x-no-message-id"
+
+
 # Headers the service writes on its copies and replies, and RabbitMQ's own dead-lettering headers.
 _SERVICE_HEADERS: Final = frozenset(
     {
@@ -122,15 +128,12 @@ _SERVICE_HEADERS: Final = frozenset(
         CALLER_HEADER,
         "x-outcome",
         "x-death",
+        NO_MESSAGE_ID_HEADER,
     }
 )
 
 
 _BROKER_DEATH_HEADERS: Final = ("x-first-death-", "x-last-death-")
-
-
-# On a request the worker moved to a Clerk instance's hold queue: the queue it was taken from.
-SOURCE_HEADER: Final = "x-source"
 
 
 def _callers_headers(properties: spec.Basic.Properties) -> dict[str, Any]:
@@ -155,6 +158,11 @@ def held_caller(message: DeliveredMessage) -> str | None:
     return header_text(message, CALLER_HEADER) or None
 
 
+def made_up_message_id(message: DeliveredMessage) -> bool:
+    """Whether ``message`` is a held copy whose ``message_id`` aiormq made up (its request had none)."""
+    return (message.header.properties.headers or {}).get(NO_MESSAGE_ID_HEADER) is True
+
+
 def _copy_for_hold(
     message: DeliveredMessage, caller: str | None, source: str, service_user: str
 ) -> spec.Basic.Properties:
@@ -163,6 +171,8 @@ def _copy_for_hold(
     headers = _callers_headers(properties)
     headers[CALLER_HEADER] = caller or ""
     headers[SOURCE_HEADER] = source
+    if properties.message_id is None or made_up_message_id(message):  # held again: still none of the caller's
+        headers[NO_MESSAGE_ID_HEADER] = True
     properties.headers = headers
     properties.user_id = service_user
     # ``expiration`` kept: a request its caller let expire is dead-lettered from the hold queue as from its lane.
@@ -190,7 +200,7 @@ def _copy_for_dead_letter(
         properties.expiration = None
     properties.headers = headers
     properties.delivery_mode = aio_pika.DeliveryMode.PERSISTENT
-    if properties.message_id is None:
+    if properties.message_id is None or made_up_message_id(message):
         properties.message_id = _AbsentMessageId()
     return properties
 

@@ -49,7 +49,7 @@ from sign_in_tokens_client.contract.errors import ConfigError, ForbiddenError, I
 from sign_in_tokens_client.contract.lanes import Lane
 from sign_in_tokens_client.contract.messages import CLERK_ACTOR_KEYS, ActorKey, CreateActorTokenRequestBody
 from sign_in_tokens_client.contract.messages import CreateSignInTokenRequestBody as Request
-from sign_in_tokens_client.sealing import SealingError, read_key
+from sign_in_tokens_client.sealing import SealingError, read_key, read_public_key
 
 from service.config import Settings
 from service.tomlfiles import at, convert, named_tables, read_table
@@ -156,7 +156,7 @@ class _Compiled:
     def __init__(self, rules: CallerRules, name: str) -> None:
         self.rules = rules
         self.name = name
-        self.reply_keys = tuple(read_key(key) for key in rules.reply_public_keys)
+        self.reply_keys = tuple(read_public_key(key) for key in rules.reply_public_keys)
         self.reply_to = _matcher(rules.reply_to)
         self.impersonate = _matcher(rules.impersonate)
         self.actors = _matcher(rules.actors)
@@ -197,6 +197,11 @@ class Policy:
     def open(self) -> bool:
         """Whether everyone who can publish is served (no policy)."""
         return self.file is None
+
+    @property
+    def sealed_tables(self) -> int:
+        """How many tables of rules seal their callers' replies (``[defaults]`` and ``[anonymous]`` included)."""
+        return sum(1 for _, table in _tables(self.file) if table.reply_public_key is not None) if self.file else 0
 
     @property
     def refuses_nameless(self) -> bool:
@@ -407,7 +412,7 @@ def _check_table(path: str, where: str, table: CallerRules) -> None:
     """What no type says: a default instance among its instances, no actor key of Clerk's, keys that are keys."""
     for key in table.reply_public_keys:
         try:
-            read_key(key)
+            read_public_key(key)
         except SealingError as exc:
             raise ConfigError(at(_VARIABLE, path, f"{where}.reply_public_key", f"not a public key: {exc}")) from None
     if table.default_instance is not None and not _Compiled(table, where).may_use(table.default_instance):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Final
 
 from sign_in_tokens_client.contract.errors import ConfigError
-from sign_in_tokens_client.sealing import KEY_BYTES, Sealer, SealingError, read_key
+from sign_in_tokens_client.sealing import KEY_BYTES, Sealer, SealingError, read_key, without_newline
 
 from service.config import Settings
 from service.state.dedup.cipher import AnswerCipher, answers_key
@@ -55,19 +55,26 @@ class SealingKeys:
 
 
 def read_keys(path: str) -> list[bytes]:
-    """The keys in ``path``: 32 raw bytes, or base64 keys one a line (newest first); ConfigError naming the line."""
+    """The keys in ``path``; ConfigError naming the line.
+
+    32 raw bytes (and perhaps a newline), or base64 keys one a line, newest first; blank lines and
+    lines starting with ``#`` are left out. A line is never read as raw bytes: a 32-character
+    comment would otherwise be taken for a key.
+    """
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         msg = f"{_VARIABLE}: cannot read {path}: {exc.strerror}"
         raise ConfigError(msg) from None
-    if len(data) == KEY_BYTES:
-        return [data]
+    raw = without_newline(data)
+    if len(raw) == KEY_BYTES:
+        return [raw]
     keys = []
-    for number, line in enumerate(data.splitlines(), 1):
-        if line.strip():
+    for number, line in enumerate(data.decode("ascii", errors="replace").splitlines(), 1):
+        text = line.strip()
+        if text and not text.startswith("#"):
             try:
-                keys.append(read_key(line))
+                keys.append(read_key(text))
             except SealingError as exc:
                 msg = f"{_VARIABLE}: {path}, line {number}: {exc}"
                 raise ConfigError(msg) from None

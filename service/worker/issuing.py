@@ -8,8 +8,9 @@ the request gets the same answer. Any operation that makes a token (``operations
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
 import structlog
@@ -18,6 +19,7 @@ from sign_in_tokens_client.contract.errors import (
     DeadlineExceededError,
     InvalidRequestError,
     RequestError,
+    ShutdownRequestedError,
     UpstreamMalformedError,
     UpstreamUnavailableError,
 )
@@ -28,6 +30,7 @@ from service.amqp.envelope import Envelope
 from service.clerk.breaker import OutageHold
 from service.logs import bind, token_field
 from service.state.dedup import UNRELATED, Claim, ClaimLostError, Found, Remembered
+from service.state.dedup.cipher import AnswerUnreadableError
 from service.state.grants import CLERK_DEFAULT_LIFETIME_SECONDS
 from service.trust.audit import Subject
 from service.trust.policy import Policy
@@ -38,6 +41,8 @@ from service.worker.revocations import Revocations
 
 log = structlog.get_logger(__name__)
 
+# How long a request whose stored answer this worker cannot open waits before it goes back to its queue.
+UNREADABLE_ANSWER_PAUSE_SECONDS: Final = 1.0
 # What a reply is to its key's answer: the request made it, read it from the store, or neither.
 Role = Literal["made", "stored", "other"]
 # What a key's answer is remembered with: the request as the caller asked it (before the policy
@@ -110,6 +115,14 @@ class Issuing:
                     return
             except DeadlineExceededError as exc:  # waiting for the key held elsewhere
                 await deliver(message, envelope, failed(exc), subject)
+                return
+            except AnswerUnreadableError:
+                # Stored by a replica with another sealing key (a roll under way): one holding it answers.
+                # Given back after a pause, so the queue's delivery limit spans a rollout, not a spin.
+                log.warning("idempotency_answer_unreadable", action="returned to its queue for a replica with the key")
+                with contextlib.suppress(ShutdownRequestedError):
+                    await self.parts.sleep_unless_stopping(UNREADABLE_ANSWER_PAUSE_SECONDS)
+                await self.delivery.settle.give_back(message, "idempotency_answer_unreadable")
                 return
         await self.delivery.settle.give_back(message, "idempotency_key_contended")
 

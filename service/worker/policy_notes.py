@@ -30,7 +30,7 @@ def log_policy(policy: Policy, policy_file: str | None, instances: Collection[st
             defaults=file.defaults is not None,
             anonymous=file.anonymous is not None,
             protected_users=len(file.protected_users),
-            sealed_callers=sum(1 for rules in file.callers.values() if rules.reply_public_key is not None),
+            sealed_tables=policy.sealed_tables,
             require_sealed=file.require_sealed,
         )
     if policy.refuses_nameless:

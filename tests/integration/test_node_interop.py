@@ -9,18 +9,21 @@ Its packages are installed by scripts/setup (``npm ci``) when ``node`` is on the
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
+from aio_pika.abc import AbstractChannel
 from nacl.public import PrivateKey
 from sign_in_tokens_client.connection import broker_user
 from sign_in_tokens_client.sealing import encoded, generate_key_file
 
 from service.local.fake_clerk import FakeClerk
-from tests.conftest import WorkerFactory
+from tests.conftest import WorkerFactory, get_message
 
 NODE_DIR = Path(__file__).parents[1] / "interop" / "node"
 
@@ -36,7 +39,16 @@ actors = ["user_*_agent"]
 
 
 async def run_node_caller(amqp_url: str, queue_names: dict[str, str], **env: str) -> dict[str, dict[str, Any]]:
-    """Run client.mjs to its end (skipped without Node.js or its packages); its replies by correlation id."""
+    """Run client.mjs to its end, every request answered; its replies by correlation id."""
+    code, replies, stderr = await node_caller(amqp_url, queue_names, **env)
+    assert code == 0, stderr
+    return replies
+
+
+async def node_caller(
+    amqp_url: str, queue_names: dict[str, str], **env: str
+) -> tuple[int | None, dict[str, dict[str, Any]], str]:
+    """Run client.mjs to its end (skipped without Node.js or its packages): its exit code, replies and stderr."""
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed: the Node.js interoperability test needs Node.js 20")
@@ -59,8 +71,8 @@ async def run_node_caller(amqp_url: str, queue_names: dict[str, str], **env: str
         cwd=NODE_DIR,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, stderr.decode()
-    return {r["correlationId"]: r for r in map(json.loads, stdout.decode().splitlines())}
+    replies = {r["correlationId"]: r for r in map(json.loads, stdout.decode().splitlines())}
+    return process.returncode, replies, stderr.decode()
 
 
 async def test_a_nodejs_caller_gets_its_tokens(
@@ -123,3 +135,53 @@ async def test_a_nodejs_caller_opens_its_sealed_replies_with_tweetnacl(
         token = reply["body"][kind]
         assert (token["token"], token["url"]) == (made[token["id"]]["token"], made[token["id"]]["url"])
     assert replies["ts-latin1"]["sealed"] is None  # a failure carries no token: nothing to seal
+
+
+async def test_a_sealed_nodejs_caller_drops_forged_replies_and_does_not_crash(
+    start_worker: WorkerFactory,
+    amqp_url: str,
+    queue_names: dict[str, str],
+    channel: AbstractChannel,
+    tmp_path: Path,
+) -> None:
+    """Only forgers answer (as the service's broker user): a short box, an unknown token field, a token in clear."""
+    service_key = tmp_path / "sealing.key"
+    service_public = generate_key_file(service_key)
+    caller = PrivateKey.generate()
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY + f'reply_public_key = "{encoded(bytes(caller.public_key))}"\n')
+    worker = await start_worker(policy_file=str(policy), reply_sealing_key_file=str(service_key))
+    await worker.shutdown()  # its queues stay: the requests wait there, and only the forgers answer
+    node = asyncio.create_task(
+        node_caller(
+            amqp_url,
+            queue_names,
+            REPLY_PRIVATE_KEY=encoded(bytes(caller)),
+            SERVICE_PUBLIC_KEY=encoded(service_public),
+            TIMEOUT_MS="4000",
+        )
+    )
+    token = {"object": "sign_in_token", "id": "sit_x", "user_id": "user_ts_json", "status": "pending"}
+    forgeries = [
+        {"outcome": "created", "sign_in_token": {**token, "sealed": "AAAA"}},
+        {"outcome": "created", "signInToken": {"token": "forged", "url": "https://evil.example/1"}},
+        {"outcome": "created", "sign_in_token": {**token, "token": "forged", "url": "https://evil.example/2"}},
+        {"outcome": "revoked", "sign_in_token": {**token, "token": "forged", "url": "https://evil.example/3"}},
+        {"outcome": "created", "actor_token": {**token, "sealed": base64.b64encode(bytes(64)).decode()}},
+    ]
+    for queue, forged in zip(["REQUEST_QUEUE"] * 4 + ["IMPERSONATION_QUEUE"], forgeries, strict=True):
+        request = await get_message(channel, queue_names[queue])
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                json.dumps(forged).encode(),
+                content_type="application/json",
+                correlation_id=request.correlation_id,
+                user_id=broker_user(amqp_url),
+                headers={"x-outcome": forged["outcome"], "x-caller": broker_user(amqp_url)},
+            ),
+            request.reply_to or "",
+        )
+    code, replies, stderr = await node
+    assert (code, replies) == (1, {})
+    assert stderr.count("forged reply dropped") == 5, stderr
+    assert "no reply for" in stderr

@@ -27,10 +27,13 @@ from sign_in_tokens_client.contract.errors import ForbiddenError
 from sign_in_tokens_client.contract.messages import Created, decode_reply
 from sign_in_tokens_client.sealing import SealingError, encoded, generate_key_file, open_sealed, public_key_of, seal
 
+from service.amqp.publisher import _AbsentMessageId
 from service.local.fake_clerk import FakeClerk
 from service.state.dedup.memory import MemoryIdempotencyStore
-from tests.conftest import WorkerFactory, get_message, wait_until
+from tests.conftest import WorkerFactory, get_message, wait_depth, wait_until
+from tests.instances import STAGING, STAGING_KEY
 from tests.integration.test_bulk import finish, lines
+from tests.integration.test_instance_holds import instances_file
 from tests.integration.test_policy import edit
 from tests.integration.test_trust import client_as, forged_reply, write_policy
 from tests.workers import WorkerProcesses
@@ -110,13 +113,19 @@ def bound_of(message: AbstractIncomingMessage, message_id: str | None) -> dict[s
     }
 
 
-async def publish_as(url: str, body: dict[str, Any], queue: str, **properties: Any) -> None:
-    """Publish one request as the broker user of ``url``."""
+async def publish_as(url: str, body: dict[str, Any], queue: str, *, absent_id: bool = False, **properties: Any) -> None:
+    """Publish one request as the broker user of ``url`` (``absent_id``: no message_id, as amqplib can send one)."""
     connection = await aio_pika.connect_robust(url)
     async with connection:
         channel = await connection.channel()
         message = aio_pika.Message(json.dumps(body).encode(), content_type="application/json", **properties)
-        await channel.default_exchange.publish(message, queue)
+        if not absent_id:
+            await channel.default_exchange.publish(message, queue)
+            return
+        amqp_properties = message.properties  # a new object at each reading
+        amqp_properties.message_id = _AbsentMessageId()  # aiormq would invent one
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_publish(message.body, routing_key=queue, properties=amqp_properties)
 
 
 async def test_a_sealed_callers_replies_hold_no_token_in_clear_and_its_client_opens_them(
@@ -508,3 +517,140 @@ async def test_sighup_rolls_the_workers_key_and_a_bad_file_keeps_the_one_in_forc
         tokens.append(await rolled.create("user_3", timeout=10))
     assert [t.token for t in tokens] == [fake_clerk.stats.tokens[t.id]["token"] for t in tokens]
     assert "not a key" not in worker_processes.logs()
+
+
+async def test_a_revocations_answer_in_clear_is_dropped_by_a_sealed_client(
+    start_worker: WorkerFactory,
+    caller_urls: dict[str, str],
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    amqp: aio_pika.abc.AbstractRobustConnection,
+    keys: Keys,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    redis_url: str,
+) -> None:
+    """A forger's "revoked" in clear would leave a live token believed dead: dropped; Clerk's revocation taken."""
+    # Redis keeps who got the token (the grant) while the worker is away.
+    settings = {
+        "policy_file": keys.policy(tmp_path),
+        "reply_sealing_key_file": str(keys.service_file),
+        "redis_url": redis_url,
+    }
+    worker = await start_worker(**settings)
+    async with keys.portal_client(caller_urls["support-portal"], queue_names, replies="queue") as portal:
+        token = await portal.create("user_1", timeout=10)
+        await worker.shutdown()  # the revocation waits in its queue: the forger answers first
+        call = asyncio.create_task(portal.revoke(token.id, timeout=15))
+        await wait_until(lambda: bool(portal._pending), what="the revocation sent")
+        correlation_id = next(iter(portal._pending))
+        body = json.loads(forged_reply(correlation_id, "user_1").body)
+        body["outcome"], body["sign_in_token"]["id"], body["sign_in_token"]["status"] = "revoked", token.id, "revoked"
+        message = aio_pika.Message(
+            json.dumps(body).encode(),
+            content_type="application/json",
+            correlation_id=correlation_id,
+            user_id="guest",
+            headers={"x-outcome": "revoked", "x-caller": "support-portal"},
+        )
+        await (await amqp.channel()).default_exchange.publish(message, portal.reply_queue)
+        await wait_until(
+            lambda: any(r.getMessage() == "forged_reply_dropped" for r in caplog.records), what="the forgery dropped"
+        )
+        assert not call.done()
+        await start_worker(**settings)
+        revoked = await asyncio.wait_for(call, 15)
+    assert (revoked.id, revoked.status) == (token.id, "revoked")
+    assert fake_clerk.stats.revoked == {token.id}  # the answer taken is the one after Clerk's revocation
+
+
+@pytest.mark.parametrize("old_replica_keys", ["the old key", "no key yet"])
+async def test_a_replica_that_cannot_open_a_stored_answer_gives_the_request_to_one_that_can(
+    start_worker: WorkerFactory,
+    caller_urls: dict[str, str],
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    redis_url: str,
+    keys: Keys,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    old_replica_keys: str,
+) -> None:
+    """A rollout: the answer stored under the new key; the retry reaches a replica without it first: same token."""
+    new_file = tmp_path / "new.key"
+    new_public = generate_key_file(new_file)
+    rolled = tmp_path / "rolled.key"
+    rolled.write_text(new_file.read_text() + keys.service_file.read_text())
+    policy = keys.policy(tmp_path)
+    if old_replica_keys == "no key yet":  # the key added to a fleet: a caller without reply_public_key
+        edit(policy, f"reply_public_key = {json.dumps(encoded(keys.portal_public))}\n", "")
+    updated = await start_worker(policy_file=policy, reply_sealing_key_file=str(rolled), redis_url=redis_url)
+    both = [keys.service_public, new_public]
+    sealed = old_replica_keys == "the old key"
+    url = caller_urls["support-portal"]
+    client = (
+        keys.portal_client(url, queue_names, service_public_key=both)
+        if sealed
+        else client_as(url, queue_names, service_user="guest")
+    )
+    async with client:
+        first = await client.create("user_1", timeout=10, message_id="m-roll")
+        await updated.shutdown()
+        old = {"reply_sealing_key_file": str(keys.service_file)} if sealed else {}
+        await start_worker(policy_file=policy, redis_url=redis_url, **old)
+        retry = asyncio.create_task(client.create("user_1", timeout=20, message_id="m-roll"))
+        said = ""
+
+        def given_back() -> bool:
+            nonlocal said
+            said += capsys.readouterr().out
+            return "idempotency_answer_unreadable" in said
+
+        await wait_until(given_back, what="the old replica giving the request back")
+        await start_worker(policy_file=policy, reply_sealing_key_file=str(rolled), redis_url=redis_url)
+        again = await asyncio.wait_for(retry, 25)
+    assert (again.id, again.token) == (first.id, first.token)
+    assert fake_clerk.stats.create_calls == 1
+
+
+async def test_a_held_request_without_a_message_id_is_sealed_as_it_was_sent(
+    start_worker: WorkerFactory,
+    caller_urls: dict[str, str],
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    channel: AbstractChannel,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    """message_id is optional: a request held in its instance's hold queue is bound to none, as one served at once."""
+    policy = keys.policy(tmp_path)
+    key_line = f"reply_public_key = {json.dumps(encoded(keys.portal_public))}\n"
+    edit(policy, key_line, f'instances = ["prod", "staging"]\ndefault_instance = "prod"\n{key_line}')
+    instances = instances_file(tmp_path, fake_clerk)
+    worker = await start_worker(
+        policy_file=policy, reply_sealing_key_file=str(keys.service_file), clerk_instances_file=instances
+    )
+    queue = f"amq_sealed_{uuid.uuid4().hex[:8]}"
+    await channel.declare_queue(queue, durable=True)
+    fake_clerk.accepted_keys.discard(STAGING_KEY)
+    await publish_as(
+        caller_urls["support-portal"],
+        {"user_id": "user_1"},
+        queue_names["REQUEST_QUEUE"],
+        reply_to=queue,
+        correlation_id="c-held",
+        user_id="support-portal",
+        headers=STAGING,
+        absent_id=True,
+    )
+    await wait_until(lambda: not worker.parts.upstreams["staging"].key_ok, what="staging's key rejected")
+    await wait_depth(channel, f"{queue_names['HOLD_QUEUE_PREFIX']}.staging", 1)
+    fake_clerk.accepted_keys.add(STAGING_KEY)
+    message = await get_message(channel, queue, timeout=20)
+    assert message.correlation_id == "c-held"
+    sealed = json.loads(message.body)["sign_in_token"]["sealed"]
+    made = next(iter(fake_clerk.stats.tokens.values()))
+    assert open_sealed(keys.portal, [keys.service_public], sealed, bound_of(message, None)) == (
+        made["token"],
+        made["url"],
+    )

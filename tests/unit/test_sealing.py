@@ -15,6 +15,7 @@ from nacl.public import PrivateKey
 from sign_in_tokens_client.contract.errors import ConfigError, ForbiddenError, InvalidRequestError
 from sign_in_tokens_client.contract.messages import Created, SignInToken
 from sign_in_tokens_client.sealing import (
+    ReplyOpener,
     SealingError,
     encoded,
     generate_key_file,
@@ -242,3 +243,31 @@ def test_the_workers_key_file_rolls_the_first_key_seals_and_every_key_opens_stor
     path.write_text(new.read_text() + "garbage\n")
     with pytest.raises(ConfigError, match="line 2"):
         read_keys(str(path))
+
+
+def test_a_public_key_no_secret_can_come_of_is_refused_in_the_policy_and_by_the_client(tmp_path: Path) -> None:
+    """All zeros (a placeholder) is a low-order point: a policy naming it is exit 2, not a token nobody gets."""
+    zero = encoded(bytes(32))
+    with pytest.raises(
+        ConfigError, match=re.escape("callers.portal.reply_public_key: not a public key: not a usable public key")
+    ):
+        sealed_policy(tmp_path, f'"{zero}"')
+    private, _ = keys()
+    with pytest.raises(SealingError, match="not a usable public key"):
+        ReplyOpener(private, zero)
+
+
+def test_the_key_file_takes_comments_and_a_raw_key_with_an_editors_newline(tmp_path: Path) -> None:
+    """A 32-character comment is never taken for a key; 32 raw bytes and a newline are that key."""
+    (new, new_public), (old, _) = keys(), keys()
+    comment = "# rolled 2026-12-05, drop later!"
+    assert len(comment) == 32
+    path = tmp_path / "sealing.key"
+    path.write_text(f"{comment}\n{encoded(new)}\n\n{encoded(old)}\n")
+    assert read_keys(str(path)) == [new, old]
+    assert SealingKeys(str(path)).public_key == new_public
+    raw = bytes(range(1, 33))  # holds \n and \r: a raw key may
+    for ending in (b"", b"\n", b"\r\n"):
+        path.write_bytes(raw + ending)
+        assert read_keys(str(path)) == [raw]
+        assert read_key_file(path) == raw

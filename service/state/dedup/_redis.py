@@ -309,13 +309,12 @@ class RedisIdempotencyStore:
         return self._link.available
 
     def readable(self, value: bytes | None) -> Remembered | None:
-        """The answer in ``value`` (None for none), or None when no key of this worker opens it (logged)."""
+        """The answer in ``value``; None for none, and for one no key of this worker opens (``_take`` gives it back)."""
         if not value:
             return None
         try:
             return unpack(memoryview(value), self.cipher())
         except AnswerUnreadableError:
-            log.warning("idempotency_answer_unreadable", action="answered as spent: the key is not used again")
             return None
 
     def redis_key(self, key: IdempotencyKey) -> str:
@@ -359,11 +358,9 @@ class RedisIdempotencyStore:
             else:
                 if status != 2:
                     claim.found = {0: Found.ANSWERED, 1: Found.NEW, 3: Found.UNSETTLED, 4: Found.SPENT}[status]
-                    claim.remembered = self.readable(value)
-                    if claim.remembered is not None:
+                    if value:  # AnswerUnreadableError: no key of this worker opens it (the caller gives it back)
+                        claim.remembered = unpack(memoryview(value), self.cipher())
                         claim.tag = _tag(claim.remembered.reply)
-                    elif value:  # an answer no key of this worker opens: taken as spent, not made again
-                        claim.found = Found.SPENT
                     return
                 wait = min(poll, max(0.001, int(value) / 1000))
                 poll = min(POLL_LAST_SECONDS, poll * 2)

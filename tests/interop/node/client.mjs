@@ -24,16 +24,29 @@ const keyPair = process.env.REPLY_PRIVATE_KEY
 const servicePublicKey = keyPair ? new Uint8Array(Buffer.from(process.env.SERVICE_PUBLIC_KEY, "base64")) : null;
 const sealedHeaders = keyPair ? { "x-reply-public-key": Buffer.from(keyPair.publicKey).toString("base64") } : {};
 
-// The reply's body with its token opened; null when it is forged (or a token in clear reached a sealed caller).
+// The reply's body with its token opened; null when it is forged: a box that does not open or is
+// bound to another reply, a token in clear, or a token-carrying outcome without a token this caller knows.
 function opened(message, body, request) {
+  if (!keyPair) return body;
   const kind = ["sign_in_token", "actor_token"].find((name) => body[name]);
-  if (!keyPair || !kind) return body;
+  if (!kind) return body.outcome === "failed" ? body : null;
   const token = body[kind];
-  if (typeof token.sealed !== "string") return body.outcome === "created" ? null : body;
-  const box = Buffer.from(token.sealed, "base64");
-  const inside = nacl.box.open(box.subarray(24), box.subarray(0, 24), servicePublicKey, keyPair.secretKey);
-  if (!inside) return null;
-  const secret = JSON.parse(Buffer.from(inside).toString("utf8"));
+  if (typeof token.sealed !== "string") return null;
+  let secret;
+  try {
+    const box = Buffer.from(token.sealed, "base64");
+    if (box.length < nacl.box.nonceLength + nacl.box.overheadLength) return null;
+    const inside = nacl.box.open(
+      box.subarray(nacl.box.nonceLength),
+      box.subarray(0, nacl.box.nonceLength),
+      servicePublicKey,
+      keyPair.secretKey,
+    );
+    if (!inside) return null;
+    secret = JSON.parse(Buffer.from(inside).toString("utf8"));
+  } catch {
+    return null;
+  }
   const headers = message.properties.headers;
   const bound = {
     id: token.id,
@@ -43,6 +56,7 @@ function opened(message, body, request) {
     message_id: request.correlationId,
     instance: headers["x-clerk-instance"],
   };
+  if (typeof secret?.token !== "string") return null;
   if (Object.entries(bound).some(([name, value]) => secret[name] !== value)) return null;
   const { sealed, ...rest } = token;
   return { ...body, [kind]: { ...rest, token: secret.token, url: secret.url } };
@@ -132,10 +146,11 @@ for (const request of requests) {
     headers: { "x-deadline": Date.now() + 10_000, ...sealedHeaders },
   });
 }
+const waitMs = Number(process.env.TIMEOUT_MS ?? 20_000);
 const timeout = setTimeout(() => {
-  console.error(`no reply for ${[...pending.keys()].join(", ")} within 20 s`);
+  console.error(`no reply for ${[...pending.keys()].join(", ")} within ${waitMs / 1000} s`);
   process.exit(1);
-}, 20_000);
+}, waitMs);
 await done;
 clearTimeout(timeout);
 await channel.close();

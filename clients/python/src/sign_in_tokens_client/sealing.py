@@ -57,9 +57,31 @@ def read_key(data: bytes | str) -> bytes:
     return key
 
 
+def read_public_key(data: bytes | str) -> bytes:
+    """A public key (as ``read_key``) that a box can be made with: SealingError for a low-order point (all zeros)."""
+    key = read_key(data)
+    try:
+        Box(PrivateKey.generate(), PublicKey(key))
+    except (CryptoError, RuntimeError, ValueError, TypeError):  # libsodium refuses a key no secret can come of
+        msg = "not a usable public key (a low-order point, such as all zeros)"
+        raise SealingError(msg) from None
+    return key
+
+
 def read_key_file(path: str | os.PathLike[str]) -> bytes:
-    """The key in a file (32 raw bytes, or base64); OSError when it cannot be read, SealingError when it is none."""
-    return read_key(Path(path).read_bytes())
+    """The key in a file (32 raw bytes, or base64); OSError when it cannot be read, SealingError when it is none.
+
+    One newline after 32 raw bytes is an editor's, not the key's (no base64 key is that short).
+    """
+    return read_key(without_newline(Path(path).read_bytes()))
+
+
+def without_newline(data: bytes) -> bytes:
+    """32 raw bytes without the newline an editor added after them; anything else as it is."""
+    for end in (b"\r\n", b"\n"):
+        if data.endswith(end) and len(data) == KEY_BYTES + len(end):
+            return data[:KEY_BYTES]
+    return data
 
 
 def generate_key_file(path: str | os.PathLike[str]) -> bytes:
@@ -155,7 +177,7 @@ class ReplyOpener:
         """Keys as 32 bytes or base64; SealingError for one that is not a key, or no service key."""
         self._sealer = Sealer(read_key(private_key))
         keys = [service_public_key] if isinstance(service_public_key, bytes | str) else list(service_public_key)
-        self._senders = tuple(read_key(key) for key in keys)
+        self._senders = tuple(read_public_key(key) for key in keys)
         if not self._senders:
             msg = "service_public_key: give the service's public key (sign-in-tokens keys public prints it)"
             raise SealingError(msg)
@@ -166,16 +188,16 @@ class ReplyOpener:
         """The reply with its token opened (a failure as it is); SealingError says why it is forged.
 
         ``bound``: what the box must be bound to (BOUND's fields but ``id`` and ``user_id``, the
-        token's own). An unsealed created reply is refused: the client never takes a token in clear.
+        token's own). A token in clear is refused, created or revoked: the service seals both for a
+        sealed caller, so one in clear is forged (a revocation's answer too: a forger's "revoked"
+        would leave a live token believed dead).
         """
         if isinstance(reply, Failed):
             return reply
         token = reply.token_object
-        if not isinstance(token.sealed, str):
-            if isinstance(reply, Created):
-                msg = "a token in clear (this client takes sealed replies only)"
-                raise SealingError(msg)
-            return reply
+        if not isinstance(token.sealed, str):  # the service seals every token it sends a sealed caller
+            msg = "a token in clear (this client takes sealed replies only)"
+            raise SealingError(msg)
         secret, url = self._sealer.open(
             self._senders, token.sealed, {**bound, "id": token.id, "user_id": token.user_id}
         )
