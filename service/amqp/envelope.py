@@ -9,7 +9,7 @@ from aiormq.abc import DeliveredMessage
 from sign_in_tokens_client.connection import INSTANCE_HEADER, REPLY_KEY_HEADER
 from sign_in_tokens_client.contract.errors import InvalidRequestError
 
-from service.amqp.publisher import held_caller, made_up_message_id
+from service.amqp.publisher import held_caller, made_up_message_id, text_of
 from service.state.dedup import IdempotencyKey, idempotency_key
 
 # Longer than any instance's name (32) or policy glob: refused without being echoed.
@@ -69,7 +69,7 @@ class Envelope:
 
     def instance_named(self) -> str | None:
         """The Clerk instance the request names (``x-clerk-instance``), or None; InvalidRequestError if not text."""
-        value = _text(self.raw_instance)
+        value = text_of(self.raw_instance)
         if value is None:
             return None
         if not 0 < len(value) <= _LONGEST_INSTANCE:
@@ -81,16 +81,4 @@ class Envelope:
 
     def reply_key_named(self) -> str | None:
         """The public key the request names for its reply (``x-reply-public-key``), as text, or None."""
-        return _text(self.raw_reply_key)
-
-
-def _text(value: object) -> str | None:
-    """A header's text: a string, a byte array (as some clients send text) decoded; "" for anything else."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bytes | bytearray):
-        try:
-            return bytes(value).decode()
-        except UnicodeDecodeError:
-            return ""
-    return ""
+        return text_of(self.raw_reply_key)

@@ -145,12 +145,21 @@ def _callers_headers(properties: spec.Basic.Properties) -> dict[str, Any]:
     }
 
 
-def header_text(message: DeliveredMessage, name: str) -> str:
-    """A header the worker wrote, as text ("" when absent; a byte array, as some clients send text, decoded)."""
-    value = (message.header.properties.headers or {}).get(name)
+def text_of(value: object) -> str | None:
+    """A header's value as text: None when absent, a byte array (as some clients send text) decoded; else ""."""
+    if value is None or isinstance(value, str):
+        return value
     if isinstance(value, bytes | bytearray):
-        return bytes(value).decode(errors="replace")
-    return value if isinstance(value, str) else ""
+        try:
+            return bytes(value).decode()
+        except UnicodeDecodeError:
+            return ""
+    return ""
+
+
+def header_text(message: DeliveredMessage, name: str) -> str:
+    """A header the worker wrote, as text ("" when absent)."""
+    return text_of((message.header.properties.headers or {}).get(name)) or ""
 
 
 def held_caller(message: DeliveredMessage) -> str | None:

@@ -31,6 +31,9 @@ its reply's fate is known, not only until its answer is stored:
   then reads a delivered answer, or makes a fresh call; never a token that
   is revoked after it was given.
 
+Answers hold their token encrypted (``cipher.py``, NaCl's ``SecretBox``; contract v3): in process
+under a key of the process's own, in Redis under one every replica derives from its sealing key.
+
 Two stores keep this promise behind one interface (``IdempotencyStore``):
 
 - ``MemoryIdempotencyStore`` (``service.state.dedup.memory``), in process, bounded by time and bytes:
