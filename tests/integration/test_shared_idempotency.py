@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import msgspec
+import nacl.utils
 import pytest
 import redis.asyncio
 from aio_pika.abc import AbstractChannel
@@ -18,6 +19,7 @@ from service.local.fake_clerk import FakeClerk
 from service.local.rabbitmq import free_port
 from service.state.dedup import ClaimLostError, Found, Remembered, idempotency_key
 from service.state.dedup._redis import RedisIdempotencyStore
+from service.state.dedup.cipher import AnswerCipher, AnswerUnreadableError
 from tests.conftest import WorkerFactory, wait_until
 from tests.ledger import Ledger
 from tests.workers import Replies, WorkerProcesses, publish_requests
@@ -305,3 +307,29 @@ async def test_a_message_id_that_is_not_utf8_is_a_key_like_any_other(
     await wait_until(lambda: replies.answered == 2, what="both copies answered")
     assert fake_clerk.stats.create_calls == 1
     assert len(set().union(*replies.tokens.values())) == 1
+
+
+async def test_a_replica_that_cannot_open_an_unsettled_answer_lets_its_lease_go_at_once(redis_url: str) -> None:
+    """Another sealing key (a roll under way): the replica without it raises, and the key is free for one with it."""
+    cipher = AnswerCipher([nacl.utils.random(32)])
+    holder, blind, other = (
+        RedisIdempotencyStore(redis_url, 60, 5.0, cipher=lambda: cipher),
+        store(redis_url),
+        RedisIdempotencyStore(redis_url, 60, 5.0, cipher=lambda: cipher),
+    )
+    key = idempotency_key("alice", "m1", "unused")
+    async with holder.claim(key) as claim:
+        await claim.remember(REQUEST, ANSWER, 60)  # stopped before its reply's fate was known: unsettled
+    reader = redis.asyncio.from_url(redis_url)
+    stored = await reader.hget(holder.redis_key(key), "answer")
+    await reader.aclose()
+    assert stored is not None
+    assert b"secret" not in stored
+    with pytest.raises(AnswerUnreadableError):
+        async with blind.claim(key):
+            pytest.fail("a claim on an answer this replica cannot read")
+    # Within a second, not after the 5 s lease the blind claim took.
+    async with other.claim(key, deadline=time.time() + 1.0) as claim:
+        assert (claim.found, claim.remembered) == (Found.UNSETTLED, Remembered(REQUEST, ANSWER))
+    for replica in (holder, blind, other):
+        await replica.close()

@@ -358,8 +358,8 @@ class RedisIdempotencyStore:
             else:
                 if status != 2:
                     claim.found = {0: Found.ANSWERED, 1: Found.NEW, 3: Found.UNSETTLED, 4: Found.SPENT}[status]
-                    if value:  # AnswerUnreadableError: no key of this worker opens it (the caller gives it back)
-                        claim.remembered = unpack(memoryview(value), self.cipher())
+                    if value:
+                        claim.remembered = await self._opened(claim, value)
                         claim.tag = _tag(claim.remembered.reply)
                     return
                 wait = min(poll, max(0.001, int(value) / 1000))
@@ -368,6 +368,20 @@ class RedisIdempotencyStore:
                 msg = "x-deadline passed while another request with this message_id was being answered"
                 raise DeadlineExceededError(msg)
             await asyncio.sleep(wait)
+
+    async def _opened(self, claim: _RedisClaim, value: bytes) -> Remembered:
+        """The answer ``_take`` found; AnswerUnreadableError when no key of this worker opens it.
+
+        The caller gives the request back for a replica that can; an unsettled answer this claim has
+        just leased is let go first, so that replica need not wait out the lease.
+        """
+        try:
+            return unpack(memoryview(value), self.cipher())
+        except AnswerUnreadableError:
+            if claim.found is Found.UNSETTLED:
+                with contextlib.suppress(*REDIS_FAILURES):
+                    await self.run(self._release, claim.keys[:1], [claim.fence, self.window_ms])
+            raise
 
     async def run(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> tuple[int, bytes]:  # noqa: ANN401
         """Run one of the store's scripts; its status and value, checked to be its own answer."""
