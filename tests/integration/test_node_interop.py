@@ -109,22 +109,24 @@ async def test_a_nodejs_caller_gets_its_tokens(
     assert fake_clerk.actors.last_params["session_max_duration_in_seconds"] == 600
 
 
-async def test_a_nodejs_caller_opens_its_sealed_replies_with_tweetnacl(
-    start_worker: WorkerFactory, amqp_url: str, queue_names: dict[str, str], fake_clerk: FakeClerk, tmp_path: Path
-) -> None:
-    """Its replies sealed to its key (policy), opened in Node.js: the tokens Clerk made, of both kinds."""
+def sealed_caller(tmp_path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """A worker's settings sealing the Node.js caller's replies (POLICY and its key), and the caller's keys."""
     service_key = tmp_path / "sealing.key"
     service_public = generate_key_file(service_key)
     caller = PrivateKey.generate()
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY + f'reply_public_key = "{encoded(bytes(caller.public_key))}"\n')
-    await start_worker(policy_file=str(policy), reply_sealing_key_file=str(service_key))
-    replies = await run_node_caller(
-        amqp_url,
-        queue_names,
-        REPLY_PRIVATE_KEY=encoded(bytes(caller)),
-        SERVICE_PUBLIC_KEY=encoded(service_public),
-    )
+    settings = {"policy_file": str(policy), "reply_sealing_key_file": str(service_key)}
+    return settings, {"REPLY_PRIVATE_KEY": encoded(bytes(caller)), "SERVICE_PUBLIC_KEY": encoded(service_public)}
+
+
+async def test_a_nodejs_caller_opens_its_sealed_replies_with_tweetnacl(
+    start_worker: WorkerFactory, amqp_url: str, queue_names: dict[str, str], fake_clerk: FakeClerk, tmp_path: Path
+) -> None:
+    """Its replies sealed to its key (policy), opened in Node.js: the tokens Clerk made, of both kinds."""
+    settings, keys = sealed_caller(tmp_path)
+    await start_worker(**settings)
+    replies = await run_node_caller(amqp_url, queue_names, **keys)
     for name, kind, made in (
         ("ts-json", "sign_in_token", fake_clerk.stats.tokens),
         ("ts-msgpack", "sign_in_token", fake_clerk.stats.tokens),
@@ -145,22 +147,10 @@ async def test_a_sealed_nodejs_caller_drops_forged_replies_and_does_not_crash(
     tmp_path: Path,
 ) -> None:
     """Only forgers answer (as the service's broker user): a short box, an unknown token field, a token in clear."""
-    service_key = tmp_path / "sealing.key"
-    service_public = generate_key_file(service_key)
-    caller = PrivateKey.generate()
-    policy = tmp_path / "policy.toml"
-    policy.write_text(POLICY + f'reply_public_key = "{encoded(bytes(caller.public_key))}"\n')
-    worker = await start_worker(policy_file=str(policy), reply_sealing_key_file=str(service_key))
+    settings, keys = sealed_caller(tmp_path)
+    worker = await start_worker(**settings)
     await worker.shutdown()  # its queues stay: the requests wait there, and only the forgers answer
-    node = asyncio.create_task(
-        node_caller(
-            amqp_url,
-            queue_names,
-            REPLY_PRIVATE_KEY=encoded(bytes(caller)),
-            SERVICE_PUBLIC_KEY=encoded(service_public),
-            TIMEOUT_MS="4000",
-        )
-    )
+    node = asyncio.create_task(node_caller(amqp_url, queue_names, **keys, TIMEOUT_MS="4000"))
     token = {"object": "sign_in_token", "id": "sit_x", "user_id": "user_ts_json", "status": "pending"}
     forgeries = [
         {"outcome": "created", "sign_in_token": {**token, "sealed": "AAAA"}},
