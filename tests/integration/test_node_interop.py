@@ -117,7 +117,9 @@ def sealed_caller(tmp_path: Path) -> tuple[dict[str, str], dict[str, str]]:
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY + f'reply_public_key = "{encoded(bytes(caller.public_key))}"\n')
     settings = {"policy_file": str(policy), "reply_sealing_key_file": str(service_key)}
-    return settings, {"REPLY_PRIVATE_KEY": encoded(bytes(caller)), "SERVICE_PUBLIC_KEY": encoded(service_public)}
+    # Two service keys, as while the service's key rolls: the one in force second.
+    rolling = f"{encoded(bytes(PrivateKey.generate().public_key))},{encoded(service_public)}"
+    return settings, {"REPLY_PRIVATE_KEY": encoded(bytes(caller)), "SERVICE_PUBLIC_KEY": rolling}
 
 
 async def test_a_nodejs_caller_opens_its_sealed_replies_with_tweetnacl(

@@ -3,7 +3,8 @@
 // impersonation (an actor token) in camelCase on IMPERSONATION_QUEUE.
 // A reply is taken only when the service's broker user published it (userId, which RabbitMQ
 // checks) for this caller (header x-caller): anything else is dropped as forged.
-// Sealed replies (contract v3), with REPLY_PRIVATE_KEY and SERVICE_PUBLIC_KEY (base64) set: each
+// Sealed replies (contract v3), with REPLY_PRIVATE_KEY and SERVICE_PUBLIC_KEY (base64; two,
+// comma-separated, while the service's key rolls) set: each
 // request names this caller's public key (x-reply-public-key), and each token's box is opened with
 // tweetnacl, its bound fields checked against the reply; a box that does not open, or a token in
 // clear, is dropped as forged.
@@ -21,7 +22,10 @@ const ME = decodeURIComponent(new URL(url).username || "guest");
 const keyPair = process.env.REPLY_PRIVATE_KEY
   ? nacl.box.keyPair.fromSecretKey(new Uint8Array(Buffer.from(process.env.REPLY_PRIVATE_KEY, "base64")))
   : null;
-const servicePublicKey = keyPair ? new Uint8Array(Buffer.from(process.env.SERVICE_PUBLIC_KEY, "base64")) : null;
+// The service's public keys: two, comma-separated, while its key rolls.
+const servicePublicKeys = keyPair
+  ? process.env.SERVICE_PUBLIC_KEY.split(",").map((key) => new Uint8Array(Buffer.from(key.trim(), "base64")))
+  : [];
 const sealedHeaders = keyPair ? { "x-reply-public-key": Buffer.from(keyPair.publicKey).toString("base64") } : {};
 
 // The reply's body with its token opened; null when it is forged: a box that does not open or is
@@ -36,12 +40,10 @@ function opened(message, body, request) {
   try {
     const box = Buffer.from(token.sealed, "base64");
     if (box.length < nacl.box.nonceLength + nacl.box.overheadLength) return null;
-    const inside = nacl.box.open(
-      box.subarray(nacl.box.nonceLength),
-      box.subarray(0, nacl.box.nonceLength),
-      servicePublicKey,
-      keyPair.secretKey,
-    );
+    const [nonce, ciphertext] = [box.subarray(0, nacl.box.nonceLength), box.subarray(nacl.box.nonceLength)];
+    const inside = servicePublicKeys
+      .map((key) => nacl.box.open(ciphertext, nonce, key, keyPair.secretKey))
+      .find((opened) => opened);
     if (!inside) return null;
     secret = JSON.parse(Buffer.from(inside).toString("utf8"));
   } catch {
