@@ -39,8 +39,10 @@ class Envelope:
         """
         properties = message.header.properties
         headers = properties.headers or {}
-        # A held copy of a request without message_id carries one aiormq made up: not the caller's.
-        message_id = None if held and made_up_message_id(message) else properties.message_id
+        # A held copy of a request without message_id carries one aiormq made up: not the caller's
+        # (its user_id is the worker's: the hold queue's consumer has checked it).
+        made_up = held and made_up_message_id(message, properties.user_id or "")
+        message_id = None if made_up else properties.message_id
         return cls(
             reply_to=properties.reply_to or results_queue,
             has_reply_to=bool(properties.reply_to),

@@ -167,9 +167,14 @@ def held_caller(message: DeliveredMessage) -> str | None:
     return header_text(message, CALLER_HEADER) or None
 
 
-def made_up_message_id(message: DeliveredMessage) -> bool:
-    """Whether ``message`` is a held copy whose ``message_id`` aiormq made up (its request had none)."""
-    return (message.header.properties.headers or {}).get(NO_MESSAGE_ID_HEADER) is True
+def made_up_message_id(message: DeliveredMessage, service_user: str) -> bool:
+    """Whether ``message`` is a held copy whose ``message_id`` aiormq made up (its request had none).
+
+    Only a copy the service published says so (its ``user_id``, which RabbitMQ checks): a caller's
+    own header is not its word for that.
+    """
+    properties = message.header.properties
+    return properties.user_id == service_user and (properties.headers or {}).get(NO_MESSAGE_ID_HEADER) is True
 
 
 def _copy_for_hold(
@@ -180,7 +185,7 @@ def _copy_for_hold(
     headers = _callers_headers(properties)
     headers[CALLER_HEADER] = caller or ""
     headers[SOURCE_HEADER] = source
-    if properties.message_id is None or made_up_message_id(message):  # held again: still none of the caller's
+    if properties.message_id is None or made_up_message_id(message, service_user):  # held again: still none
         headers[NO_MESSAGE_ID_HEADER] = True
     properties.headers = headers
     properties.user_id = service_user
@@ -209,7 +214,7 @@ def _copy_for_dead_letter(
         properties.expiration = None
     properties.headers = headers
     properties.delivery_mode = aio_pika.DeliveryMode.PERSISTENT
-    if properties.message_id is None or made_up_message_id(message):
+    if properties.message_id is None or made_up_message_id(message, service_user):
         properties.message_id = _AbsentMessageId()
     return properties
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Final
 
 from sign_in_tokens_client.contract.errors import ConfigError
-from sign_in_tokens_client.sealing import KEY_BYTES, Sealer, SealingError, read_key, without_newline
+from sign_in_tokens_client.sealing import Sealer, SealingError, is_raw_key, read_key, without_newline
 
 from service.config import Settings
 from service.state.dedup.cipher import AnswerCipher, answers_key
@@ -57,9 +57,9 @@ class SealingKeys:
 def read_keys(path: str) -> list[bytes]:
     """The keys in ``path``; ConfigError naming the line.
 
-    32 raw bytes (and perhaps a newline), or base64 keys one a line, newest first; blank lines and
-    lines starting with ``#`` are left out. A line is never read as raw bytes: a 32-character
-    comment would otherwise be taken for a key.
+    32 raw bytes (and perhaps a newline; ``is_raw_key``), or base64 keys one a line, newest first;
+    blank lines and lines starting with ``#`` are left out. Text is never read as raw bytes: a
+    32-character comment, or a key file caught half-written, would otherwise be taken for a key.
     """
     try:
         data = Path(path).read_bytes()
@@ -67,7 +67,7 @@ def read_keys(path: str) -> list[bytes]:
         msg = f"{_VARIABLE}: cannot read {path}: {exc.strerror}"
         raise ConfigError(msg) from None
     raw = without_newline(data)
-    if len(raw) == KEY_BYTES:
+    if is_raw_key(raw):
         return [raw]
     keys = []
     for number, line in enumerate(data.decode("ascii", errors="replace").splitlines(), 1):

@@ -26,7 +26,11 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 M = TypeVar("M", bound=MetricWrapperBase)
 # Why a token may be live with nobody known to hold it (sign_in_tokens_unsettled_tokens_total).
 UnsettledReason = Literal[
-    "reply_refused_after_unknown_fate", "fate_unknown_at_stop", "stopped_before_stored", "revocation_failed"
+    "reply_refused_after_unknown_fate",
+    "fate_unknown_at_stop",
+    "stopped_before_stored",
+    "revocation_failed",
+    "answer_unreadable",
 ]
 # The ``instance`` of a request refused before its Clerk instance was chosen (no instance's name can be it).
 NO_INSTANCE: Final = "-"

@@ -116,15 +116,26 @@ class Issuing:
             except DeadlineExceededError as exc:  # waiting for the key held elsewhere
                 await deliver(message, envelope, failed(exc), subject)
                 return
-            except AnswerUnreadableError:
-                # Stored by a replica with another sealing key (a roll under way): one holding it answers.
-                # Given back after a pause, so the queue's delivery limit spans a rollout, not a spin.
-                log.warning("idempotency_answer_unreadable", action="returned to its queue for a replica with the key")
-                with contextlib.suppress(ShutdownRequestedError):
-                    await self.parts.sleep_unless_stopping(UNREADABLE_ANSWER_PAUSE_SECONDS)
-                await self.delivery.settle.give_back(message, "idempotency_answer_unreadable")
+            except AnswerUnreadableError as exc:
+                await self._unreadable(message, unsettled=exc.unsettled)
                 return
         await self.delivery.settle.give_back(message, "idempotency_key_contended")
+
+    async def _unreadable(self, message: DeliveredMessage, *, unsettled: bool) -> None:
+        """The key's answer was stored by a replica with another sealing key (a roll under way): one holding it answers.
+
+        Given back after a pause, so the queue's delivery limit spans a rollout, not a spin. At the
+        last delivery an unsettled answer's token is counted: dead-lettered, it may reach nobody,
+        and this replica cannot read which token to revoke.
+        """
+        settle = self.delivery.settle
+        if unsettled and settle.last_delivery(message):
+            self.parts.metrics.count_unsettled("answer_unreadable")
+            log.error("token_fate_unknown", reason="answer_unreadable")
+        log.warning("idempotency_answer_unreadable", action="returned to its queue for a replica with the key")
+        with contextlib.suppress(ShutdownRequestedError):
+            await self.parts.sleep_unless_stopping(UNREADABLE_ANSWER_PAUSE_SECONDS)
+        await settle.give_back(message, "idempotency_answer_unreadable")
 
     def _stored(self, remembered: Remembered, asked: bytes, body: bytes) -> tuple[Reply, bool]:
         """The answer the store holds for this key, when it answered this very request; whether it did.

@@ -117,8 +117,8 @@ def sealed_caller(tmp_path: Path) -> tuple[dict[str, str], dict[str, str]]:
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY + f'reply_public_key = "{encoded(bytes(caller.public_key))}"\n')
     settings = {"policy_file": str(policy), "reply_sealing_key_file": str(service_key)}
-    # Two service keys, as while the service's key rolls: the one in force second.
-    rolling = f"{encoded(bytes(PrivateKey.generate().public_key))},{encoded(service_public)}"
+    # Two service keys, as while the service's key rolls: the one in force second (and a stray comma).
+    rolling = f"{encoded(bytes(PrivateKey.generate().public_key))}, {encoded(service_public)},"
     return settings, {"REPLY_PRIVATE_KEY": encoded(bytes(caller)), "SERVICE_PUBLIC_KEY": rolling}
 
 
@@ -177,3 +177,16 @@ async def test_a_sealed_nodejs_caller_drops_forged_replies_and_does_not_crash(
     assert (code, replies) == (1, {})
     assert stderr.count("forged reply dropped") == 5, stderr
     assert "no reply for" in stderr
+
+
+@pytest.mark.parametrize("service_keys", ["", encoded(bytes(32)), "c2hvcnQ="])
+async def test_a_sealed_nodejs_caller_refuses_a_service_key_that_is_none(
+    amqp_url: str, queue_names: dict[str, str], service_keys: str
+) -> None:
+    """None, all zeros (any forger could seal with its shared key) or too short: one line, exit 2, nothing sent."""
+    caller = encoded(bytes(PrivateKey.generate()))
+    code, replies, stderr = await node_caller(
+        amqp_url, queue_names, REPLY_PRIVATE_KEY=caller, SERVICE_PUBLIC_KEY=service_keys
+    )
+    assert (code, replies) == (2, {})
+    assert stderr.strip() == "SERVICE_PUBLIC_KEY: each key must be the service's public key, 32 bytes in base64"

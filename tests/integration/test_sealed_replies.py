@@ -29,12 +29,17 @@ from sign_in_tokens_client.sealing import SealingError, encoded, generate_key_fi
 
 from service.amqp.publisher import _AbsentMessageId
 from service.local.fake_clerk import FakeClerk
+from service.state.dedup import idempotency_key
+from service.state.dedup._redis import RedisIdempotencyStore
+from service.state.dedup.cipher import AnswerCipher, answers_key
 from service.state.dedup.memory import MemoryIdempotencyStore
 from tests.conftest import WorkerFactory, get_message, wait_depth, wait_until
 from tests.instances import STAGING, STAGING_KEY
 from tests.integration.test_bulk import finish, lines
+from tests.integration.test_health import get
 from tests.integration.test_instance_holds import instances_file
 from tests.integration.test_policy import edit
+from tests.integration.test_shared_idempotency import ANSWER
 from tests.integration.test_trust import client_as, forged_reply, write_policy
 from tests.workers import WorkerProcesses
 
@@ -613,7 +618,7 @@ async def test_a_replica_that_cannot_open_a_stored_answer_gives_the_request_to_o
     assert fake_clerk.stats.create_calls == 1
 
 
-async def test_a_held_request_without_a_message_id_is_sealed_as_it_was_sent(
+async def test_a_held_request_is_sealed_to_the_message_id_it_was_sent_with_or_none(
     start_worker: WorkerFactory,
     caller_urls: dict[str, str],
     queue_names: dict[str, str],
@@ -622,7 +627,7 @@ async def test_a_held_request_without_a_message_id_is_sealed_as_it_was_sent(
     keys: Keys,
     tmp_path: Path,
 ) -> None:
-    """message_id is optional: a request held in its instance's hold queue is bound to none, as one served at once."""
+    """A held request without message_id stays without one; a caller's own x-no-message-id header changes nothing."""
     policy = keys.policy(tmp_path)
     key_line = f"reply_public_key = {json.dumps(encoded(keys.portal_public))}\n"
     edit(policy, key_line, f'instances = ["prod", "staging"]\ndefault_instance = "prod"\n{key_line}')
@@ -633,24 +638,62 @@ async def test_a_held_request_without_a_message_id_is_sealed_as_it_was_sent(
     queue = f"amq_sealed_{uuid.uuid4().hex[:8]}"
     await channel.declare_queue(queue, durable=True)
     fake_clerk.accepted_keys.discard(STAGING_KEY)
+    sent = {"c-none": None, "c-forged-header": "m-kept"}
+    for correlation_id, message_id in sent.items():
+        await publish_as(
+            caller_urls["support-portal"],
+            {"user_id": "user_1"},
+            queue_names["REQUEST_QUEUE"],
+            reply_to=queue,
+            correlation_id=correlation_id,
+            user_id="support-portal",
+            headers={**STAGING, "x-no-message-id": True},  # only the worker's copies may say so
+            absent_id=message_id is None,
+            **({"message_id": message_id} if message_id else {}),
+        )
+    await wait_until(lambda: not worker.parts.upstreams["staging"].key_ok, what="staging's key rejected")
+    await wait_depth(channel, f"{queue_names['HOLD_QUEUE_PREFIX']}.staging", 2)
+    fake_clerk.accepted_keys.add(STAGING_KEY)
+    for _ in sent:
+        message = await get_message(channel, queue, timeout=20)
+        sealed = json.loads(message.body)["sign_in_token"]["sealed"]
+        made = fake_clerk.stats.tokens[json.loads(message.body)["sign_in_token"]["id"]]
+        bound = bound_of(message, sent[message.correlation_id or ""])
+        assert open_sealed(keys.portal, [keys.service_public], sealed, bound) == (made["token"], made["url"])
+
+
+async def test_an_unsettled_answer_no_replica_can_open_is_counted_when_it_is_dead_lettered(
+    start_worker: WorkerFactory,
+    caller_urls: dict[str, str],
+    queue_names: dict[str, str],
+    fake_clerk: FakeClerk,
+    channel: AbstractChannel,
+    redis_url: str,
+    keys: Keys,
+    tmp_path: Path,
+) -> None:
+    """Stored under a key no worker here has, its reply's fate unknown: never a second token, and not silent."""
+    cipher = AnswerCipher([answers_key(bytes(PrivateKey.generate()))])
+    holder = RedisIdempotencyStore(redis_url, 600, 5.0, cipher=lambda: cipher)
+    async with holder.claim(idempotency_key("support-portal", "m-lost", "unused")) as claim:
+        await claim.remember(b'{"user_id":"user_1"}', ANSWER, 60)  # its holder stopped before its reply's fate
+    await holder.close()
+    worker = await start_worker(
+        policy_file=keys.policy(tmp_path),
+        reply_sealing_key_file=str(keys.service_file),
+        redis_url=redis_url,
+        delivery_limit=1,
+    )
     await publish_as(
         caller_urls["support-portal"],
         {"user_id": "user_1"},
         queue_names["REQUEST_QUEUE"],
-        reply_to=queue,
-        correlation_id="c-held",
+        message_id="m-lost",
         user_id="support-portal",
-        headers=STAGING,
-        absent_id=True,
+        reply_to="amq.rabbitmq.reply-to.nobody",  # allowed; never reached: no answer is read
     )
-    await wait_until(lambda: not worker.parts.upstreams["staging"].key_ok, what="staging's key rejected")
-    await wait_depth(channel, f"{queue_names['HOLD_QUEUE_PREFIX']}.staging", 1)
-    fake_clerk.accepted_keys.add(STAGING_KEY)
-    message = await get_message(channel, queue, timeout=20)
-    assert message.correlation_id == "c-held"
-    sealed = json.loads(message.body)["sign_in_token"]["sealed"]
-    made = next(iter(fake_clerk.stats.tokens.values()))
-    assert open_sealed(keys.portal, [keys.service_public], sealed, bound_of(message, None)) == (
-        made["token"],
-        made["url"],
-    )
+    dead = await get_message(channel, queue_names["DEAD_LETTER_QUEUE"], timeout=20)
+    assert (dead.headers or {})["x-death"][0]["reason"] == "delivery_limit"
+    _, _, metrics = await get(worker, "/metrics")
+    assert 'sign_in_tokens_unsettled_tokens_total{reason="answer_unreadable"} 1.0' in metrics
+    assert fake_clerk.stats.create_calls == 0

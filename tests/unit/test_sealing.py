@@ -271,3 +271,14 @@ def test_the_key_file_takes_comments_and_a_raw_key_with_an_editors_newline(tmp_p
         path.write_bytes(raw + ending)
         assert read_keys(str(path)) == [raw]
         assert read_key_file(path) == raw
+
+
+@pytest.mark.parametrize("text", ["# sealing key goes in this file\n", "# the key goes in this file.\r\n", "A" * 32])
+def test_a_key_file_of_32_characters_of_text_holds_no_key(tmp_path: Path, text: str) -> None:
+    """A comment the length of a raw key, or a base64 key cut short (a file caught half-written): never a key."""
+    path = tmp_path / "sealing.key"
+    path.write_bytes(text.encode())
+    with pytest.raises(ConfigError, match=r"holds no key|a key is 32 bytes"):
+        read_keys(str(path))
+    with pytest.raises(SealingError):
+        read_key_file(path)

@@ -377,8 +377,9 @@ class RedisIdempotencyStore:
         """
         try:
             return unpack(memoryview(value), self.cipher())
-        except AnswerUnreadableError:
+        except AnswerUnreadableError as exc:
             if claim.found is Found.UNSETTLED:
+                exc.unsettled = True
                 with contextlib.suppress(*REDIS_FAILURES):
                     await self.run(self._release, claim.keys[:1], [claim.fence, self.window_ms])
             raise

@@ -21,7 +21,12 @@ KEY_BYTES: Final = nacl.secret.SecretBox.KEY_SIZE
 
 
 class AnswerUnreadableError(ServiceError):
-    """A stored answer that no key of this worker opens (its key was rolled away within the window)."""
+    """A stored answer that no key of this worker opens (stored by a replica with another key).
+
+    ``unsettled``: its reply's fate was not known when it was found (its token may have reached nobody).
+    """
+
+    unsettled: bool = False
 
 
 class AnswerCipher:

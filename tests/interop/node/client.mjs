@@ -22,10 +22,26 @@ const ME = decodeURIComponent(new URL(url).username || "guest");
 const keyPair = process.env.REPLY_PRIVATE_KEY
   ? nacl.box.keyPair.fromSecretKey(new Uint8Array(Buffer.from(process.env.REPLY_PRIVATE_KEY, "base64")))
   : null;
-// The service's public keys: two, comma-separated, while its key rolls.
+// The service's public keys: two, comma-separated, while its key rolls. Each must be 32 bytes and
+// give a shared key (tweetnacl does not refuse a low-order point such as all zeros: a forger could
+// seal with the all-zero shared key): anything else is a configuration error, said at once.
 const servicePublicKeys = keyPair
-  ? process.env.SERVICE_PUBLIC_KEY.split(",").map((key) => new Uint8Array(Buffer.from(key.trim(), "base64")))
+  ? (process.env.SERVICE_PUBLIC_KEY ?? "")
+      .split(",")
+      .map((key) => key.trim())
+      .filter((key) => key)
+      .map((key) => new Uint8Array(Buffer.from(key, "base64")))
   : [];
+if (
+  keyPair &&
+  (servicePublicKeys.length === 0 ||
+    servicePublicKeys.some(
+      (key) => key.length !== nacl.box.publicKeyLength || nacl.scalarMult(keyPair.secretKey, key).every((b) => b === 0),
+    ))
+) {
+  console.error("SERVICE_PUBLIC_KEY: each key must be the service's public key, 32 bytes in base64");
+  process.exit(2);
+}
 const sealedHeaders = keyPair ? { "x-reply-public-key": Buffer.from(keyPair.publicKey).toString("base64") } : {};
 
 // The reply's body with its token opened; null when it is forged: a box that does not open or is

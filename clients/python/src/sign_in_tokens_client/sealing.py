@@ -42,9 +42,18 @@ class SealingError(ValueError):
     """A key that is not one, or a box that does not open (another key, tampered, or bound to another reply)."""
 
 
+def is_raw_key(data: bytes) -> bool:
+    """Whether ``data`` is a key's 32 raw bytes: 32 bytes that are not all printable text and line breaks.
+
+    32 characters of text are a comment, or a base64 key cut short (a file caught half-written):
+    never a key. A random key is all printable ASCII once in about 10^14.
+    """
+    return len(data) == KEY_BYTES and not all(0x20 <= byte < 0x7F or byte in b"\t\n\r" for byte in data)
+
+
 def read_key(data: bytes | str) -> bytes:
-    """A key's 32 bytes, from themselves or from base64 (whitespace around it ignored)."""
-    if isinstance(data, bytes) and len(data) == KEY_BYTES:
+    """A key's 32 bytes, from themselves (``is_raw_key``) or from base64 (whitespace around it ignored)."""
+    if isinstance(data, bytes) and is_raw_key(data):
         return data
     text = data.decode("ascii", errors="replace") if isinstance(data, bytes) else data
     try:
@@ -79,8 +88,8 @@ def read_key_file(path: str | os.PathLike[str]) -> bytes:
 def without_newline(data: bytes) -> bytes:
     """32 raw bytes without the newline an editor added after them; anything else as it is."""
     for end in (b"\r\n", b"\n"):
-        if data.endswith(end) and len(data) == KEY_BYTES + len(end):
-            return data[:KEY_BYTES]
+        if data.endswith(end) and is_raw_key(data[: -len(end)]):
+            return data[: -len(end)]
     return data
 
 
