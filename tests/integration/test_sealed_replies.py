@@ -102,6 +102,13 @@ def assert_no_secret(messages: list[AbstractIncomingMessage], fake_clerk: FakeCl
             assert base64.b64encode(secret.encode())[:24] not in seen
 
 
+async def replies_queue(channel: AbstractChannel) -> str:
+    """A durable queue of the portal's (its policy allows ``amq_*``), read as an administrator would."""
+    queue = f"amq_sealed_{uuid.uuid4().hex[:8]}"
+    await channel.declare_queue(queue, durable=True)
+    return queue
+
+
 def bound_of(message: AbstractIncomingMessage, message_id: str | None) -> dict[str, Any]:
     """What a box in ``message`` must be bound to, read off the outer reply (and the request's message_id)."""
     reply = decode_reply(message.body, message.content_type)
@@ -144,8 +151,7 @@ async def test_a_sealed_callers_replies_hold_no_token_in_clear_and_its_client_op
 ) -> None:
     """The reply queue and the dead-letter queue, read as an administrator would: boxes only; the client opens them."""
     await start_worker(policy_file=keys.policy(tmp_path), reply_sealing_key_file=str(keys.service_file))
-    queue = f"amq_sealed_{uuid.uuid4().hex[:8]}"
-    await channel.declare_queue(queue, durable=True)
+    queue = await replies_queue(channel)
     portal_url = caller_urls["support-portal"]
     await publish_as(
         portal_url,
@@ -350,8 +356,7 @@ async def test_a_replayed_message_id_gets_a_new_box_of_the_same_token_and_the_st
 ) -> None:
     """Two requests with one message_id: one call to Clerk, two different boxes opening to the same token."""
     worker = await start_worker(policy_file=keys.policy(tmp_path), reply_sealing_key_file=str(keys.service_file))
-    queue = f"amq_sealed_{uuid.uuid4().hex[:8]}"
-    await channel.declare_queue(queue, durable=True)
+    queue = await replies_queue(channel)
     boxes = []
     for correlation_id in ("c-1", "c-2"):
         await publish_as(
@@ -635,8 +640,7 @@ async def test_a_held_request_is_sealed_to_the_message_id_it_was_sent_with_or_no
     worker = await start_worker(
         policy_file=policy, reply_sealing_key_file=str(keys.service_file), clerk_instances_file=instances
     )
-    queue = f"amq_sealed_{uuid.uuid4().hex[:8]}"
-    await channel.declare_queue(queue, durable=True)
+    queue = await replies_queue(channel)
     fake_clerk.accepted_keys.discard(STAGING_KEY)
     sent = {"c-none": None, "c-forged-header": "m-kept"}
     for correlation_id, message_id in sent.items():
