@@ -375,9 +375,8 @@ def _check_queues_distinct(settings: Settings) -> None:
             msg = f"{env_name(field)}: {name!r} is already {env_name(seen[name])}; each queue needs a name of its own"
             raise ConfigError(msg)
         seen[name] = field
-    prefix = settings.hold_queue_prefix + "."
     for name, field in seen.items():
-        if name.startswith(prefix) or name == settings.hold_queue_prefix:
+        if settings.is_hold_queue(name) or name == settings.hold_queue_prefix:
             msg = (
                 f"HOLD_QUEUE_PREFIX: {settings.hold_queue_prefix!r} would name hold queues like "
                 f"{env_name(field)} ({name!r}); give the hold queues a prefix of their own"

@@ -10,6 +10,7 @@ from sign_in_tokens_client.connection import INSTANCE_HEADER, REPLY_KEY_HEADER
 from sign_in_tokens_client.contract.errors import InvalidRequestError
 
 from service.amqp.publisher import held_caller, made_up_message_id, text_of
+from service.config import Settings
 from service.state.dedup import IdempotencyKey, idempotency_key
 
 # Longer than any instance's name (32) or policy glob: refused without being echoed.
@@ -31,20 +32,19 @@ class Envelope:
     raw_reply_key: object = None
 
     @classmethod
-    def of(cls, message: DeliveredMessage, results_queue: str, *, held: bool = False) -> Envelope:
-        """Read a message's envelope; replies without ``reply_to`` go to ``results_queue``.
+    def of(cls, message: DeliveredMessage, settings: Settings, *, held: bool = False) -> Envelope:
+        """Read a message's envelope; replies without ``reply_to`` go to RESULTS_QUEUE.
 
         ``held``: a request the worker moved to a hold queue, its caller in ``x-caller`` (the
         message's ``user_id`` is the worker's, which the hold queue's consumer has checked).
         """
         properties = message.header.properties
         headers = properties.headers or {}
-        # A held copy of a request without message_id carries one aiormq made up: not the caller's
-        # (its user_id is the worker's: the hold queue's consumer has checked it).
-        made_up = held and made_up_message_id(message, properties.user_id or "")
+        # A held copy of a request without message_id carries one aiormq made up: not the caller's.
+        made_up = held and made_up_message_id(message, settings.broker_user)
         message_id = None if made_up else properties.message_id
         return cls(
-            reply_to=properties.reply_to or results_queue,
+            reply_to=properties.reply_to or settings.results_queue,
             has_reply_to=bool(properties.reply_to),
             correlation_id=properties.correlation_id or message_id,
             content_type=properties.content_type,

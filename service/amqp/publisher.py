@@ -177,43 +177,52 @@ def made_up_message_id(message: DeliveredMessage, service_user: str) -> bool:
     return properties.user_id == service_user and (properties.headers or {}).get(NO_MESSAGE_ID_HEADER) is True
 
 
+def _service_copy(message: DeliveredMessage, service_user: str, written: dict[str, Any]) -> spec.Basic.Properties:
+    """A request's own properties, persistent, published by the service: its caller's headers and ``written``.
+
+    The copy carries the service's ``user_id``: no header on it may be the caller's word for what
+    the service or RabbitMQ says (``_callers_headers`` leaves those out).
+    """
+    properties = copy.copy(message.header.properties)
+    properties.headers = {**_callers_headers(properties), **written}
+    properties.user_id = service_user
+    properties.delivery_mode = aio_pika.DeliveryMode.PERSISTENT
+    return properties
+
+
 def _copy_for_hold(
     message: DeliveredMessage, caller: str | None, source: str, service_user: str
 ) -> spec.Basic.Properties:
-    """A request's own properties, persistent, published by the service for ``caller``, from ``source``."""
-    properties = copy.copy(message.header.properties)
-    headers = _callers_headers(properties)
-    headers[CALLER_HEADER] = caller or ""
-    headers[SOURCE_HEADER] = source
-    if properties.message_id is None or made_up_message_id(message, service_user):  # held again: still none
-        headers[NO_MESSAGE_ID_HEADER] = True
-    properties.headers = headers
-    properties.user_id = service_user
-    # ``expiration`` kept: a request its caller let expire is dead-lettered from the hold queue as from its lane.
-    properties.delivery_mode = aio_pika.DeliveryMode.PERSISTENT
-    return properties
+    """A request's own properties, persistent, published by the service for ``caller``, from ``source``.
+
+    ``expiration`` kept: a request its caller let expire is dead-lettered from the hold queue as from its lane.
+    """
+    written: dict[str, Any] = {CALLER_HEADER: caller or "", SOURCE_HEADER: source}
+    if message.header.properties.message_id is None or made_up_message_id(message, service_user):
+        written[NO_MESSAGE_ID_HEADER] = True  # held again: still none of the caller's
+    return _service_copy(message, service_user, written)
 
 
 def _copy_for_dead_letter(
     message: DeliveredMessage, reason: str, service_user: str, caller: str | None, queue: str
 ) -> spec.Basic.Properties:
-    """The request's own properties, persistent, with why it was dead-lettered in headers."""
-    properties = copy.copy(message.header.properties)
-    # The copy carries the service's user_id: no header on it may be the caller's word for what the
-    # service or RabbitMQ says (a nameless caller naming another as x-original-user-id).
-    headers = _callers_headers(properties)
-    headers["x-dead-letter-reason"] = reason
-    headers["x-original-routing-key"] = queue
-    # The user_id property must match the publishing connection's user (the worker's, which the
-    # copy carries), so the original publisher travels as a header instead: empty when nameless.
-    headers["x-original-user-id"] = caller or ""
-    properties.user_id = service_user
-    if properties.expiration:
-        # As RabbitMQ's own dead-lettering does: a copy must not expire in the dead-letter queue.
-        headers["x-original-expiration"] = properties.expiration
+    """The request's own properties, persistent, with why it was dead-lettered in headers.
+
+    The user_id property must match the publishing connection's user (the worker's, which the copy
+    carries), so the original publisher travels as a header instead (empty when nameless): a
+    nameless caller cannot name another as ``x-original-user-id``.
+    """
+    written: dict[str, Any] = {
+        "x-dead-letter-reason": reason,
+        "x-original-routing-key": queue,
+        "x-original-user-id": caller or "",
+    }
+    expiration = message.header.properties.expiration
+    if expiration:  # as RabbitMQ's own dead-lettering does: a copy must not expire in the dead-letter queue
+        written["x-original-expiration"] = expiration
+    properties = _service_copy(message, service_user, written)
+    if expiration:
         properties.expiration = None
-    properties.headers = headers
-    properties.delivery_mode = aio_pika.DeliveryMode.PERSISTENT
     if properties.message_id is None or made_up_message_id(message, service_user):
         properties.message_id = _AbsentMessageId()
     return properties

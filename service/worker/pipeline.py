@@ -86,7 +86,7 @@ class Pipeline:
         if source == REVOCATIONS:
             await self.revocations.carry_out(message)
             return
-        envelope = Envelope.of(message, self.parts.settings.results_queue, held=held)
+        envelope = Envelope.of(message, self.parts.settings, held=held)
         bind_request(
             correlation_id=envelope.correlation_id,
             message_id=envelope.message_id,

@@ -242,15 +242,12 @@ class ClerkRateLimiter:
         """Replaced (SIGHUP): no new call gets a slot; those waiting raise LimiterRetiredError at once."""
         self._end(LimiterRetiredError)
 
-    def flush(self, error: Callable[[], Exception]) -> None:
-        """Those waiting now raise ``error()`` at once (their instance is held: they wait in its hold queue)."""
-        self._fail_waiters(error)
-
     def _end(self, error: Callable[[], Exception]) -> None:
         self._stopped = error
-        self._fail_waiters(error)
+        self.flush(error)
 
-    def _fail_waiters(self, error: Callable[[], Exception]) -> None:
+    def flush(self, error: Callable[[], Exception]) -> None:
+        """Those waiting now raise ``error()`` at once (their instance is held: they wait in its hold queue)."""
         for queue in self._waiting.values():
             for future in queue:
                 if not future.done():
